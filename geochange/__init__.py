@@ -1,0 +1,1 @@
+"""Shared logic of geollava-suite. Scripts import it through ``common.py``."""

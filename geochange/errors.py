@@ -1,0 +1,26 @@
+"""One clear line instead of a traceback for mistakes a user can fix."""
+from __future__ import annotations
+
+import sys
+
+
+class UserError(Exception):
+    """A problem with settings, input files or data that the user must fix.
+
+    Scripts let it propagate; ``install_error_handler`` turns it into one line on
+    stderr and exit status 2, so nothing looks like a crash of the suite itself.
+    """
+
+
+def _excepthook(exc_type, exc, tb):  # pragma: no cover - exercised through subprocess tests
+    if issubclass(exc_type, UserError):
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    if issubclass(exc_type, KeyboardInterrupt):
+        print("interrupted: everything written so far is kept; rerun to resume", file=sys.stderr)
+        sys.exit(130)
+    sys.__excepthook__(exc_type, exc, tb)
+
+
+def install_error_handler() -> None:
+    sys.excepthook = _excepthook

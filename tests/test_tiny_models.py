@@ -1,0 +1,93 @@
+"""The offline tiny models: real classes, real prompt format, loaded through from_pretrained."""
+import numpy as np
+import pytest
+import torch
+
+from geochange.modeling import (IGNORE_INDEX, VideoQACollator, encode_training_example, get_family, load_model,
+                                load_processor, plan_lengths, resolve_model_path, video_prompt, video_token_count)
+
+FAMILIES = ["videollava", "llavanext"]
+EXPECTED_CLASSES = {"videollava": ("VideoLlavaForConditionalGeneration", "VideoLlavaProcessor"),
+                    "llavanext": ("LlavaNextVideoForConditionalGeneration", "LlavaNextVideoProcessor")}
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny(request):
+    path = resolve_model_path("tiny", request.param)
+    return request.param, load_model(path, request.param), load_processor(path)
+
+
+def clip(seed=0, frames=2):
+    return np.random.default_rng(seed).integers(0, 256, (frames, 96, 96, 3), dtype=np.uint8)
+
+
+def test_real_classes_and_prompt_format(tiny):
+    family, model, processor = tiny
+    assert (type(model).__name__, type(processor).__name__) == EXPECTED_CLASSES[family]
+    assert isinstance(model, get_family(family).model_class)
+    assert video_prompt(processor, "What changed?") == "USER: <video>\nWhat changed? ASSISTANT:"
+    # small enough for CPU fine-tuning in minutes
+    assert sum(p.numel() for p in model.parameters()) < 6_000_000
+
+
+def test_video_tokens_match_the_architecture(tiny):
+    family, model, processor = tiny
+    patches = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    # Video-LLaVA keeps CLS + every patch per frame; LLaVA-NeXT-Video pools the patch grid by 2x2.
+    per_frame = patches + 1 if family == "videollava" else patches // 4
+    assert video_token_count(processor, 2) == 2 * per_frame
+    assert video_token_count(processor, 4) == 4 * per_frame
+
+
+def test_forward_and_generate(tiny):
+    family, model, processor = tiny
+    inputs = processor(text=[video_prompt(processor, "What changed?")], videos=[clip()], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.shape == (1, inputs["input_ids"].shape[1], model.config.text_config.vocab_size)
+    assert torch.isfinite(logits).all()
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    assert out.shape == (1, inputs["input_ids"].shape[1] + 4)
+    assert torch.equal(out[0, : inputs["input_ids"].shape[1]], inputs["input_ids"][0])
+
+
+def test_labels_mask_prompt_video_and_padding(tiny):
+    family, model, processor = tiny
+    tokenizer = processor.tokenizer
+    long_answer = "two new buildings appeared in the upper left"
+    examples = [encode_training_example(processor, clip(1), "What changed?", long_answer),
+                encode_training_example(processor, clip(2), "Describe the change.", "no change")]
+    batch = VideoQACollator(tokenizer.pad_token_id)(examples)
+    n_video = video_token_count(processor, 2)
+    for row, answer in zip(range(2), [long_answer, "no change"]):
+        ids, labels, mask = batch["input_ids"][row], batch["labels"][row], batch["attention_mask"][row]
+        answer_ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        supervised = labels != IGNORE_INDEX
+        # exactly the answer tokens and EOS are supervised, and they are the last real tokens
+        assert labels[supervised].tolist() == answer_ids
+        real = int(mask.sum())
+        assert supervised.nonzero().flatten().tolist() == list(range(real - len(answer_ids), real))
+        # every video token, the BOS and the prompt text carry -100
+        assert (labels[ids == processor.video_token_id] == IGNORE_INDEX).all()
+        assert int((ids == processor.video_token_id).sum()) == n_video
+        assert labels[0] == IGNORE_INDEX and ids[0] == tokenizer.bos_token_id
+        # padding: attention 0, label -100
+        assert (labels[mask == 0] == IGNORE_INDEX).all() and (ids[mask == 0] == tokenizer.pad_token_id).all()
+    assert batch["pixel_values_videos"].shape[:2] == (2, 2)
+    with torch.no_grad():
+        loss = model(**batch).loss
+    assert torch.isfinite(loss) and loss.item() > 0
+
+
+def test_answer_is_shortened_never_the_prompt(tiny):
+    family, model, processor = tiny
+    n_video = video_token_count(processor, 2)
+    answer = "a road now crosses the center and three buildings were demolished in the lower right corner"
+    plan = plan_lengths(processor, "What changed?", answer, n_video, max_length=10_000)
+    assert plan.answer_budget == plan.answer_tokens
+    tight = plan_lengths(processor, "What changed?", answer, n_video, max_length=plan.prompt_tokens + 5)
+    assert tight.answer_budget == 5
+    example = encode_training_example(processor, clip(), "What changed?", answer, tight.answer_budget)
+    assert len(example["input_ids"]) == plan.prompt_tokens + 5
+    assert int((example["input_ids"] == processor.video_token_id).sum()) == n_video
+    assert int((example["labels"] != IGNORE_INDEX).sum()) == 5
