@@ -1,0 +1,216 @@
+"""Model families, loading, prompts and the answer-only training encoding.
+
+Both families share one recipe: the prompt comes from the processor's own chat
+template (``USER: <video>\\n{question} ASSISTANT:``), the same at training and
+evaluation time; training appends the answer and EOS as separate tokens, so the
+label mask is exact: -100 on BOS, prompt text, every expanded video token and
+padding, the answer ids (and EOS) everywhere else.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str  # short name used in run directories and results
+    model_class_name: str
+    default_model_id: str
+
+    @property
+    def model_class(self):
+        import transformers
+
+        return getattr(transformers, self.model_class_name)
+
+
+FAMILIES = {
+    "videollava": ModelFamily("videollava", "VideoLlavaForConditionalGeneration", "LanguageBind/Video-LLaVA-7B-hf"),
+    "llavanext": ModelFamily("llavanext", "LlavaNextVideoForConditionalGeneration", "llava-hf/LLaVA-NeXT-Video-7B-hf"),
+}
+# Sub-modules that stay in full precision under QLoRA and are never LoRA targets.
+VISION_MODULE_NAMES = ("vision_tower", "video_tower", "image_tower", "multi_modal_projector", "vision_resampler")
+
+
+def get_family(name: str) -> ModelFamily:
+    if name not in FAMILIES:
+        raise UserError(f"unknown model family {name!r}; expected one of {sorted(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def resolve_model_path(model_id: str, family: str) -> str:
+    """``"tiny"`` -> the offline tiny checkpoint (built on first use); anything else unchanged."""
+    if model_id == "tiny":
+        from .tiny import ensure_tiny_checkpoint
+
+        return str(ensure_tiny_checkpoint(family))
+    return model_id
+
+
+def model_label(model_id: str, family: str) -> str:
+    """A short name for run directories: 'videollava', 'llavanext-tiny', or a local folder's name."""
+    if model_id == "tiny":
+        return f"{family}-tiny"
+    if model_id == get_family(family).default_model_id:
+        return family
+    return f"{family}-{Path(model_id).name}"
+
+
+def best_dtype() -> torch.dtype:
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def quantization_config(bits: int | None):
+    """bitsandbytes settings for QLoRA: 4-bit nf4 (double quantisation) or 8-bit; None = full precision."""
+    if bits is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    skip = list(VISION_MODULE_NAMES) + ["lm_head"]
+    if bits == 4:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=best_dtype(), llm_int8_skip_modules=skip)
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    raise UserError(f"quantisation bits must be 4 or 8, not {bits}")
+
+
+def load_processor(model_path: str):
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(model_path)
+    except OSError as exc:
+        raise UserError(f"cannot load a processor from {model_path!r}: {str(exc).splitlines()[0]}") from None
+    # Left padding: batched generation appends new tokens at the right end of every row.
+    processor.tokenizer.padding_side = "left"
+    if processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = processor.tokenizer.unk_token or processor.tokenizer.eos_token
+    return processor
+
+
+def load_model(model_path: str, family: str, *, bits: int | None = None, dtype: torch.dtype | None = None,
+               device_map: Any = None):
+    cls = get_family(family).model_class
+    kwargs: dict[str, Any] = {"dtype": dtype or best_dtype()}
+    if bits is not None:
+        kwargs["quantization_config"] = quantization_config(bits)
+        kwargs["device_map"] = device_map or ({"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"})
+    elif device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        return cls.from_pretrained(model_path, **kwargs)
+    except OSError as exc:
+        raise UserError(f"cannot load a {family} model from {model_path!r}: {str(exc).splitlines()[0]}") from None
+
+
+def language_model_linear_names(model) -> list[str]:
+    """Every Linear (incl. bitsandbytes' quantised Linears) of the language model, not lm_head/vision/projector."""
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) and type(module).__name__ not in {"Linear4bit", "Linear8bitLt"}:
+            continue
+        parts = name.split(".")
+        if "language_model" not in parts or parts[-1] == "lm_head" or any(v in parts for v in VISION_MODULE_NAMES):
+            continue
+        names.append(name)
+    return names
+
+
+def lora_target_regex(model) -> str:
+    """A PEFT ``target_modules`` regex matching exactly the language model's Linears."""
+    suffixes = sorted({name.rsplit(".", 1)[-1] for name in language_model_linear_names(model)})
+    if not suffixes:
+        raise UserError("found no Linear layer under the language model to put LoRA on")
+    return rf"^(?:.*\.)?language_model\.(?:.*\.)?(?:{'|'.join(map(re.escape, suffixes))})$"
+
+
+# ---------------------------------------------------------------- prompts and encoding
+
+def video_prompt(processor, question: str) -> str:
+    """The generation prompt, from the processor's own chat template."""
+    conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+
+def video_token_count(processor, num_frames: int) -> int:
+    """How many ``<video>`` tokens the processor expands a clip of ``num_frames`` into."""
+    frames = np.zeros((num_frames, 64, 64, 3), dtype=np.uint8)
+    encoded = processor(text=[processor.video_token], videos=[frames], return_tensors="pt")
+    return int((encoded["input_ids"][0] == processor.video_token_id).sum())
+
+
+def answer_token_ids(processor, answer: str) -> list[int]:
+    tokenizer = processor.tokenizer
+    ids = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"]
+    return ids + [tokenizer.eos_token_id]
+
+
+@dataclass
+class EncodedLength:
+    prompt_tokens: int
+    answer_tokens: int  # incl. EOS, before any shortening
+    answer_budget: int  # answer tokens kept
+
+
+def plan_lengths(processor, question: str, answer: str, num_video_tokens: int, max_length: int) -> EncodedLength:
+    """Token counts of one example without reading its video; decides answer shortening up front."""
+    prompt = video_prompt(processor, question).replace(processor.video_token, processor.video_token * num_video_tokens)
+    prompt_tokens = len(processor.tokenizer(prompt)["input_ids"])
+    answer_tokens = len(answer_token_ids(processor, answer))
+    return EncodedLength(prompt_tokens, answer_tokens, max(0, min(answer_tokens, max_length - prompt_tokens)))
+
+
+def encode_training_example(processor, frames: np.ndarray, question: str, answer: str,
+                            answer_budget: int | None = None) -> dict[str, torch.Tensor]:
+    """input_ids / attention_mask / labels / pixel_values_videos for one (video, question, answer).
+
+    The sequence is never cut inside the prompt (that would break the merge of the
+    video features); only the answer is shortened, to ``answer_budget`` tokens.
+    """
+    prompt = video_prompt(processor, question)
+    encoded = processor(text=[prompt], videos=[frames], return_tensors="pt")
+    prompt_ids = encoded["input_ids"][0]
+    answer_ids = torch.tensor(answer_token_ids(processor, answer), dtype=prompt_ids.dtype)
+    if answer_budget is not None:
+        answer_ids = answer_ids[:answer_budget]
+    input_ids = torch.cat([prompt_ids, answer_ids])
+    labels = torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), answer_ids])
+    example = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    for key, value in encoded.items():
+        if key not in ("input_ids", "attention_mask"):
+            example[key] = value[0]
+    return example
+
+
+class VideoQACollator:
+    """Pads a list of encoded examples on the right; labels pad with -100."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        longest = max(len(e["input_ids"]) for e in examples)
+
+        def pad(key: str, value: int) -> torch.Tensor:
+            rows = [torch.cat([e[key], torch.full((longest - len(e[key]),), value, dtype=e[key].dtype)]) for e in examples]
+            return torch.stack(rows)
+
+        batch = {"input_ids": pad("input_ids", self.pad_token_id), "attention_mask": pad("attention_mask", 0),
+                 "labels": pad("labels", IGNORE_INDEX)}
+        for key in examples[0]:
+            if key not in batch:
+                batch[key] = torch.stack([e[key] for e in examples])
+        return batch
