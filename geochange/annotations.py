@@ -1,0 +1,278 @@
+"""Loading annotation files, with one clear error naming the file and record for every mistake.
+
+GeoLLaVA (video-LLM) schema, shared by the bundled sample and the real 10k/100k files::
+
+    [{"id": "...", "video": "x.mp4",
+      "conversations": [{"from": "human", "value": "<video>\\nquestion"}, {"from": "gpt", "value": "answer"}]}]
+
+ChangeChat (bi-temporal) shapes, see ``load_changechat``.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+HUMAN_ROLES = ("human", "user")
+ANSWER_ROLES = ("gpt", "assistant")
+PLACEHOLDER = re.compile(r"<(?:video|image)>")
+# How many missing media files an error lists before it only counts.
+MAX_LISTED = 5
+
+
+@dataclass
+class Sample:
+    """One GeoLLaVA record: the video and its first question / answer."""
+    id: str
+    video: Path
+    question: str
+    answer: str | None
+
+
+@dataclass
+class ChangeChatSample:
+    """One ChangeChat record: an image pair and its (question, answer) turns.
+
+    For the caption split, ``references`` holds the pair's reference captions and
+    ``turns`` is one (caption prompt, first reference) turn.
+    """
+    id: str
+    image_a: Path
+    image_b: Path
+    changeflag: int | None
+    turns: list[tuple[str, str | None]]
+    references: list[str] = field(default_factory=list)
+
+
+def strip_placeholders(text: str) -> str:
+    """A human turn without its ``<video>`` / ``<image>`` placeholders and surrounding whitespace."""
+    return PLACEHOLDER.sub("", text).strip()
+
+
+def _read_json(path: Path) -> Any:
+    if not path.exists():
+        raise UserError(f"annotation file {path} does not exist")
+    if not path.is_file():
+        raise UserError(f"annotation file {path} is not a file")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: files saved by Windows tools may start with a BOM
+    except UnicodeDecodeError as exc:
+        raise UserError(f"annotation file {path} is not UTF-8 text: {exc}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+
+
+def _where(path: Path, index: int, record_id: Any = None) -> str:
+    return f"{path}: record {index}" + (f" (id {record_id!r})" if record_id not in (None, "") else "")
+
+
+def _records(data: Any, path: Path) -> list:
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON list of records, found a JSON {type(data).__name__}")
+    return data
+
+
+def _text_field(record: dict, key: str, where: str) -> str:
+    value = record.get(key)
+    if not isinstance(value, str) or not value.strip():
+        found = "missing" if key not in record else f"{type(value).__name__} {value!r}"[:80]
+        raise UserError(f"{where}: '{key}' must be a non-empty string ({found})")
+    return value.strip()
+
+
+def _conversation(record: dict, where: str) -> list[tuple[str, str]]:
+    """The turns as (role, text), checked."""
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        found = "missing" if "conversations" not in record else f"a {type(turns).__name__}"
+        raise UserError(f"{where}: 'conversations' must be a non-empty list of turns ({found})")
+    checked = []
+    for number, turn in enumerate(turns):
+        if not (isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)):
+            raise UserError(f"{where}: turn {number} must be {{\"from\": str, \"value\": str}}, got {turn!r}"[:300])
+        checked.append((turn["from"].strip().lower(), turn["value"]))
+    return checked
+
+
+def _check_unique(ids: list[str], path: Path) -> None:
+    first_index: dict[str, int] = {}
+    for index, record_id in enumerate(ids):
+        if record_id in first_index:
+            raise UserError(f"{_where(path, index, record_id)}: duplicate id, already used by record "
+                            f"{first_index[record_id]}")
+        first_index[record_id] = index
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise UserError(f"limit must be None (all records) or an integer >= 1, got {limit!r}")
+
+
+def _report_missing(path: Path, missing: list[str], total: int, what: str, folder: Path) -> None:
+    if missing:
+        listed = "; ".join(missing[:MAX_LISTED]) + ("; ..." if len(missing) > MAX_LISTED else "")
+        raise UserError(f"{path}: {len(missing)} of {total} {what} missing under {folder}: {listed}")
+
+
+def _shown(media: Path, folder: Path) -> str:
+    # Relative to the folder the message names, so the record's own spelling is recognisable.
+    return str(media.relative_to(folder)) if media.is_relative_to(folder) else str(media)
+
+
+def load_annotations(path: str | Path, video_dir: str | Path | None = None, *, require_answer: bool = True,
+                     check_videos: bool = True, limit: int | None = None) -> list[Sample]:
+    """GeoLLaVA records as Samples, the first ``limit`` of them (all are checked, videos only for those kept).
+
+    ``video`` is resolved against ``video_dir`` (default: the JSON file's folder).
+    """
+    path = Path(path)
+    _check_limit(limit)
+    records = _records(_read_json(path), path)
+    folder = Path(video_dir) if video_dir is not None else path.parent
+    samples = []
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise UserError(f"{_where(path, index)}: expected a JSON object, found a {type(record).__name__}")
+        raw_id = record.get("id")
+        where = _where(path, index, raw_id)
+        video = _text_field(record, "video", where)
+        record_id = str(raw_id) if raw_id not in (None, "") else Path(video).stem
+        turns = _conversation(record, where)
+        questions = [text for role, text in turns if role in HUMAN_ROLES]
+        answers = [text for role, text in turns if role in ANSWER_ROLES]
+        if not questions:
+            raise UserError(f"{where}: no human turn (a conversation turn with \"from\": \"human\")")
+        question = strip_placeholders(questions[0])
+        if not question:
+            raise UserError(f"{where}: the human turn has no question besides its <video> placeholder")
+        answer = answers[0].strip() if answers else None
+        if require_answer and not answer:
+            raise UserError(f"{where}: no answer (a conversation turn with \"from\": \"gpt\" and a non-empty value)")
+        samples.append(Sample(record_id, folder / video, question, answer))
+    _check_unique([s.id for s in samples], path)
+    if limit is not None:
+        samples = samples[:limit]
+    if check_videos:
+        missing = [f"record {i} (id {s.id!r}): {_shown(s.video, folder)}"
+                   for i, s in enumerate(samples) if not s.video.is_file()]
+        _report_missing(path, missing, len(samples), "video(s)", folder)
+    return samples
+
+
+# --------------------------------------------------------------------------- ChangeChat
+
+def _changeflag(record: dict, where: str) -> int | None:
+    flag = record.get("changeflag")
+    if flag is None:
+        return None
+    if isinstance(flag, bool) or flag in (0, 1):
+        return int(flag)
+    raise UserError(f"{where}: 'changeflag' must be 0 or 1, got {flag!r}")
+
+
+def _instruction_sample(record: dict, where: str, root: Path, require_answer: bool) -> ChangeChatSample:
+    images = record.get("image")
+    if not (isinstance(images, list) and len(images) == 2 and all(isinstance(i, str) and i.strip() for i in images)):
+        raise UserError(f"{where}: 'image' must be a list of two paths [before, after], got {images!r}"[:300])
+    turns: list[tuple[str, str | None]] = []
+    for role, text in _conversation(record, where):
+        if role in HUMAN_ROLES:
+            if turns and turns[-1][1] is None and require_answer:
+                raise UserError(f"{where}: human turn {len(turns) - 1} has no answer before the next question")
+            turns.append((strip_placeholders(text), None))
+        elif role in ANSWER_ROLES:
+            if not turns or turns[-1][1] is not None:
+                raise UserError(f"{where}: an answer turn without a question before it")
+            turns[-1] = (turns[-1][0], text.strip())
+    if not turns:
+        raise UserError(f"{where}: no human turn (a conversation turn with \"from\": \"human\")")
+    if require_answer and (turns[-1][1] is None or not all(answer for _, answer in turns)):
+        raise UserError(f"{where}: no answer (a conversation turn with \"from\": \"gpt\" and a non-empty value)")
+    record_id = record.get("id")
+    record_id = str(record_id) if record_id not in (None, "") else Path(images[0]).stem
+    return ChangeChatSample(record_id, root / images[0].strip(), root / images[1].strip(), _changeflag(record, where),
+                            turns)
+
+
+def _caption_sample(record: dict, where: str, root: Path) -> ChangeChatSample:
+    from .changechat_format import CAPTION_PROMPT
+
+    image_a, image_b = _text_field(record, "image_A", where), _text_field(record, "image_B", where)
+    captions = record.get("captions")
+    if not (isinstance(captions, list) and captions and all(isinstance(c, str) and c.strip() for c in captions)):
+        raise UserError(f"{where}: 'captions' must be a non-empty list of non-empty strings")
+    references = [c.strip() for c in captions]
+    record_id = record.get("id")
+    record_id = str(record_id) if record_id not in (None, "") else Path(image_a).stem
+    return ChangeChatSample(record_id, root / image_a, root / image_b, _changeflag(record, where),
+                            [(CAPTION_PROMPT, references[0])], references)
+
+
+def _levir_cc_records(data: dict, path: Path) -> list[dict]:
+    """LEVIR-CC's own caption file as caption-split records.
+
+    Its shape: ``{"images": [{"filepath": "train", "filename": "x.png", "sentences": [{"raw": ...}]}]}``.
+    """
+    converted = []
+    for index, item in enumerate(_records(data["images"], path)):
+        where = _where(path, index, item.get("filename") if isinstance(item, dict) else None)
+        if not isinstance(item, dict):
+            raise UserError(f"{where}: expected a JSON object, found a {type(item).__name__}")
+        name = _text_field(item, "filename", where)
+        folder = str(item.get("filepath") or "").strip()
+        sentences = item.get("sentences")
+        if not isinstance(sentences, list) or not all(isinstance(s, dict) and isinstance(s.get("raw"), str)
+                                                      for s in sentences):
+            raise UserError(f"{where}: 'sentences' must be a list of {{\"raw\": str}}")
+        record = {"image_A": str(Path(folder, "A", name)), "image_B": str(Path(folder, "B", name)),
+                  "captions": [s["raw"] for s in sentences], "id": Path(name).stem}
+        if "changeflag" in item:
+            record["changeflag"] = item["changeflag"]
+        converted.append(record)
+    return converted
+
+
+def load_changechat(path: str | Path, image_root: str | Path | None = None, *, require_answer: bool = True,
+                    check_images: bool = True, limit: int | None = None) -> list[ChangeChatSample]:
+    """ChangeChat records: instruction records, the caption split, or LEVIR-CC's own caption file.
+
+    * instruction records: ``{"id", "image": ["A/x.png", "B/x.png"], "changeflag"?, "conversations": [...]}``
+      (multi-turn conversations become several turns);
+    * caption split: ``{"image_A": "A/x.png", "image_B": "B/x.png", "captions": [...], "changeflag"?}``;
+    * LEVIR-CC: ``{"images": [{"filepath": "train", "filename": "x.png", "sentences": [{"raw": ...}]}]}``.
+
+    Image paths are resolved against ``image_root`` (default: the JSON file's folder); ``id`` defaults to the
+    before image's name stem.
+    """
+    path = Path(path)
+    _check_limit(limit)
+    data = _read_json(path)
+    if isinstance(data, dict) and "images" in data:
+        data = _levir_cc_records(data, path)
+    records = _records(data, path)
+    root = Path(image_root) if image_root is not None else path.parent
+    samples = []
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise UserError(f"{_where(path, index)}: expected a JSON object, found a {type(record).__name__}")
+        where = _where(path, index, record.get("id"))
+        if "captions" in record:
+            samples.append(_caption_sample(record, where, root))
+        elif "conversations" in record:
+            samples.append(_instruction_sample(record, where, root, require_answer))
+        else:
+            raise UserError(f"{where}: neither 'conversations' (instruction record) nor 'captions' (caption split)")
+    _check_unique([s.id for s in samples], path)
+    if limit is not None:
+        samples = samples[:limit]
+    if check_images:
+        missing = [f"record {i} (id {s.id!r}): {_shown(image, root)}" for i, s in enumerate(samples)
+                   for image in (s.image_a, s.image_b) if not image.is_file()]
+        _report_missing(path, missing, 2 * len(samples), "image(s)", root)
+    return samples

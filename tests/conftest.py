@@ -1,0 +1,59 @@
+"""Shared fixtures: the bundled sample media, and small synthetic image pairs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from geochange.errors import UserError
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    """data/sample with every sample video and ChangeChat image (drawn once, then reused)."""
+    from geochange.sample_data import ensure_sample_media
+
+    return ensure_sample_media()
+
+
+@pytest.fixture(scope="session")
+def scene_images() -> tuple[np.ndarray, np.ndarray]:
+    """A before/after pair from the scene generator (with changes and nuisance), 256x256 RGB."""
+    from geochange.scenes import make_scene_pair, render_pair
+
+    return render_pair(make_scene_pair(200_003))
+
+
+@pytest.fixture
+def image_pair(tmp_path: Path, scene_images) -> tuple[Path, Path]:
+    """The scene pair saved as tmp_path/before.png and tmp_path/after.png."""
+    from geochange.video import write_image
+
+    return write_image(scene_images[0], tmp_path / "before.png"), write_image(scene_images[1], tmp_path / "after.png")
+
+
+@pytest.fixture
+def write_json(tmp_path: Path):
+    """write_json(data, name="x.json") -> Path; a str is written as is (for malformed JSON)."""
+    def write(data, name: str = "annotations.json") -> Path:
+        path = tmp_path / name
+        path.write_text(data if isinstance(data, str) else json.dumps(data, indent=1), encoding="utf-8")
+        return path
+
+    return write
+
+
+@pytest.fixture
+def user_error():
+    """user_error(callable, *parts): call it, expect a UserError whose message contains every part; returns it."""
+    def check(call, *parts) -> str:
+        with pytest.raises(UserError) as caught:
+            call()
+        message = str(caught.value)
+        for part in parts:
+            assert str(part) in message, f"{part!r} not in {message!r}"
+        return message
+
+    return check
