@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .modeling import (VISION_MODULE_NAMES, VideoQACollator, encode_training_example, get_family, language_model_linear_names,
+from .modeling import (VideoQACollator, encode_training_example, get_family, language_model_linear_names,
                        load_model, load_processor, lora_target_regex, model_label, plan_lengths, resolve_model_path,
                        video_token_count)
 from .paths import CHECKPOINTS_DIR
@@ -180,9 +180,9 @@ def build_training_model(cfg, base_path: str, family: str):
     mode = training_mode(cfg)
     model = load_model(base_path, family, bits=quant_bits(cfg))
     if mode == "FULL":
-        if cfg.FREEZE_VISION:
+        if cfg.FREEZE_VISION:  # as in LLaVA's own fine-tuning: the projector still trains
             for name, param in model.named_parameters():
-                if any(part in VISION_MODULE_NAMES for part in name.split(".")):
+                if any(part.endswith("_tower") for part in name.split(".")):
                     param.requires_grad_(False)
         return model, []
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training

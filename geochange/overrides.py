@@ -6,6 +6,7 @@ only lets a run change some of them without touching the file (nanoGPT style).
 from __future__ import annotations
 
 import ast
+import os
 import sys
 from typing import Any
 
@@ -90,7 +91,7 @@ def apply_overrides(scope: dict[str, Any], argv: list[str] | None = None, *, qui
         applied[name] = parse_value(name, raw, scope[name])
     for name, value in applied.items():
         scope[name] = value
-        if not quiet:
+        if not quiet and os.environ.get("RANK", "0") == "0":  # one line per override, not one per process
             print(f"override: {name} = {value!r}")
     return applied
 

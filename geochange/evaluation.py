@@ -1,0 +1,103 @@
+"""Batched evaluation of a base or fine-tuned video model, with resume.
+
+Greedy generation over left-padded batches (prompts sorted by length so little
+padding is wasted); only the newly generated tokens are decoded, so no
+"Answer:" string surgery is needed. Each finished batch is appended to
+``results/<run>.jsonl`` and flushed; a rerun skips the ids already there.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import UserError
+from .modeling import load_model, load_processor, model_label, resolve_model_path, video_prompt
+
+
+def results_run_name(family: str, model_path: str, model_id: str) -> str:
+    if model_path == "base":
+        return f"{model_label(model_id, family)}_base"
+    return Path(model_path).resolve().name
+
+
+@torch.inference_mode()
+def generate_answers(model, processor, frames_batch: list, questions: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy answers for one batch; decodes only the tokens after each prompt."""
+    prompts = [video_prompt(processor, q) for q in questions]
+    inputs = processor(text=prompts, videos=frames_batch, padding=True, return_tensors="pt")
+    device = next(model.parameters()).device
+    inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in inputs.items()}
+    if "pixel_values_videos" in inputs:
+        # model.dtype is the compute dtype, also for 4-bit models whose packed weights are uint8
+        inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(model.dtype)
+    tokenizer = processor.tokenizer
+    output = model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    # Left padding puts every prompt's end at the same column, so new tokens start there.
+    new_tokens = output[:, inputs["input_ids"].shape[1]:]
+    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def load_eval_model(family: str, model_path: str, model_id: str, load_in_4bit: bool):
+    """(model, processor) for ``model_path`` = 'base' (the untuned MODEL_ID) or a run directory."""
+    if model_path == "base":
+        path = resolve_model_path(model_id, family)
+        return load_model(path, family, bits=4 if load_in_4bit else None), load_processor(path)
+    from .finetune import load_run_model
+
+    model = load_run_model(model_path, family, load_in_4bit=load_in_4bit)
+    return model, load_processor(model_path)
+
+
+def evaluate(*, family: str, model_path: str, model_id: str, val_annotations: str, video_dir: str | None,
+             num_frames: int, batch_size: int, max_new_tokens: int, load_in_4bit: bool, results_dir: str,
+             settings: dict[str, Any], limit: int | None = None, run: str | None = None) -> Path:
+    """Evaluate and score; returns the path of ``<results_dir>/<run>.metrics.json``."""
+    from .annotations import load_annotations
+    from .metrics import compute_metrics_report
+    from .results import ResultsWriter, format_metrics_table, read_jsonl, write_metrics
+    from .video import read_video_frames
+
+    if batch_size < 1 or max_new_tokens < 1 or num_frames < 2:
+        raise UserError("BATCH_SIZE and MAX_NEW_TOKENS must be >= 1 and NUM_FRAMES >= 2")
+    if model_path != "base" and not Path(model_path).is_dir():
+        raise UserError(f"MODEL_PATH {model_path} does not exist (give a fine-tuning run directory or 'base')")
+    if video_dir is None:
+        from .sample_data import SAMPLE_VIDEO_DIR, ensure_sample_media
+
+        ensure_sample_media()
+        video_dir = str(SAMPLE_VIDEO_DIR)
+    samples = load_annotations(val_annotations, video_dir, limit=limit)
+    run = run or results_run_name(family, model_path, model_id)
+    results_path = Path(results_dir) / f"{run}.jsonl"
+    writer = ResultsWriter(results_path)
+    todo = [s for s in samples if s.id not in writer.done_ids]
+    started = time.time()
+    if todo:
+        model, processor = load_eval_model(family, model_path, model_id, load_in_4bit)
+        model.eval()
+        tokenizer = processor.tokenizer
+        # Similar prompt lengths side by side waste little left padding.
+        todo.sort(key=lambda s: len(tokenizer(s.question)["input_ids"]))
+        print(f"evaluating {run}: {len(todo)} of {len(samples)} samples to go -> {results_path}")
+        for start in tqdm(range(0, len(todo), batch_size), desc=f"eval {run}", unit="batch"):
+            batch = todo[start:start + batch_size]
+            frames = [read_video_frames(s.video, num_frames) for s in batch]
+            answers = generate_answers(model, processor, frames, [s.question for s in batch], max_new_tokens)
+            writer.append([{"id": s.id, "video": s.video.name, "question": s.question, "true": s.answer,
+                            "generated": a} for s, a in zip(batch, answers)])
+    else:
+        print(f"{run}: all {len(samples)} samples already in {results_path}; scoring only")
+    wanted = {s.id for s in samples}
+    records = [r for r in read_jsonl(results_path) if r["id"] in wanted]
+    report = compute_metrics_report([r["true"] for r in records], [r["generated"] for r in records])
+    metrics_path = write_metrics(results_path.with_suffix(""), records, report, model=f"{model_id} ({model_path})",
+                                 settings=settings, seconds=round(time.time() - started, 1),
+                                 extra={"family": family, "model_path": model_path})
+    print(format_metrics_table(report.metrics, report.missing))
+    print(f"metrics: {metrics_path}")
+    return metrics_path

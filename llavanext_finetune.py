@@ -1,0 +1,69 @@
+"""Fine-tune LLaVA-NeXT-Video to describe what changed between two satellite images.
+
+GeoLLaVA's recipe, done right (geochange/finetune.py, ``run_finetune``):
+  1. check the settings and the data before any model is loaded;
+  2. load the processor and the before/after clips; prompts come from the
+     processor's chat template, the loss falls on the answer only, and the
+     sequence is never cut inside the expanded video tokens;
+  3. build the model: prune the full-precision weights (optional), quantise
+     for QLoRA, put LoRA on every Linear of the language model;
+  4. train with the transformers Trainer, resuming from the newest checkpoint;
+  5. save adapter (or weights), processor and run.json; 6. evaluate on val.
+
+    python llavanext_finetune.py MODEL_ID=tiny          # offline tiny model, bundled sample data
+    python llavanext_finetune.py USE_QLORA=True EPOCHS=1 # the real 7B model on a GPU
+Multi-GPU: accelerate launch llavanext_finetune.py ... (or torchrun --nproc_per_node N ...).
+"""
+# --- model: the Hugging Face id, a local folder, or "tiny" (small random model built offline)
+MODEL_ID = "llava-hf/LLaVA-NeXT-Video-7B-hf"
+# --- data (GeoLLaVA conversation JSON; VIDEO_DIR=None = the bundled sample videos, generated on first use)
+TRAIN_ANNOTATIONS = "annotations/sample_train.json"
+VAL_ANNOTATIONS = "annotations/sample_val.json"
+VIDEO_DIR = None
+TRAIN_LIMIT = None          # use only the first N training pairs (None = all)
+NUM_FRAMES = 2              # frames sampled uniformly per clip: 2 = before/after
+MAX_LENGTH = 1024           # tokens per example; 2 frames expand to 288 pooled video tokens in the 7B model
+SHORTEN_ANSWERS = True      # an answer that does not fit is shortened (and counted); False = stop with an error
+# --- what to train: QLoRA wins over LoRA; neither = full fine-tuning
+USE_LORA = True
+USE_QLORA = False
+USE_8BIT = False            # QLoRA base in 8-bit instead of 4-bit nf4
+LORA_R = 8
+LORA_ALPHA = 16
+LORA_DROPOUT = 0.05
+FREEZE_VISION = True        # full fine-tuning: keep the vision tower frozen (the projector trains)
+# --- pruning before training (full-precision weights; QLoRA quantises the pruned model)
+PRUNE = False
+PRUNE_METHOD = "magnitude"  # "magnitude" | "attention" | "channel"
+PRUNE_AMOUNT = 0.05         # fraction of weights / heads / channels, in [0, 1)
+PRUNE_VISION = False        # also prune the vision tower and projector
+# --- optimisation
+BATCH_SIZE = 4
+GRAD_ACCUM = 1
+EPOCHS = 3.0
+MAX_STEPS = -1              # > 0 overrides EPOCHS
+LR = None                   # None = 2e-4 for LoRA/QLoRA, 2e-5 for full (5e-3 / 1e-3 for the tiny model)
+WARMUP_STEPS = 10
+GRADIENT_CHECKPOINTING = True
+NUM_WORKERS = 0
+DEEPSPEED = None            # path to a DeepSpeed config JSON (e.g. ZeRO-2, see README), None = plain DDP
+SEED = 42
+# --- bookkeeping
+OUTPUT_DIR = "runs"         # the run directory inside is named from the settings
+OVERWRITE = False           # True = replace a finished run with the same settings
+LOGGING_STEPS = 5
+SAVE_STEPS = 50             # checkpoint every N steps (the newest SAVE_TOTAL_LIMIT are kept)
+SAVE_TOTAL_LIMIT = 2
+EVAL_STEPS = 50             # validation loss every N steps (0 = never)
+MERGE_AND_SAVE = False      # also write merged full weights to <run>/merged
+# --- evaluation after training (llavanext_eval.py with MODEL_PATH=<run dir>)
+EVAL_AFTER_TRAIN = True
+EVAL_BATCH_SIZE = 8
+MAX_NEW_TOKENS = 64
+RESULTS_DIR = "results"
+
+if __name__ == "__main__":
+    import common
+
+    common.apply_overrides(globals())
+    common.run_finetune(globals(), family="llavanext")

@@ -1,0 +1,227 @@
+"""Fine-tuning on the tiny models and the bundled sample (CPU)."""
+import json
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+import geochange.finetune as finetune
+from geochange.adapters import load_adapter_verified, legacy_to_current_key
+from geochange.errors import UserError
+from geochange.modeling import load_model, load_processor, resolve_model_path, video_prompt
+from geochange.sample_data import SAMPLE_TRAIN, SAMPLE_VAL, ensure_sample_media
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = {"videollava": REPO / "videollava_finetune.py", "llavanext": REPO / "llavanext_finetune.py"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def sample_media():
+    ensure_sample_media()
+
+
+def constants(family: str, output_dir: Path, **overrides) -> dict:
+    """The script's own constants (as a user would edit them), with test-size overrides."""
+    scope = {k: v for k, v in runpy.run_path(str(SCRIPTS[family]), run_name="constants_only").items() if k.isupper()}
+    scope.update(MODEL_ID="tiny", OUTPUT_DIR=str(output_dir), TRAIN_LIMIT=16, MAX_STEPS=8, BATCH_SIZE=4, LR=1e-2,
+                 WARMUP_STEPS=0, LOGGING_STEPS=1, SAVE_STEPS=100, EVAL_STEPS=0, GRADIENT_CHECKPOINTING=False,
+                 EVAL_AFTER_TRAIN=False, RESULTS_DIR=str(output_dir / "results"))
+    scope.update(overrides)
+    return scope
+
+
+def tiny_inputs(family: str):
+    from geochange.video import read_video_frames
+    from geochange.annotations import load_annotations
+    from geochange.sample_data import SAMPLE_VIDEO_DIR
+
+    processor = load_processor(resolve_model_path("tiny", family))
+    sample = load_annotations(SAMPLE_VAL, SAMPLE_VIDEO_DIR, limit=1)[0]
+    frames = read_video_frames(sample.video, 2)
+    return processor(text=[video_prompt(processor, sample.question)], videos=[frames], return_tensors="pt")
+
+
+def logits_of(model, inputs) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(**inputs).logits.float()
+
+
+@pytest.mark.parametrize("family,overrides,mode", [
+    ("videollava", {}, "LORA"),
+    ("llavanext", {}, "LORA"),
+    ("videollava", {"USE_QLORA": True}, "QLORA"),
+    ("videollava", {"USE_QLORA": True, "USE_8BIT": True}, "QLORA"),
+])
+def test_training_lowers_the_loss_and_the_adapter_reloads(tmp_path, family, overrides, mode):
+    run_dir = finetune.run_finetune(constants(family, tmp_path, **overrides), family)
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["completed"] and record["mode"] == mode and record["global_step"] == 8
+    losses = [point["loss"] for point in record["loss_curve"]]
+    assert len(losses) == 8 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses
+    expected_bits = (8 if overrides.get("USE_8BIT") else 4) if mode == "QLORA" else None
+    assert record["quant_bits"] == expected_bits
+    assert run_dir.name.endswith(f"{mode}_{expected_bits}bit_r8_alpha16_3epochs" if expected_bits else f"{mode}_r8_alpha16_3epochs")
+    # LoRA sits on every Linear of the language model and nowhere else
+    assert record["lora_targets"] and all(".language_model." in name for name in record["lora_targets"])
+    assert not any(part in name for name in record["lora_targets"] for part in ("tower", "projector", "lm_head"))
+    assert len(record["lora_targets"]) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
+    assert record["trainable_parameters"] < record["total_parameters"] / 5
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tensorboard"):
+        assert (run_dir / name).exists(), name
+    # the adapter changes the model, and loading it twice gives the same logits
+    inputs = tiny_inputs(family)
+    tuned = logits_of(finetune.load_run_model(run_dir, family), inputs)
+    again = logits_of(finetune.load_run_model(run_dir, family), inputs)
+    base = logits_of(load_model(resolve_model_path("tiny", family), family, bits=expected_bits), inputs)
+    assert torch.equal(tuned, again)
+    assert (tuned - base).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("bits", [None, 4, 8])
+def test_saved_adapter_reloads_to_identical_logits(tmp_path, bits):
+    cfg = constants("videollava", tmp_path, USE_QLORA=bits is not None, USE_8BIT=bits == 8)
+    from types import SimpleNamespace
+
+    path = resolve_model_path("tiny", "videollava")
+    model, _ = finetune.build_training_model(SimpleNamespace(**cfg), path, "videollava")
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # stand-in for training: lora_B starts at zero
+            param.data.normal_(0, 0.5)
+    inputs = tiny_inputs("videollava")
+    trained = logits_of(model, inputs)
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = logits_of(load_adapter_verified(load_model(path, "videollava", bits=bits), tmp_path / "adapter"), inputs)
+    assert torch.allclose(trained, reloaded, atol=1e-5), (trained - reloaded).abs().max()
+
+
+def test_adapter_that_matches_nothing_fails_loudly_and_legacy_names_are_remapped(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from types import SimpleNamespace
+
+    path = resolve_model_path("tiny", "videollava")
+    model, _ = finetune.build_training_model(SimpleNamespace(**constants("videollava", tmp_path)), path, "videollava")
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.fill_(0.01)
+    model.save_pretrained(tmp_path / "good")
+    weights = load_file(str(tmp_path / "good" / "adapter_model.safetensors"))
+    # transformers-4 layout: language_model.model.layers... instead of model.language_model.layers...
+    legacy = {k.replace("base_model.model.model.language_model.", "base_model.model.language_model.model."): v
+              for k, v in weights.items()}
+    assert all(legacy_to_current_key(k) in weights for k in legacy)
+    for name, tensors in (("legacy", legacy), ("broken", {k.replace("layers", "blocks"): v for k, v in weights.items()})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text((tmp_path / "good" / "adapter_config.json").read_text())
+        save_file(tensors, str(tmp_path / name / "adapter_model.safetensors"))
+    loaded = load_adapter_verified(load_model(path, "videollava"), tmp_path / "legacy")
+    assert any("lora_B" in n and torch.all(p == 0.01) for n, p in loaded.named_parameters())
+    with pytest.raises(UserError, match=r"adapter_model.safetensors: 28 of 28 adapter weights found no parameter"):
+        load_adapter_verified(load_model(path, "videollava"), tmp_path / "broken")
+
+
+class CrashAtStep(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    settings = constants("videollava", tmp_path, MAX_STEPS=6, SAVE_STEPS=3, SAVE_TOTAL_LIMIT=5)
+    monkeypatch.setattr(finetune, "EXTRA_CALLBACKS", [CrashAtStep(5)])
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run_finetune(dict(settings), "videollava")
+    run_dir = tmp_path / finetune.run_name(__import__("types").SimpleNamespace(**settings), "videollava")
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert not json.loads((run_dir / "run.json").read_text())["completed"]
+    monkeypatch.setattr(finetune, "EXTRA_CALLBACKS", [])
+    assert finetune.run_finetune(dict(settings), "videollava") == run_dir
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["completed"] and record["global_step"] == 6 and record["resumed_from"].endswith("checkpoint-3")
+    assert [p["step"] for p in record["loss_curve"]] == [1, 2, 3, 4, 5, 6]
+    # merged weights for deployment behave like base + adapter
+    merged_dir = finetune.merge_and_save(run_dir, "videollava")
+    inputs = tiny_inputs("videollava")
+    merged = logits_of(load_model(str(merged_dir), "videollava"), inputs)
+    assert torch.allclose(merged, logits_of(finetune.load_run_model(run_dir, "videollava"), inputs), atol=1e-4)
+    # a finished run is not overwritten unless asked
+    with pytest.raises(UserError, match="already holds a finished run; set OVERWRITE=True"):
+        finetune.run_finetune(dict(settings), "videollava")
+
+
+def test_full_finetune_and_pruned_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(finetune, "CHECKPOINTS_DIR", tmp_path / "checkpoints")
+    run_dir = finetune.run_finetune(constants("videollava", tmp_path, USE_LORA=False, MAX_STEPS=4, LR=1e-3), "videollava")
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["mode"] == "FULL" and "_FULL_3epochs" in run_dir.name and (run_dir / "model.safetensors").exists()
+    vision = sum(p.numel() for n, p in load_model(str(run_dir), "videollava").named_parameters() if "tower" in n)
+    assert record["trainable_parameters"] == record["total_parameters"] - vision  # FREEZE_VISION
+    inputs = tiny_inputs("videollava")
+    base = logits_of(load_model(resolve_model_path("tiny", "videollava"), "videollava"), inputs)
+    assert (logits_of(finetune.load_run_model(run_dir, "videollava"), inputs) - base).abs().max() > 1e-3
+
+    pruned = finetune.run_finetune(constants("videollava", tmp_path, PRUNE=True, PRUNE_METHOD="attention",
+                                             PRUNE_AMOUNT=0.25, USE_QLORA=True, MAX_STEPS=2), "videollava")
+    record = json.loads((pruned / "run.json").read_text())
+    assert pruned.name.startswith("attention25pct-videollava-tiny_")
+    assert record["sparsity"]["heads"] == 0.25  # 2 of the 8 heads of the tiny language model
+    assert (tmp_path / "checkpoints" / "pruned").exists()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"PRUNE": True, "PRUNE_METHOD": "random"}, "random"),
+    ({"PRUNE": True, "PRUNE_AMOUNT": 1.0}, "PRUNE_AMOUNT"),
+    ({"PRUNE": True, "PRUNE_AMOUNT": -0.1}, "PRUNE_AMOUNT"),
+    ({"LORA_R": 0}, "LORA_R must be >= 1"),
+    ({"TRAIN_ANNOTATIONS": "annotations/nope.json"}, "TRAIN_ANNOTATIONS: annotation file annotations/nope.json does not exist"),
+    ({"NUM_FRAMES": 1}, "NUM_FRAMES must be >= 2"),
+])
+def test_bad_settings_stop_before_any_model_is_loaded(tmp_path, monkeypatch, overrides, message):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(finetune, "load_model", no_model)
+    monkeypatch.setattr(finetune, "load_processor", no_model)
+    with pytest.raises(UserError, match=message):
+        finetune.run_finetune(constants("videollava", tmp_path, **overrides), "videollava")
+    assert not any(tmp_path.iterdir())
+
+
+def test_missing_video_and_too_small_max_length_are_one_line_errors(tmp_path):
+    broken = tmp_path / "train.json"
+    records = json.loads(Path(SAMPLE_TRAIN).read_text())[:3]
+    records[1]["video"] = "does_not_exist.mp4"
+    broken.write_text(json.dumps(records))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "videollava_finetune.py", "MODEL_ID=tiny", f"TRAIN_ANNOTATIONS={broken}",
+                          f"OUTPUT_DIR={tmp_path / 'runs'}"], cwd=REPO, capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert str(broken) in run.stderr and "does_not_exist.mp4" in run.stderr and "Traceback" not in run.stderr
+    assert "trainable parameters" not in run.stdout
+    with pytest.raises(UserError, match=r"MAX_LENGTH=40 cannot hold the prompt .* 130 of them video tokens"):
+        finetune.run_finetune(constants("videollava", tmp_path, MAX_LENGTH=40), "videollava")
+
+
+def test_two_process_torchrun_trains(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+               "videollava_finetune.py", "MODEL_ID=tiny", f"OUTPUT_DIR={tmp_path}", "TRAIN_LIMIT=16", "MAX_STEPS=4",
+               "BATCH_SIZE=2", "EVAL_STEPS=0", "EVAL_AFTER_TRAIN=False", "GRADIENT_CHECKPOINTING=False",
+               "LOGGING_STEPS=1", "LR=3e-3"]
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["completed"] and record["global_step"] == 4 and record["world_size"] == 2
+    assert record["settings"]["BATCH_SIZE"] == 2 and run.stdout.count("trainable parameters") == 1 and (run_dir / "adapter_model.safetensors").exists()
