@@ -20,7 +20,7 @@ from .errors import UserError
 from .paths import CHECKPOINTS_DIR
 
 # Bump when the builder changes, so stale tiny checkpoints are rebuilt.
-TINY_VERSION = 4
+TINY_VERSION = 6
 TINY_IMAGE_SIZE = 64
 TINY_PATCH_SIZE = 8
 TINY_SEED = 1234

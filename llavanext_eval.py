@@ -1,0 +1,30 @@
+"""Evaluate LLaVA-NeXT-Video (base or fine-tuned) on before/after pairs.
+
+Greedy, batched generation (left padding, prompts sorted by length), only the
+new tokens decoded. Each finished batch is appended to results/<run>.jsonl, so
+a rerun resumes where it stopped. Writes results/<run>.metrics.json and a
+per-sample results/<run>.csv (geochange/evaluation.py, ``evaluate``).
+
+    python llavanext_eval.py MODEL_ID=tiny MODEL_PATH=base
+    python llavanext_eval.py MODEL_PATH=runs/<run directory>
+"""
+MODEL_ID = "llava-hf/LLaVA-NeXT-Video-7B-hf"  # base model ("tiny" = offline tiny model)
+MODEL_PATH = "base"         # a fine-tuning run directory, or "base" for the untuned MODEL_ID
+VAL_ANNOTATIONS = "annotations/sample_val.json"
+VIDEO_DIR = None            # None = the bundled sample videos (generated on first use)
+NUM_FRAMES = 2
+BATCH_SIZE = 8
+MAX_NEW_TOKENS = 64
+LOAD_IN_4BIT = False        # load the base in 4-bit nf4 (QLoRA runs always load as they were trained)
+RESULTS_DIR = "results"
+LIMIT = None                # evaluate only the first N samples (None = all)
+RUN_NAME = None             # results file name (None = the run directory's name, or <model>_base)
+
+if __name__ == "__main__":
+    import common
+
+    common.apply_overrides(globals())
+    common.evaluate(family="llavanext", model_path=MODEL_PATH, model_id=MODEL_ID, val_annotations=VAL_ANNOTATIONS,
+                    video_dir=VIDEO_DIR, num_frames=NUM_FRAMES, batch_size=BATCH_SIZE, max_new_tokens=MAX_NEW_TOKENS,
+                    load_in_4bit=LOAD_IN_4BIT, results_dir=RESULTS_DIR, settings=common.settings_of(globals()),
+                    limit=LIMIT, run=RUN_NAME)

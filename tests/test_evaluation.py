@@ -1,0 +1,165 @@
+"""Evaluation scripts, resume, batching, rescoring and Results.ipynb on the tiny pipeline."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import geochange.evaluation as evaluation
+from geochange.annotations import load_annotations
+from geochange.errors import UserError
+from geochange.modeling import load_processor
+from geochange.results import read_jsonl
+from geochange.sample_data import SAMPLE_VAL, SAMPLE_VIDEO_DIR, ensure_sample_media
+from geochange.video import read_video_frames
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+VAL_LIMIT = 24
+
+
+def run_script(*args, cwd=REPO, timeout=600):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """The README's main job at test size: tiny LoRA fine-tune, evaluation after training, and the base model."""
+    ensure_sample_media()
+    root = tmp_path_factory.mktemp("pipeline")
+    results = root / "results"
+    val = root / "val.json"
+    val.write_text(json.dumps(json.loads(Path(SAMPLE_VAL).read_text())[:VAL_LIMIT]))
+    train = run_script("videollava_finetune.py", "MODEL_ID=tiny", f"OUTPUT_DIR={root / 'runs'}", f"RESULTS_DIR={results}",
+                       f"VAL_ANNOTATIONS={val}", "MAX_STEPS=150", "EVAL_STEPS=0", "SAVE_STEPS=1000",
+                       "GRADIENT_CHECKPOINTING=False", "MAX_NEW_TOKENS=40")
+    assert train.returncode == 0, train.stderr[-3000:]
+    base = run_script("videollava_test.py", "MODEL_ID=tiny", "MODEL_PATH=base", f"RESULTS_DIR={results}",
+                      f"VAL_ANNOTATIONS={val}", "MAX_NEW_TOKENS=40")
+    assert base.returncode == 0, base.stderr[-3000:]
+    (run_dir,) = (root / "runs").iterdir()
+    return {"root": root, "results": results, "run_dir": run_dir, "val": val, "train_stdout": train.stdout}
+
+
+def test_pipeline_writes_results_and_the_tuned_model_beats_base(pipeline):
+    results, run = pipeline["results"], pipeline["run_dir"].name
+    for name in (f"{run}.jsonl", f"{run}.metrics.json", f"{run}.csv", "videollava-tiny_base.jsonl",
+                 "videollava-tiny_base.metrics.json", "videollava-tiny_base.csv"):
+        assert (results / name).exists(), name
+    tuned = json.loads((results / f"{run}.metrics.json").read_text())
+    base = json.loads((results / "videollava-tiny_base.metrics.json").read_text())
+    assert tuned["num_samples"] == base["num_samples"] == VAL_LIMIT
+    records = read_jsonl(results / f"{run}.jsonl")
+    assert sorted(r["id"] for r in records) == sorted(s.id for s in load_annotations(pipeline["val"], SAMPLE_VIDEO_DIR))
+    assert set(records[0]) >= {"id", "video", "question", "true", "generated"}
+    assert not any("ASSISTANT" in r["generated"] or "<video>" in r["generated"] for r in records)
+    for metric in ("rouge1", "rougeL", "sbert", "bertscore_f1"):
+        assert tuned["metrics"][metric] > base["metrics"][metric] + 0.05, (metric, tuned["metrics"], base["metrics"])
+    assert "ROUGE" in pipeline["train_stdout"] or "rouge1" in pipeline["train_stdout"]
+
+
+def test_batched_and_unbatched_generation_agree(pipeline):
+    from geochange.finetune import load_run_model
+
+    model = load_run_model(pipeline["run_dir"], "videollava")
+    processor = load_processor(str(pipeline["run_dir"]))
+    samples = load_annotations(pipeline["val"], SAMPLE_VIDEO_DIR)[:6]
+    frames = [read_video_frames(s.video, 2) for s in samples]
+    # different question phrasings give prompts of different lengths, so the batch really is padded
+    questions = [s.question for s in samples]
+    assert len({len(processor.tokenizer(q)["input_ids"]) for q in questions}) > 1
+    batched = evaluation.generate_answers(model, processor, frames, questions, 24)
+    single = [evaluation.generate_answers(model, processor, [f], [q], 24)[0] for f, q in zip(frames, questions)]
+    assert batched == single
+    assert all(batched)
+
+
+def test_interrupted_evaluation_resumes_without_duplicates(pipeline, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = evaluation.generate_answers
+
+    def crash_after_first_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    settings = dict(family="videollava", model_path=str(pipeline["run_dir"]), model_id="tiny",
+                    val_annotations=str(pipeline["val"]), video_dir=None, num_frames=2, batch_size=5,
+                    max_new_tokens=8, load_in_4bit=False, results_dir=str(tmp_path), settings={}, run="resume")
+    monkeypatch.setattr(evaluation, "generate_answers", crash_after_first_batch)
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.evaluate(**settings)
+    assert len(read_jsonl(tmp_path / "resume.jsonl")) == 5
+    monkeypatch.setattr(evaluation, "generate_answers", real)
+    evaluation.evaluate(**settings)
+    ids = [r["id"] for r in read_jsonl(tmp_path / "resume.jsonl")]
+    assert len(ids) == len(set(ids)) == VAL_LIMIT
+    # a third run finds everything done and only rescores
+    before = (tmp_path / "resume.jsonl").read_text()
+    evaluation.evaluate(**settings)
+    assert (tmp_path / "resume.jsonl").read_text() == before
+
+
+def test_rescoring_a_geollava_results_file(tmp_path):
+    original = [{"true": "two new buildings appeared in the upper left.",
+                 "generated": "USER: <video>\nWhat changed? ASSISTANT: Answer: two new buildings appeared in the upper left."},
+                {"true": "a road now crosses the center.", "generated": "Answer: a new road crosses the middle."}]
+    path = tmp_path / "geollava_results.json"
+    path.write_text("".join(json.dumps(r) for r in original))  # back-to-back objects, as GeoLLaVA wrote them
+    run = run_script("common.py", "score", str(path))
+    assert run.returncode == 0, run.stderr
+    metrics = json.loads((tmp_path / "geollava_results.metrics.json").read_text())
+    assert metrics["num_samples"] == 2 and 0 < metrics["metrics"]["rouge1"] < 1
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
+    expected = (1.0 + scorer.score(original[1]["true"], "a new road crosses the middle.")["rouge1"].fmeasure) / 2
+    assert metrics["metrics"]["rouge1"] == pytest.approx(expected)
+    assert (tmp_path / "geollava_results.csv").exists()
+
+
+def test_bad_input_gives_one_line_and_keeps_results(pipeline, tmp_path):
+    run = run_script("videollava_test.py", "MODEL_ID=tiny", "MODEL_PATH=runs/no_such_run", f"RESULTS_DIR={tmp_path}")
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        "error: MODEL_PATH runs/no_such_run does not exist (give a fine-tuning run directory or 'base')"]
+    not_json = tmp_path / "broken.json"
+    not_json.write_text("this is not json")
+    run = run_script("common.py", "score", str(not_json))
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1 and str(not_json) in run.stderr
+    no_answer = tmp_path / "val.json"
+    records = json.loads(pipeline["val"].read_text())[:2]
+    records[1]["conversations"] = records[1]["conversations"][:1]
+    no_answer.write_text(json.dumps(records))
+    results = pipeline["results"] / "videollava-tiny_base.jsonl"
+    kept = results.read_text()
+    run = run_script("videollava_test.py", "MODEL_ID=tiny", "MODEL_PATH=base", f"VAL_ANNOTATIONS={no_answer}",
+                     f"RESULTS_DIR={pipeline['results']}")
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1
+    assert str(no_answer) in run.stderr and records[1]["id"] in run.stderr
+    assert results.read_text() == kept
+
+
+def test_results_notebook_runs_on_the_tiny_pipeline(pipeline, tmp_path):
+    import shutil
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    # the notebook reads results/ beside common.py: give it a repo-shaped folder
+    (tmp_path / "annotations").mkdir()
+    shutil.copy(REPO / "common.py", tmp_path)
+    shutil.copy(REPO / "annotations" / "geollava_paper_results.csv", tmp_path / "annotations")
+    shutil.copytree(pipeline["results"], tmp_path / "results")
+    os.symlink(REPO / "geochange", tmp_path / "geochange")
+    notebook = nbformat.read(REPO / "Results.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    text = "\n".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
+                     + str(o.get("data", {}).get("text/html", ""))
+                     for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
+    assert "Video-LLaVA" in text and pipeline["run_dir"].name in text and "videollava-tiny_base" in text
+    assert "No results yet" not in text.split("DeltaVLM")[0]
+    assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
+               for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
