@@ -15,7 +15,7 @@ import sys
 from geochange.adapters import load_adapter_verified
 from geochange.annotations import Sample, load_annotations, load_changechat
 from geochange.errors import UserError, install_error_handler
-from geochange.evaluation import evaluate, generate_answers
+from geochange.evaluation import evaluate, generate_answers, run_evaluation
 from geochange.finetune import load_run_model, merge_and_save, run_finetune
 from geochange.metrics import compute_metrics, compute_metrics_report
 from geochange.modeling import FAMILIES, load_model, load_processor, resolve_model_path, video_prompt
@@ -31,7 +31,7 @@ __all__ = [
     "ensure_sample_media", "ensure_tiny_checkpoint", "evaluate", "generate_answers", "load_adapter_verified",
     "load_annotations", "load_changechat", "load_model", "load_processor", "load_run_model", "measure_sparsity",
     "merge_and_save", "pair_to_video", "pairs_sheet_to_videos", "prune_model", "read_image_pair",
-    "read_results_file", "read_video_frames", "resolve_model_path", "run_finetune", "score_files", "settings_of",
+    "read_results_file", "read_video_frames", "resolve_model_path", "run_evaluation", "run_finetune", "score_files", "settings_of",
     "video_prompt", "write_metrics", "write_video",
 ]
 

@@ -24,7 +24,4 @@ if __name__ == "__main__":
     import common
 
     common.apply_overrides(globals())
-    common.evaluate(family="videollava", model_path=MODEL_PATH, model_id=MODEL_ID, val_annotations=VAL_ANNOTATIONS,
-                    video_dir=VIDEO_DIR, num_frames=NUM_FRAMES, batch_size=BATCH_SIZE, max_new_tokens=MAX_NEW_TOKENS,
-                    load_in_4bit=LOAD_IN_4BIT, results_dir=RESULTS_DIR, settings=common.settings_of(globals()),
-                    limit=LIMIT, run=RUN_NAME)
+    common.run_evaluation(globals(), family="videollava")

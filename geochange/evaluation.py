@@ -101,3 +101,15 @@ def evaluate(*, family: str, model_path: str, model_id: str, val_annotations: st
     print(format_metrics_table(report.metrics, report.missing))
     print(f"metrics: {metrics_path}")
     return metrics_path
+
+
+def run_evaluation(scope: dict[str, Any], family: str) -> Path:
+    """The evaluation scripts' flow, with the constants in ``scope`` (a script's globals())."""
+    from .overrides import settings_of
+
+    return evaluate(family=family, model_path=scope["MODEL_PATH"], model_id=scope["MODEL_ID"],
+                    val_annotations=scope["VAL_ANNOTATIONS"], video_dir=scope["VIDEO_DIR"],
+                    num_frames=scope["NUM_FRAMES"], batch_size=scope["BATCH_SIZE"],
+                    max_new_tokens=scope["MAX_NEW_TOKENS"], load_in_4bit=scope["LOAD_IN_4BIT"],
+                    results_dir=scope["RESULTS_DIR"], settings=settings_of(scope), limit=scope["LIMIT"],
+                    run=scope["RUN_NAME"])

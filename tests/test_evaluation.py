@@ -163,3 +163,14 @@ def test_results_notebook_runs_on_the_tiny_pipeline(pipeline, tmp_path):
     assert "No results yet" not in text.split("DeltaVLM")[0]
     assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
                for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
+
+
+def test_llavanext_eval_script_on_the_base_tiny_model(tmp_path):
+    run = run_script("llavanext_eval.py", "MODEL_ID=tiny", "MODEL_PATH=base", "LIMIT=4", "BATCH_SIZE=3",
+                     "MAX_NEW_TOKENS=6", f"RESULTS_DIR={tmp_path}")
+    assert run.returncode == 0, run.stderr[-2000:]
+    records = read_jsonl(tmp_path / "llavanext-tiny_base.jsonl")
+    assert len(records) == 4 and all(r["generated"] for r in records)
+    metrics = json.loads((tmp_path / "llavanext-tiny_base.metrics.json").read_text())
+    assert metrics["num_samples"] == 4 and metrics["family"] == "llavanext" and "rouge1" in metrics["metrics"]
+    assert metrics["settings"]["MODEL_PATH"] == "base" and metrics["settings"]["BATCH_SIZE"] == 3
