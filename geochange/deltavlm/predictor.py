@@ -1,0 +1,184 @@
+"""Answering questions about before/after pairs: one pair, a chat, or a ChangeChat file with resume."""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .. import changechat_format as cc
+from ..errors import UserError
+from .inputs import decode_answers, encode_prompts, preprocess_image
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """Generation settings; the defaults are DeltaVLM's evaluation (predict_answers -> generate)."""
+    num_beams: int = 5
+    max_new_tokens: int = 256
+    min_new_tokens: int = 1
+    repetition_penalty: float = 1.5
+    length_penalty: float = 1.0
+
+    def check(self) -> None:
+        if self.num_beams < 1 or self.max_new_tokens < 1 or self.min_new_tokens < 0:
+            raise UserError(f"NUM_BEAMS and MAX_NEW_TOKENS must be >= 1 (got {self.num_beams}, {self.max_new_tokens})")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise UserError(f"MIN_NEW_TOKENS={self.min_new_tokens} exceeds MAX_NEW_TOKENS={self.max_new_tokens}")
+        if self.repetition_penalty <= 0:
+            raise UserError(f"REPETITION_PENALTY must be > 0, got {self.repetition_penalty}")
+
+
+@dataclass(frozen=True)
+class Prompting:
+    """How a question becomes the prompt: DeltaVLM normalised its training text (``normalise``);
+    training wrote every question as 'q: <question>' after the earlier turns (``training_format``),
+    its evaluation fed the bare question. A chat with history always uses the training layout."""
+    normalise: bool = True
+    training_format: bool = False
+    max_words: int = cc.MAX_PROMPT_WORDS
+
+
+class Predictor:
+    """A loaded DeltaVLM with its tokenizers: ``answer(pairs, prompts)``."""
+
+    def __init__(self, model, tokenizers, device: torch.device, decoding: Decoding, prompting: Prompting):
+        decoding.check()
+        self.model, self.tokenizers, self.device = model, tokenizers, device
+        self.decoding, self.prompting = decoding, prompting
+
+    def prompt(self, question: str, history: list[tuple[str, str]] | tuple = ()) -> str:
+        """The text both the Q-Former and the LLM read for ``question`` after ``history``."""
+        history = list(history)
+        if not (history or self.prompting.training_format):
+            return cc.normalise_text(question, self.prompting.max_words) if self.prompting.normalise else question
+        while True:
+            text = cc.dialog_prompt(history, question)
+            if not self.prompting.normalise:
+                return text
+            # Training kept the first 50 words, which cuts off the question of a long dialog;
+            # dropping the oldest turns instead keeps the question (and as much history as fits).
+            if not history or len(cc.normalise_text(text, None).split()) <= self.prompting.max_words:
+                return cc.normalise_text(text, self.prompting.max_words)
+            history = history[1:]
+
+    @torch.no_grad()
+    def answer(self, pairs: list[tuple[np.ndarray, np.ndarray]], prompts: list[str]) -> list[str]:
+        size = self.model.image_size
+        before = torch.stack([preprocess_image(a, size) for a, _ in pairs]).to(self.device)
+        after = torch.stack([preprocess_image(b, size) for _, b in pairs]).to(self.device)
+        batch = {k: v.to(self.device) for k, v in encode_prompts(prompts, self.tokenizers).items()}
+        llm = self.tokenizers.llm
+        d = self.decoding
+        with warnings.catch_warnings():
+            # With inputs_embeds the penalty sees only new tokens: exactly the released (4.33) behaviour.
+            warnings.filterwarnings("ignore", message=".*repetition_penalty.*inputs_embeds.*")
+            output = self.model.generate(before, after, **batch, do_sample=False, num_beams=d.num_beams,
+                                         max_new_tokens=d.max_new_tokens, min_new_tokens=d.min_new_tokens,
+                                         repetition_penalty=d.repetition_penalty, length_penalty=d.length_penalty,
+                                         bos_token_id=llm.bos_token_id, eos_token_id=llm.eos_token_id,
+                                         pad_token_id=llm.pad_token_id)
+        return decode_answers(output, llm)
+
+
+def read_pair(image_a: str | Path, image_b: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Both images as RGB arrays (any sizes: each is resized to the ViT's size)."""
+    from ..video import read_image
+
+    return read_image(image_a), read_image(image_b)
+
+
+def chat(predictor: Predictor, pair: tuple[np.ndarray, np.ndarray], *, read: Callable[[str], str] = input,
+         write: Callable[[str], None] = print) -> list[tuple[str, str]]:
+    """Multi-turn chat about one pair: each question sees the earlier turns. Empty line / 'quit' ends,
+    'reset' forgets the history. Returns the turns."""
+    history: list[tuple[str, str]] = []
+    write("chat about this pair: ask a question; 'reset' forgets the history, an empty line or 'quit' ends")
+    while True:
+        try:
+            question = read("you> ").strip()
+        except EOFError:
+            break
+        if question.lower() in ("", "quit", "exit"):
+            break
+        if question.lower() == "reset":
+            history = []
+            write("(history cleared)")
+            continue
+        answer = predictor.answer([pair], [predictor.prompt(question, history)])[0]
+        write(f"deltavlm> {answer}")
+        history.append((question, answer))
+    return history
+
+
+# --------------------------------------------------------------------------- batch over a ChangeChat file
+
+@dataclass
+class Item:
+    """One question to answer: a turn of a ChangeChat record, with the reference turns before it."""
+    id: str
+    task: str
+    image_a: Path
+    image_b: Path
+    question: str
+    history: list[tuple[str, str]]
+    true: str | list[str]
+    changeflag: int | None
+
+
+def items_of(samples) -> list[Item]:
+    """Every human turn of every record; later turns carry the reference answers before them as history."""
+    items = []
+    for sample in samples:
+        for k, (question, answer) in enumerate(sample.turns):
+            true = sample.references if (k == 0 and sample.references) else (answer or "")
+            item_id = sample.id if len(sample.turns) == 1 else f"{sample.id}_turn{k + 1}"
+            items.append(Item(item_id, cc.task_of(question), sample.image_a, sample.image_b, question,
+                              [(q, a or "") for q, a in sample.turns[:k]], true, sample.changeflag))
+    return items
+
+
+def check_run_settings(path: Path, settings: dict, results: Path) -> None:
+    """Answers in ``results`` resume only under the settings that wrote them (else they would mix)."""
+    if results.exists() and path.exists():
+        written = json.loads(path.read_text(encoding="utf-8"))
+        if written != settings:
+            changed = sorted(k for k in set(written) | set(settings) if written.get(k) != settings.get(k))
+            raise UserError(f"{results} was written with other settings ({', '.join(changed)}); set RUN_NAME "
+                            "to start a new run, or delete it to redo this one")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def answer_items(predictor: Predictor, items: list[Item], results_path: Path, batch_size: int,
+                 run_settings: dict) -> None:
+    """Answer the items not yet in ``results_path`` (JSON Lines), one flushed batch at a time."""
+    from tqdm.auto import tqdm
+
+    from ..results import ResultsWriter
+
+    if batch_size < 1:
+        raise UserError(f"BATCH_SIZE must be >= 1, got {batch_size}")
+    check_run_settings(results_path.parent / f"{results_path.stem}.settings.json", run_settings, results_path)
+    writer = ResultsWriter(results_path)
+    todo = [item for item in items if item.id not in writer.done_ids]
+    if len(todo) < len(items):
+        print(f"resuming {results_path}: {len(items) - len(todo)} of {len(items)} answers already there")
+    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    for batch in tqdm(batches, desc="DeltaVLM", unit="batch", disable=not batches):
+        pairs = [read_pair(item.image_a, item.image_b) for item in batch]
+        prompts = [predictor.prompt(item.question, item.history) for item in batch]
+        answers = predictor.answer(pairs, prompts)
+        writer.append([{"id": item.id, "task": item.task, "image_a": str(item.image_a), "image_b": str(item.image_b),
+                        "question": item.question, "prompt": prompt, "true": item.true, "generated": answer,
+                        "changeflag": item.changeflag} for item, prompt, answer in zip(batch, prompts, answers)])
+
+
+def generation_settings(decoding: Decoding, prompting: Prompting, **extra) -> dict:
+    """What decides an answer, for the results' settings file."""
+    return {**asdict(decoding), **asdict(prompting), **extra}

@@ -1,0 +1,158 @@
+"""The steps of ``deltavlm_predict.py``: load, then answer one pair, chat, or score a ChangeChat file."""
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..paths import ANNOTATIONS_DIR
+from .predictor import Decoding, Predictor, Prompting
+
+PAPER_RESULTS = ANNOTATIONS_DIR / "deltavlm_paper_results.csv"
+PAPER_COLUMNS = ("bleu1", "bleu4", "meteor", "rouge_l", "cider")
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"DEVICE={device!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"DEVICE={device!r} but no CUDA GPU is available")
+    return chosen
+
+
+def sources(s: dict) -> dict[str, str]:
+    """Where the four parts come from; CHECKPOINT='tiny' builds and points at the tiny twin."""
+    if s["CHECKPOINT"] == "tiny":
+        from .tiny import ensure_tiny_deltavlm
+
+        tiny = ensure_tiny_deltavlm()
+        return {"checkpoint": str(tiny.checkpoint), "base": str(tiny.base), "llm": str(tiny.llm),
+                "bert": str(tiny.bert)}
+    return {"checkpoint": s["CHECKPOINT"], "base": s["VISION_QFORMER_BASE"], "llm": s["LLM_MODEL"],
+            "bert": s["BERT_MODEL"]}
+
+
+def load_predictor(s: dict) -> Predictor:
+    """The model and its settings from the script's constants ``s``; prints the load report."""
+    from .loading import load_deltavlm
+
+    decoding = Decoding(s["NUM_BEAMS"], s["MAX_NEW_TOKENS"], s["MIN_NEW_TOKENS"], s["REPETITION_PENALTY"],
+                        s["LENGTH_PENALTY"])
+    decoding.check()  # before minutes of loading
+    device = pick_device(s["DEVICE"])
+    if s["CHECKPOINT"] == "tiny" and device.type == "cpu":
+        torch.set_num_threads(1)  # the tiny twin gains nothing from threads, and loses a lot on a busy CPU
+    where = sources(s)
+    started = time.time()
+    model, tokenizers, report = load_deltavlm(where["checkpoint"], base=where["base"], llm_model=where["llm"],
+                                              bert_model=where["bert"], device=device,
+                                              load_in_8bit=s["LOAD_IN_8BIT"], use_csrm=s["USE_CSRM"])
+    for line in report.lines():
+        print(line)
+    print(f"image tokens: {'CSRM (released generate)' if s['USE_CSRM'] else 'plain concat (released training)'}; "
+          f"loaded on {device} in {time.time() - started:.1f} s")
+    return Predictor(model, tokenizers, device, decoding,
+                     Prompting(s["NORMALISE_PROMPT"], s["TRAINING_TURN_FORMAT"]))
+
+
+def pair_paths(image_a: str | None, image_b: str | None) -> tuple[Path, Path]:
+    """IMAGE_A / IMAGE_B, or a bundled sample pair (drawn on first use) when neither is set."""
+    if (image_a is None) != (image_b is None):
+        raise UserError("set both IMAGE_A and IMAGE_B (or neither, for a bundled sample pair)")
+    if image_a is not None:
+        return Path(image_a), Path(image_b)
+    from ..sample_data import SAMPLE_CHANGECHAT_ROOT, ensure_sample_media
+
+    ensure_sample_media()
+    # val_00002 has a change (a new building), a better demo than the unchanged first pairs.
+    names = sorted(p.name for p in (SAMPLE_CHANGECHAT_ROOT / "A").glob("*.png"))
+    chosen = "val_00002.png" if "val_00002.png" in names else (names[0] if names else None)
+    if chosen is None:
+        raise UserError(f"no sample images in {SAMPLE_CHANGECHAT_ROOT}; run: python -m geochange.sample_data")
+    return SAMPLE_CHANGECHAT_ROOT / "A" / chosen, SAMPLE_CHANGECHAT_ROOT / "B" / chosen
+
+
+def batch_items(annotations: str, image_root: str | None, limit: int | None) -> list:
+    """Every turn of a ChangeChat file (its images checked); the bundled sample's images are drawn if needed."""
+    from ..annotations import load_changechat
+    from .predictor import items_of
+
+    if image_root is None and Path(annotations).resolve().parent == ANNOTATIONS_DIR.resolve():
+        from ..sample_data import SAMPLE_CHANGECHAT_ROOT, ensure_sample_media
+
+        ensure_sample_media()
+        image_root = SAMPLE_CHANGECHAT_ROOT
+    items = items_of(load_changechat(annotations, image_root, limit=limit))
+    if not items:
+        raise UserError(f"{annotations}: no records to answer")
+    return items
+
+
+def run_name(s: dict) -> str:
+    if s["RUN_NAME"]:
+        return s["RUN_NAME"]
+    label = "deltavlm-tiny" if s["CHECKPOINT"] == "tiny" else "deltavlm"
+    return f"{label}{'' if s['USE_CSRM'] else '-nocsrm'}_{Path(s['TEST_ANNOTATIONS']).stem}"
+
+
+def paper_results() -> list[dict[str, str]]:
+    if not PAPER_RESULTS.exists():
+        return []
+    with open(PAPER_RESULTS, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def print_scores(scores: dict) -> None:
+    from ..results import format_metrics_table
+
+    for task, result in scores.items():
+        print(f"\n{task}: {result.samples} answers" + (f" ({result.skipped} references unparsable, skipped)"
+                                                    if result.skipped else ""))
+        if result.metrics or result.missing:
+            print(format_metrics_table(result.metrics, result.missing))
+    if "caption" in scores:
+        ours = scores["caption"].metrics
+        print("\ncaptions beside the published DeltaVLM numbers (LEVIR-CC / ChangeChat test, 5 references):")
+        width = 48
+        print(f"{'':<{width}}" + "".join(f"{c:>9}" for c in PAPER_COLUMNS))
+        for row in paper_results():
+            label = f"{row['model']} {row['variant']}"[:width]
+            print(f"{label:<{width}}" + "".join(f"{float(row[c]):>9.3f}" for c in PAPER_COLUMNS))
+        print(f"{'this run':<{width}}" + "".join(f"{ours[c]:>9.3f}" if c in ours else f"{'-':>9}"
+                                                  for c in PAPER_COLUMNS))
+
+
+def run_batch(predictor: Predictor, items: list, s: dict, settings: dict) -> Path:
+    """Answer ``items`` (resuming), score per task, write the metrics; returns their path."""
+    from ..metrics import MetricsReport
+    from ..results import read_jsonl, write_metrics
+    from .predictor import answer_items, generation_settings
+    from .scoring import score_records
+
+    stem = Path(s["RESULTS_DIR"]) / run_name(s)
+    results_path = stem.parent / f"{stem.name}.jsonl"
+    started = time.time()
+    answer_items(predictor, items, results_path, s["BATCH_SIZE"],
+                 generation_settings(predictor.decoding, predictor.prompting, checkpoint=s["CHECKPOINT"],
+                                     use_csrm=s["USE_CSRM"], load_in_8bit=s["LOAD_IN_8BIT"]))
+    wanted = {item.id for item in items}
+    records = [r for r in read_jsonl(results_path) if r["id"] in wanted]
+    scores = score_records(records)
+    # One metrics file for the run: "<task>/<metric>" keys.
+    report = MetricsReport(metrics={f"{task}/{k}": v for task, r in scores.items() for k, v in r.metrics.items()},
+                           missing={f"{task}/{k}": v for task, r in scores.items() for k, v in r.missing.items()},
+                           models={k: v for r in scores.values() for k, v in r.models.items()})
+    extra = {"tasks": {task: {"samples": r.samples, "skipped": r.skipped} for task, r in scores.items()},
+             "paper_results": paper_results()}
+    path = write_metrics(stem, records, report, model=f"DeltaVLM ({s['CHECKPOINT']})", settings=settings,
+                         seconds=round(time.time() - started, 2), extra=extra)
+    print_scores(scores)
+    print(f"\nanswers: {results_path}\nmetrics: {path}")
+    return path
