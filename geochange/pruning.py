@@ -1,181 +1,365 @@
 """Pruning the full-precision weights of a video-language model before fine-tuning.
 
-- ``magnitude``: L1 unstructured, each targeted Linear weight gets ``amount`` of its entries zeroed.
-- ``attention``: whole heads zeroed across q/k/v/o (q/k/v rows, o columns); with grouped-query
-  attention only q rows and o columns, since a k/v head is shared by several q heads.
-- ``channel``: whole MLP channels zeroed (gate/up rows and the down column; CLIP's fc1 row and fc2 column).
+Three methods, all acting on the language model's decoder Linear layers (and, with
+``include_vision=True``, also on the vision towers and the multimodal projector):
 
-Heads and channels are ranked across all layers at once, each score divided by its layer's mean
-so that no layer is emptied just because its weights are smaller; one global count then hits
-``amount`` as closely as the number of heads/channels allows (per-layer rounding would not:
-5 % of 32 heads is 1.6). The edits are permanent (no masks, hooks or ``weight_orig``), so the
-model saves with ``save_pretrained`` and can then be quantised.
+- ``magnitude``: L1 unstructured; every targeted Linear weight gets ``amount`` of its
+  entries (the smallest in absolute value) set to zero.
+- ``attention``: whole attention heads with the lowest L2 norm are zeroed: head ``h``
+  is rows ``[h*d, (h+1)*d)`` of q_proj/k_proj/v_proj (weights and biases) and the same
+  columns of o_proj. With grouped-query attention (fewer k/v heads than q heads) a
+  k/v head is shared by a whole group of query heads, so zeroing it would also silence
+  the query heads that were kept: only the q rows and o columns are zeroed then, and
+  the head's norm is taken over those alone.
+- ``channel``: whole MLP intermediate channels with the lowest L2 norm are zeroed:
+  channel ``i`` is row ``i`` of gate_proj and up_proj (weights and biases) and column
+  ``i`` of down_proj (CLIP's fc1/fc2 and the projector's linear_1/linear_2 pair up the
+  same way). A part with no such pairs falls back to zeroing output rows of its Linears.
+
+How many heads/channels each layer loses: per layer, ``floor(amount * n)`` of its
+lowest-norm ones, plus one more in as many layers as are needed for the total to be
+``round(amount * total)``. Rounding each layer on its own would miss the requested
+fraction (5 % of Vicuna's 32 heads is 1.6 heads, so 2 = 6.25 % in every layer), while a
+plain global ranking across layers lets layers whose weights happen to be smaller lose
+far more than others (and may empty a layer). The extra heads go to the layers whose
+next candidate is weakest relative to its own layer (norm divided by the layer's mean
+head norm), and every layer always keeps at least one head/channel.
+
+Edits are permanent: the weight tensors themselves hold the zeros (no masks, hooks or
+``weight_orig`` are left behind), so the model saves with ``save_pretrained`` and can be
+quantised afterwards. Embeddings, norms and ``lm_head`` are never touched.
 """
 from __future__ import annotations
 
+import math
+import re
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
+from torch.nn.utils import prune as torch_prune
 
 from .errors import UserError
 
 PRUNE_METHODS = ("magnitude", "attention", "channel")
-_VISION = ("vision_tower", "video_tower", "image_tower", "multi_modal_projector", "vision_resampler")
+
+# Top-level parts of the VLMs that are not the language model (pruned only with include_vision).
+VISION_PARTS = ("vision_tower", "video_tower", "image_tower", "multi_modal_projector")
+
+# (output-row side, input-column side) of the MLP pairs a channel runs through.
+_MLP_PAIRS = ((("gate_proj", "up_proj"), ("down_proj",)), (("fc1",), ("fc2",)), (("linear_1",), ("linear_2",)))
 
 
 def validate_prune_settings(method: str, amount: float) -> None:
+    """Raise UserError for an unknown method or an amount outside [0, 1)."""
     if method not in PRUNE_METHODS:
         raise UserError(f"unknown PRUNE_METHOD {method!r}; expected one of {', '.join(PRUNE_METHODS)}")
-    if not 0 <= amount < 1:
-        raise UserError(f"PRUNE_AMOUNT must be in [0, 1), not {amount}")
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0 <= amount < 1:
+        raise UserError(f"PRUNE_AMOUNT must be in [0, 1) (a fraction: 0.05 prunes 5 %), not {amount!r}")
 
 
-def _in_scope(name: str, include_vision: bool) -> bool:
-    parts = name.split(".")
-    if "lm_head" in parts or "embed_tokens" in parts:
-        return False
-    return include_vision or not any(p in _VISION for p in parts)
+# ---------------------------------------------------------------- what gets pruned
+
+@dataclass
+class _Part:
+    """One separately pruned part: the language model, a vision tower, or the projector."""
+
+    prefix: str  # "" for the language model, else e.g. "video_tower" (used in the sparsity keys)
+    linears: dict[str, nn.Linear] = field(default_factory=dict)  # full module name -> Linear
+
+
+@dataclass
+class _Attention:
+    layer: int
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    o: nn.Linear
+    head_dim: int
+    grouped: bool  # fewer k/v heads than q heads: only q rows and o columns are head-specific
+
+    @property
+    def heads(self) -> int:
+        return self.q.out_features // self.head_dim
+
+    def head_parts(self) -> list[tuple[nn.Linear, int]]:
+        """(Linear, dim) pairs holding the per-head slices: dim 0 = rows, dim 1 = columns."""
+        rows = [self.q] if self.grouped else [self.q, self.k, self.v]
+        return [(linear, 0) for linear in rows] + [(self.o, 1)]
+
+
+@dataclass
+class _Mlp:
+    layer: int
+    rows: list[nn.Linear]  # channel i = output row i of these
+    cols: list[nn.Linear]  # channel i = input column i of these
+
+    @property
+    def channels(self) -> int:
+        return self.rows[0].out_features
+
+    def channel_parts(self) -> list[tuple[nn.Linear, int]]:
+        return [(linear, 0) for linear in self.rows] + [(linear, 1) for linear in self.cols]
+
+
+def _leaf(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def _inside(name: str, root: str) -> bool:
+    return root == "" or name == root or name.startswith(root + ".")
+
+
+def _parts(model: nn.Module, include_vision: bool) -> list[_Part]:
+    """The language model's Linears (first), then each vision part's if asked."""
+    names = [name for name, _ in model.named_modules()]
+    vision_roots: list[str] = []
+    for name in names:  # outermost modules named like a vision part
+        if _leaf(name) in VISION_PARTS and not any(_inside(name, root) for root in vision_roots):
+            vision_roots.append(name)
+    # transformers 5 keeps the LLM at model.language_model (4.x: language_model); a plain
+    # causal LM has none, and then everything outside the vision parts is the language side.
+    language_root = next((name for name in names if _leaf(name) == "language_model"
+                          and not any(_inside(name, root) for root in vision_roots)), "")
+    try:
+        output_embeddings = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        output_embeddings = None
+
+    language = _Part("")
+    vision = {root: _Part(_leaf(root) if [_leaf(r) for r in vision_roots].count(_leaf(root)) == 1 else root)
+              for root in vision_roots}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or module is output_embeddings or "lm_head" in name.split("."):
+            continue
+        root = next((root for root in vision_roots if _inside(name, root)), None)
+        if root is not None:
+            vision[root].linears[name] = module
+        elif _inside(name, language_root):
+            language.linears[name] = module
+    return [language] + (list(vision.values()) if include_vision else [])
 
 
 def target_linears(model: nn.Module, include_vision: bool = False) -> dict[str, nn.Linear]:
-    """The Linear layers pruning may touch: the language model's (and the vision side's if asked)."""
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and _in_scope(name, include_vision) and not name.endswith("lm_head")}
+    """Every Linear that pruning may touch, by full module name."""
+    return {name: linear for part in _parts(model, include_vision) for name, linear in part.linears.items()}
 
 
-def _blocks(model: nn.Module, include_vision: bool, wanted: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
-    return [(name, m) for name, m in model.named_modules()
-            if all(isinstance(getattr(m, w, None), nn.Linear) for w in wanted) and _in_scope(name, include_vision)]
+def _layer_index(name: str, fallback: int) -> int:
+    """The first numeric component of a module name (``layers.3.self_attn`` -> 3)."""
+    match = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
+    return int(match.group(1)) if match else fallback
 
 
-def _attention_units(model, include_vision):
-    """(layer name, q, k, v, o, num_heads, grouped) for every attention block in scope."""
-    units = []
-    for out_name in ("o_proj", "out_proj"):
-        for name, attn in _blocks(model, include_vision, ("q_proj", "k_proj", "v_proj", out_name)):
-            q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, getattr(attn, out_name)
-            config = getattr(attn, "config", None)
-            heads = getattr(attn, "num_heads", None) or getattr(config, "num_attention_heads", None)
-            head_dim = getattr(attn, "head_dim", None) or q.out_features // heads
-            heads = q.out_features // head_dim
-            units.append((name, q, k, v, o, heads, k.out_features != q.out_features))
-    return units
+def _children(module: nn.Module, names: tuple[str, ...], allowed: set[int]) -> list[nn.Linear] | None:
+    found = [getattr(module, n, None) for n in names]
+    return found if all(isinstance(f, nn.Linear) and id(f) in allowed for f in found) else None
 
 
-def _mlp_units(model, include_vision):
-    """(layer name, rows: Linears whose output row i is channel i, cols: Linears whose input column i is)."""
-    units = [(name, [m.gate_proj, m.up_proj], [m.down_proj])
-             for name, m in _blocks(model, include_vision, ("gate_proj", "up_proj", "down_proj"))]
-    units += [(name, [m.fc1], [m.fc2]) for name, m in _blocks(model, include_vision, ("fc1", "fc2"))]
-    return units
+def _attention_blocks(model: nn.Module, part: _Part) -> list[_Attention]:
+    allowed = {id(linear) for linear in part.linears.values()}
+    blocks = []
+    for name, module in model.named_modules():
+        for out_name in ("o_proj", "out_proj"):
+            found = _children(module, ("q_proj", "k_proj", "v_proj", out_name), allowed)
+            if not found:
+                continue
+            q, k, v, o = found
+            config = getattr(module, "config", None)
+            head_dim = getattr(module, "head_dim", None) or getattr(config, "head_dim", None)
+            if not head_dim:
+                head_dim = q.out_features // (getattr(module, "num_heads", None) or config.num_attention_heads)
+            blocks.append(_Attention(_layer_index(name, len(blocks)), q, k, v, o, int(head_dim),
+                                     grouped=k.out_features < q.out_features))
+    return blocks
 
 
-def _zero_lowest(scores: list[torch.Tensor], amount: float) -> list[torch.Tensor]:
-    """Per layer, the indices to zero: the globally lowest ``amount`` of layer-normalised scores."""
-    normalised = torch.cat([s / s.mean().clamp_min(1e-12) for s in scores])
-    count = round(amount * normalised.numel())
-    chosen = torch.zeros(normalised.numel(), dtype=torch.bool)
-    if count:
-        chosen[torch.argsort(normalised, stable=True)[:count]] = True
-    return [idx.nonzero().flatten() for idx in torch.split(chosen, [len(s) for s in scores])]
+def _mlp_blocks(model: nn.Module, part: _Part) -> list[_Mlp]:
+    allowed = {id(linear) for linear in part.linears.values()}
+    blocks = []
+    for name, module in model.named_modules():
+        for row_names, col_names in _MLP_PAIRS:
+            rows, cols = _children(module, row_names, allowed), _children(module, col_names, allowed)
+            if rows and cols:
+                blocks.append(_Mlp(_layer_index(name, len(blocks)), rows, cols))
+    return blocks
+
+
+def _check_prunable(model: nn.Module, parts: list[_Part]) -> None:
+    if not parts[0].linears:
+        raise UserError(f"found no Linear layers in the language model of {type(model).__name__}")
+    for part in parts:
+        for name, linear in part.linears.items():
+            if "lora_" in name:
+                raise UserError("prune the base model before adding LoRA adapters (found " + name + ")")
+            if not linear.weight.is_floating_point():
+                raise UserError(f"{name} holds {linear.weight.dtype} weights: prune the full-precision model, "
+                                "then quantise it")
+
+
+# ---------------------------------------------------------------- choosing heads / channels
+
+def _per_slice(values: torch.Tensor, dim: int, count: int, reduce) -> torch.Tensor:
+    """Reduce a weight-shaped tensor to one value per slice along ``dim`` (viewed, never transposed: no copy)."""
+    if dim == 0:
+        return reduce(values.reshape(count, -1), 1)
+    return reduce(reduce(values.reshape(values.shape[0], count, -1), 2), 0)
+
+
+def _slice_norms(parts: list[tuple[nn.Linear, int]], count: int) -> torch.Tensor:
+    """L2 norm of each of ``count`` equal slices, over every (Linear, dim) that holds one (biases included)."""
+    square = torch.zeros(count, dtype=torch.float64)
+    for linear, dim in parts:
+        square += _per_slice(linear.weight.detach().float().pow(2), dim, count, torch.sum).double().cpu()
+        if dim == 0 and linear.bias is not None:
+            square += linear.bias.detach().float().reshape(count, -1).pow(2).sum(1).double().cpu()
+    return square.sqrt()
+
+
+def _head_norms(block: _Attention) -> torch.Tensor:
+    return _slice_norms(block.head_parts(), block.heads)
+
+
+def _channel_norms(block: _Mlp) -> torch.Tensor:
+    return _slice_norms(block.channel_parts(), block.channels)
+
+
+def _layer_quotas(scores: list[torch.Tensor], amount: float) -> list[int]:
+    """How many units each layer loses: floor(amount * n) each, then the remainder one per layer.
+
+    The total is round(amount * all units), capped so that every layer keeps one unit. The
+    remainder goes first to layers whose next candidate has the lowest norm relative to its
+    layer's mean norm (a second extra per layer only when layers differ in size).
+    """
+    sizes = [len(s) for s in scores]
+    caps = [max(n - 1, 0) for n in sizes]
+    target = min(round(amount * sum(sizes)), sum(caps))
+    quotas = [min(math.floor(amount * n + 1e-9), cap) for n, cap in zip(sizes, caps)]
+    candidates = []
+    for layer, (layer_scores, base, cap) in enumerate(zip(scores, quotas, caps)):
+        relative = torch.sort(layer_scores).values / layer_scores.mean().clamp_min(1e-30)
+        candidates += [(position - base, float(relative[position]), layer) for position in range(base, cap)]
+    for _, _, layer in sorted(candidates)[:max(target - sum(quotas), 0)]:
+        quotas[layer] += 1
+    return quotas
+
+
+def _lowest(scores: torch.Tensor, count: int) -> list[int]:
+    return sorted(torch.argsort(scores, stable=True)[:count].tolist())
 
 
 @torch.no_grad()
-def _prune_heads(model, amount, include_vision) -> None:
-    units = _attention_units(model, include_vision)
-    scores = []
-    for _, q, k, v, o, heads, grouped in units:
-        d = q.out_features // heads
-        square = q.weight.float().view(heads, d, -1).pow(2).sum((1, 2))
-        square += o.weight.float().view(o.out_features, heads, d).pow(2).sum((0, 2))
-        if not grouped:
-            square += k.weight.float().view(heads, d, -1).pow(2).sum((1, 2))
-            square += v.weight.float().view(heads, d, -1).pow(2).sum((1, 2))
-        scores.append(square.sqrt())
-    for (_, q, k, v, o, heads, grouped), drop in zip(units, _zero_lowest(scores, amount)):
-        d = q.out_features // heads
-        for h in drop.tolist():
-            rows = slice(h * d, (h + 1) * d)
-            for linear in (q,) if grouped else (q, k, v):
-                linear.weight[rows] = 0
-                if linear.bias is not None:
-                    linear.bias[rows] = 0
-            o.weight[:, rows] = 0
+def _zero_slices(parts: list[tuple[nn.Linear, int]], count: int, chosen: list[int]) -> None:
+    """Zero slices ``chosen`` of ``count`` equal slices along each Linear's dim (and the matching bias rows)."""
+    if not chosen:
+        return
+    for linear, dim in parts:
+        size = linear.weight.shape[dim] // count
+        index = (torch.tensor(chosen)[:, None] * size + torch.arange(size)).flatten().to(linear.weight.device)
+        linear.weight.index_fill_(dim, index, 0)
+        if dim == 0 and linear.bias is not None:
+            linear.bias.index_fill_(0, index, 0)
 
 
-@torch.no_grad()
-def _prune_channels(model, amount, include_vision) -> None:
-    units = _mlp_units(model, include_vision)
-    scores = []
-    for _, rows, cols in units:
-        square = sum(r.weight.float().pow(2).sum(1) for r in rows) + sum(c.weight.float().pow(2).sum(0) for c in cols)
-        scores.append(square.sqrt())
-    for (_, rows, cols), drop in zip(units, _zero_lowest(scores, amount)):
-        for r in rows:
-            r.weight[drop] = 0
-            if r.bias is not None:
-                r.bias[drop] = 0
-        for c in cols:
-            c.weight[:, drop] = 0
+def _prune_structured(units: list, norms, parts_of, count_of, amount: float) -> None:
+    scores = [norms(unit) for unit in units]
+    for unit, layer_scores, quota in zip(units, scores, _layer_quotas(scores, amount)):
+        _zero_slices(parts_of(unit), count_of(unit), _lowest(layer_scores, quota))
 
 
-@torch.no_grad()
-def _prune_magnitude(model, amount, include_vision) -> None:
-    for linear in target_linears(model, include_vision).values():
-        weight = linear.weight
-        count = round(amount * weight.numel())
-        if count:
-            threshold_index = torch.argsort(weight.detach().abs().flatten().float(), stable=True)[:count]
-            weight.view(-1)[threshold_index] = 0
+def _prune_heads(model: nn.Module, part: _Part, amount: float) -> None:
+    blocks = _attention_blocks(model, part)
+    if not blocks and part.prefix == "":
+        raise UserError("attention pruning found no q_proj/k_proj/v_proj/o_proj blocks in the language model")
+    _prune_structured(blocks, _head_norms, _Attention.head_parts, lambda b: b.heads, amount)
 
 
-def zeroed_heads(model: nn.Module, include_vision: bool = False) -> dict[str, list[int]]:
-    """Heads whose q rows are entirely zero, per attention block."""
-    result = {}
-    for name, q, *_rest, heads, _grouped in _attention_units(model, include_vision):
-        d = q.out_features // heads
-        result[name] = [h for h in range(heads) if not q.weight[h * d:(h + 1) * d].any()]
-    return result
+def _prune_channels(model: nn.Module, part: _Part, amount: float) -> None:
+    blocks = _mlp_blocks(model, part)
+    if blocks:
+        _prune_structured(blocks, _channel_norms, _Mlp.channel_parts, lambda b: b.channels, amount)
+        return
+    # No MLP pairs to follow: each Linear's output rows are its channels.
+    linears = list(part.linears.values())
+    _prune_structured(linears, lambda lin: _slice_norms([(lin, 0)], lin.out_features),
+                      lambda lin: [(lin, 0)], lambda lin: lin.out_features, amount)
 
 
-def zeroed_channels(model: nn.Module, include_vision: bool = False) -> dict[str, list[int]]:
-    """MLP channels whose input-side rows are entirely zero, per MLP block."""
-    result = {}
-    for name, rows, _cols in _mlp_units(model, include_vision):
-        alive = torch.zeros(rows[0].out_features, dtype=torch.bool)
-        for r in rows:
-            alive |= r.weight.any(1)
-        result[name] = (~alive).nonzero().flatten().tolist()
-    return result
+def _prune_magnitude(model: nn.Module, part: _Part, amount: float) -> None:
+    for linear in part.linears.values():
+        # l1_unstructured adds weight_orig, weight_mask and a forward pre-hook; remove() bakes
+        # the mask into the weight and takes all three away again.
+        torch_prune.l1_unstructured(linear, "weight", amount=amount)
+        torch_prune.remove(linear, "weight")
 
 
-def measure_sparsity(model: nn.Module, include_vision: bool = False) -> dict[str, float]:
-    """Fraction of exactly-zero weights per kind of Linear (q_proj, mlp.up_proj...), and in total."""
-    zeros: dict[str, int] = {}
-    sizes: dict[str, int] = {}
-    for name, linear in target_linears(model, include_vision).items():
-        kind = name.rsplit(".", 1)[-1]
-        if any(p in _VISION for p in name.split(".")):
-            kind = "vision." + kind
-        zeros[kind] = zeros.get(kind, 0) + int((linear.weight == 0).sum())
-        sizes[kind] = sizes.get(kind, 0) + linear.weight.numel()
-    result = {kind: zeros[kind] / sizes[kind] for kind in sorted(sizes)}
-    result["total"] = sum(zeros.values()) / max(1, sum(sizes.values()))
-    return result
+_PRUNERS = {"magnitude": _prune_magnitude, "attention": _prune_heads, "channel": _prune_channels}
 
+
+# ---------------------------------------------------------------- public API
 
 def prune_model(model: nn.Module, method: str, amount: float, *, include_vision: bool = False) -> dict[str, float]:
-    """Prune ``model`` in place; returns the measured sparsity (per Linear kind, total, and heads/channels)."""
+    """Prune ``model`` in place and permanently; returns ``measure_sparsity`` of what was targeted.
+
+    Each part (language model, and with ``include_vision`` each vision tower and the
+    projector) is pruned to ``amount`` on its own. ``amount == 0`` changes nothing.
+    """
     validate_prune_settings(method, amount)
+    parts = _parts(model, include_vision)
+    _check_prunable(model, parts)
     if amount > 0:
-        {"magnitude": _prune_magnitude, "attention": _prune_heads, "channel": _prune_channels}[method](
-            model, amount, include_vision)
-    sparsity = measure_sparsity(model, include_vision)
-    if method == "attention":
-        heads = zeroed_heads(model, include_vision)
-        total = sum(unit[5] for unit in _attention_units(model, include_vision))
-        sparsity["heads"] = sum(map(len, heads.values())) / max(1, total)
-    if method == "channel":
-        channels = zeroed_channels(model, include_vision)
-        total = sum(rows[0].out_features for _, rows, _c in _mlp_units(model, include_vision))
-        sparsity["channels"] = sum(map(len, channels.values())) / max(1, total)
-    return sparsity
+        for part in parts:
+            _PRUNERS[method](model, part, amount)
+    return measure_sparsity(model, include_vision)
+
+
+@torch.no_grad()
+def measure_sparsity(model: nn.Module, include_vision: bool = False) -> dict[str, float]:
+    """Fraction of exactly-zero weights per kind of Linear, in total, and of wholly zero heads/channels.
+
+    Keys: the Linear's own name for the language model (``q_proj``, ``gate_proj``...), prefixed
+    by the part for vision parts (``video_tower.fc1``, ``multi_modal_projector.linear_1``);
+    ``heads`` / ``channels`` (and ``<part>.heads``...) are fractions of attention heads / MLP
+    channels whose every weight is zero; ``total`` covers every targeted Linear weight.
+    """
+    zeros: dict[str, int] = {}
+    sizes: dict[str, int] = {}
+    result: dict[str, float] = {}
+    for part in _parts(model, include_vision):
+        dot = part.prefix + "." if part.prefix else ""
+        for name, linear in part.linears.items():
+            kind = dot + _leaf(name)
+            zeros[kind] = zeros.get(kind, 0) + linear.weight.numel() - int(torch.count_nonzero(linear.weight))
+            sizes[kind] = sizes.get(kind, 0) + linear.weight.numel()
+        heads = _attention_blocks(model, part)
+        if heads:
+            dead = sum(len(_zeroed(block.head_parts(), block.heads)) for block in heads)
+            result[dot + "heads"] = dead / sum(block.heads for block in heads)
+        mlps = _mlp_blocks(model, part)
+        if mlps:
+            dead = sum(len(_zeroed(block.channel_parts(), block.channels)) for block in mlps)
+            result[dot + "channels"] = dead / sum(block.channels for block in mlps)
+    by_kind = {kind: zeros[kind] / sizes[kind] for kind in sorted(sizes)}
+    return {**by_kind, **result, "total": sum(zeros.values()) / max(1, sum(sizes.values()))}
+
+
+def _zeroed(parts: list[tuple[nn.Linear, int]], count: int) -> list[int]:
+    """Indices of the slices whose weights are zero in every one of ``parts``."""
+    alive = torch.zeros(count, dtype=torch.bool)
+    for linear, dim in parts:
+        alive |= _per_slice(linear.weight.ne(0), dim, count, torch.any).cpu()
+    return (~alive).nonzero().flatten().tolist()
+
+
+@torch.no_grad()
+def zeroed_heads(model: nn.Module) -> dict[int, list[int]]:
+    """Language-model layer index -> heads whose q (and, without GQA, k/v) rows and o columns are all zero."""
+    blocks = _attention_blocks(model, _parts(model, False)[0])
+    return {block.layer: _zeroed(block.head_parts(), block.heads) for block in blocks}
+
+
+@torch.no_grad()
+def zeroed_channels(model: nn.Module) -> dict[int, list[int]]:
+    """Language-model layer index -> MLP channels whose gate/up rows and down column are all zero."""
+    blocks = _mlp_blocks(model, _parts(model, False)[0])
+    return {block.layer: _zeroed(block.channel_parts(), block.channels) for block in blocks}

@@ -1,125 +1,363 @@
-"""Pruning on tiny models: amounts reached, whole heads/channels, nothing else touched."""
+"""Pruning on tiny random models built offline from configs.
+
+Checks: each method reaches its amount; whole heads/channels go, consistently across
+q/k/v/o and gate/up/down; the chosen ones are the lowest-norm ones (recomputed here
+independently); nothing outside the targets changes; nothing of torch's pruning
+machinery is left behind; the pruned model still runs, saves and reloads.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import re
+
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from torch import nn
+from transformers import (CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaNextVideoConfig,
+                          LlavaNextVideoForConditionalGeneration, VideoLlavaConfig, VideoLlavaForConditionalGeneration)
 
 from geochange.errors import UserError
-from geochange.modeling import load_model, resolve_model_path
-from geochange.pruning import measure_sparsity, prune_model, target_linears, zeroed_channels, zeroed_heads
+from geochange.pruning import (PRUNE_METHODS, measure_sparsity, prune_model, target_linears, validate_prune_settings,
+                               zeroed_channels, zeroed_heads)
+
+HEADS, HEAD_DIM, HIDDEN, INTERMEDIATE = 8, 8, 64, 96
+VISION_MARKERS = ("vision_tower", "video_tower", "image_tower", "multi_modal_projector")
 
 
-def tiny_vlm(family="videollava"):
-    return load_model(resolve_model_path("tiny", family), family)
+def text_config(**overrides) -> LlamaConfig:
+    settings = dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=HEADS, num_key_value_heads=HEADS,
+                    intermediate_size=INTERMEDIATE, vocab_size=200, pad_token_id=0)
+    return LlamaConfig(**{**settings, **overrides})
 
 
-def gqa_llama():
+def vision_config() -> CLIPVisionConfig:
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=32, patch_size=8, projection_dim=32)
+
+
+def spread(model: nn.Module) -> nn.Module:
+    """Random biases; heads and MLP channels scaled by clearly different factors (no near-ties in the norms)."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and module.bias is not None:  # initialised to 0: make them count
+                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.1)
+            if isinstance(getattr(module, "q_proj", None), nn.Linear) and getattr(module, "head_dim", None):
+                heads = module.q_proj.out_features // module.head_dim
+                factors = torch.rand(heads, generator=generator) * 3 + 0.2
+                module.q_proj.weight *= factors.repeat_interleave(module.head_dim)[:, None]
+            if hasattr(module, "gate_proj"):
+                factors = torch.rand(module.gate_proj.out_features, generator=generator) * 3 + 0.2
+                module.gate_proj.weight *= factors[:, None]
+    return model
+
+
+def llama(kv_heads: int = HEADS, layers: int = 5, bias: bool = True) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=2)
-    return LlamaForCausalLM(config)
+    config = text_config(num_hidden_layers=layers, num_key_value_heads=kv_heads, attention_bias=bias, mlp_bias=bias)
+    return spread(LlamaForCausalLM(config).eval())
 
 
-def untouched(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()
-            if any(k in n for k in ("tower", "projector", "lm_head", "embed_tokens", "norm"))}
+_VLMS: dict[str, nn.Module] = {}
 
+
+def vlm(family: str) -> nn.Module:
+    """A fresh copy of a tiny Video-LLaVA / LLaVA-NeXT-Video (built once per session)."""
+    if family not in _VLMS:
+        torch.manual_seed(0)
+        if family == "videollava":
+            config = VideoLlavaConfig(text_config=text_config(), vision_config=vision_config(),
+                                      image_token_index=198, video_token_index=199)
+            model = VideoLlavaForConditionalGeneration(config)
+        else:
+            config = LlavaNextVideoConfig(text_config=text_config(), vision_config=vision_config(),
+                                          image_token_index=198, video_token_index=199)
+            model = LlavaNextVideoForConditionalGeneration(config)
+        _VLMS[family] = spread(model.eval())
+    return copy.deepcopy(_VLMS[family])
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def target_params(model: nn.Module, include_vision: bool = False) -> set[str]:
+    return {f"{name}.{p}" for name, linear in target_linears(model, include_vision).items() for p in ("weight", "bias")}
+
+
+def assert_only_targets_changed(model, before, include_vision=False):
+    targets = target_params(model, include_vision)
+    for name, value in model.named_parameters():
+        if name not in targets:
+            assert torch.equal(value, before[name]), f"{name} changed"
+
+
+def assert_clean(model, keys):
+    """No masks, hooks or reparametrisations left; state dict keys unchanged."""
+    assert set(model.state_dict()) == keys
+    for name, module in model.named_modules():
+        assert not module._forward_pre_hooks, name
+        assert not any(n.endswith(("_orig", "_mask")) for n in list(module._parameters) + list(module._buffers)), name
+
+
+# ------------------------------------------------------------------ independent reference computations
+
+@torch.no_grad()
+def reference_head_norms(attn, grouped: bool) -> torch.Tensor:
+    """L2 norm per head over its q (and k/v without GQA) rows, biases included, and its o columns."""
+    rows = [attn.q_proj] if grouped else [attn.q_proj, attn.k_proj, attn.v_proj]
+    square = torch.zeros(HEADS, dtype=torch.float64)
+    for linear in rows:
+        square += linear.weight.double().view(HEADS, HEAD_DIM, -1).pow(2).sum((1, 2))
+        if linear.bias is not None:
+            square += linear.bias.double().view(HEADS, HEAD_DIM).pow(2).sum(1)
+    square += attn.o_proj.weight.double().view(-1, HEADS, HEAD_DIM).pow(2).sum((0, 2))
+    return square.sqrt()
+
+
+@torch.no_grad()
+def reference_channel_norms(mlp) -> torch.Tensor:
+    square = mlp.down_proj.weight.double().pow(2).sum(0)
+    for linear in (mlp.gate_proj, mlp.up_proj):
+        square += linear.weight.double().pow(2).sum(1)
+        if linear.bias is not None:
+            square += linear.bias.double().pow(2)
+    return square.sqrt()
+
+
+def expected_choice(norms: list[torch.Tensor], amount: float) -> dict[int, set[int]]:
+    """floor(amount*n) lowest per layer; the rest of round(amount*total), one each, to the layers whose
+    next-lowest unit is weakest relative to its layer's mean."""
+    size = len(norms[0])
+    base = math.floor(amount * size + 1e-9)
+    extra = round(amount * size * len(norms)) - base * len(norms)
+    relative = [float(n.sort().values[base] / n.mean()) for n in norms]
+    bonus = set(sorted(range(len(norms)), key=lambda layer: relative[layer])[:extra])
+    return {layer: set(n.argsort()[:base + (layer in bonus)].tolist()) for layer, n in enumerate(norms)}
+
+
+# ------------------------------------------------------------------ magnitude
 
 @pytest.mark.parametrize("family", ["videollava", "llavanext"])
 @pytest.mark.parametrize("amount", [0.05, 0.3])
-def test_magnitude_zeroes_the_smallest_weights_of_each_language_linear(family, amount):
-    model = tiny_vlm(family)
-    keep = untouched(model)
-    before = {n: m.weight.detach().clone() for n, m in target_linears(model).items()}
+def test_magnitude_zeroes_the_smallest_weights_of_every_language_linear(family, amount):
+    model = vlm(family)
+    before, keys = snapshot(model), set(model.state_dict())
+    targets = target_linears(model)
+    assert targets and all(".language_model." in name for name in targets)
+    assert len(targets) == 2 * 7  # q k v o gate up down in each of the 2 layers; not lm_head, not the towers
+
     sparsity = prune_model(model, "magnitude", amount)
-    for name, linear in target_linears(model).items():
-        assert ".language_model." in name
-        w = linear.weight
-        assert abs((w == 0).float().mean().item() - amount) < 0.005, name
-        # independent check: everything zeroed is no larger than everything kept
-        original = before[name].abs()
-        assert original[w == 0].max() <= original[w != 0].min()
-    assert abs(sparsity["total"] - amount) < 0.005 and abs(sparsity["q_proj"] - amount) < 0.005
-    for name, value in keep.items():
-        assert torch.equal(dict(model.named_parameters())[name], value), name
+
+    for name, linear in targets.items():
+        weight, original = linear.weight, before[name + ".weight"].abs()
+        assert abs((weight == 0).float().mean().item() - amount) < 0.005, name
+        assert original[weight == 0].max() <= original[weight != 0].min(), name  # the smallest went
+        assert torch.equal(weight[weight != 0], before[name + ".weight"][weight != 0])  # the rest kept
+    for kind in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "total"):
+        assert abs(sparsity[kind] - amount) < 0.005, kind
+    assert not any(kind.startswith(VISION_MARKERS) for kind in sparsity)
+    assert_only_targets_changed(model, before)
+    assert_clean(model, keys)
+    assert torch.isfinite(model(input_ids=torch.tensor([[1, 5, 7, 9]])).logits).all()
 
 
-def test_attention_zeroes_whole_lowest_norm_heads_across_qkvo():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=5,
-                         num_attention_heads=8, num_key_value_heads=8)
-    model = LlamaForCausalLM(config)
-    for layer in model.model.layers:  # spread head norms so the choice is unambiguous
-        scale = torch.rand(8).repeat_interleave(8)[:, None] + 0.1
-        layer.self_attn.q_proj.weight.data *= scale
-    reference = []
-    for layer in model.model.layers:  # independent per-head norms, normalised by the layer mean
-        a, d = layer.self_attn, 8
-        sq = sum(p.weight.view(8, d, -1).pow(2).sum((1, 2)) for p in (a.q_proj, a.k_proj, a.v_proj))
-        sq = sq + a.o_proj.weight.view(64, 8, d).pow(2).sum((0, 2))
-        reference.append(sq.sqrt() / sq.sqrt().mean())
-    flat = torch.cat(reference)
-    expected = set(torch.argsort(flat)[:10].tolist())  # 25% of 40 heads
-    sparsity = prune_model(model, "attention", 0.25)
-    assert sparsity["heads"] == 0.25
+# ------------------------------------------------------------------ attention heads
+
+@pytest.mark.parametrize("amount", [0.05, 0.3])
+def test_attention_zeroes_whole_lowest_norm_heads_across_qkvo(amount):
+    model = llama()  # 5 layers x 8 heads, MHA, with q/k/v/o biases
+    before, keys = snapshot(model), set(model.state_dict())
+    norms = [reference_head_norms(layer.self_attn, grouped=False) for layer in model.model.layers]
+    expected = expected_choice(norms, amount)
+
+    sparsity = prune_model(model, "attention", amount)
+
     heads = zeroed_heads(model)
-    assert {i * 8 + h for i, (name, hs) in enumerate(sorted(heads.items())) for h in hs} == expected
-    for (name, hs), layer in zip(sorted(heads.items()), model.model.layers):
-        a = layer.self_attn
-        for h in range(8):
-            rows = slice(h * 8, (h + 1) * 8)
-            zero = h in hs
-            for w in (a.q_proj.weight[rows], a.k_proj.weight[rows], a.v_proj.weight[rows], a.o_proj.weight[:, rows]):
-                assert bool((w == 0).all()) == zero
-    model(torch.tensor([[1, 2, 3]]))  # still runs
+    assert {layer: set(h) for layer, h in heads.items()} == expected
+    assert abs(sparsity["heads"] - amount) < 0.005
+    assert sum(map(len, heads.values())) == round(amount * 40)
+    for index, layer in enumerate(model.model.layers):
+        attn, prefix = layer.self_attn, f"model.layers.{index}.self_attn."
+        for h in range(HEADS):
+            rows = slice(h * HEAD_DIM, (h + 1) * HEAD_DIM)
+            slices = {f"{p}.{t}": (lambda w, rows=rows: w[rows]) for p in ("q_proj", "k_proj", "v_proj")
+                      for t in ("weight", "bias")}
+            slices["o_proj.weight"] = lambda w, rows=rows: w[:, rows]
+            for param, take in slices.items():
+                now = take(attn.get_parameter(param))
+                if h in expected[index]:
+                    assert (now == 0).all(), (index, h, param)
+                else:
+                    assert torch.equal(now, take(before[prefix + param])), (index, h, param)
+        assert torch.equal(attn.o_proj.bias, before[prefix + "o_proj.bias"])  # per output, not per head
+    assert sparsity["channels"] == 0 and sparsity["gate_proj"] == 0
+    assert_only_targets_changed(model, before)
+    assert_clean(model, keys)
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
 
 
-def test_attention_with_grouped_query_prunes_q_and_o_only():
-    model = gqa_llama()
-    k_before = [l.self_attn.k_proj.weight.clone() for l in model.model.layers]
+def test_attention_with_grouped_query_zeroes_q_rows_and_o_columns_only():
+    model = llama(kv_heads=2, bias=False)  # 4 query heads share each k/v head
+    before = snapshot(model)
+    norms = [reference_head_norms(layer.self_attn, grouped=True) for layer in model.model.layers]
+    expected = expected_choice(norms, 0.25)
+
     sparsity = prune_model(model, "attention", 0.25)
-    assert sparsity["heads"] == 0.25 and sum(map(len, zeroed_heads(model).values())) == 8
-    assert all(torch.equal(l.self_attn.k_proj.weight, k) for l, k in zip(model.model.layers, k_before))
 
+    assert {layer: set(h) for layer, h in zeroed_heads(model).items()} == expected
+    assert sparsity["heads"] == 0.25 and sparsity["q_proj"] == 0.25 and sparsity["o_proj"] == 0.25
+    assert sparsity["k_proj"] == 0 and sparsity["v_proj"] == 0
+    for index, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        for h in expected[index]:
+            assert (attn.q_proj.weight[h * HEAD_DIM:(h + 1) * HEAD_DIM] == 0).all()
+            assert (attn.o_proj.weight[:, h * HEAD_DIM:(h + 1) * HEAD_DIM] == 0).all()
+        for name in ("k_proj", "v_proj"):
+            assert torch.equal(getattr(attn, name).weight, before[f"model.layers.{index}.self_attn.{name}.weight"])
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_every_layer_keeps_at_least_one_head():
+    model = llama(layers=2)
+    sparsity = prune_model(model, "attention", 0.99)
+    assert all(len(h) == HEADS - 1 for h in zeroed_heads(model).values())
+    assert sparsity["heads"] == 14 / 16
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+# ------------------------------------------------------------------ MLP channels
 
 @pytest.mark.parametrize("amount", [0.05, 0.5])
-def test_channel_zeroes_whole_mlp_channels(amount):
-    model = gqa_llama()
-    norms = torch.cat([(l.mlp.gate_proj.weight.pow(2).sum(1) + l.mlp.up_proj.weight.pow(2).sum(1)
-                        + l.mlp.down_proj.weight.pow(2).sum(0)).sqrt() for l in model.model.layers]).view(4, 160)
-    normalised = (norms / norms.mean(1, keepdim=True)).flatten()
+def test_channel_zeroes_whole_lowest_norm_mlp_channels(amount):
+    model = llama(kv_heads=2)  # 5 layers x 96 channels, with gate/up/down biases
+    before, keys = snapshot(model), set(model.state_dict())
+    norms = [reference_channel_norms(layer.mlp) for layer in model.model.layers]
+    expected = expected_choice(norms, amount)
+
     sparsity = prune_model(model, "channel", amount)
+
+    assert {layer: set(c) for layer, c in zeroed_channels(model).items()} == expected
     assert abs(sparsity["channels"] - amount) < 0.005
-    chosen = zeroed_channels(model)
-    got = {i * 160 + c for i, (name, cs) in enumerate(sorted(chosen.items())) for c in cs}
-    assert got == set(torch.argsort(normalised)[:round(amount * 640)].tolist())
-    for (name, cs), layer in zip(sorted(chosen.items()), model.model.layers):
-        m = layer.mlp
-        assert (m.gate_proj.weight[cs] == 0).all() and (m.up_proj.weight[cs] == 0).all()
-        assert (m.down_proj.weight[:, cs] == 0).all()
-        alive = [c for c in range(160) if c not in cs]
-        assert (m.gate_proj.weight[alive] != 0).any(1).all()
+    for kind in ("gate_proj", "up_proj", "down_proj"):
+        assert abs(sparsity[kind] - amount) < 0.005
+    for index, layer in enumerate(model.model.layers):
+        mlp, prefix = layer.mlp, f"model.layers.{index}.mlp."
+        gone = sorted(expected[index])
+        kept = [c for c in range(INTERMEDIATE) if c not in expected[index]]
+        for name in ("gate_proj", "up_proj"):
+            linear = getattr(mlp, name)
+            assert (linear.weight[gone] == 0).all() and (linear.bias[gone] == 0).all()
+            assert torch.equal(linear.weight[kept], before[prefix + name + ".weight"][kept])
+            assert torch.equal(linear.bias[kept], before[prefix + name + ".bias"][kept])
+        assert (mlp.down_proj.weight[:, gone] == 0).all()
+        assert torch.equal(mlp.down_proj.weight[:, kept], before[prefix + "down_proj.weight"][:, kept])
+        assert torch.equal(mlp.down_proj.bias, before[prefix + "down_proj.bias"])
+    assert sparsity["heads"] == 0 and sparsity["q_proj"] == 0
+    assert_only_targets_changed(model, before)
+    assert_clean(model, keys)
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
 
 
-def test_vision_is_pruned_only_when_asked_and_state_dict_keys_stay():
-    model = tiny_vlm()
-    keys = set(model.state_dict())
-    vision = {n: p.clone() for n, p in model.named_parameters() if "tower" in n or "projector" in n}
+# ------------------------------------------------------------------ the video-language models
+
+@pytest.mark.parametrize("family", ["videollava", "llavanext"])
+@pytest.mark.parametrize("method", ["attention", "channel"])
+def test_vlm_language_model_only_unless_vision_is_included(family, method):
+    model = vlm(family)
+    before, keys = snapshot(model), set(model.state_dict())
+    sparsity = prune_model(model, method, 0.25)
+    unit = "heads" if method == "attention" else "channels"
+    assert sparsity[unit] == 0.25  # 4 of 2x8 heads, 48 of 2x96 channels
+    zeroed = zeroed_heads(model) if method == "attention" else zeroed_channels(model)
+    assert sorted(zeroed) == [0, 1] and sum(map(len, zeroed.values())) == (4 if method == "attention" else 48)
+    for name, value in model.named_parameters():  # towers, projector, embeddings, norms, lm_head
+        if ".language_model.layers." not in name:
+            assert torch.equal(value, before[name]), name
+    assert_clean(model, keys)
+    assert torch.isfinite(model(input_ids=torch.tensor([[1, 5, 7, 9]])).logits).all()
+
+    model = vlm(family)
+    sparsity = prune_model(model, method, 0.25, include_vision=True)
+    towers = ("video_tower", "image_tower") if family == "videollava" else ("vision_tower",)
+    for tower in towers:  # CLIP: 2 layers x 4 heads, 2 layers x 64 fc1/fc2 channels
+        assert sparsity[f"{tower}.{unit}"] == 0.25
+    if method == "channel":  # linear_1 rows / linear_2 columns: 16 of the projector's 64 channels
+        assert sparsity["multi_modal_projector.channels"] == 0.25
+    else:  # the projector has no heads
+        assert sparsity["multi_modal_projector.linear_1"] == 0
+    for name, value in model.named_parameters():
+        if not any(marker in name for marker in (".language_model.layers.", *VISION_MARKERS)):
+            assert torch.equal(value, before[name]), name
+    assert_clean(model, keys)
+
+
+def test_vision_magnitude_only_when_asked_and_a_video_forward_still_runs():
+    model = vlm("videollava")
+    before = snapshot(model)
     prune_model(model, "magnitude", 0.2)
-    assert all(torch.equal(dict(model.named_parameters())[n], p) for n, p in vision.items())
-    assert set(model.state_dict()) == keys and not any("orig" in k or "mask" in k for k in keys)
+    for name, value in model.named_parameters():
+        if any(marker in name for marker in VISION_MARKERS):
+            assert torch.equal(value, before[name]), name
+
     sparsity = prune_model(model, "magnitude", 0.2, include_vision=True)
-    assert abs(sparsity["vision.fc1"] - 0.2) < 0.005 and abs(sparsity["vision.linear_1"] - 0.2) < 0.005
-    assert set(model.state_dict()) == keys
+    vision = [kind for kind in sparsity if kind.startswith(VISION_MARKERS) and not kind.endswith(("heads", "channels"))]
+    assert "video_tower.fc1" in vision and "multi_modal_projector.linear_2" in vision
+    for kind in vision:
+        assert abs(sparsity[kind] - 0.2) < 0.005, kind
+    for name in ("lm_head.weight", "model.language_model.embed_tokens.weight", "model.language_model.norm.weight"):
+        assert torch.equal(model.get_parameter(name), before[name])
+
+    frames, tokens_per_frame = 2, (32 // 8) ** 2 + 1  # video features keep CLIP's CLS token
+    input_ids = torch.tensor([[1] + [199] * (frames * tokens_per_frame) + [5, 7]])
+    out = model(input_ids=input_ids, pixel_values_videos=torch.randn(1, frames, 3, 32, 32))
+    assert torch.isfinite(out.logits).all()
 
 
-def test_zero_amount_is_a_no_op_and_bad_settings_raise():
-    model = gqa_llama()
-    before = {n: p.clone() for n, p in model.named_parameters()}
-    assert prune_model(model, "channel", 0.0)["channels"] == 0.0
+def test_pruned_model_saves_and_reloads_with_its_zeros(tmp_path):
+    model = vlm("llavanext")
+    sparsity = prune_model(model, "channel", 0.25)
+    model.save_pretrained(tmp_path)
+    reloaded = LlavaNextVideoForConditionalGeneration.from_pretrained(tmp_path)
+    assert set(reloaded.state_dict()) == set(model.state_dict())
+    assert measure_sparsity(reloaded) == sparsity
+    assert zeroed_channels(reloaded) == zeroed_channels(model)
+
+
+# ------------------------------------------------------------------ no-ops and bad settings
+
+@pytest.mark.parametrize("method", PRUNE_METHODS)
+def test_zero_amount_changes_nothing(method):
+    model = llama(layers=2)
+    before = snapshot(model)
+    sparsity = prune_model(model, method, 0.0)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-    with pytest.raises(UserError, match="unknown PRUNE_METHOD 'random'; expected one of magnitude, attention, channel"):
-        prune_model(model, "random", 0.1)
-    for amount in (1.0, -0.01):
-        with pytest.raises(UserError, match="PRUNE_AMOUNT must be in"):
-            prune_model(model, "magnitude", amount)
-    assert measure_sparsity(model)["total"] == 0.0
+    assert set(sparsity.values()) == {0.0} and "q_proj" in sparsity and "total" in sparsity
+    assert zeroed_heads(model) == {0: [], 1: []} and zeroed_channels(model) == {0: [], 1: []}
+
+
+@pytest.mark.parametrize("method,amount,message", [
+    ("random", 0.1, "unknown PRUNE_METHOD 'random'; expected one of magnitude, attention, channel"),
+    ("magnitude", 1.0, "PRUNE_AMOUNT must be in [0, 1)"),
+    ("attention", -0.01, "PRUNE_AMOUNT must be in [0, 1)"),
+    ("channel", float("nan"), "PRUNE_AMOUNT must be in [0, 1)"),
+    ("channel", "0.1", "PRUNE_AMOUNT must be in [0, 1)"),
+    ("magnitude", 5, "PRUNE_AMOUNT must be in [0, 1)"),
+])
+def test_bad_settings_raise_user_error(method, amount, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        validate_prune_settings(method, amount)
+    model = llama(layers=1)
+    before = snapshot(model)
+    with pytest.raises(UserError):
+        prune_model(model, method, amount)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_quantised_weights_are_refused():
+    model = llama(layers=1)
+    layer = model.model.layers[0].mlp.up_proj
+    layer.weight = nn.Parameter(torch.zeros_like(layer.weight, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(UserError, match="prune the full-precision model, then quantise"):
+        prune_model(model, "magnitude", 0.1)
