@@ -12,49 +12,103 @@ import json
 import os
 import sys
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .metrics import MetricsReport, compute_metrics_report
+
+USAGE = "usage: python common.py score FILE...   (results files: ours, .jsonl, or GeoLLaVA's .json)"
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise UserError(f"{path}: no such results file")
+    return _decode(path.read_bytes(), path)
+
+
+def _decode(raw: bytes, path: Path) -> str:
+    try:
+        # utf-8-sig: files saved by some Windows editors start with a byte-order mark.
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+
+
+def _lines(text: str) -> list[str]:
+    # Only "\n" ends a JSON Lines record: str.splitlines() would also split inside answers holding
+    # U+2028, U+0085... which json.dumps(ensure_ascii=False) writes unescaped.
+    lines = text.split("\n")
+    return lines[:-1] if lines and lines[-1] == "" else lines
 
 
 class ResultsWriter:
-    """Append-only JSONL that resumes: ``done_ids`` holds what a previous run already wrote."""
+    """Append-only JSON Lines that resumes: ``done_ids`` holds the ids a previous run already wrote."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.done_ids: set[str] = set()
-        if not self.path.exists():
-            return
-        raw = self.path.read_bytes()
-        if raw and not raw.endswith(b"\n"):
-            # A crash mid-write leaves a partial last line: drop it, that sample is simply redone.
-            keep = raw[: raw.rfind(b"\n") + 1]
-            self.path.write_bytes(keep)
-            print(f"warning: {self.path}: dropped an incomplete last line left by an interrupted run", file=sys.stderr)
-        for record in read_jsonl(self.path):
-            self.done_ids.add(str(record["id"]))
+        if self.path.exists():
+            self.done_ids = {str(record["id"]) for record in self._read_existing()}
 
-    def append(self, records: list[dict[str, Any]]) -> None:
-        for record in records:
-            if str(record["id"]) in self.done_ids:
-                raise UserError(f"{self.path}: record id {record['id']!r} is already there; refusing to duplicate it")
-        with open(self.path, "a", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    def _read_existing(self) -> list[dict[str, Any]]:
+        """The records already written; a last line cut off by a crash is dropped from the file."""
+        raw = self.path.read_bytes()
+        cut = raw.rfind(b"\n") + 1  # byte 0x0A never occurs inside a multi-byte UTF-8 character
+        # Everything before the last newline must be sound (else UserError) before the file is touched.
+        records = _parse_jsonl(_decode(raw[:cut], self.path), self.path)
+        tail = raw[cut:]
+        if not tail.strip():
+            return records
+        try:
+            complete = isinstance(json.loads(tail.decode("utf-8")), dict)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            complete = False  # a cut record is never valid JSON
+        with open(self.path, "r+b") as handle:
+            if complete:
+                handle.seek(0, os.SEEK_END)
+                handle.write(b"\n")  # a whole record that only lost its newline: kept
+            else:
+                # A crash mid-write left part of a record: drop it; that sample is simply answered again.
+                handle.truncate(cut)
             handle.flush()
             os.fsync(handle.fileno())
-        self.done_ids.update(str(r["id"]) for r in records)
+        if complete:
+            return _parse_jsonl(_decode(raw + b"\n", self.path), self.path)
+        print(f"warning: {self.path}: dropped an incomplete last line ({len(tail)} bytes) left by an "
+              f"interrupted run", file=sys.stderr)
+        return records
+
+    def append(self, records: list[dict[str, Any]]) -> None:
+        """Write one line per record, flushed and synced; a record whose id is already written is refused."""
+        seen: set[str] = set()
+        for number, record in enumerate(records):
+            if not isinstance(record, dict) or "id" not in record:
+                raise UserError(f"{self.path}: record {number} of the batch has no 'id'")
+            key = str(record["id"])
+            if key in self.done_ids or key in seen:
+                raise UserError(f"{self.path}: record id {key!r} is already there; refusing to duplicate it")
+            seen.add(key)
+        lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+        with open(self.path, "a", encoding="utf-8", newline="") as handle:
+            handle.write(lines)
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.done_ids |= seen
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Our results file: one JSON object with an ``id`` per line (blank lines are skipped)."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such results file")
+    return _parse_jsonl(_read_text(path), path)
+
+
+def _parse_jsonl(text: str, path: Path) -> list[dict[str, Any]]:
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(_lines(text), start=1):
         if not line.strip():
             continue
         try:
@@ -67,116 +121,175 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def _json_values(text: str, path: Path) -> list[Any]:
-    """One JSON value, or several written back to back / one per line (GeoLLaVA appended objects)."""
+def _json_records(text: str, path: Path) -> list[Any]:
+    """The records of a JSON list, or of objects written back to back / one per line / comma-separated.
+
+    GeoLLaVA's scripts wrote all of these: appended ``json.dumps`` lines, or a
+    ``[`` then comma-separated objects with the closing ``]`` missing when a run
+    was stopped early.
+    """
     decoder = json.JSONDecoder()
-    values, position = [], 0
-    while True:
-        while position < len(text) and text[position].isspace():
+    records: list[Any] = []
+    position, in_list, closed = 0, False, False
+
+    def skip(position: int, chars: str) -> int:
+        while position < len(text) and (text[position].isspace() or text[position] in chars):
             position += 1
+        return position
+
+    position = skip(0, "")
+    if text.startswith("[", position):
+        try:
+            value, end = decoder.raw_decode(text, position)
+            if skip(end, "") == len(text):
+                return value
+        except json.JSONDecodeError:
+            pass  # an unclosed or comma-less list: read it object by object below
+        position, in_list = position + 1, True
+    while True:
+        position = skip(position, ",")
         if position >= len(text):
-            return values
+            return records
+        line = text.count("\n", 0, position) + 1
+        if in_list and not closed and text[position] == "]":
+            position, closed = position + 1, True
+            continue
+        if closed:
+            raise UserError(f"{path}: unexpected text after the closing ']' at line {line}")
         try:
             value, position = decoder.raw_decode(text, position)
         except json.JSONDecodeError as exc:
-            line = text.count("\n", 0, exc.pos) + 1
-            raise UserError(f"{path}: not valid JSON at line {line} ({exc.msg})") from None
-        values.append(value)
+            raise UserError(f"{path}: record {len(records)} (line {line}) is not valid JSON ({exc.msg})") from None
+        records.append(value)
 
 
 def strip_prompt(generated: str) -> str:
-    """GeoLLaVA stored the whole decoded sequence; the answer is what follows the last 'Answer:'."""
-    return generated.rsplit("Answer:", 1)[-1].strip() if "Answer:" in generated else generated.strip()
+    """GeoLLaVA stored the whole decoded sequence: the answer is what follows the last 'Answer:'."""
+    return generated.rsplit("Answer:", 1)[-1].strip()
 
 
 def read_results_file(path: str | Path) -> list[dict[str, Any]]:
-    """Our JSONL or GeoLLaVA's results (JSON list or back-to-back objects), as records with id/true/generated."""
+    """Our JSON Lines or GeoLLaVA's results (a JSON list, or objects back to back), as records.
+
+    Each record keeps its fields, with ``id`` a string (the record's index when
+    absent) and ``generated`` stripped of any prompt up to the last "Answer:".
+    """
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such results file")
-    values = _json_values(path.read_text(encoding="utf-8"), path)
-    if len(values) == 1 and isinstance(values[0], list):
-        values = values[0]
-    records = []
+    values = _json_records(_read_text(path), path)
+    records, ids = [], set()
     for index, value in enumerate(values):
-        where = f"{path}: record {index}" + (f" (id {value.get('id')!r})" if isinstance(value, dict) and "id" in value else "")
+        where = f"{path}: record {index}"
         if not isinstance(value, dict):
             raise UserError(f"{where} is not a JSON object")
+        if value.get("id") is not None:
+            where += f" (id {value['id']!r})"
         for key in ("true", "generated"):
             if key not in value:
                 raise UserError(f"{where} has no {key!r} field")
-        if not isinstance(value["generated"], str):
-            raise UserError(f"{where}: 'generated' is not a string")
+        true, generated = value["true"], value["generated"]
+        if not isinstance(generated, str):
+            raise UserError(f"{where}: 'generated' is {type(generated).__name__}, not a string")
+        if not (isinstance(true, str) or (isinstance(true, list) and true and all(isinstance(t, str) for t in true))):
+            raise UserError(f"{where}: 'true' must be a string or a non-empty list of strings")
         record = dict(value)
-        record["id"] = str(value.get("id", index))
-        record["generated"] = strip_prompt(value["generated"])
+        record["id"] = str(value["id"]) if value.get("id") is not None else str(index)
+        record["generated"] = strip_prompt(generated)
         records.append(record)
+        ids.add(record["id"])
+    if len(ids) < len(records):
+        # GeoLLaVA's base-model scripts append without resuming, so a rerun repeats answers.
+        print(f"warning: {path}: {len(records) - len(ids)} records repeat an earlier id; all are scored",
+              file=sys.stderr)
     return records
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "w", encoding="utf-8", newline="") as out:
-        out.write(text)
-    os.replace(temporary, path)
+    """Write beside ``path`` then rename over it, so a reader never sees half a file."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
-def write_metrics(stem: str | Path, records: list[dict[str, Any]], report, *, model: str, settings: dict[str, Any],
-                  seconds: float, extra: dict[str, Any] | None = None) -> Path:
+def write_metrics(stem: str | Path, records: list[dict[str, Any]], report: MetricsReport, *, model: str,
+                  settings: dict[str, Any], seconds: float, extra: dict[str, Any] | None = None) -> Path:
     """Write ``<stem>.metrics.json`` and the per-sample ``<stem>.csv``; returns the metrics path."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     summary = {"run": stem.name, "model": model, "metrics": report.metrics, "missing": report.missing,
-               "metric_models": report.models, "settings": settings, "num_samples": len(records), "seconds": seconds,
-               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(extra or {})}
+               "metric_models": report.models, "settings": settings, "num_samples": len(records),
+               "seconds": seconds, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               **(extra or {})}
+    # Names built by hand: with_suffix() would cut a run name holding a dot ("lr_0.5").
     metrics_path = stem.parent / f"{stem.name}.metrics.json"
-    _atomic_write(metrics_path, json.dumps(summary, indent=2, default=str) + "\n")
-    columns = [c for c in ("id", "video", "question") if any(c in r for r in records)] + ["true", "generated"]
-    scores = [k for k, values in report.per_sample.items() if len(values) == len(records)]
-    rows = []
-    for i, record in enumerate(records):
-        row = {c: record.get(c, "") for c in columns}
-        if isinstance(row["true"], list):
-            row["true"] = " | ".join(row["true"])
-        row.update({k: round(float(report.per_sample[k][i]), 6) for k in scores})
-        rows.append(row)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns + scores)
-    writer.writeheader()
-    writer.writerows(rows)
-    _atomic_write(stem.parent / f"{stem.name}.csv", buffer.getvalue())
+    _atomic_write(metrics_path, json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n")
+    _atomic_write(stem.parent / f"{stem.name}.csv", _per_sample_csv(records, report))
     return metrics_path
 
 
+def _per_sample_csv(records: list[dict[str, Any]], report: MetricsReport) -> str:
+    columns = [c for c in ("id", "video", "question") if any(c in r for r in records)] + ["true", "generated"]
+    # A per-sample list that does not match the records (a report of a subset) has no place in this table.
+    scores = [key for key, values in report.per_sample.items() if len(values) == len(records)]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns + scores, lineterminator="\n")
+    writer.writeheader()
+    for i, record in enumerate(records):
+        row = {c: record.get(c, "") for c in columns}
+        if isinstance(row["true"], list):
+            row["true"] = " | ".join(map(str, row["true"]))
+        row.update({key: round(float(report.per_sample[key][i]), 6) for key in scores})
+        writer.writerow(row)
+    return buffer.getvalue()
+
+
 def format_metrics_table(metrics: dict[str, float], missing: dict[str, str] | None = None) -> str:
-    width = max(map(len, list(metrics) + list(missing or {})), default=6)
+    """Two aligned columns: metric, value (or why it is missing)."""
+    missing = missing or {}
+    width = max(map(len, [*metrics, *missing, "metric"]))
     lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
     lines += [f"{key:<{width}}  {value:.4f}" for key, value in metrics.items()]
-    lines += [f"{key:<{width}}  missing: {reason}" for key, reason in (missing or {}).items()]
+    lines += [f"{key:<{width}}  missing: {reason}" for key, reason in missing.items()]
     return "\n".join(lines)
 
 
 def score_files(paths: list[str | Path]) -> list[Path]:
-    """Rescore results files (ours or GeoLLaVA's); writes <file>.metrics.json and <file>.csv beside each."""
-    from .metrics import compute_metrics_report
+    """Rescore results files (ours or GeoLLaVA's): ``<file without suffix>.metrics.json`` and ``.csv`` beside each.
 
-    written = []
+    Every file is read first, so a mistake in the last one stops before any scoring.
+    """
+    loaded = []
     for path in map(Path, paths):
         records = read_results_file(path)
         if not records:
-            raise UserError(f"{path}: holds no records")
+            raise UserError(f"{path}: holds no results records")
+        loaded.append((path, records))
+    written = []
+    for path, records in loaded:
+        started = time.perf_counter()
         report = compute_metrics_report([r["true"] for r in records], [r["generated"] for r in records])
-        stem = path.with_suffix("")
-        written.append(write_metrics(stem, records, report, model="(rescored)", settings={"source": str(path)},
-                                     seconds=0.0))
-        print(f"{path} ({len(records)} samples)\n{format_metrics_table(report.metrics, report.missing)}")
+        metrics_path = write_metrics(path.with_suffix(""), records, report, model="(rescored)",
+                                     settings={"source": str(path)}, seconds=round(time.perf_counter() - started, 1))
+        print(f"{path} ({len(records)} samples)\n{format_metrics_table(report.metrics, report.missing)}\n"
+              f"metrics: {metrics_path}")
+        written.append(metrics_path)
     return written
 
 
 def main(argv: list[str]) -> int:
-    """``score FILE...``"""
+    """``score FILE...``: the arguments after ``score`` (a leading ``score`` is accepted too)."""
+    if argv and argv[0] == "score" and not Path("score").exists():
+        argv = argv[1:]
+    if argv and argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
     if not argv:
-        raise UserError("usage: python common.py score FILE...")
-    for path in score_files(argv):
-        print(f"metrics: {path}")
+        raise UserError(USAGE)
+    score_files(argv)
     return 0

@@ -1,65 +1,212 @@
-"""Results files: resume, GeoLLaVA's formats, metrics files written and read back."""
+"""Results files: resume, GeoLLaVA's formats, bad input, metrics files written and read back."""
+from __future__ import annotations
+
 import csv
 import json
 
 import pytest
 
+from geochange import results as R
 from geochange.errors import UserError
 from geochange.metrics import MetricsReport
 from geochange.results import ResultsWriter, read_jsonl, read_results_file, strip_prompt, write_metrics
 
 
-def test_writer_resumes_drops_a_cut_line_and_refuses_duplicates(tmp_path):
-    path = tmp_path / "run.jsonl"
+def record(id_, generated="a new road", true="a road was built"):
+    return {"id": id_, "video": f"{id_}.mp4", "question": "What changed?", "true": true, "generated": generated}
+
+
+# ------------------------------------------------------------------------------------------ ResultsWriter
+
+def test_writer_resumes_with_done_ids(tmp_path):
+    path = tmp_path / "sub" / "run.jsonl"
     writer = ResultsWriter(path)
-    writer.append([{"id": "a", "true": "x", "generated": "y"}, {"id": "b", "true": "x", "generated": "z"}])
-    with open(path, "a") as handle:
-        handle.write('{"id": "c", "true": "x", "gene')  # a crash mid-line
+    assert writer.done_ids == set() and not path.exists()
+    writer.append([record("a"), record(7)])
+    writer.append([record("b", generated="line\u2028separator \x85 and ünïcödé")])
     again = ResultsWriter(path)
-    assert again.done_ids == {"a", "b"}
-    assert path.read_text().endswith("\n") and len(read_jsonl(path)) == 2
-    with pytest.raises(UserError, match="'a' is already there"):
-        again.append([{"id": "a", "true": "x", "generated": "y"}])
-    again.append([{"id": "c", "true": "x", "generated": "w"}])
+    assert again.done_ids == {"a", "7", "b"}  # ids compare as strings
+    records = read_jsonl(path)
+    assert [r["id"] for r in records] == ["a", 7, "b"]
+    assert records[2]["generated"] == "line\u2028separator \x85 and ünïcödé"  # not split at U+2028 / NEL
+    assert path.read_text(encoding="utf-8").count("\n") == 3
+
+
+def test_writer_drops_a_cut_last_line_with_a_warning(tmp_path, capsys):
+    path = tmp_path / "run.jsonl"
+    ResultsWriter(path).append([record("a"), record("b")])
+    whole = path.read_bytes()
+    with open(path, "ab") as handle:
+        handle.write(b'{"id": "c", "true": "x", "gene')  # a crash mid-write
+    again = ResultsWriter(path)
+    assert again.done_ids == {"a", "b"} and path.read_bytes() == whole
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "dropped an incomplete last line" in err and str(path) in err
+    again.append([record("c")])
     assert [r["id"] for r in read_jsonl(path)] == ["a", "b", "c"]
+
+
+def test_writer_keeps_a_whole_last_record_that_lost_only_its_newline(tmp_path, capsys):
+    path = tmp_path / "run.jsonl"
+    path.write_text(json.dumps(record("a")) + "\n" + json.dumps(record("b")), encoding="utf-8")
+    writer = ResultsWriter(path)
+    assert writer.done_ids == {"a", "b"} and path.read_text().endswith("}\n") and capsys.readouterr().err == ""
+    writer.append([record("c")])
+    assert [r["id"] for r in read_jsonl(path)] == ["a", "b", "c"]
+
+
+def test_writer_refuses_duplicates(tmp_path):
+    path = tmp_path / "run.jsonl"
+    ResultsWriter(path).append([record("a")])
+    writer = ResultsWriter(path)
+    with pytest.raises(UserError, match=r"record id 'a' is already there; refusing to duplicate it"):
+        writer.append([record("b"), record("a")])
+    with pytest.raises(UserError, match="'c' is already there"):
+        writer.append([record("c"), record("c")])  # a duplicate inside one batch
+    with pytest.raises(UserError, match="record 0 of the batch has no 'id'"):
+        writer.append([{"true": "x", "generated": "y"}])
+    assert [r["id"] for r in read_jsonl(path)] == ["a"]  # nothing of a refused batch is written
+    writer.append([record("b")])
+    assert writer.done_ids == {"a", "b"}
 
 
 def test_corrupt_middle_line_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
-    path.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
+    path.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n{"id": "c", "tru')
     with pytest.raises(UserError, match=rf"{path}: line 2 is not valid JSON"):
         ResultsWriter(path)
+    assert path.read_text().endswith('"tru')  # nothing is dropped from a file that is wrong anyway
+    path.write_text('{"id": "a"}\n{"true": "x"}\n')
+    with pytest.raises(UserError, match=rf"{path}: line 2 is not a results record with an id"):
+        read_jsonl(path)
 
 
-def test_geollava_formats(tmp_path):
-    objects = [{"true": "a road", "generated": "USER: <video> What changed? ASSISTANT: Answer: a new road"},
-               {"true": "no change", "generated": "nothing"}]
-    back_to_back = tmp_path / "b2b.json"
-    back_to_back.write_text("".join(json.dumps(o, indent=1) for o in objects))
-    listed = tmp_path / "list.json"
-    listed.write_text(json.dumps(objects))
-    for path in (back_to_back, listed):
-        records = read_results_file(path)
-        assert [r["generated"] for r in records] == ["a new road", "nothing"] and [r["id"] for r in records] == ["0", "1"]
-    assert strip_prompt("Answer: x Answer: y ") == "y"
-    broken = tmp_path / "broken.json"
-    broken.write_text(json.dumps([{"true": "a"}, {"true": "b", "generated": "c"}]))
-    with pytest.raises(UserError, match=rf"{broken}: record 0 has no 'generated' field"):
-        read_results_file(broken)
-    junk = tmp_path / "junk.json"
-    junk.write_text('{"true": "a", "generated": "b"} oops')
-    with pytest.raises(UserError, match=rf"{junk}: not valid JSON at line 1"):
-        read_results_file(junk)
+# ------------------------------------------------------------------------------------------ reading results
+
+GEOLLAVA = [
+    {"id": 11, "video": "v11.mp4", "true": "A new road was built.",
+     "generated": "USER: <video>\nWhat changed between the two images? Give the Answer: in one sentence.\n"
+                  " ASSISTANT: Answer:  A road was built across the field. \n"},
+    {"id": 12, "video": "v12.mp4", "true": "No change.", "generated": "nothing changed"},
+    {"video": "v13.mp4", "true": ["Two houses.", "Houses appeared."], "generated": "ASSISTANT: Answer:"},
+]
+ANSWERS = ["A road was built across the field.", "nothing changed", ""]
 
 
-def test_metrics_files_read_back(tmp_path):
-    records = [{"id": "1", "video": "v.mp4", "question": "q", "true": ["r1", "r2"], "generated": "g"}]
-    report = MetricsReport(metrics={"rouge1": 0.5}, missing={"meteor": "no Java"}, models={"sbert": "m"},
-                           per_sample={"rouge1": [0.5]})
-    path = write_metrics(tmp_path / "run", records, report, model="tiny", settings={"A": 1}, seconds=1.5,
+@pytest.mark.parametrize("layout", ["list", "one per line", "back to back", "unclosed list", "ours"])
+def test_reads_geollava_and_our_results(tmp_path, layout):
+    objects = [json.dumps(o) for o in GEOLLAVA]
+    text = {"list": json.dumps(GEOLLAVA, indent=2),
+            "one per line": "\n".join(objects) + "\n",  # GeoLLaVA's base-model scripts
+            "back to back": "".join(objects),
+            "unclosed list": "[" + ",\n".join(objects),  # a fine-tuned-model run stopped before writing "]"
+            "ours": "\n".join(objects) + "\n"}[layout]
+    path = tmp_path / ("results.jsonl" if layout == "ours" else "results.json")
+    path.write_text(text, encoding="utf-8")
+    records = read_results_file(path)
+    assert [r["generated"] for r in records] == ANSWERS
+    assert [r["id"] for r in records] == ["11", "12", "2"]  # a record without an id gets its index
+    assert records[2]["true"] == ["Two houses.", "Houses appeared."] and records[0]["video"] == "v11.mp4"
+
+
+def test_strip_prompt():
+    assert strip_prompt("Answer: x Answer:  y \n") == "y"
+    assert strip_prompt("  no prompt here ") == "no prompt here"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("this is not JSON", "record 0 (line 1) is not valid JSON"),
+    ('{"true": "a", "generated": "b"}\n{"true": "c", "generated": ', "record 1 (line 2) is not valid JSON"),
+    (json.dumps([{"true": "a", "generated": "b"}, {"id": "x7", "true": "b"}]),
+     "record 1 (id 'x7') has no 'generated' field"),
+    (json.dumps([{"generated": "b"}]), "record 0 has no 'true' field"),
+    (json.dumps([{"true": "a", "generated": None}]), "record 0: 'generated' is NoneType, not a string"),
+    (json.dumps([{"true": [], "generated": "b"}]), "record 0: 'true' must be a string or a non-empty list"),
+    (json.dumps(["just a string"]), "record 0 is not a JSON object"),
+    ('[{"true": "a", "generated": "b"}]\n]', "unexpected text after the closing ']' at line 2"),
+])
+def test_bad_results_files_name_file_and_record(tmp_path, text, message):
+    path = tmp_path / "bad.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(UserError) as caught:
+        read_results_file(path)
+    assert str(caught.value).startswith(f"{path}: ") and message in str(caught.value)
+
+
+def test_missing_and_non_utf8_files(tmp_path):
+    with pytest.raises(UserError, match="no such results file"):
+        read_results_file(tmp_path / "absent.json")
+    path = tmp_path / "latin1.json"
+    path.write_bytes('[{"true": "café", "generated": "x"}]'.encode("latin-1"))
+    with pytest.raises(UserError, match=rf"{path}: not UTF-8 text"):
+        read_results_file(path)
+
+
+# ------------------------------------------------------------------------------------------ metrics files
+
+def test_write_metrics_files_read_back(tmp_path):
+    records = [record("1", true=["r1", "r2"]), {"id": "2", "true": "r3", "generated": "g2"}]
+    report = MetricsReport(metrics={"rouge1": 0.25, "cider": 1.5}, missing={"meteor": "no Java"},
+                           models={"sbert": "m"}, per_sample={"rouge1": [0.5, 0.0], "subset": [1.0]})
+    path = write_metrics(tmp_path / "run_lr0.5", records, report, model="tiny", settings={"A": 1}, seconds=1.5,
                          extra={"family": "videollava"})
+    assert path == tmp_path / "run_lr0.5.metrics.json"
     data = json.loads(path.read_text())
-    assert path.name == "run.metrics.json" and data["metrics"] == {"rouge1": 0.5} and data["num_samples"] == 1
-    assert data["missing"] == {"meteor": "no Java"} and data["family"] == "videollava" and data["settings"] == {"A": 1}
-    rows = list(csv.DictReader(open(tmp_path / "run.csv")))
-    assert rows == [{"id": "1", "video": "v.mp4", "question": "q", "true": "r1 | r2", "generated": "g", "rouge1": "0.5"}]
+    created = data.pop("created")
+    assert data == {"run": "run_lr0.5", "model": "tiny", "metrics": {"rouge1": 0.25, "cider": 1.5},
+                    "missing": {"meteor": "no Java"}, "metric_models": {"sbert": "m"}, "settings": {"A": 1},
+                    "num_samples": 2, "seconds": 1.5, "family": "videollava"}
+    assert created[:2] == "20" and "T" in created
+    with open(tmp_path / "run_lr0.5.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows == [{"id": "1", "video": "1.mp4", "question": "What changed?", "true": "r1 | r2",
+                     "generated": "a new road", "rouge1": "0.5"},
+                    {"id": "2", "video": "", "question": "", "true": "r3", "generated": "g2", "rouge1": "0.0"}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run_lr0.5.csv", "run_lr0.5.metrics.json"]  # no temp files
+
+
+def test_format_metrics_table():
+    table = R.format_metrics_table({"rouge1": 0.5, "bertscore_f1": 0.123456}, {"meteor": "no Java"})
+    assert table.splitlines() == ["metric        value", "------------  ------", "rouge1        0.5000",
+                                  "bertscore_f1  0.1235", "meteor        missing: no Java"]
+
+
+def test_score_files_writes_metrics_and_csv(tmp_path, capsys):
+    source = tmp_path / "results_videollava_r8.json"
+    source.write_text("[" + ",\n".join(json.dumps(o) for o in GEOLLAVA), encoding="utf-8")
+    assert R.main(["score", str(source)]) == 0
+    out = capsys.readouterr().out
+    metrics_path = tmp_path / "results_videollava_r8.metrics.json"
+    assert f"metrics: {metrics_path}" in out and "rouge1" in out
+    data = json.loads(metrics_path.read_text())
+    assert data["run"] == "results_videollava_r8" and data["model"] == "(rescored)"
+    assert data["settings"] == {"source": str(source)} and data["num_samples"] == 3 and data["seconds"] >= 0
+    assert set(data["metric_models"]) == {"bertscore_f1", "sbert"}
+    assert set(data["metrics"]) | set(data["missing"]) >= {"rouge1", "bleu", "sacrebleu", "meteor", "cider", "sbert"}
+    with open(tmp_path / "results_videollava_r8.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["id"] for r in rows] == ["11", "12", "2"] and rows[2]["true"] == "Two houses. | Houses appeared."
+    assert [r["generated"] for r in rows] == ANSWERS
+    for key in ("rouge1", "rouge2", "rougeL", "bleu", "bertscore_f1", "sbert"):
+        values = [float(r[key]) for r in rows]
+        assert data["metrics"][key] == pytest.approx(sum(values) / 3, abs=1e-5), key
+    assert float(rows[2]["rouge1"]) == 0.0 and float(rows[2]["bertscore_f1"]) == 0.0  # the empty answer
+    from rouge_score import rouge_scorer  # one value checked against the library itself
+
+    expected = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True).score(GEOLLAVA[0]["true"], ANSWERS[0])
+    assert float(rows[0]["rouge1"]) == pytest.approx(expected["rouge1"].fmeasure, abs=1e-6)
+
+
+def test_score_usage_errors(tmp_path, capsys):
+    with pytest.raises(UserError, match="usage: python common.py score FILE"):
+        R.main([])
+    assert R.main(["--help"]) == 0 and "usage" in capsys.readouterr().out
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps(record("a")) + "\n")
+    empty = tmp_path / "empty.json"
+    empty.write_text("  \n")
+    with pytest.raises(UserError, match=rf"{empty}: holds no results records"):
+        R.score_files([good, empty])
+    assert not (tmp_path / "good.metrics.json").exists()  # every file is read before any is scored
+    with pytest.raises(UserError, match="no such results file"):
+        R.main([str(tmp_path / "absent.json")])
