@@ -9,7 +9,6 @@ import pytest
 
 import geochange.evaluation as evaluation
 from geochange.annotations import load_annotations
-from geochange.errors import UserError
 from geochange.modeling import load_processor
 from geochange.results import read_jsonl
 from geochange.sample_data import SAMPLE_VAL, SAMPLE_VIDEO_DIR, ensure_sample_media
