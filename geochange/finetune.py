@@ -403,6 +403,14 @@ def run_finetune(scope: dict[str, Any], family: str) -> Path:
 
 # ---------------------------------------------------------------- loading a run back
 
+def run_base_path(cfg, family: str) -> str:
+    """The weights a run's adapter was trained on: MODEL_ID, or its cached pruned copy."""
+    base_path = resolve_model_path(cfg.MODEL_ID, family)
+    if cfg.PRUNE:
+        base_path, _ = pruned_base(base_path, family, cfg)
+    return base_path
+
+
 def load_run_model(run_dir: str | Path, family: str, *, load_in_4bit: bool = False):
     """A fine-tuned model from its run directory: full weights, or (pruned) base + verified adapter."""
     from .adapters import ADAPTER_WEIGHTS, load_adapter_verified
@@ -416,10 +424,7 @@ def load_run_model(run_dir: str | Path, family: str, *, load_in_4bit: bool = Fal
             raise UserError(f"{run_dir}: holds neither an adapter nor model weights")
         return load_model(str(run_dir), family, bits=4 if load_in_4bit else None)
     if record:
-        cfg = SimpleNamespace(**record["settings"])
-        base_path = resolve_model_path(cfg.MODEL_ID, family)
-        if cfg.PRUNE:
-            base_path, _ = pruned_base(base_path, family, cfg)
+        base_path = run_base_path(SimpleNamespace(**record["settings"]), family)
         bits = record.get("quant_bits") or (4 if load_in_4bit else None)
     else:  # an adapter from elsewhere (e.g. GeoLLaVA's releases): its config names the base
         base_path = json.loads((run_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
@@ -431,10 +436,7 @@ def load_run_model(run_dir: str | Path, family: str, *, load_in_4bit: bool = Fal
 def merge_and_save(run_dir: Path, family: str) -> Path:
     """Merged full-precision weights for deployment, in ``run_dir/merged``."""
     record = read_run_file(run_dir)
-    cfg = SimpleNamespace(**record["settings"])
-    base_path = resolve_model_path(cfg.MODEL_ID, family)
-    if cfg.PRUNE:
-        base_path, _ = pruned_base(base_path, family, cfg)
+    base_path = run_base_path(SimpleNamespace(**record["settings"]), family)
     from .adapters import load_adapter_verified
 
     # QLoRA adapters are merged into the full-precision base, not the quantised one.
