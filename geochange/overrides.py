@@ -100,3 +100,21 @@ def settings_of(scope: dict[str, Any]) -> dict[str, Any]:
     """The current value of every constant, JSON-friendly (for run.json / metrics files)."""
     return {name: (list(scope[name]) if isinstance(scope[name], tuple) else scope[name])
             for name in overridable_names(scope)}
+
+
+def make_settings(values: dict[str, Any], name: str = "Settings"):
+    """A typed, frozen settings value from ``{NAME: value}``: ``cfg.LORA_R``, ``cfg.as_dict()``,
+    ``dataclasses.replace(cfg, LORA_R=16)``. Each field's type is its value's type (``Any`` for None)."""
+    import dataclasses
+
+    fields = [(key, Any if value is None else type(value)) for key, value in values.items()]
+    cls = dataclasses.make_dataclass(name, fields, frozen=True,
+                                     namespace={"as_dict": lambda self: dict(vars(self))})
+    return cls(**values)
+
+
+def load_settings(scope: dict[str, Any], argv: list[str] | None = None, *, quiet: bool = False):
+    """The scripts' one entry point for settings: apply ``NAME=VALUE`` overrides to the constants in
+    ``scope`` (a script's ``globals()``) and return them as one frozen settings value."""
+    apply_overrides(scope, argv, quiet=quiet)
+    return make_settings(settings_of(scope))

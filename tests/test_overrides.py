@@ -70,3 +70,18 @@ def test_script_rejects_unknown_name_with_one_line(script):
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: unknown setting 'LORA_RANK'; valid names:")
     assert "MODEL_ID" in lines[0] and "Traceback" not in run.stderr
+
+
+def test_load_settings_gives_one_frozen_typed_value():
+    import dataclasses
+
+    from geochange.overrides import load_settings
+
+    s = scope()
+    cfg = load_settings(s, ["LORA_R=16", "VIDEO_DIR=/v"], quiet=True)
+    assert cfg.LORA_R == 16 and cfg.VIDEO_DIR == "/v" and s["LORA_R"] == 16
+    assert cfg.as_dict() == settings_of(s)
+    assert {f.name: f.type for f in dataclasses.fields(cfg)}["LORA_R"] is int
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.LORA_R = 4
+    assert dataclasses.replace(cfg, LORA_R=4).LORA_R == 4 and cfg.LORA_R == 16
