@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
+from .fileio import atomic_write_text
 from .modeling import (VideoQACollator, encode_training_example, get_family, language_model_linear_names,
                        load_model, load_processor, lora_target_regex, model_label, plan_lengths, resolve_model_path,
                        video_token_count)
@@ -269,9 +270,7 @@ def library_versions() -> dict[str, str]:
 
 
 def write_run_file(run_dir: Path, record: dict[str, Any]) -> None:
-    temporary = run_dir / (RUN_FILE + ".tmp")
-    temporary.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(temporary, run_dir / RUN_FILE)
+    atomic_write_text(run_dir / RUN_FILE, json.dumps(record, indent=2, default=str))
 
 
 def read_run_file(run_dir: str | Path) -> dict[str, Any] | None:

@@ -11,13 +11,13 @@ import io
 import json
 import os
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .fileio import atomic_write_text
 from .metrics import MetricsReport, compute_metrics_report
 
 USAGE = "usage: python common.py score FILE...   (results files: ours, .jsonl, or GeoLLaVA's .json)"
@@ -203,20 +203,6 @@ def read_results_file(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write beside ``path`` then rename over it, so a reader never sees half a file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def write_metrics(stem: str | Path, records: list[dict[str, Any]], report: MetricsReport, *, model: str,
                   settings: dict[str, Any], seconds: float, extra: dict[str, Any] | None = None) -> Path:
     """Write ``<stem>.metrics.json`` and the per-sample ``<stem>.csv``; returns the metrics path."""
@@ -228,8 +214,8 @@ def write_metrics(stem: str | Path, records: list[dict[str, Any]], report: Metri
                **(extra or {})}
     # Names built by hand: with_suffix() would cut a run name holding a dot ("lr_0.5").
     metrics_path = stem.parent / f"{stem.name}.metrics.json"
-    _atomic_write(metrics_path, json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n")
-    _atomic_write(stem.parent / f"{stem.name}.csv", _per_sample_csv(records, report))
+    atomic_write_text(metrics_path, json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n")
+    atomic_write_text(stem.parent / f"{stem.name}.csv", _per_sample_csv(records, report))
     return metrics_path
 
 

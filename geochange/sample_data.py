@@ -17,6 +17,7 @@ import numpy as np
 
 from . import changechat_format as cc
 from .errors import UserError, install_error_handler
+from .fileio import atomic_write_text
 from .paths import ANNOTATIONS_DIR, SAMPLE_DIR
 from .scenes import Change, make_scene_pair, render_pair
 
@@ -252,10 +253,7 @@ def write_annotations() -> list[Path]:
     written = []
     for path, text in build_annotations().items():
         if not path.exists() or path.read_text(encoding="utf-8") != text:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(text, encoding="utf-8")
-            tmp.replace(path)
+            atomic_write_text(path, text)
             written.append(path)
     return written
 

@@ -7,7 +7,6 @@ that makes them; ``pair_to_video`` and ``pairs_sheet_to_videos`` are that step.
 """
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,15 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError, install_error_handler
+from .fileio import atomic_path
 
 # Near-lossless: decoded frames stay within a few grey levels of the input (yuv420p chroma aside).
 H264_CRF = 12
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
-
-
-def _temp_name(path: Path) -> Path:
-    # Same folder (so the final rename is atomic) and a dot name no glob for "*.mp4" picks up.
-    return path.with_name(f".{path.name}.{os.getpid()}.partial")
 
 
 def write_video(frames: Sequence[np.ndarray], path: str | Path, fps: int = 1) -> Path:
@@ -49,9 +44,7 @@ def write_video(frames: Sequence[np.ndarray], path: str | Path, fps: int = 1) ->
     if height % 2 or width % 2:
         raise UserError(f"{path}: H.264 (yuv420p) needs an even width and height, got {width}x{height}; "
                         "crop or pad the frames (pair_to_video does this for you)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(path)
-    try:
+    with atomic_path(path) as tmp:
         with av.open(str(tmp), mode="w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=fps)
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
@@ -60,9 +53,6 @@ def write_video(frames: Sequence[np.ndarray], path: str | Path, fps: int = 1) ->
                 picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
                 container.mux(stream.encode(picture))
             container.mux(stream.encode(None))  # flush the frames the encoder still holds
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -189,14 +179,9 @@ def write_image(image: np.ndarray, path: str | Path) -> Path:
     from PIL import Image
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(path)
-    try:
+    with atomic_path(path) as tmp:
         Image.fromarray(np.asarray(image)).save(tmp, format=Image.registered_extensions().get(path.suffix.lower(),
                                                                                              "PNG"))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

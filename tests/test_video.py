@@ -184,3 +184,16 @@ def test_sheet_errors_name_sheet_and_row(tmp_path, pair_folder, user_error):
     user_error(lambda: pairs_sheet_to_videos(tmp_path / "none.xlsx", tmp_path / "out"), "none.xlsx",
                "does not exist")
     user_error(lambda: video.main(["only-one-arg"]), "usage")
+
+
+def test_atomic_path_leaves_the_old_file_when_the_write_fails(tmp_path):
+    from geochange.fileio import atomic_path, atomic_write_text
+
+    target = atomic_write_text(tmp_path / "a.json", "old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as temporary:
+            temporary.write_text("half")
+            raise RuntimeError("crash mid-write")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+    atomic_write_text(target, "new")
+    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
