@@ -53,11 +53,9 @@ def main(argv: list[str]) -> int:
 
         return sample_main(rest)
     if command == "pairs-to-videos":
-        if len(rest) not in (2, 3):
-            raise UserError("usage: python common.py pairs-to-videos SHEET OUT_DIR [IMAGE_ROOT]")
-        written = pairs_sheet_to_videos(rest[0], rest[1], rest[2] if len(rest) == 3 else None)
-        print(f"{len(written)} videos in {rest[1]}")
-        return 0
+        from geochange.video import main as sheet_main
+
+        return sheet_main(rest)
     raise UserError(f"unknown command {command!r}; usage:{USAGE}")
 
 
