@@ -329,7 +329,7 @@ def test_batch_scores_every_task_and_resumes(predictor, scene_images, tmp_path, 
         record("yn", cc.YESNO_PROMPT, "yes"), record("count", cc.COUNT_PROMPT, cc.count_answer(0, 1)),
         record("loc", cc.LOCALIZATION_PROMPT, cc.localization_answer([], [(2, 2)])), dialog]))
     s = {"CHECKPOINT": "tiny", "USE_CSRM": True, "LOAD_IN_8BIT": False, "RESULTS_DIR": str(tmp_path / "results"),
-         "RUN_NAME": None, "TEST_ANNOTATIONS": str(annotations), "BATCH_SIZE": 4}
+         "RUN_NAME": None, "TEST_ANNOTATIONS": str(annotations), "BATCH_SIZE": 4, "SPLIT": "test"}
     items = run.batch_items(str(annotations), None, None)
     assert [(i.id, i.task) for i in items] == [("p1", "caption"), ("yn", "yesno"), ("count", "count"),
                                                ("loc", "localization"), ("dialog_turn1", "yesno"),
