@@ -65,7 +65,8 @@ def strip_placeholders(text: str) -> str:
     return PLACEHOLDER.sub("", text).strip()
 
 
-def _read_json(path: Path) -> Any:
+def read_annotation_json(path: Path) -> Any:
+    """An annotation file's JSON; a missing, non-UTF-8 or malformed file is one clear UserError."""
     if not path.exists():
         raise UserError(f"annotation file {path} does not exist")
     if not path.is_file():
@@ -156,7 +157,8 @@ def describe_test_set(path: str | Path, split: str | None) -> dict[str, Any]:
     ``split`` is kept only when the file names splits (else every record was used and the split is None), so
     results on one file and split group together whatever the folder the file sat in."""
     path = Path(path)
-    names_splits = any(isinstance(e, dict) and e.get("split") is not None for e in _entries(_read_json(path)))
+    entries = _entries(read_annotation_json(path))
+    names_splits = any(isinstance(e, dict) and e.get("split") is not None for e in entries)
     return {"file": path.name, "sha256": file_sha256(path), "split": split if names_splits else None}
 
 
@@ -180,7 +182,7 @@ def load_annotations(path: str | Path, video_dir: str | Path | None = None, *, r
     """
     path = Path(path)
     _check_limit(limit)
-    records = select_split(_records(_read_json(path), path), split, path)
+    records = select_split(_records(read_annotation_json(path), path), split, path)
     folder = Path(video_dir) if video_dir is not None else path.parent
     samples = []
     for index, record in enumerate(records):
@@ -316,7 +318,7 @@ def load_changechat(path: str | Path, image_root: str | Path | None = None, *, r
     """
     path = Path(path)
     _check_limit(limit)
-    data = _read_json(path)
+    data = read_annotation_json(path)
     if isinstance(data, dict) and "images" in data:
         data = {"images": select_split(_records(data["images"], path), split, path)}
         records = _levir_cc_records(data, path)

@@ -351,8 +351,6 @@ def pairs_sheet_to_videos(sheet_path: str | Path, out_dir: str | Path, image_roo
     A bad row (missing image, empty cell, unreadable image...) gets one line and is skipped; the other rows are
     converted, then a UserError counts the bad rows.
     """
-    from tqdm import tqdm
-
     sheet_path, out_dir = Path(sheet_path), Path(out_dir)
     table = _read_sheet(sheet_path)
     missing_columns = [c for c in PAIR_COLUMNS if c not in table.columns]
@@ -363,7 +361,7 @@ def pairs_sheet_to_videos(sheet_path: str | Path, out_dir: str | Path, image_roo
 
     # Every row is checked before any video is made, so problems show early, one line each.
     bad: list[str] = []
-    plan: list[tuple[int, Path, Path | None, Path | None]] = []
+    plan: list[tuple[int, Path, Path | None, Path | None]] = []  # (row, video, before, after)
     first_row_of: dict[str, int] = {}
     for row in range(len(table)):
         try:
@@ -373,26 +371,40 @@ def pairs_sheet_to_videos(sheet_path: str | Path, out_dir: str | Path, image_roo
             bad.append(message if message.startswith(str(sheet_path)) else f"{_where(sheet_path, row)}: {message}")
             print(f"bad row: {bad[-1]}", file=sys.stderr)
 
-    todo = [item for item in plan if item[2] is not None]
-    if len(todo) < len(plan):
-        print(f"{len(plan) - len(todo)} of {len(plan)} videos already in {out_dir}; making the other {len(todo)}")
+    made, failed = pairs_to_videos([(_where(sheet_path, row), target, before, after)
+                                    for row, target, before, after in plan], options, out_dir)
+    bad += failed
+    if bad:
+        raise UserError(f"pairs sheet {sheet_path}: {len(bad)} of {len(table)} rows could not be converted "
+                        f"(one line each above; first: {bad[0]}); the {len(made)} other videos are in {out_dir}")
+    return made
+
+
+def pairs_to_videos(jobs: list[tuple[str, Path, Path | None, Path | None]], options: SheetOptions, out_dir: Path
+                    ) -> tuple[list[Path], list[str]]:
+    """Make the videos of ``jobs`` = (where, video, before image, after image); a video already there is kept
+    (its images may be None). Returns (the videos there at the end, one line per job that failed), the failures
+    printed as they come, with a progress bar and a count of the pairs whose sizes differed."""
+    from tqdm import tqdm
+
+    todo = [job for job in jobs if not job[1].exists()]
+    if len(todo) < len(jobs):
+        print(f"{len(jobs) - len(todo)} of {len(jobs)} videos already in {out_dir}; making the other {len(todo)}")
+    bad: list[str] = []
     resized = 0
-    for row, target, before_path, after_path in tqdm(todo, desc="pairs -> videos", unit="video", disable=not todo):
+    for where, target, before_path, after_path in tqdm(todo, desc="pairs -> videos", unit="video",
+                                                       disable=not todo):
         try:
             before, after, differ = fit_pair(read_image(before_path), read_image(after_path), options)
             write_video([before, after], target)
             resized += differ
         except UserError as exc:
-            bad.append(f"{_where(sheet_path, row)}: {exc}")
+            bad.append(f"{where}: {exc}")
             tqdm.write(f"bad row: {bad[-1]}", file=sys.stderr)
-    made = [target for _, target, *_ in plan if target.exists()]
     if resized:
         print(f"{resized} of {len(todo)} pairs had images of different sizes; resized to one size "
               f"({'x'.join(map(str, options.size)) if options.size else 'the before image size'})")
-    if bad:
-        raise UserError(f"pairs sheet {sheet_path}: {len(bad)} of {len(table)} rows could not be converted "
-                        f"(one line each above; first: {bad[0]}); the {len(made)} other videos are in {out_dir}")
-    return made
+    return [target for _, target, *_ in jobs if target.exists()], bad
 
 
 def _size_argument(text: str) -> tuple[int, int]:
@@ -411,8 +423,8 @@ SHEET_USAGE = ("pairs-to-videos SHEET OUT_DIR [IMAGE_ROOT] [--size WxH] [--max-s
                "  --strict      stop at a pair whose images differ in size instead of resizing it")
 
 
-def parse_sheet_arguments(argv: list[str]) -> tuple[list[str], SheetOptions]:
-    """(positional arguments, options) of the pairs-to-videos command line."""
+def parse_size_options(argv: list[str], usage: str = SHEET_USAGE) -> tuple[list[str], SheetOptions]:
+    """(the other arguments, the options) of a command line with ``--size``, ``--max-side``, ``--strict``."""
     positional, options = [], {}
     args = list(argv)
     while args:
@@ -420,7 +432,7 @@ def parse_sheet_arguments(argv: list[str]) -> tuple[list[str], SheetOptions]:
         key, _, value = arg.partition("=")
         if key in ("--size", "--max-side") and not value:
             if not args:
-                raise UserError(f"{key} needs a value; usage: {SHEET_USAGE}")
+                raise UserError(f"{key} needs a value; usage: {usage}")
             value = args.pop(0)
         if key == "--size":
             options["size"] = _size_argument(value)
@@ -431,18 +443,18 @@ def parse_sheet_arguments(argv: list[str]) -> tuple[list[str], SheetOptions]:
         elif arg == "--strict":
             options["resize"] = False
         elif arg.startswith("-"):
-            raise UserError(f"unknown option {arg!r}; usage: {SHEET_USAGE}")
+            raise UserError(f"unknown option {arg!r}; usage: {usage}")
         else:
             positional.append(arg)
-    if len(positional) not in (2, 3):
-        raise UserError(f"usage: {SHEET_USAGE}")
     return positional, SheetOptions(**options)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``pairs-to-videos SHEET OUT_DIR [IMAGE_ROOT] [options]``."""
     install_error_handler()
-    positional, options = parse_sheet_arguments(sys.argv[1:] if argv is None else argv)
+    positional, options = parse_size_options(sys.argv[1:] if argv is None else argv)
+    if len(positional) not in (2, 3):
+        raise UserError(f"usage: {SHEET_USAGE}")
     written = pairs_sheet_to_videos(positional[0], positional[1], positional[2] if len(positional) == 3 else None,
                                     options)
     print(f"{len(written)} videos in {positional[1]}")
