@@ -151,15 +151,28 @@ def _entries(data: Any) -> list:
         data if isinstance(data, list) else []
 
 
+def source_note_path(path: Path) -> Path:
+    """Where a converted annotation file names the file it was converted from (see ``describe_test_set``)."""
+    return path.with_name(f"{path.name}.source.json")
+
+
 def describe_test_set(path: str | Path, split: str | None) -> dict[str, Any]:
     """What a results file was scored on: ``{"file": name, "sha256": hex, "split": split or None}``.
 
-    ``split`` is kept only when the file names splits (else every record was used and the split is None), so
-    results on one file and split group together whatever the folder the file sat in."""
+    ``split`` is kept only when the file names splits (else every record was used and the split is None). A file
+    written by ``changechat-to-videos`` / ``videos-to-pairs`` holds the same pairs and references as its source,
+    so it is named by its source (through the note beside it, honoured while the file is unchanged): the video
+    models and DeltaVLM then share a test set on the leaderboard."""
     path = Path(path)
     entries = _entries(read_annotation_json(path))
     names_splits = any(isinstance(e, dict) and e.get("split") is not None for e in entries)
-    return {"file": path.name, "sha256": file_sha256(path), "split": split if names_splits else None}
+    identity = {"file": path.name, "sha256": file_sha256(path)}
+    note = source_note_path(path)
+    if note.is_file():
+        recorded = json.loads(note.read_text(encoding="utf-8"))
+        if recorded.get("sha256") == identity["sha256"]:
+            identity = dict(recorded["converted_from"])
+    return {**identity, "split": split if names_splits else None}
 
 
 def _report_missing(path: Path, missing: list[str], total: int, what: str, folder: Path) -> None:

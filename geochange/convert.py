@@ -20,10 +20,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .annotations import ChangeChatSample, Sample, load_annotations, load_changechat, read_annotation_json
+from .annotations import (ChangeChatSample, Sample, describe_test_set, load_annotations, load_changechat,
+                          read_annotation_json, source_note_path)
 from .changechat_format import CAPTION_PROMPT
 from .errors import UserError, install_error_handler
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, file_sha256
 from .video import SheetOptions, pairs_to_videos, parse_size_options, read_video_frames, write_image
 
 CHANGECHAT_USAGE = ("changechat-to-videos ANNOTATIONS IMAGE_ROOT OUT_DIR [--split NAME] [--size WxH] [--max-side N] "
@@ -31,8 +32,15 @@ CHANGECHAT_USAGE = ("changechat-to-videos ANNOTATIONS IMAGE_ROOT OUT_DIR [--spli
 PAIRS_USAGE = "videos-to-pairs ANNOTATIONS VIDEO_DIR OUT_DIR [--split NAME]"
 
 
-def _output_name(annotations: Path, split: str | None) -> str:
-    return f"{annotations.stem}{f'_{split}' if split else ''}.json"
+def write_converted(records: list[dict[str, Any]], source: Path, out_dir: Path, split: str | None) -> Path:
+    """``out_dir/<source name>[_<split>].json``, and beside it the note naming the source file (name and hash), so
+    that results on the converted file name the same test set as results on the source."""
+    path = atomic_write_text(out_dir / f"{source.stem}{f'_{split}' if split else ''}.json",
+                             json.dumps(records, indent=1, ensure_ascii=False) + "\n")
+    origin = describe_test_set(source, None)
+    note = {"converted_from": {"file": origin["file"], "sha256": origin["sha256"]}, "sha256": file_sha256(path)}
+    atomic_write_text(source_note_path(path), json.dumps(note, indent=1) + "\n")
+    return path
 
 
 def _pair_names(samples: list[ChangeChatSample]) -> dict[tuple[Path, Path], str]:
@@ -90,8 +98,7 @@ def changechat_to_videos(annotations: str | Path, image_root: str | Path | None,
                         f"each above; first: {bad[0]}); the {len(made)} other videos are in {video_dir}")
     records = [record for sample in samples
                for record in geollava_records(sample, names[(sample.image_a, sample.image_b)])]
-    path = atomic_write_text(out_dir / _output_name(annotations, split),
-                             json.dumps(records, indent=1, ensure_ascii=False) + "\n")
+    path = write_converted(records, annotations, out_dir, split)
     named_splits = sorted({s.split for s in samples if s.split is not None})
     print(f"{len(records)} records on {len(names)} videos: {path}\nvideo models: VAL_ANNOTATIONS={path} "
           f"VIDEO_DIR={video_dir}" + (f" (records of splits {', '.join(named_splits)}: SPLIT=... picks one)"
@@ -149,8 +156,7 @@ def videos_to_pairs(annotations: str | Path, video_dir: str | Path | None, out_d
     records = [_changechat_record(sorted(group, key=lambda pair: pair[1].get("turn", 1)),
                                   f"A/{group[0][0].video.stem}.png", f"B/{group[0][0].video.stem}.png")
                for group in groups.values()]
-    path = atomic_write_text(out_dir / _output_name(annotations, split),
-                             json.dumps(records, indent=1, ensure_ascii=False) + "\n")
+    path = write_converted(records, annotations, out_dir, split)
     print(f"{len(records)} records on {len(videos)} image pairs: {path}\nDeltaVLM: "
           f"python deltavlm_predict.py TEST_ANNOTATIONS={path}")
     return path

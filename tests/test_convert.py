@@ -1,14 +1,16 @@
 """Each model family eats the other's data: ChangeChat / LEVIR-CC -> videos, GeoLLaVA videos -> image pairs."""
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import common
-from geochange.annotations import load_annotations, load_changechat
+from geochange.annotations import describe_test_set, load_annotations, load_changechat, source_note_path
 from geochange.convert import changechat_to_videos, videos_to_pairs
 from geochange.finetune import data_loader_workers
 from geochange.sample_data import SAMPLE_CHANGECHAT_CAPTIONS, SAMPLE_CHANGECHAT_INSTRUCTIONS, SAMPLE_CHANGECHAT_ROOT
@@ -53,6 +55,18 @@ def test_round_trip_keeps_ids_questions_references_and_pixels(converted):
             p99s.append(np.percentile(difference, 99))
     assert max(means) < ROUND_TRIP_MEAN_BOUND and max(p99s) <= ROUND_TRIP_P99_BOUND
     assert min(means) > 0  # decoded from the videos, not copied
+
+
+def test_converted_files_name_their_source_as_test_set(converted, tmp_path):
+    source = {"file": SAMPLE_CHANGECHAT_CAPTIONS.name,
+              "sha256": hashlib.sha256(SAMPLE_CHANGECHAT_CAPTIONS.read_bytes()).hexdigest(), "split": None}
+    assert describe_test_set(converted["captions"], "test") == source
+    assert describe_test_set(converted["back"][0], None) == source  # through both conversions
+    # An edited copy is a test set of its own.
+    edited = tmp_path / converted["captions"].name
+    edited.write_text(converted["captions"].read_text().replace("no significant change", "nothing"))
+    shutil.copy(source_note_path(converted["captions"]), source_note_path(edited))
+    assert describe_test_set(edited, None)["sha256"] == hashlib.sha256(edited.read_bytes()).hexdigest()
 
 
 def test_the_video_frames_are_before_then_after(converted):
@@ -160,3 +174,14 @@ def test_video_evaluation_scores_converted_captions_against_all_references(conve
     assert summary["metrics"]["sbert"] == pytest.approx(best, abs=1e-5) and best > first_only
     assert summary["test_set"]["file"] == "sample_changechat_captions.json"
     assert summary["test_set"]["split"] is None  # the sample names no splits: every record was used
+
+
+def test_deltavlm_batch_reads_only_the_asked_split(tmp_path, scene_images, user_error):
+    from geochange.deltavlm.run import batch_items
+
+    annotations = levir_cc_layout(tmp_path / "levir", scene_images)
+    items = batch_items(str(annotations), str(tmp_path / "levir"), None, "test")
+    assert [item.id for item in items] == ["test_000000", "test_000001"] and len(items[0].true) == 5
+    assert [item.id for item in batch_items(str(annotations), str(tmp_path / "levir"), None, "val")] == ["val_000000"]
+    user_error(lambda: batch_items(str(annotations), str(tmp_path / "levir"), None, "dev"), "LevirCCcaptions.json",
+               "no entry of split 'dev'")

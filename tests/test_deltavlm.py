@@ -1,6 +1,7 @@
 """DeltaVLM on its tiny offline twin: the real loading path, the CSRM, answering, chat, batch + resume, errors."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -350,6 +351,8 @@ def test_batch_scores_every_task_and_resumes(predictor, scene_images, tmp_path, 
     bleu, _ = Bleu(4).compute_score({0: [coco_normalise(r) for r in refs]},
                                     {0: [coco_normalise(records["p1"]["generated"])]}, verbose=0)
     assert metrics["caption/bleu1"] == pytest.approx(bleu[0])
+    assert json.loads(metrics_path.read_text())["test_set"] == {
+        "file": "mixed.json", "sha256": hashlib.sha256(annotations.read_bytes()).hexdigest(), "split": None}
     counted = [cc.parse_count_answer(records[i]["generated"]) for i in ("count", "dialog_turn2")]
     assert metrics["count/buildings_mae"] == pytest.approx(np.mean([abs(1 - (b or 0)) for _, b in counted]))
     assert (tmp_path / "results" / "deltavlm-tiny_mixed.csv").exists()
