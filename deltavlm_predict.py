@@ -47,7 +47,7 @@ SPLIT = "test"              # a file naming splits (LEVIR-CC's LevirCCcaptions.j
 LIMIT = None                # only the first N records (None = all)
 BATCH_SIZE = 4
 RESULTS_DIR = "results"     # <run>.jsonl (resumable), <run>.metrics.json, <run>.csv
-RUN_NAME = None             # None = deltavlm[-tiny][-nocsrm]_<annotation file>
+RUN_NAME = None             # None = deltavlm[-tiny][-nocsrm]_<annotation file>[_<split>]
 
 if __name__ == "__main__":
     from geochange.overrides import apply_overrides, settings_of

@@ -177,7 +177,7 @@ def test_video_evaluation_scores_converted_captions_against_all_references(conve
 
 
 def test_deltavlm_batch_reads_only_the_asked_split(tmp_path, scene_images, user_error):
-    from geochange.deltavlm.run import batch_items
+    from geochange.deltavlm.run import batch_items, run_name
 
     annotations = levir_cc_layout(tmp_path / "levir", scene_images)
     items = batch_items(str(annotations), str(tmp_path / "levir"), None, "test")
@@ -185,3 +185,8 @@ def test_deltavlm_batch_reads_only_the_asked_split(tmp_path, scene_images, user_
     assert [item.id for item in batch_items(str(annotations), str(tmp_path / "levir"), None, "val")] == ["val_000000"]
     user_error(lambda: batch_items(str(annotations), str(tmp_path / "levir"), None, "dev"), "LevirCCcaptions.json",
                "no entry of split 'dev'")
+    settings = {"RUN_NAME": None, "CHECKPOINT": "tiny", "USE_CSRM": True, "TEST_ANNOTATIONS": str(annotations)}
+    assert run_name({**settings, "SPLIT": "test"}) == "deltavlm-tiny_LevirCCcaptions_test"  # splits never mix
+    assert run_name({**settings, "SPLIT": "val"}) == "deltavlm-tiny_LevirCCcaptions_val"
+    assert run_name({**settings, "TEST_ANNOTATIONS": str(SAMPLE_CHANGECHAT_CAPTIONS), "SPLIT": "test"}) == \
+        "deltavlm-tiny_sample_changechat_captions"

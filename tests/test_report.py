@@ -45,7 +45,7 @@ def tiny_repo(sample_dir, tmp_path_factory):
     run_finetune(script_constants("videollava_finetune.py", MODEL_ID="tiny", OUTPUT_DIR=str(root / "runs"),
                                   TRAIN_LIMIT=8, MAX_STEPS=4, BATCH_SIZE=4, LR=1e-2, WARMUP_STEPS=0, LOGGING_STEPS=1,
                                   SAVE_STEPS=100, EVAL_STEPS=2, GRADIENT_CHECKPOINTING=False, EVAL_AFTER_TRAIN=False,
-                                  VAL_ANNOTATIONS=str(val)), "videollava")
+                                  VAL_ANNOTATIONS=str(val), NUM_WORKERS=2), "videollava")  # as on a GPU
     return root
 
 

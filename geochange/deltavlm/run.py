@@ -102,7 +102,10 @@ def run_name(s: dict) -> str:
     if s["RUN_NAME"]:
         return s["RUN_NAME"]
     label = "deltavlm-tiny" if s["CHECKPOINT"] == "tiny" else "deltavlm"
-    return f"{label}{'' if s['USE_CSRM'] else '-nocsrm'}_{Path(s['TEST_ANNOTATIONS']).stem}"
+    # One file may hold several splits (LevirCCcaptions.json): each split's answers get their own results file.
+    split = describe_test_set(s["TEST_ANNOTATIONS"], s["SPLIT"])["split"]
+    suffix = f"_{split}" if split else ""
+    return f"{label}{'' if s['USE_CSRM'] else '-nocsrm'}_{Path(s['TEST_ANNOTATIONS']).stem}{suffix}"
 
 
 def paper_results() -> list[dict[str, str]]:
