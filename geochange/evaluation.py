@@ -92,8 +92,8 @@ def evaluate(*, family: str, model_path: str, model_id: str, val_annotations: st
             batch = todo[start:start + batch_size]
             frames = [read_video_frames(s.video, num_frames) for s in batch]
             answers = generate_answers(model, processor, frames, [s.question for s in batch], max_new_tokens)
-            writer.append([{"id": s.id, "video": s.video.name, "question": s.question, "true": s.scoring_references(),
-                            "generated": a} for s, a in zip(batch, answers)])
+            writer.append([{"id": s.id, "video": s.video.name, "question": s.question,
+                            "true": s.scoring_references(), "generated": a} for s, a in zip(batch, answers)])
     else:
         print(f"{run}: all {len(samples)} samples already in {results_path}; scoring only")
     wanted = {s.id for s in samples}
