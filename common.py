@@ -6,7 +6,12 @@ face, so scripts write ``import common`` and ``common.run_finetune(...)``.
 Command line:
     python common.py score FILE...        # rescore results files (ours or GeoLLaVA's)
     python common.py sample-data          # regenerate the bundled sample data
-    python common.py pairs-to-videos SHEET OUT_DIR [IMAGE_ROOT]   # fMoW image pairs -> 2-frame videos
+    python common.py pairs-to-videos SHEET OUT_DIR [IMAGE_ROOT] [--size WxH] [--max-side N] [--strict]
+                                          # fMoW image pairs (GeoLLaVA's pairs sheet) -> 2-frame videos
+    python common.py changechat-to-videos ANNOTATIONS IMAGE_ROOT OUT_DIR [--split NAME] [--size WxH] [--max-side N]
+                                          # LEVIR-CC / ChangeChat -> 2-frame videos + GeoLLaVA JSON (all references)
+    python common.py videos-to-pairs ANNOTATIONS VIDEO_DIR OUT_DIR [--split NAME]
+                                          # GeoLLaVA videos + JSON -> A/, B/ images + ChangeChat JSON (DeltaVLM)
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import sys
 
 from geochange.adapters import load_adapter_verified
 from geochange.annotations import Sample, load_annotations, load_changechat
+from geochange.convert import changechat_to_videos, changechat_to_videos_main, videos_to_pairs, videos_to_pairs_main
 from geochange.errors import UserError, install_error_handler
 from geochange.evaluation import evaluate, generate_answers, run_evaluation
 from geochange.finetune import load_run_model, merge_and_save, run_finetune
@@ -24,10 +30,12 @@ from geochange.pruning import measure_sparsity, prune_model
 from geochange.results import ResultsWriter, read_results_file, score_files, write_metrics
 from geochange.sample_data import ensure_sample_media
 from geochange.tiny import ensure_tiny_checkpoint
+from geochange.video import main as pairs_sheet_main
 from geochange.video import pair_to_video, pairs_sheet_to_videos, read_image_pair, read_video_frames, write_video
 
 __all__ = [
-    "FAMILIES", "ResultsWriter", "Sample", "UserError", "apply_overrides", "compute_metrics", "compute_metrics_report",
+    "FAMILIES", "ResultsWriter", "Sample", "UserError", "apply_overrides", "changechat_to_videos", "compute_metrics",
+    "compute_metrics_report", "videos_to_pairs",
     "ensure_sample_media", "ensure_tiny_checkpoint", "evaluate", "generate_answers", "load_adapter_verified",
     "load_annotations", "load_changechat", "load_model", "load_processor", "load_run_model", "measure_sparsity",
     "merge_and_save", "pair_to_video", "pairs_sheet_to_videos", "prune_model", "read_image_pair",
@@ -53,11 +61,11 @@ def main(argv: list[str]) -> int:
 
         return sample_main(rest)
     if command == "pairs-to-videos":
-        if len(rest) not in (2, 3):
-            raise UserError("usage: python common.py pairs-to-videos SHEET OUT_DIR [IMAGE_ROOT]")
-        written = pairs_sheet_to_videos(rest[0], rest[1], rest[2] if len(rest) == 3 else None)
-        print(f"{len(written)} videos in {rest[1]}")
-        return 0
+        return pairs_sheet_main(rest)
+    if command == "changechat-to-videos":
+        return changechat_to_videos_main(rest)
+    if command == "videos-to-pairs":
+        return videos_to_pairs_main(rest)
     raise UserError(f"unknown command {command!r}; usage:{USAGE}")
 
 

@@ -43,10 +43,11 @@ LENGTH_PENALTY = 1.0
 # --- batch mode: a ChangeChat-format file (instruction records or the 5-reference caption split)
 TEST_ANNOTATIONS = None     # e.g. annotations/sample_changechat_instructions.json
 IMAGE_ROOT = None           # image paths in the file are relative to it (None: the file's folder / the sample)
+SPLIT = "test"              # a file naming splits (LEVIR-CC's LevirCCcaptions.json): only this one (None = all)
 LIMIT = None                # only the first N records (None = all)
 BATCH_SIZE = 4
 RESULTS_DIR = "results"     # <run>.jsonl (resumable), <run>.metrics.json, <run>.csv
-RUN_NAME = None             # None = deltavlm[-tiny][-nocsrm]_<annotation file>
+RUN_NAME = None             # None = deltavlm[-tiny][-nocsrm]_<annotation file>[_<split>]
 
 if __name__ == "__main__":
     from geochange.overrides import apply_overrides, settings_of
@@ -57,7 +58,7 @@ if __name__ == "__main__":
 
     # 1. the input, checked before minutes of model loading: a ChangeChat file, or one pair
     if TEST_ANNOTATIONS:
-        items = run.batch_items(TEST_ANNOTATIONS, IMAGE_ROOT, LIMIT)
+        items = run.batch_items(TEST_ANNOTATIONS, IMAGE_ROOT, LIMIT, SPLIT)
     else:
         image_a, image_b = run.pair_paths(IMAGE_A, IMAGE_B)
         pair = read_pair(image_a, image_b)

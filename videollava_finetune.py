@@ -20,6 +20,8 @@ MODEL_ID = "LanguageBind/Video-LLaVA-7B-hf"
 TRAIN_ANNOTATIONS = "annotations/sample_train.json"
 VAL_ANNOTATIONS = "annotations/sample_val.json"
 VIDEO_DIR = None
+TRAIN_SPLIT = "train"       # a file naming splits (converted LEVIR-CC): train on this split (None = all records)
+VAL_SPLIT = "val"           # ... and validate / evaluate on this one
 TRAIN_LIMIT = None          # use only the first N training pairs (None = all)
 NUM_FRAMES = 2              # frames sampled uniformly per clip: 2 = before/after
 MAX_LENGTH = 1024           # tokens per example; 2 frames expand to 514 video tokens in the 7B model
@@ -45,7 +47,7 @@ MAX_STEPS = -1              # > 0 overrides EPOCHS
 LR = None                   # None = 2e-4 for LoRA/QLoRA, 2e-5 for full (5e-3 / 1e-3 for the tiny model)
 WARMUP_STEPS = 10
 GRADIENT_CHECKPOINTING = True
-NUM_WORKERS = 0
+NUM_WORKERS = None          # data-loader workers; None = the machine's cores (at most 8) on a GPU, 0 on a CPU
 DEEPSPEED = None            # path to a DeepSpeed config JSON (e.g. ZeRO-2, see README), None = plain DDP
 SEED = 42
 # --- bookkeeping

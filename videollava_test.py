@@ -11,6 +11,7 @@ per-sample results/<run>.csv (geochange/evaluation.py, ``evaluate``).
 MODEL_ID = "LanguageBind/Video-LLaVA-7B-hf"  # base model ("tiny" = offline tiny model)
 MODEL_PATH = "base"         # a fine-tuning run directory, or "base" for the untuned MODEL_ID
 VAL_ANNOTATIONS = "annotations/sample_val.json"
+SPLIT = "test"              # a file naming splits (converted LEVIR-CC): only this split (None = all records)
 VIDEO_DIR = None            # None = the bundled sample videos (generated on first use)
 NUM_FRAMES = 2
 BATCH_SIZE = 8

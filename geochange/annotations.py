@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .fileio import file_sha256
 
 HUMAN_ROLES = ("human", "user")
 ANSWER_ROLES = ("gpt", "assistant")
@@ -26,11 +27,21 @@ MAX_LISTED = 5
 
 @dataclass
 class Sample:
-    """One GeoLLaVA record: the video and its first question / answer."""
+    """One GeoLLaVA record: the video and its first question / answer.
+
+    ``references``: every reference answer when the record lists them (``"references": [...]``, e.g. LEVIR-CC's
+    five captions converted by ``changechat-to-videos``); empty otherwise. ``split``: the record's ``"split"``.
+    """
     id: str
     video: Path
     question: str
     answer: str | None
+    references: list[str] = field(default_factory=list)
+    split: str | None = None
+
+    def scoring_references(self) -> str | list[str] | None:
+        """What the answer is scored against: every reference when the record has them, else its answer."""
+        return list(self.references) if self.references else self.answer
 
 
 @dataclass
@@ -46,6 +57,7 @@ class ChangeChatSample:
     changeflag: int | None
     turns: list[tuple[str, str | None]]
     references: list[str] = field(default_factory=list)
+    split: str | None = None
 
 
 def strip_placeholders(text: str) -> str:
@@ -53,7 +65,8 @@ def strip_placeholders(text: str) -> str:
     return PLACEHOLDER.sub("", text).strip()
 
 
-def _read_json(path: Path) -> Any:
+def read_annotation_json(path: Path) -> Any:
+    """An annotation file's JSON; a missing, non-UTF-8 or malformed file is one clear UserError."""
     if not path.exists():
         raise UserError(f"annotation file {path} does not exist")
     if not path.is_file():
@@ -114,6 +127,54 @@ def _check_limit(limit: int | None) -> None:
         raise UserError(f"limit must be None (all records) or an integer >= 1, got {limit!r}")
 
 
+def select_split(entries: list, split: str | None, path: Path) -> list:
+    """The entries of ``split`` when the file names splits (a ``"split"`` field, as LEVIR-CC's caption file and
+    files converted from it have); a file without any ``"split"`` is used whole. Says what was used."""
+    if split is None:
+        return entries
+    counts: dict[str, int] = {}
+    for entry in entries:
+        if isinstance(entry, dict) and entry.get("split") is not None:
+            counts[str(entry["split"])] = counts.get(str(entry["split"]), 0) + 1
+    if not counts:
+        return entries
+    chosen = [e for e in entries if isinstance(e, dict) and str(e.get("split")) == split]
+    held = ", ".join(f"{name} {count}" for name, count in counts.items())
+    if not chosen:
+        raise UserError(f"{path}: no entry of split {split!r} (the file holds: {held}); set SPLIT to one of them")
+    print(f"{path}: {len(chosen)} of {len(entries)} entries, split {split!r} (the file holds: {held})")
+    return chosen
+
+
+def _entries(data: Any) -> list:
+    return data["images"] if isinstance(data, dict) and isinstance(data.get("images"), list) else \
+        data if isinstance(data, list) else []
+
+
+def source_note_path(path: Path) -> Path:
+    """Where a converted annotation file names the file it was converted from (see ``describe_test_set``)."""
+    return path.with_name(f"{path.name}.source.json")
+
+
+def describe_test_set(path: str | Path, split: str | None) -> dict[str, Any]:
+    """What a results file was scored on: ``{"file": name, "sha256": hex, "split": split or None}``.
+
+    ``split`` is kept only when the file names splits (else every record was used and the split is None). A file
+    written by ``changechat-to-videos`` / ``videos-to-pairs`` holds the same pairs and references as its source,
+    so it is named by its source (through the note beside it, honoured while the file is unchanged): the video
+    models and DeltaVLM then share a test set on the leaderboard."""
+    path = Path(path)
+    entries = _entries(read_annotation_json(path))
+    names_splits = any(isinstance(e, dict) and e.get("split") is not None for e in entries)
+    identity = {"file": path.name, "sha256": file_sha256(path)}
+    note = source_note_path(path)
+    if note.is_file():
+        recorded = json.loads(note.read_text(encoding="utf-8"))
+        if recorded.get("sha256") == identity["sha256"]:
+            identity = dict(recorded["converted_from"])
+    return {**identity, "split": split if names_splits else None}
+
+
 def _report_missing(path: Path, missing: list[str], total: int, what: str, folder: Path) -> None:
     if missing:
         listed = "; ".join(missing[:MAX_LISTED]) + ("; ..." if len(missing) > MAX_LISTED else "")
@@ -126,14 +187,15 @@ def _shown(media: Path, folder: Path) -> str:
 
 
 def load_annotations(path: str | Path, video_dir: str | Path | None = None, *, require_answer: bool = True,
-                     check_videos: bool = True, limit: int | None = None) -> list[Sample]:
+                     check_videos: bool = True, limit: int | None = None, split: str | None = None) -> list[Sample]:
     """GeoLLaVA records as Samples, the first ``limit`` of them (all are checked, videos only for those kept).
 
-    ``video`` is resolved against ``video_dir`` (default: the JSON file's folder).
+    ``video`` is resolved against ``video_dir`` (default: the JSON file's folder). ``split``: only the records
+    of that split when records carry ``"split"`` (see ``select_split``).
     """
     path = Path(path)
     _check_limit(limit)
-    records = _records(_read_json(path), path)
+    records = select_split(_records(read_annotation_json(path), path), split, path)
     folder = Path(video_dir) if video_dir is not None else path.parent
     samples = []
     for index, record in enumerate(records):
@@ -154,7 +216,8 @@ def load_annotations(path: str | Path, video_dir: str | Path | None = None, *, r
         answer = answers[0].strip() if answers else None
         if require_answer and not answer:
             raise UserError(f"{where}: no answer (a conversation turn with \"from\": \"gpt\" and a non-empty value)")
-        samples.append(Sample(record_id, folder / video, question, answer))
+        samples.append(Sample(record_id, folder / video, question, answer, _references(record, where),
+                              _split_of(record)))
     _check_unique([s.id for s in samples], path)
     if limit is not None:
         samples = samples[:limit]
@@ -163,6 +226,19 @@ def load_annotations(path: str | Path, video_dir: str | Path | None = None, *, r
                    for i, s in enumerate(samples) if not s.video.is_file()]
         _report_missing(path, missing, len(samples), "video(s)", folder)
     return samples
+
+
+def _references(record: dict, where: str) -> list[str]:
+    references = record.get("references")
+    if references is None:
+        return []
+    if not (isinstance(references, list) and references and all(isinstance(r, str) and r.strip() for r in references)):
+        raise UserError(f"{where}: 'references' must be a non-empty list of non-empty strings")
+    return [r.strip() for r in references]
+
+
+def _split_of(record: dict) -> str | None:
+    return None if record.get("split") is None else str(record["split"])
 
 
 # --------------------------------------------------------------------------- ChangeChat
@@ -197,7 +273,7 @@ def _instruction_sample(record: dict, where: str, root: Path, require_answer: bo
     record_id = record.get("id")
     record_id = str(record_id) if record_id not in (None, "") else Path(images[0]).stem
     return ChangeChatSample(record_id, root / images[0].strip(), root / images[1].strip(), _changeflag(record, where),
-                            turns)
+                            turns, split=_split_of(record))
 
 
 def _caption_sample(record: dict, where: str, root: Path) -> ChangeChatSample:
@@ -211,7 +287,7 @@ def _caption_sample(record: dict, where: str, root: Path) -> ChangeChatSample:
     record_id = record.get("id")
     record_id = str(record_id) if record_id not in (None, "") else Path(image_a).stem
     return ChangeChatSample(record_id, root / image_a, root / image_b, _changeflag(record, where),
-                            [(CAPTION_PROMPT, references[0])], references)
+                            [(CAPTION_PROMPT, references[0])], references, _split_of(record))
 
 
 def _levir_cc_records(data: dict, path: Path) -> list[dict]:
@@ -232,14 +308,16 @@ def _levir_cc_records(data: dict, path: Path) -> list[dict]:
             raise UserError(f"{where}: 'sentences' must be a list of {{\"raw\": str}}")
         record = {"image_A": str(Path(folder, "A", name)), "image_B": str(Path(folder, "B", name)),
                   "captions": [s["raw"] for s in sentences], "id": Path(name).stem}
-        if "changeflag" in item:
-            record["changeflag"] = item["changeflag"]
+        for key in ("changeflag", "split"):
+            if key in item:
+                record[key] = item[key]
         converted.append(record)
     return converted
 
 
 def load_changechat(path: str | Path, image_root: str | Path | None = None, *, require_answer: bool = True,
-                    check_images: bool = True, limit: int | None = None) -> list[ChangeChatSample]:
+                    check_images: bool = True, limit: int | None = None, split: str | None = None
+                    ) -> list[ChangeChatSample]:
     """ChangeChat records: instruction records, the caption split, or LEVIR-CC's own caption file.
 
     * instruction records: ``{"id", "image": ["A/x.png", "B/x.png"], "changeflag"?, "conversations": [...]}``
@@ -248,14 +326,17 @@ def load_changechat(path: str | Path, image_root: str | Path | None = None, *, r
     * LEVIR-CC: ``{"images": [{"filepath": "train", "filename": "x.png", "sentences": [{"raw": ...}]}]}``.
 
     Image paths are resolved against ``image_root`` (default: the JSON file's folder); ``id`` defaults to the
-    before image's name stem.
+    before image's name stem. ``split``: only the entries of that split when they carry ``"split"`` (LEVIR-CC's
+    file holds train, val and test; see ``select_split``).
     """
     path = Path(path)
     _check_limit(limit)
-    data = _read_json(path)
+    data = read_annotation_json(path)
     if isinstance(data, dict) and "images" in data:
-        data = _levir_cc_records(data, path)
-    records = _records(data, path)
+        data = {"images": select_split(_records(data["images"], path), split, path)}
+        records = _levir_cc_records(data, path)
+    else:
+        records = select_split(_records(data, path), split, path)
     root = Path(image_root) if image_root is not None else path.parent
     samples = []
     for index, record in enumerate(records):

@@ -55,9 +55,13 @@ def load_eval_model(family: str, model_path: str, model_id: str, load_in_4bit: b
 
 def evaluate(*, family: str, model_path: str, model_id: str, val_annotations: str, video_dir: str | None,
              num_frames: int, batch_size: int, max_new_tokens: int, load_in_4bit: bool, results_dir: str,
-             settings: dict[str, Any], limit: int | None = None, run: str | None = None) -> Path:
-    """Evaluate and score; returns the path of ``<results_dir>/<run>.metrics.json``."""
-    from .annotations import load_annotations
+             settings: dict[str, Any], limit: int | None = None, run: str | None = None,
+             split: str | None = None) -> Path:
+    """Evaluate and score; returns the path of ``<results_dir>/<run>.metrics.json``.
+
+    ``split``: only that split of a file that names splits. A record with ``references`` is scored against all
+    of them (LEVIR-CC's five captions, converted by ``changechat-to-videos``)."""
+    from .annotations import describe_test_set, load_annotations
     from .metrics import compute_metrics_report
     from .results import ResultsWriter, format_metrics_table, read_jsonl, write_metrics
     from .video import read_video_frames
@@ -71,7 +75,7 @@ def evaluate(*, family: str, model_path: str, model_id: str, val_annotations: st
 
         ensure_sample_media()
         video_dir = str(SAMPLE_VIDEO_DIR)
-    samples = load_annotations(val_annotations, video_dir, limit=limit)
+    samples = load_annotations(val_annotations, video_dir, limit=limit, split=split)
     run = run or results_run_name(family, model_path, model_id)
     results_path = Path(results_dir) / f"{run}.jsonl"
     writer = ResultsWriter(results_path)
@@ -88,8 +92,8 @@ def evaluate(*, family: str, model_path: str, model_id: str, val_annotations: st
             batch = todo[start:start + batch_size]
             frames = [read_video_frames(s.video, num_frames) for s in batch]
             answers = generate_answers(model, processor, frames, [s.question for s in batch], max_new_tokens)
-            writer.append([{"id": s.id, "video": s.video.name, "question": s.question, "true": s.answer,
-                            "generated": a} for s, a in zip(batch, answers)])
+            writer.append([{"id": s.id, "video": s.video.name, "question": s.question,
+                            "true": s.scoring_references(), "generated": a} for s, a in zip(batch, answers)])
     else:
         print(f"{run}: all {len(samples)} samples already in {results_path}; scoring only")
     wanted = {s.id for s in samples}
@@ -97,7 +101,8 @@ def evaluate(*, family: str, model_path: str, model_id: str, val_annotations: st
     report = compute_metrics_report([r["true"] for r in records], [r["generated"] for r in records])
     metrics_path = write_metrics(results_path.with_suffix(""), records, report, model=f"{model_id} ({model_path})",
                                  settings=settings, seconds=round(time.time() - started, 1),
-                                 extra={"family": family, "model_path": model_path})
+                                 extra={"family": family, "model_path": model_path,
+                                        "test_set": describe_test_set(val_annotations, split)})
     print(format_metrics_table(report.metrics, report.missing))
     print(f"metrics: {metrics_path}")
     return metrics_path
@@ -112,4 +117,4 @@ def run_evaluation(scope: dict[str, Any], family: str) -> Path:
                     num_frames=scope["NUM_FRAMES"], batch_size=scope["BATCH_SIZE"],
                     max_new_tokens=scope["MAX_NEW_TOKENS"], load_in_4bit=scope["LOAD_IN_4BIT"],
                     results_dir=scope["RESULTS_DIR"], settings=settings_of(scope), limit=scope["LIMIT"],
-                    run=scope["RUN_NAME"])
+                    run=scope["RUN_NAME"], split=scope["SPLIT"])

@@ -7,7 +7,6 @@ transformers Trainer (resuming from the newest checkpoint), save, evaluate.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, file_sha256
 from .modeling import (VideoQACollator, encode_training_example, get_family, language_model_linear_names,
                        load_model, load_processor, lora_target_regex, model_label, plan_lengths, resolve_model_path,
                        video_token_count)
@@ -205,6 +204,21 @@ def count_parameters(model) -> tuple[int, int]:
 
 # ---------------------------------------------------------------- trainer
 
+def data_loader_workers(num_workers: int | None, cuda: bool) -> int:
+    """NUM_WORKERS, or when None: 0 on a CPU (the loader would compete with training for the same cores), else the
+    cores this process may use, shared among the processes of this node, one left for the training loop, at most 8.
+    Decoding a clip takes tens of ms even at 512 px, and a GPU step at batch 4 eats clips faster than one core reads."""
+    if num_workers is not None:
+        if num_workers < 0:
+            raise UserError(f"NUM_WORKERS must be >= 0 or None (the machine's cores on a GPU), not {num_workers}")
+        return num_workers
+    if not cuda:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(8, per_process - 1))
+
+
 def training_arguments(cfg, run_dir: Path):
     from transformers import TrainingArguments
 
@@ -239,7 +253,7 @@ def training_arguments(cfg, run_dir: Path):
         eval_steps=cfg.EVAL_STEPS if has_val else None,
         remove_unused_columns=False,
         label_names=["labels"],
-        dataloader_num_workers=cfg.NUM_WORKERS,
+        dataloader_num_workers=data_loader_workers(cfg.NUM_WORKERS, cuda),
         ddp_find_unused_parameters=False,
         seed=cfg.SEED,
         deepspeed=cfg.DEEPSPEED,
@@ -247,14 +261,6 @@ def training_arguments(cfg, run_dir: Path):
         use_cpu=not cuda,
         disable_tqdm=False,
     )
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def library_versions() -> dict[str, str]:
@@ -311,8 +317,10 @@ def run_finetune(scope: dict[str, Any], family: str) -> Path:
             video_dir = SAMPLE_VIDEO_DIR
         else:
             video_dir = Path(cfg.VIDEO_DIR)
-        train_samples = load_annotations(cfg.TRAIN_ANNOTATIONS, video_dir, limit=cfg.TRAIN_LIMIT)
-        val_samples = load_annotations(cfg.VAL_ANNOTATIONS, video_dir) if cfg.VAL_ANNOTATIONS else []
+        train_samples = load_annotations(cfg.TRAIN_ANNOTATIONS, video_dir, limit=cfg.TRAIN_LIMIT,
+                                         split=cfg.TRAIN_SPLIT)
+        val_samples = (load_annotations(cfg.VAL_ANNOTATIONS, video_dir, split=cfg.VAL_SPLIT)
+                       if cfg.VAL_ANNOTATIONS else [])
         model_path = resolve_model_path(cfg.MODEL_ID, family)
     main = args.process_index == 0
     mode = training_mode(cfg)
@@ -396,7 +404,7 @@ def run_finetune(scope: dict[str, Any], family: str) -> Path:
         evaluate(family=family, model_path=str(run_dir), model_id=cfg.MODEL_ID, val_annotations=cfg.VAL_ANNOTATIONS,
                  video_dir=str(video_dir), num_frames=cfg.NUM_FRAMES, batch_size=cfg.EVAL_BATCH_SIZE,
                  max_new_tokens=cfg.MAX_NEW_TOKENS, load_in_4bit=False, results_dir=cfg.RESULTS_DIR,
-                 settings=settings)
+                 settings=settings, split=cfg.VAL_SPLIT)
     return run_dir
 
 

@@ -3,12 +3,13 @@
 GeoLLaVA trained on fMoW image pairs stored as videos but never released the step
 that makes them; ``pair_to_video`` and ``pairs_sheet_to_videos`` are that step.
 
-    python -m geochange.video SHEET OUT_DIR [IMAGE_ROOT]   # a pairs sheet (.xlsx/.csv) -> a folder of videos
+    python -m geochange.video SHEET OUT_DIR [IMAGE_ROOT] [--size WxH] [--max-side N] [--strict]
 """
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +160,23 @@ def read_image(path: str | Path) -> np.ndarray:
         raise UserError(f"{path} is not a readable image: {exc}") from None
 
 
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``image`` resized to ``size`` = (width, height); Lanczos, the usual choice for shrinking photographs."""
+    from PIL import Image
+
+    if (image.shape[1], image.shape[0]) == tuple(size):
+        return image
+    return np.array(Image.fromarray(image).resize(tuple(size), Image.LANCZOS))
+
+
+def bounded_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
+    """(width, height) scaled down so that the longer side is at most ``max_side``; never scaled up."""
+    if not max_side or max(width, height) <= max_side:
+        return width, height
+    scale = max_side / max(width, height)
+    return max(2, round(width * scale)), max(2, round(height * scale))
+
+
 def read_image_pair(path_a: str | Path, path_b: str | Path, *, resize: bool = False
                     ) -> tuple[np.ndarray, np.ndarray]:
     """(before, after) RGB arrays; the after image must match the before image's size unless ``resize``."""
@@ -168,9 +186,7 @@ def read_image_pair(path_a: str | Path, path_b: str | Path, *, resize: bool = Fa
             raise UserError(f"image pair sizes differ: {path_a} is {before.shape[1]}x{before.shape[0]}, "
                             f"{path_b} is {after.shape[1]}x{after.shape[0]} (pass resize=True to resize the "
                             "after image to the before image's size)")
-        from PIL import Image
-
-        after = np.array(Image.fromarray(after).resize((before.shape[1], before.shape[0]), Image.BICUBIC))
+        after = resize_image(after, (before.shape[1], before.shape[0]))
     return before, after
 
 
@@ -203,6 +219,22 @@ def pair_to_video(path_a: str | Path, path_b: str | Path, out_path: str | Path, 
 # --------------------------------------------------------------------------- pairs sheets
 
 PAIR_COLUMNS = ("image_path1", "image_path2")
+# The processors resize to 224 (Video-LLaVA) and 336 px (LLaVA-NeXT-Video); fMoW images run to thousands of
+# pixels, and a 2000x1800 clip takes ~0.4 s to decode, too slow to feed a GPU. 512 keeps headroom above 336.
+DEFAULT_MAX_SIDE = 512
+
+
+@dataclass(frozen=True)
+class SheetOptions:
+    """How a pairs sheet becomes videos.
+
+    ``resize``: a pair whose images differ in size is resized to one size (``size``, else the before image's);
+    ``False`` stops at such a pair. ``size``: (width, height) for every video. ``max_side``: videos are scaled
+    down (never up) so their longer side is at most this; ``None`` or 0 keeps the images' size.
+    """
+    resize: bool = True
+    size: tuple[int, int] | None = None
+    max_side: int | None = DEFAULT_MAX_SIDE
 
 
 def _read_sheet(sheet_path: Path):
@@ -238,13 +270,22 @@ def _cell(table, sheet_path: Path, row: int, column: str) -> str:
     return str(value).strip()
 
 
+def geollava_video_name(image_path1: str, image_path2: str) -> str:
+    """GeoLLaVA's released video name: ``airport_hangar_0_4-airport_hangar_0_1.mp4`` (the stems without ``_rgb``)."""
+    def stem(path: str) -> str:
+        name = Path(path.replace("\\", "/")).stem
+        return name[: -len("_rgb")] if name.endswith("_rgb") else name
+
+    return f"{stem(image_path1)}-{stem(image_path2)}.mp4"
+
+
 def _video_name(table, sheet_path: Path, row: int) -> str:
     if "video" in table.columns:
         name = _cell(table, sheet_path, row, "video")
     elif "id" in table.columns:
         name = _cell(table, sheet_path, row, "id")
     else:
-        return f"pair_{row:06d}.mp4"
+        return geollava_video_name(*(_cell(table, sheet_path, row, column) for column in PAIR_COLUMNS))
     name = name if name.lower().endswith(".mp4") else f"{name}.mp4"
     relative = Path(name)
     if relative.is_absolute() or ".." in relative.parts:
@@ -252,16 +293,64 @@ def _video_name(table, sheet_path: Path, row: int) -> str:
     return name
 
 
-def pairs_sheet_to_videos(sheet_path: str | Path, out_dir: str | Path, image_root: str | Path | None = None, *,
-                          resize: bool = False) -> list[Path]:
-    """One 2-frame video per row of a pairs sheet (columns image_path1, image_path2); returns every row's video.
+def image_candidates(written: str, root: Path) -> list[Path]:
+    """Where a sheet's image path may be, in order: relative paths under ``root``; an absolute path as written,
+    then under ``root`` by its trailing components (``/Datasets/val/x/y.jpg`` -> ``root/Datasets/val/x/y.jpg``,
+    ``root/val/x/y.jpg``, ``root/x/y.jpg``, ``root/y.jpg``), since released sheets hold their authors' paths."""
+    path = Path(written.replace("\\", "/")).expanduser()
+    if not path.is_absolute() and not path.drive:
+        return [root / path]
+    parts = path.parts[1:]
+    return [path] + [root.joinpath(*parts[start:]) for start in range(len(parts))]
 
-    Videos are named by the sheet's ``video`` or ``id`` column, else ``pair_{row:06d}.mp4``.
-    Relative image paths are resolved against ``image_root`` (default: the sheet's folder).
-    Videos already in ``out_dir`` are kept, so an interrupted run resumes where it stopped.
+
+def locate_image(written: str, root: Path) -> Path:
+    """The first existing candidate of ``image_candidates``; a miss names where it looked."""
+    candidates = image_candidates(written, root)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    shown = ", ".join(map(str, candidates[:4])) + (f" and {len(candidates) - 4} more" if len(candidates) > 4 else "")
+    raise UserError(f"image {written} not found (image root {root}; looked at {shown})")
+
+
+def fit_pair(before: np.ndarray, after: np.ndarray, options: SheetOptions) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(before, after, whether the sizes differed): both at one even size, bounded by ``options.max_side``."""
+    differ = before.shape != after.shape
+    if differ and not options.resize:
+        raise UserError(f"image sizes differ: {before.shape[1]}x{before.shape[0]} and "
+                        f"{after.shape[1]}x{after.shape[0]} (drop --strict to resize them to one size)")
+    width, height = options.size or bounded_size(before.shape[1], before.shape[0], options.max_side)
+    before, after = resize_image(before, (width, height)), resize_image(after, (width, height))
+    if min(before.shape[:2]) < 2:
+        raise UserError(f"image too small for a video ({before.shape[1]}x{before.shape[0]})")
+    return crop_to_even(before), crop_to_even(after), differ
+
+
+def _plan_row(table, sheet_path: Path, row: int, root: Path, out_dir: Path, first_row_of: dict[str, int]):
+    """(video path, before image, after image) for one row; images are looked up only for videos still to make."""
+    name = _video_name(table, sheet_path, row)
+    if name in first_row_of:
+        raise UserError(f"video name {name!r} repeats row {first_row_of[name]}")
+    first_row_of[name] = row
+    target = out_dir / name
+    written = [_cell(table, sheet_path, row, column) for column in PAIR_COLUMNS]
+    if target.exists():
+        return target, None, None
+    return target, locate_image(written[0], root), locate_image(written[1], root)
+
+
+def pairs_sheet_to_videos(sheet_path: str | Path, out_dir: str | Path, image_root: str | Path | None = None,
+                          options: SheetOptions = SheetOptions()) -> list[Path]:
+    """One 2-frame video (before frame first) per row of a pairs sheet; returns the videos of the good rows.
+
+    Columns ``image_path1``, ``image_path2`` (GeoLLaVA's sheets add category, location_id, timestamps...).
+    Videos are named by the sheet's ``video`` or ``id`` column, else GeoLLaVA's scheme (``geollava_video_name``).
+    Image paths are found under ``image_root`` (default: the sheet's folder), absolute ones by their trailing
+    components too. Videos already in ``out_dir`` are kept, so an interrupted run resumes where it stopped.
+    A bad row (missing image, empty cell, unreadable image...) gets one line and is skipped; the other rows are
+    converted, then a UserError counts the bad rows.
     """
-    from tqdm import tqdm
-
     sheet_path, out_dir = Path(sheet_path), Path(out_dir)
     table = _read_sheet(sheet_path)
     missing_columns = [c for c in PAIR_COLUMNS if c not in table.columns]
@@ -270,47 +359,105 @@ def pairs_sheet_to_videos(sheet_path: str | Path, out_dir: str | Path, image_roo
                         f"(it has: {', '.join(table.columns) or 'none'})")
     root = Path(image_root) if image_root is not None else sheet_path.parent
 
-    # Check every row before writing anything, so all problems are reported at once and early.
-    plan: list[tuple[int, Path, Path, Path]] = []
+    # Every row is checked before any video is made, so problems show early, one line each.
+    bad: list[str] = []
+    plan: list[tuple[int, Path, Path | None, Path | None]] = []  # (row, video, before, after)
     first_row_of: dict[str, int] = {}
-    missing_images: list[str] = []
     for row in range(len(table)):
-        name = _video_name(table, sheet_path, row)
-        if name in first_row_of:
-            raise UserError(f"{_where(sheet_path, row)}: video name {name!r} repeats row {first_row_of[name]}")
-        first_row_of[name] = row
-        images = []
-        for column in PAIR_COLUMNS:
-            image = Path(_cell(table, sheet_path, row, column)).expanduser()
-            image = image if image.is_absolute() else root / image
-            images.append(image)
-        target = out_dir / name
-        if not target.exists():
-            missing_images += [f"row {row} (line {row + 2}): {image}" for image in images if not image.is_file()]
-        plan.append((row, images[0], images[1], target))
-    if missing_images:
-        shown = "; ".join(missing_images[:5]) + ("; ..." if len(missing_images) > 5 else "")
-        raise UserError(f"pairs sheet {sheet_path}: {len(missing_images)} image(s) not found (image root "
-                        f"{root}): {shown}")
-
-    todo = [item for item in plan if not item[3].exists()]
-    if len(todo) < len(plan):
-        print(f"{len(plan) - len(todo)} of {len(plan)} videos already in {out_dir}; making the other {len(todo)}")
-    for row, before, after, target in tqdm(todo, desc="pairs -> videos", unit="video", disable=not todo):
         try:
-            pair_to_video(before, after, target, resize=resize)
+            plan.append((row, *_plan_row(table, sheet_path, row, root, out_dir, first_row_of)))
         except UserError as exc:
-            raise UserError(f"{_where(sheet_path, row)}: {exc}") from None
-    return [target for *_, target in plan]
+            message = str(exc)
+            bad.append(message if message.startswith(str(sheet_path)) else f"{_where(sheet_path, row)}: {message}")
+            print(f"bad row: {bad[-1]}", file=sys.stderr)
+
+    made, failed = pairs_to_videos([(_where(sheet_path, row), target, before, after)
+                                    for row, target, before, after in plan], options, out_dir)
+    bad += failed
+    if bad:
+        raise UserError(f"pairs sheet {sheet_path}: {len(bad)} of {len(table)} rows could not be converted "
+                        f"(one line each above; first: {bad[0]}); the {len(made)} other videos are in {out_dir}")
+    return made
+
+
+def pairs_to_videos(jobs: list[tuple[str, Path, Path | None, Path | None]], options: SheetOptions, out_dir: Path
+                    ) -> tuple[list[Path], list[str]]:
+    """Make the videos of ``jobs`` = (where, video, before image, after image); a video already there is kept
+    (its images may be None). Returns (the videos there at the end, one line per job that failed), the failures
+    printed as they come, with a progress bar and a count of the pairs whose sizes differed."""
+    from tqdm import tqdm
+
+    todo = [job for job in jobs if not job[1].exists()]
+    if len(todo) < len(jobs):
+        print(f"{len(jobs) - len(todo)} of {len(jobs)} videos already in {out_dir}; making the other {len(todo)}")
+    bad: list[str] = []
+    resized = 0
+    for where, target, before_path, after_path in tqdm(todo, desc="pairs -> videos", unit="video",
+                                                       disable=not todo):
+        try:
+            before, after, differ = fit_pair(read_image(before_path), read_image(after_path), options)
+            write_video([before, after], target)
+            resized += differ
+        except UserError as exc:
+            bad.append(f"{where}: {exc}")
+            tqdm.write(f"bad row: {bad[-1]}", file=sys.stderr)
+    if resized:
+        print(f"{resized} of {len(todo)} pairs had images of different sizes; resized to one size "
+              f"({'x'.join(map(str, options.size)) if options.size else 'the before image size'})")
+    return [target for _, target, *_ in jobs if target.exists()], bad
+
+
+def _size_argument(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--size {text!r}: expected WIDTHxHEIGHT, e.g. 512x512") from None
+    if width < 2 or height < 2:
+        raise UserError(f"--size {text!r}: width and height must be at least 2")
+    return width, height
+
+
+SHEET_USAGE = ("pairs-to-videos SHEET OUT_DIR [IMAGE_ROOT] [--size WxH] [--max-side N] [--strict]\n"
+               "  --size WxH    every video at this size (default: the before image's, bounded by --max-side)\n"
+               f"  --max-side N  longest side at most N pixels, never upscaled (default {DEFAULT_MAX_SIDE}; 0 = keep)\n"
+               "  --strict      stop at a pair whose images differ in size instead of resizing it")
+
+
+def parse_size_options(argv: list[str], usage: str = SHEET_USAGE) -> tuple[list[str], SheetOptions]:
+    """(the other arguments, the options) of a command line with ``--size``, ``--max-side``, ``--strict``."""
+    positional, options = [], {}
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        key, _, value = arg.partition("=")
+        if key in ("--size", "--max-side") and not value:
+            if not args:
+                raise UserError(f"{key} needs a value; usage: {usage}")
+            value = args.pop(0)
+        if key == "--size":
+            options["size"] = _size_argument(value)
+        elif key == "--max-side":
+            if not value.isdigit():
+                raise UserError(f"--max-side {value!r}: expected a whole number of pixels (0 = no bound)")
+            options["max_side"] = int(value) or None
+        elif arg == "--strict":
+            options["resize"] = False
+        elif arg.startswith("-"):
+            raise UserError(f"unknown option {arg!r}; usage: {usage}")
+        else:
+            positional.append(arg)
+    return positional, SheetOptions(**options)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``pairs-to-videos SHEET OUT_DIR [IMAGE_ROOT] [options]``."""
     install_error_handler()
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) not in (2, 3):
-        raise UserError("usage: python -m geochange.video SHEET OUT_DIR [IMAGE_ROOT]")
-    written = pairs_sheet_to_videos(argv[0], argv[1], argv[2] if len(argv) == 3 else None)
-    print(f"{len(written)} videos in {argv[1]}")
+    positional, options = parse_size_options(sys.argv[1:] if argv is None else argv)
+    if len(positional) not in (2, 3):
+        raise UserError(f"usage: {SHEET_USAGE}")
+    written = pairs_sheet_to_videos(positional[0], positional[1], positional[2] if len(positional) == 3 else None,
+                                    options)
+    print(f"{len(written)} videos in {positional[1]}")
     return 0
 
 

@@ -1,11 +1,14 @@
 """Loading GeoLLaVA and ChangeChat annotation files; every mistake names the file and the record."""
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
-from geochange.annotations import ChangeChatSample, Sample, load_annotations, load_changechat, strip_placeholders
+from geochange.annotations import (ChangeChatSample, Sample, describe_test_set, load_annotations, load_changechat,
+                                   strip_placeholders)
 from geochange.changechat_format import CAPTION_PROMPT, COUNT_PROMPT
 from geochange.sample_data import (SAMPLE_CHANGECHAT_CAPTIONS, SAMPLE_CHANGECHAT_INSTRUCTIONS, SAMPLE_CHANGECHAT_ROOT,
                                    SAMPLE_TRAIN, SAMPLE_VAL, SAMPLE_VIDEO_DIR)
@@ -170,3 +173,48 @@ def test_changechat_missing_images_and_duplicates(write_json, tmp_path, user_err
     path = write_json([caption, dict(caption)])
     user_error(lambda: load_changechat(path, tmp_path, check_images=False), str(path), "record 1 (id 'x')",
                "duplicate id")
+
+
+def levir_cc_file(write_json, counts: dict[str, int]) -> Path:
+    """A file in LEVIR-CC's own layout (LevirCCcaptions.json): one list of images of every split, 5 sentences each."""
+    images = [{"filepath": split, "filename": f"{split}_{i:06d}.png", "split": split, "changeflag": i % 2,
+               "sentences": [{"raw": f" {split} caption {i} number {k} ", "tokens": []} for k in range(5)]}
+              for split, count in counts.items() for i in range(count)]
+    return write_json({"images": images}, "LevirCCcaptions.json")
+
+
+def test_levir_cc_caption_file_split_by_split(write_json, tmp_path, user_error, capsys):
+    path = levir_cc_file(write_json, {"train": 4, "val": 2, "test": 3})
+    test = load_changechat(path, tmp_path, check_images=False, split="test")
+    assert [s.id for s in test] == ["test_000000", "test_000001", "test_000002"]
+    assert {s.split for s in test} == {"test"} and test[1].image_a == tmp_path / "test" / "A" / "test_000001.png"
+    assert test[2].references == [f"test caption 2 number {k}" for k in range(5)]
+    assert "3 of 9 entries, split 'test' (the file holds: train 4, val 2, test 3)" in capsys.readouterr().out
+    assert [s.id for s in load_changechat(path, tmp_path, check_images=False, split="val")] == ["val_000000",
+                                                                                                   "val_000001"]
+    assert len(load_changechat(path, tmp_path, check_images=False, split=None)) == 9
+    assert len(load_changechat(path, tmp_path, check_images=False, split="train", limit=2)) == 2
+    user_error(lambda: load_changechat(path, tmp_path, check_images=False, split="testing"), str(path),
+               "no entry of split 'testing'", "train 4, val 2, test 3")
+    # A file without splits is used whole, whatever the split asked.
+    plain = write_json([{"image_A": "A/x.png", "image_B": "B/x.png", "captions": ["c"]}], "plain.json")
+    assert len(load_changechat(plain, tmp_path, check_images=False, split="test")) == 1
+    identity = describe_test_set(path, "test")
+    assert identity == {"file": "LevirCCcaptions.json", "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                        "split": "test"}
+    assert describe_test_set(plain, "test")["split"] is None
+
+
+def test_geollava_records_with_splits_and_references(write_json, videos, user_error):
+    records = [dict(record("a", "a.mp4"), split="train"),
+               dict(record("b", "b.mp4"), split="test", references=["r one", " r two "]),
+               dict(record("c", "a.mp4"), split="test")]
+    path = write_json(records)
+    samples = load_annotations(path, videos, split="test")
+    assert [s.id for s in samples] == ["b", "c"]
+    assert samples[0].references == ["r one", "r two"] and samples[0].scoring_references() == ["r one", "r two"]
+    assert samples[1].scoring_references() == "a road."
+    assert [s.id for s in load_annotations(path, videos, split=None)] == ["a", "b", "c"]
+    user_error(lambda: load_annotations(path, videos, split="val"), "no entry of split 'val'", "train 1, test 2")
+    records[1]["references"] = ["ok", ""]
+    user_error(lambda: load_annotations(write_json(records), videos), "record 1 (id 'b')", "'references'")

@@ -1,6 +1,7 @@
 """DeltaVLM on its tiny offline twin: the real loading path, the CSRM, answering, chat, batch + resume, errors."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -329,7 +330,7 @@ def test_batch_scores_every_task_and_resumes(predictor, scene_images, tmp_path, 
         record("yn", cc.YESNO_PROMPT, "yes"), record("count", cc.COUNT_PROMPT, cc.count_answer(0, 1)),
         record("loc", cc.LOCALIZATION_PROMPT, cc.localization_answer([], [(2, 2)])), dialog]))
     s = {"CHECKPOINT": "tiny", "USE_CSRM": True, "LOAD_IN_8BIT": False, "RESULTS_DIR": str(tmp_path / "results"),
-         "RUN_NAME": None, "TEST_ANNOTATIONS": str(annotations), "BATCH_SIZE": 4}
+         "RUN_NAME": None, "TEST_ANNOTATIONS": str(annotations), "BATCH_SIZE": 4, "SPLIT": "test"}
     items = run.batch_items(str(annotations), None, None)
     assert [(i.id, i.task) for i in items] == [("p1", "caption"), ("yn", "yesno"), ("count", "count"),
                                                ("loc", "localization"), ("dialog_turn1", "yesno"),
@@ -350,6 +351,8 @@ def test_batch_scores_every_task_and_resumes(predictor, scene_images, tmp_path, 
     bleu, _ = Bleu(4).compute_score({0: [coco_normalise(r) for r in refs]},
                                     {0: [coco_normalise(records["p1"]["generated"])]}, verbose=0)
     assert metrics["caption/bleu1"] == pytest.approx(bleu[0])
+    assert json.loads(metrics_path.read_text())["test_set"] == {
+        "file": "mixed.json", "sha256": hashlib.sha256(annotations.read_bytes()).hexdigest(), "split": None}
     counted = [cc.parse_count_answer(records[i]["generated"]) for i in ("count", "dialog_turn2")]
     assert metrics["count/buildings_mae"] == pytest.approx(np.mean([abs(1 - (b or 0)) for _, b in counted]))
     assert (tmp_path / "results" / "deltavlm-tiny_mixed.csv").exists()

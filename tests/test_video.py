@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 import geochange.video as video
-from geochange.video import (pair_to_video, pairs_sheet_to_videos, read_image, read_image_pair, read_video_frames,
-                             sample_indices, write_image, write_video)
+from geochange.video import (locate_image, pair_to_video, pairs_sheet_to_videos, read_image, read_image_pair,
+                             read_video_frames, sample_indices, write_image, write_video)
 
 
 def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -141,7 +141,7 @@ def test_csv_sheet_to_videos_resumes(tmp_path, pair_folder, scene_images, capsys
                   "image_path2": [f"{i}_b.png" for i in range(3)]}).to_csv(sheet, index=False)
     out = tmp_path / "videos"
     written = pairs_sheet_to_videos(sheet, out, pair_folder)
-    assert [p.name for p in written] == ["pair_000000.mp4", "pair_000001.mp4", "pair_000002.mp4"]
+    assert [p.name for p in written] == ["0_a-0_b.mp4", "1_a-1_b.mp4", "2_a-2_b.mp4"]
     assert mean_abs_diff(read_video_frames(written[2])[0], scene_images[1]) < 3  # row order kept
     stamps = [p.stat().st_mtime_ns for p in written]
     written[1].unlink()
@@ -162,28 +162,89 @@ def test_xlsx_sheet_with_ids_and_absolute_paths(tmp_path, pair_folder):
     assert read_video_frames(written[1]).shape == (2, 256, 256, 3)
 
 
-def test_sheet_errors_name_sheet_and_row(tmp_path, pair_folder, user_error):
+def test_sheet_errors_name_sheet_and_row(tmp_path, pair_folder, user_error, capsys):
     sheet = tmp_path / "pairs.csv"
     sheet.write_text("image_path1,second\n0_a.png,0_b.png\n")
     user_error(lambda: pairs_sheet_to_videos(sheet, tmp_path / "out", pair_folder), str(sheet), "image_path2",
                "second")
-    sheet.write_text("image_path1,image_path2\n0_a.png,0_b.png\n1_a.png,gone.png\n")
-    user_error(lambda: pairs_sheet_to_videos(sheet, tmp_path / "out", pair_folder), str(sheet), "row 1 (line 3)",
-               str(pair_folder / "gone.png"), "1 image(s) not found")
-    assert not (tmp_path / "out" / "pair_000000.mp4").exists()  # nothing written before the sheet is known good
-    sheet.write_text("image_path1,image_path2\n0_a.png,\n")
-    user_error(lambda: pairs_sheet_to_videos(sheet, tmp_path / "out", pair_folder), str(sheet), "row 0",
-               "empty image_path2")
+    # Bad rows get one line each and are skipped; the good rows are converted, then the run stops with a count.
+    sheet.write_text("image_path1,image_path2\n0_a.png,0_b.png\n1_a.png,gone.png\n2_a.png,\n")
+    user_error(lambda: pairs_sheet_to_videos(sheet, tmp_path / "out", pair_folder), str(sheet),
+               "2 of 3 rows could not be converted", "the 1 other videos")
+    bad_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("bad row:")]
+    assert len(bad_lines) == 2
+    assert "row 1 (line 3)" in bad_lines[0] and str(pair_folder / "gone.png") in bad_lines[0]
+    assert "row 2 (line 4)" in bad_lines[1] and "empty image_path2" in bad_lines[1]
+    assert (tmp_path / "out" / "0_a-0_b.mp4").exists()
     sheet.write_text("video,image_path1,image_path2\nx,0_a.png,0_b.png\nx.mp4,1_a.png,1_b.png\n")
-    user_error(lambda: pairs_sheet_to_videos(sheet, tmp_path / "out", pair_folder), str(sheet), "row 1",
+    user_error(lambda: pairs_sheet_to_videos(sheet, tmp_path / "out2", pair_folder), str(sheet), "row 1",
                "repeats row 0")
     (pair_folder / "bad.png").write_text("no image")
     sheet.write_text("image_path1,image_path2\nbad.png,0_b.png\n")
-    user_error(lambda: pairs_sheet_to_videos(sheet, tmp_path / "out", pair_folder), str(sheet), "row 0",
+    user_error(lambda: pairs_sheet_to_videos(sheet, tmp_path / "out3", pair_folder), str(sheet), "row 0",
                str(pair_folder / "bad.png"))
     user_error(lambda: pairs_sheet_to_videos(tmp_path / "none.xlsx", tmp_path / "out"), "none.xlsx",
                "does not exist")
     user_error(lambda: video.main(["only-one-arg"]), "usage")
+    user_error(lambda: video.main([str(sheet), "out", "--size", "12"]), "--size", "WIDTHxHEIGHT")
+    user_error(lambda: video.main([str(sheet), "out", "--bogus"]), "unknown option")
+
+
+def write_fmow_site(root: Path, scene_images, sizes: list[tuple[int, int]]) -> list[str]:
+    """fMoW-like images under root/val/airport_hangar/airport_hangar_0/, one per size; their sheet paths."""
+    from PIL import Image
+
+    folder = root / "val" / "airport_hangar" / "airport_hangar_0"
+    paths = []
+    for index, (width, height) in enumerate(sizes):
+        image = np.array(Image.fromarray(scene_images[min(index, 1)]).resize((width, height), Image.BILINEAR))
+        write_image(image, folder / f"airport_hangar_0_{index}_rgb.jpg")
+        paths.append(f"/Datasets/val/airport_hangar/airport_hangar_0/airport_hangar_0_{index}_rgb.jpg")
+    return paths
+
+
+def test_geollava_sheet_as_released(tmp_path, scene_images, capsys, user_error):
+    """GeoLLaVA's exact columns, its authors' absolute paths, differently sized pairs, an image root."""
+    root = tmp_path / "fmow"
+    paths = write_fmow_site(root, scene_images, [(300, 260), (340, 290), (1200, 900)])
+    sheet = tmp_path / "updated_val_pairs_sheet.xlsx"
+    pd.DataFrame({"category": ["airport_hangar"] * 2, "location_id": ["airport_hangar_0"] * 2,
+                  "image1": [Path(paths[0]).name, Path(paths[2]).name], "timestamp1": ["2015-01-01", "2016-01-01"],
+                  "image_path1": [paths[0], paths[2]],
+                  "image2": [Path(paths[1]).name, Path(paths[0]).name], "timestamp2": ["2017-06-01", "2014-01-01"],
+                  "image_path2": [paths[1], paths[0]]}).to_excel(sheet, index=False)
+    out = tmp_path / "videos"
+    assert video.main([str(sheet), str(out), str(root)]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["airport_hangar_0_0-airport_hangar_0_1.mp4", "airport_hangar_0_2-airport_hangar_0_0.mp4"]
+    assert "2 of 2 pairs had images of different sizes" in capsys.readouterr().out
+    small = read_video_frames(out / names[0])
+    assert small.shape == (2, 260, 300, 3)  # the before image's size (below the 512 bound: not upscaled)
+    large = read_video_frames(out / names[1])
+    assert large.shape == (2, 384, 512, 3)  # 1200x900 bounded to a 512 longest side
+    # Before frame first: the first frame matches the first image, the second the (resized) second image.
+    expect_before = np.asarray(read_image(root / paths[2][len("/Datasets/"):]))
+    from PIL import Image
+    expect_before = np.array(Image.fromarray(expect_before).resize((512, 384), Image.LANCZOS))
+    expect_after = np.array(Image.fromarray(read_image(root / paths[0][len("/Datasets/"):])).resize((512, 384),
+                                                                                                 Image.LANCZOS))
+    assert mean_abs_diff(large[0], expect_before) < 4 and mean_abs_diff(large[1], expect_after) < 4
+    assert mean_abs_diff(large[0], expect_after) > 10
+
+    # --size sets every video's size; --max-side 0 keeps the full size; --strict stops at a size difference.
+    sized = pairs_sheet_to_videos(sheet, tmp_path / "sized", root, video.SheetOptions(size=(128, 96)))
+    assert all(read_video_frames(p).shape == (2, 96, 128, 3) for p in sized)
+    assert video.main([str(sheet), str(tmp_path / "full"), str(root), "--max-side", "0"]) == 0
+    assert read_video_frames(tmp_path / "full" / names[1]).shape == (2, 900, 1200, 3)
+    user_error(lambda: video.main([str(sheet), str(tmp_path / "strict"), str(root), "--strict"]), "row 0",
+               "image sizes differ", "300x260 and 340x290")
+
+    # A miss says where it looked.
+    message = user_error(lambda: locate_image("/Datasets/val/airport_hangar/gone_rgb.jpg", root), "gone_rgb.jpg",
+                         str(root))
+    assert str(root / "val" / "airport_hangar" / "gone_rgb.jpg") in message
+    assert locate_image(paths[1], root) == root / "val/airport_hangar/airport_hangar_0/airport_hangar_0_1_rgb.jpg"
+    assert locate_image(paths[1], root / "val") == root / "val/airport_hangar/airport_hangar_0/airport_hangar_0_1_rgb.jpg"
 
 
 def test_atomic_path_leaves_the_old_file_when_the_write_fails(tmp_path):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..annotations import describe_test_set
 from ..errors import UserError
 from ..paths import ANNOTATIONS_DIR
 from .predictor import Decoding, Predictor, Prompting
@@ -79,8 +80,10 @@ def pair_paths(image_a: str | None, image_b: str | None) -> tuple[Path, Path]:
     return SAMPLE_CHANGECHAT_ROOT / "A" / chosen, SAMPLE_CHANGECHAT_ROOT / "B" / chosen
 
 
-def batch_items(annotations: str, image_root: str | None, limit: int | None) -> list:
-    """Every turn of a ChangeChat file (its images checked); the bundled sample's images are drawn if needed."""
+def batch_items(annotations: str, image_root: str | None, limit: int | None, split: str | None = None) -> list:
+    """Every turn of a ChangeChat file (its images checked); the bundled sample's images are drawn if needed.
+
+    ``split``: only that split's entries of a file that names splits (LEVIR-CC's ``LevirCCcaptions.json``)."""
     from ..annotations import load_changechat
     from .predictor import items_of
 
@@ -89,7 +92,7 @@ def batch_items(annotations: str, image_root: str | None, limit: int | None) -> 
 
         ensure_sample_media()
         image_root = SAMPLE_CHANGECHAT_ROOT
-    items = items_of(load_changechat(annotations, image_root, limit=limit))
+    items = items_of(load_changechat(annotations, image_root, limit=limit, split=split))
     if not items:
         raise UserError(f"{annotations}: no records to answer")
     return items
@@ -99,7 +102,10 @@ def run_name(s: dict) -> str:
     if s["RUN_NAME"]:
         return s["RUN_NAME"]
     label = "deltavlm-tiny" if s["CHECKPOINT"] == "tiny" else "deltavlm"
-    return f"{label}{'' if s['USE_CSRM'] else '-nocsrm'}_{Path(s['TEST_ANNOTATIONS']).stem}"
+    # One file may hold several splits (LevirCCcaptions.json): each split's answers get their own results file.
+    split = describe_test_set(s["TEST_ANNOTATIONS"], s["SPLIT"])["split"]
+    suffix = f"_{split}" if split else ""
+    return f"{label}{'' if s['USE_CSRM'] else '-nocsrm'}_{Path(s['TEST_ANNOTATIONS']).stem}{suffix}"
 
 
 def paper_results() -> list[dict[str, str]]:
@@ -150,7 +156,7 @@ def run_batch(predictor: Predictor, items: list, s: dict, settings: dict) -> Pat
                            missing={f"{task}/{k}": v for task, r in scores.items() for k, v in r.missing.items()},
                            models={k: v for r in scores.values() for k, v in r.models.items()})
     extra = {"tasks": {task: {"samples": r.samples, "skipped": r.skipped} for task, r in scores.items()},
-             "paper_results": paper_results()}
+             "paper_results": paper_results(), "test_set": describe_test_set(s["TEST_ANNOTATIONS"], s["SPLIT"])}
     path = write_metrics(stem, records, report, model=f"DeltaVLM ({s['CHECKPOINT']})", settings=settings,
                          seconds=round(time.time() - started, 2), extra=extra)
     print_scores(scores)
