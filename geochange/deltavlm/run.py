@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..finetune import RUN_FILE, read_run_file
 from ..paths import ANNOTATIONS_DIR
 from .predictor import Decoding, Predictor, Prompting
 
@@ -35,8 +36,23 @@ def sources(s: dict) -> dict[str, str]:
         tiny = ensure_tiny_deltavlm()
         return {"checkpoint": str(tiny.checkpoint), "base": str(tiny.base), "llm": str(tiny.llm),
                 "bert": str(tiny.bert)}
+    trained = training_run_sources(s["CHECKPOINT"])
+    if trained is not None:
+        print(f"CHECKPOINT is a deltavlm_finetune.py run's: its base, LLM and tokenizer are the run's "
+              f"({trained['base']}, {trained['llm']}, {trained['bert']})")
+        return {"checkpoint": s["CHECKPOINT"], **trained}
     return {"checkpoint": s["CHECKPOINT"], "base": s["VISION_QFORMER_BASE"], "llm": s["LLM_MODEL"],
             "bert": s["BERT_MODEL"]}
+
+
+def training_run_sources(checkpoint: str) -> dict[str, str] | None:
+    """The base, LLM and tokenizer a deltavlm_finetune.py run trained with (its run.json beside the checkpoint)."""
+    path = Path(checkpoint).expanduser()
+    folder = path if path.is_dir() else path.parent
+    record = read_run_file(folder) if (folder / RUN_FILE).is_file() else None
+    if not record or "sources" not in record:
+        return None
+    return {key: record["sources"][key] for key in ("base", "llm", "bert")}
 
 
 def load_predictor(s: dict) -> Predictor:
