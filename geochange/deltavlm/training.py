@@ -229,6 +229,12 @@ def build_model(cfg, sources: Sources, device: torch.device):
                                               bert_model=sources.bert, device=device,
                                               load_in_8bit=cfg.LOAD_LLM_IN_8BIT, load_in_4bit=cfg.LOAD_LLM_IN_4BIT,
                                               use_csrm=cfg.USE_CSRM)
+    adapt_llm(model, cfg)
+    return model, tokenizers, report
+
+
+def adapt_llm(model: DeltaVLM, cfg) -> None:
+    """LoRA on the LLM (LLM_LORA_R > 0) and gradient checkpointing, as the settings ask."""
     if cfg.LLM_LORA_R:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -243,7 +249,6 @@ def build_model(cfg, sources: Sources, device: torch.device):
             part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model.language_model, "enable_input_require_grads"):
             model.language_model.enable_input_require_grads()
-    return model, tokenizers, report
 
 
 def _zero_key_bias_gradient(bias: torch.nn.Parameter) -> None:
