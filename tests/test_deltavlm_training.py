@@ -53,18 +53,19 @@ def train_in_process(cfg, callbacks=()):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, one_thread, sample_dir):
-    """One tiny run shared by the tests, CSRM in the forward, Vicuna frozen: 4 epochs of 8 steps on the captions
-    of 12 sample pairs (5 references each), validated on the same 12 pairs, the best checkpoint by CIDEr.
-    (The tiny twin's frozen random LLM learns slowly: captions and a large LR show learning in seconds.)"""
-    return train_in_process(settings(tmp_path_factory.mktemp("runs"), "EPOCHS=4", "LR=1e-2", "TRAIN_LIMIT=12",
-                                     f"TRAIN_ANNOTATIONS={CAPTIONS}", "BEST_METRIC=cider"))
+    """The paper's setting on the tiny twin (CSRM in the forward, Vicuna frozen): 2 epochs of 8 steps on the
+    instruction answers of 16 sample pairs, validated on 12 captions."""
+    return train_in_process(settings(tmp_path_factory.mktemp("runs"), "EPOCHS=2"))
 
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, one_thread, sample_dir):
-    """LoRA on the LLM and the CSRM out of the forward: 1 epoch, 3 steps."""
-    return train_in_process(settings(tmp_path_factory.mktemp("runs"), "EPOCHS=1", "MAX_STEPS=3", "USE_CSRM=False",
-                                     "LLM_LORA_R=4"))
+    """LoRA on the LLM, the CSRM out of the forward: 5 epochs of 8 steps on the captions of 12 sample pairs
+    (5 references each), validated on the same 12 pairs, the best checkpoint by CIDEr. The tiny twin's LLM is
+    random, so it can only say caption words once it has learnt them (a pretrained Vicuna knows them)."""
+    return train_in_process(settings(tmp_path_factory.mktemp("runs"), "EPOCHS=5", "LR=3e-2", "USE_CSRM=False",
+                                     "LLM_LORA_R=16", "LLM_LORA_ALPHA=32", "TRAIN_LIMIT=12",
+                                     f"TRAIN_ANNOTATIONS={CAPTIONS}", "BEST_METRIC=cider"))
 
 
 def changed(before: dict, model, prefix: str) -> dict[str, bool]:
@@ -110,13 +111,13 @@ def test_labels_cover_the_answer_and_eos_only(trained):
 def test_loss_falls_and_validation_runs_each_epoch(trained):
     run_dir, _, _, record = trained
     losses = [point["loss"] for point in record["loss_curve"]]
-    assert len(losses) == 32 and sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.2
-    assert [v["epoch"] for v in record["validation_curve"]] == [1, 2, 3, 4]
-    for epoch in (1, 2, 3, 4):
+    assert len(losses) == 16 and sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
+    assert [v["epoch"] for v in record["validation_curve"]] == [1, 2]
+    for epoch in (1, 2):
         results = (run_dir / "validation" / f"epoch{epoch:03d}.jsonl").read_text().splitlines()
         assert len(results) == 12 and all(json.loads(line)["task"] == "caption" for line in results)
         metrics = json.loads((run_dir / "validation" / f"epoch{epoch:03d}.metrics.json").read_text())
-        assert metrics["score"] == pytest.approx(metrics["metrics"]["cider"])
+        assert metrics["score"] == pytest.approx(metrics["metrics"]["bleu4"])
     best = max(record["validation_curve"], key=lambda v: v["score"])
     assert json.loads((run_dir / "run.json").read_text())["best_epoch"] == best["epoch"]
     assert torch.load(run_dir / "checkpoint_best.pth", weights_only=True)["epoch"] == best["epoch"]
@@ -150,7 +151,7 @@ def test_checkpoint_has_the_released_key_set_and_the_trained_values(trained):
     assert {k: tuple(v.shape) for k, v in saved.items() if not k.endswith("_proj.weight") and
             not k.endswith("_proj.bias")} == {k: tuple(v.shape) for k, v in released.items()
                                               if not k.endswith("_proj.weight") and not k.endswith("_proj.bias")}
-    if json.loads((run_dir / "run.json").read_text())["best_epoch"] == 4:  # the last epoch: the model as it is now
+    if json.loads((run_dir / "run.json").read_text())["best_epoch"] == 2:  # the last epoch: the model as it is now
         assert torch.equal(saved["llm_proj.weight"], model.language_projection.weight.detach())
         assert torch.equal(saved["context3.weight"], model.csrm.context3.weight.detach())
 
@@ -168,24 +169,24 @@ def test_full_size_checkpoint_keys_are_the_released_ones():
     assert keys == released
 
 
-def test_the_predictor_answers_from_the_checkpoint_and_beats_the_untrained_twin(trained, one_thread):
+def test_the_predictor_answers_from_the_checkpoint_and_beats_the_untrained_twin(lora_run, one_thread):
     from geochange.deltavlm import run
     from geochange.deltavlm.predictor import answer_batch
     from geochange.deltavlm.scoring import score_records
 
-    run_dir, _, _, record = trained
+    run_dir, _, _, record = lora_run
     _, val_items = t.load_data(settings(run_dir.parent))
     scope = runpy.run_path(str(REPO / "deltavlm_predict.py"))
     cider = {}
     for name, checkpoint in (("trained", str(run_dir / "checkpoint_best.pth")), ("untrained", "tiny")):
         s = dict(scope, CHECKPOINT=checkpoint, NUM_BEAMS=1, MAX_NEW_TOKENS=12, DEVICE="cpu",
-                 TRAINING_TURN_FORMAT=True)
+                 TRAINING_TURN_FORMAT=True, USE_CSRM=name == "untrained")
         records = answer_batch(run.load_predictor(s), val_items)
         assert all(r["generated"] for r in records)
         cider[name] = score_records(records)["caption"].metrics["cider"]
     print(f"validation CIDEr: trained {cider['trained']:.4f}, untrained {cider['untrained']:.4f}")
     assert cider["trained"] == pytest.approx(record["best_score"])  # the predictor reproduces the validation
-    assert cider["trained"] > cider["untrained"]
+    assert cider["trained"] > cider["untrained"] + 0.02
 
 
 # --------------------------------------------------------------------------- CSRM off, LoRA on
@@ -208,9 +209,12 @@ def test_lora_trains_beside_a_frozen_vicuna_and_the_predictor_loads_it(lora_run)
     scope = runpy.run_path(str(REPO / "deltavlm_predict.py"))
     predictor = run.load_predictor(dict(scope, CHECKPOINT=str(run_dir / "checkpoint_best.pth"), NUM_BEAMS=1,
                                         MAX_NEW_TOKENS=4, DEVICE="cpu", USE_CSRM=False))
-    lora = {n: p for n, p in predictor.model.language_model.named_parameters() if "lora_B" in n}
-    trained_lora = {n.removeprefix("language_model."): p for n, p in model.named_parameters() if "lora_B" in n}
-    assert lora and all(torch.equal(p, trained_lora[n].detach()) for n, p in lora.items())
+    from safetensors.torch import load_file
+
+    saved = load_file(str(run_dir / "llm_lora" / "adapter_model.safetensors"))  # the best epoch's adapter
+    lora = {n.replace(".default", ""): p for n, p in predictor.model.language_model.named_parameters() if "lora_" in n}
+    assert lora.keys() == saved.keys() and all(torch.equal(p, saved[n]) for n, p in lora.items())
+    assert any(saved[n].any() for n in saved if "lora_B" in n)  # lora_B starts at zero: it trained
 
 
 # --------------------------------------------------------------------------- resume, mixed settings

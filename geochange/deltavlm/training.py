@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -370,7 +371,7 @@ def make_validation_callback():
             return [h for h in state.log_history if "val_score" in h]
 
         def on_epoch_end(self, args, state, control, model=None, **kwargs):
-            epoch = round(state.epoch)
+            epoch = max(1, math.ceil(state.epoch - 1e-6))  # the epoch just run (MAX_STEPS may end one early)
             model.eval()
             try:
                 score, metrics = validate(self.predictor, self.items, self.cfg.VAL_BATCH_SIZE, self.run_dir, epoch,
