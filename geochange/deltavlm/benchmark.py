@@ -8,6 +8,7 @@ import torch
 from ..overrides import make_settings
 from .inputs import IGNORE_INDEX
 from .model import DeltaVLM, full_size_configs
+from .tiny import ensure_tiny_deltavlm
 from .training import Sources, adapt_llm, build_model, choose_trainable
 
 VICUNA_7B = {"vocab_size": 32001, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
@@ -82,8 +83,6 @@ def one_training_step(cfg, *, use_csrm: bool, gradient_checkpointing: bool, lora
         model = real_size_model(use_csrm, bits)
         adapt_llm(model, settings)
     else:
-        from .tiny import ensure_tiny_deltavlm
-
         device = torch.device("cpu")
         tiny = ensure_tiny_deltavlm()
         model, _, _ = build_model(settings, Sources(None, str(tiny.base), str(tiny.llm), str(tiny.bert)), device)

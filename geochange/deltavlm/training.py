@@ -23,16 +23,20 @@ import torch
 
 from ..annotations import load_changechat
 from ..errors import UserError
-from ..finetune import RUN_FILE, file_sha256, library_versions, read_run_file, write_run_file
+from ..finetune import file_sha256, library_versions, read_run_file, write_run_file
 from ..fileio import atomic_path, atomic_write_text
-from ..metrics import java_available
+from ..metrics import MetricsReport, java_available
 from ..paths import ANNOTATIONS_DIR
+from ..results import write_metrics
+from ..sample_data import SAMPLE_CHANGECHAT_ROOT, ensure_sample_media
 from .checkpoint import released_extras, released_layout_state
 from .inputs import (Prompting, build_prompt, encode_training_batch, normalise_answer, preprocess_image)
 from .loading import (CHECKPOINT_FILE, LLM_ADAPTER_DIR, base_configs, llm_adapter_beside, load_deltavlm,
                       load_lavis_state, resolve_checkpoint)
 from .model import DeltaVLM, trained_parameter_names
 from .predictor import Decoding, Item, Predictor, answer_batch, items_of, read_pair
+from .scoring import score_records
+from .tiny import ensure_tiny_deltavlm
 
 BEST_METRICS = ("bleu4", "cider", "sm")
 SM_PARTS = ("bleu4", "meteor", "rouge_l", "cider")   # "sm": their mean, as DeltaVLM's tables report S_m
@@ -65,8 +69,6 @@ def resolve_recipe(cfg):
 
 def training_sources(cfg) -> Sources:
     if cfg.INIT == "tiny":
-        from .tiny import ensure_tiny_deltavlm
-
         tiny = ensure_tiny_deltavlm()
         return Sources(None, str(tiny.base), str(tiny.llm), str(tiny.bert))
     if cfg.INIT == "instructblip":
@@ -132,8 +134,6 @@ def image_root(cfg, annotations: str) -> Path | None:
     if cfg.IMAGE_ROOT is not None:
         return Path(cfg.IMAGE_ROOT)
     if Path(annotations).resolve().parent == ANNOTATIONS_DIR.resolve():
-        from ..sample_data import SAMPLE_CHANGECHAT_ROOT, ensure_sample_media
-
         ensure_sample_media()
         return SAMPLE_CHANGECHAT_ROOT
     return None
@@ -323,10 +323,6 @@ def validate(predictor: Predictor, items: list[Item], batch_size: int, run_dir: 
              best_metric: str) -> tuple[float, dict[str, float]]:
     """Caption the val pairs with the predictor's own code (each process a share), score them with the suite's
     caption metrics on process 0, write the results like the predictor's batch mode; (score, metrics) everywhere."""
-    from ..metrics import MetricsReport
-    from ..results import write_metrics
-    from .scoring import score_records
-
     started = time.time()
     rank, world = _world()
     mine = items[rank::world]
