@@ -106,6 +106,12 @@ def test_labels_cover_the_answer_and_eos_only(trained):
     assert torch.equal(batch["qformer_input_ids"], served["qformer_input_ids"])
 
 
+def test_best_metric_scores():
+    metrics = {"bleu4": 0.4, "meteor": 0.3, "rouge_l": 0.6, "cider": 1.3, "bleu1": 0.9}
+    assert t.caption_score(metrics, "bleu4") == 0.4 and t.caption_score(metrics, "cider") == 1.3
+    assert t.caption_score(metrics, "sm") == pytest.approx((0.4 + 0.3 + 0.6 + 1.3) / 4)
+
+
 # --------------------------------------------------------------------------- one trained run
 
 def test_loss_falls_and_validation_runs_each_epoch(trained):
