@@ -226,6 +226,9 @@ def pick_device() -> torch.device:
 
 def build_model(cfg, sources: Sources, device: torch.device):
     """The model to train (base + fresh CSRM, or a DeltaVLM checkpoint), its tokenizers and the load report."""
+    from transformers import set_seed
+
+    set_seed(cfg.SEED)  # the fresh CSRM (and LoRA) initialisation is reproducible
     model, tokenizers, report = load_deltavlm(sources.init, base=sources.base, llm_model=sources.llm,
                                               bert_model=sources.bert, device=device,
                                               load_in_8bit=cfg.LOAD_LLM_IN_8BIT, load_in_4bit=cfg.LOAD_LLM_IN_4BIT,
