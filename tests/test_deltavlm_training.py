@@ -300,3 +300,21 @@ def test_two_process_torchrun_keeps_the_replicas_identical(tmp_path, sample_dir)
     first, second = record["replica_checksums"]
     assert first == second  # both processes hold the same weights after 3 synchronised steps
     assert len((tmp_path / "ddp" / "validation" / "epoch001.jsonl").read_text().splitlines()) == 4
+
+
+# --------------------------------------------------------------------------- continuing from a DeltaVLM checkpoint
+
+def test_training_continues_from_a_deltavlm_checkpoint(tmp_path, one_thread, sample_dir):
+    from geochange.deltavlm.tiny import ensure_tiny_deltavlm
+
+    tiny = ensure_tiny_deltavlm()
+    cfg = settings(tmp_path, f"INIT={tiny.checkpoint}", f"VISION_QFORMER_BASE={tiny.base}", f"LLM_MODEL={tiny.llm}",
+                   f"BERT_MODEL={tiny.bert}", "EPOCHS=1", "MAX_STEPS=1", "VAL_LIMIT=2", "LR=1e-3", "WARMUP_STEPS=0")
+    run_dir, before, _, record = train_in_process(cfg)
+    released = torch.load(tiny.checkpoint, weights_only=True)["model"]
+    # It started from the checkpoint's trained weights (not the base's), and its unused heads were carried over.
+    assert torch.equal(before["language_projection.weight"], released["llm_proj.weight"])
+    saved = torch.load(run_dir / "checkpoint_best.pth", weights_only=True)["model"]
+    assert all(torch.equal(saved[k], released[k]) for k in ("vision_proj.weight", "text_proj.bias", "temp"))
+    assert not torch.equal(saved["llm_proj.weight"], released["llm_proj.weight"])  # one step moved it
+    assert record["sources"]["init"] == str(tiny.checkpoint)
