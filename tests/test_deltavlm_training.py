@@ -318,3 +318,14 @@ def test_training_continues_from_a_deltavlm_checkpoint(tmp_path, one_thread, sam
     assert all(torch.equal(saved[k], released[k]) for k in ("vision_proj.weight", "text_proj.bias", "temp"))
     assert not torch.equal(saved["llm_proj.weight"], released["llm_proj.weight"])  # one step moved it
     assert record["sources"]["init"] == str(tiny.checkpoint)
+
+
+@pytest.mark.parametrize("quantised", ["LOAD_LLM_IN_8BIT=True", "LOAD_LLM_IN_4BIT=True"])
+def test_a_quantised_vicuna_trains_the_vision_side_and_lora(tmp_path, one_thread, sample_dir, quantised):
+    """bitsandbytes on the CPU: the frozen LLM quantised, the gradient still reaches the queries (and LoRA)."""
+    run_dir, before, model, record = train_in_process(settings(tmp_path, quantised, "LLM_LORA_R=4", "EPOCHS=1",
+                                                               "MAX_STEPS=2", "TRAIN_LIMIT=4", "VAL_LIMIT=2"))
+    assert record["global_step"] == 2 and all(point["loss"] > 0 for point in record["loss_curve"])
+    assert any(changed(before, model, "language_projection.").values())
+    assert any(v for n, v in changed(before, model, "language_model.").items() if "lora_" in n)
+    assert (run_dir / "checkpoint_best.pth").is_file() and (run_dir / "llm_lora").is_dir()
