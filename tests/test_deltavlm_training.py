@@ -329,3 +329,20 @@ def test_a_quantised_vicuna_trains_the_vision_side_and_lora(tmp_path, one_thread
     assert any(changed(before, model, "language_projection.").values())
     assert any(v for n, v in changed(before, model, "language_model.").items() if "lora_" in n)
     assert (run_dir / "checkpoint_best.pth").is_file() and (run_dir / "llm_lora").is_dir()
+
+
+def test_early_stop_and_the_best_checkpoint_follow_the_validation_score(tmp_path, one_thread, sample_dir,
+                                                                       monkeypatch):
+    scores = iter([0.5, 0.7, 0.6, 0.65, 0.9])  # best at epoch 2; two epochs without improvement -> stop after 4
+
+    def scripted(predictor, items, batch_size, run_dir, epoch, settings, best_metric):
+        score = next(scores)
+        return score, {"bleu4": score}
+
+    monkeypatch.setattr(t, "validate", scripted)
+    run_dir, _, _, record = train_in_process(settings(tmp_path, "EPOCHS=5", "EARLY_STOP_EPOCHS=2", "TRAIN_LIMIT=2",
+                                                      "VAL_LIMIT=1"))
+    assert [v["epoch"] for v in record["validation_curve"]] == [1, 2, 3, 4]
+    assert record["best_epoch"] == 2 and record["best_score"] == 0.7
+    checkpoint = torch.load(run_dir / "checkpoint_best.pth", weights_only=True)
+    assert checkpoint["epoch"] == 2 and checkpoint["scores"] == {"bleu4": 0.7}
