@@ -57,3 +57,14 @@ def user_error():
         return message
 
     return check
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread: the tiny models gain nothing from threads and lose much on a shared 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

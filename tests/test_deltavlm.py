@@ -22,15 +22,6 @@ SCRIPT = REPO / "deltavlm_predict.py"
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    # The tiny twin gains nothing from threads and loses much on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
 def tiny():
     from geochange.deltavlm.tiny import ensure_tiny_deltavlm
 

@@ -1,11 +1,14 @@
-"""DeltaVLM (Deng, Zhou & Wu, Remote Sensing 2026) inference, built from transformers' InstructBLIP parts.
+"""DeltaVLM (Deng, Zhou & Wu, Remote Sensing 2026) inference and training, built from transformers' InstructBLIP parts.
 
     model.py       the modules: EVA ViT + ln_vision, the CSRM, the instruction-guided Q-Former, the LLM
     checkpoint.py  LAVIS <-> transformers key map, the released checkpoint's conversion, the CSRM-init check
     loading.py     base + checkpoint + LLM + tokenizers -> a model, with what came from where
-    inputs.py      pixels, the two tokenised prompts, decoding
+    inputs.py      pixels, the prompt layout (training and answering), the tokenised prompts, labels, decoding
     predictor.py   answering pairs (single, chat, batch with resume)
     run.py         the steps of deltavlm_predict.py (inputs, loading, batch + scores + metrics files)
+    training.py    the steps of deltavlm_finetune.py (settings, data, model, Trainer, epoch validation, the
+                   released-layout checkpoint_best.pth, run.json)
+    benchmark.py   one real-size training step (random weights), for benchmarks/deltavlm_train_step.py
     scoring.py     the ChangeChat sub-task scores (yes/no, counting, 3x3 localization)
     tiny.py        the tiny offline twin (CHECKPOINT="tiny")
 """

@@ -200,3 +200,39 @@ def check_csrm_initialisation(csrm: torch.nn.Module, tolerance: float = 0.05) ->
         ratios[name] = (float(weight.abs().max()) / bound, float(weight.std()) / (bound / math.sqrt(3)))
     untrained = all(peak <= 1.0 + 1e-4 and abs(spread - 1.0) <= tolerance for peak, spread in ratios.values())
     return CsrmCheck(untrained, ratios)
+
+
+# --------------------------------------------------------------------------- writing a released-layout checkpoint
+
+ITC_DIM = 256                 # BLIP-2's contrastive heads vision_proj / text_proj: Q-Former width -> 256
+ITC_TEMPERATURE = 0.07        # BLIP-2's initial contrastive temperature ("temp")
+UNUSED_HEADS = ("vision_proj.weight", "vision_proj.bias", "text_proj.weight", "text_proj.bias", "temp")
+
+
+def released_extras(qformer_config, llm_config, carried: dict[str, torch.Tensor] | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """The entries DeltaVLM's checkpoint holds that neither its code nor ours uses, so that a checkpoint we
+    write has the released key set: BLIP-2's contrastive heads (trainable in LAVIS but reached by no loss, so
+    they kept their values: ``carried`` from the starting checkpoint, else BLIP-2's initialisation), the
+    Q-Former's ``position_ids`` buffer and Vicuna's rotary ``inv_freq`` buffer per layer (LAVIS saved buffers)."""
+    carried = carried or {}
+    extras = {key: carried[key].detach().cpu().clone() for key in UNUSED_HEADS if key in carried}
+    width = qformer_config.hidden_size
+    for head in ("vision_proj", "text_proj"):
+        if f"{head}.weight" not in extras:
+            layer = torch.nn.Linear(width, ITC_DIM)
+            extras[f"{head}.weight"], extras[f"{head}.bias"] = layer.weight.detach(), layer.bias.detach()
+    extras.setdefault("temp", torch.tensor(ITC_TEMPERATURE))
+    extras["Qformer.bert.embeddings.position_ids"] = torch.arange(qformer_config.max_position_embeddings)[None]
+    head_dim = getattr(llm_config, "head_dim", None) or llm_config.hidden_size // llm_config.num_attention_heads
+    rope = getattr(llm_config, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(llm_config, "rope_theta", 10000.0))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    for layer in range(llm_config.num_hidden_layers):
+        extras[f"llm_model.model.layers.{layer}.self_attn.rotary_emb.inv_freq"] = inv_freq.clone()
+    return extras
+
+
+def released_layout_state(named: dict[str, torch.Tensor], extras: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A LAVIS ``"model"`` state dict: our tensors ``named`` under LAVIS names, plus the ``extras``."""
+    return {**export_lavis_state(named), **extras}

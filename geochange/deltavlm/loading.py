@@ -18,11 +18,14 @@ from pathlib import Path
 
 import torch
 
+from ..adapters import load_adapter_verified
 from ..errors import UserError
+from ..modeling import quantization_config
 from .checkpoint import CsrmCheck, check_csrm_initialisation, convert_lavis_state, ours_to_lavis
-from .model import DeltaVLM, build_on_meta, own_parameter_shapes, trained_parameter_names
+from .model import CSRM, DeltaVLM, build_on_meta, own_parameter_shapes, trained_parameter_names
 
 CHECKPOINT_FILE = "checkpoint_best.pth"
+LLM_ADAPTER_DIR = "llm_lora"   # a LoRA adapter on the LLM, saved beside a checkpoint_best.pth by training
 QFORMER_BOS = "[DEC]"          # LAVIS adds it to BERT's vocabulary: 30522 + 1 tokens
 LLM_PAD = "[PAD]"              # the released code's pad token (id 32000 for Vicuna)
 LLM_EOS = "</s>"               # ... and its BOS = EOS = UNK
@@ -195,15 +198,14 @@ def load_llm_tokenizer(llm_model: str):
     return tokenizer
 
 
-def load_llm(llm_model: str, device: torch.device, load_in_8bit: bool, vocab: int):
+def load_llm(llm_model: str, device: torch.device, vocab: int, bits: int | None = None):
+    """The frozen LLM: full precision, or quantised to ``bits`` (8 or 4, bitsandbytes)."""
     from transformers import AutoModelForCausalLM
 
     # fp16 as released on the GPU (and for int8, whose matmuls take fp16 inputs); fp32 on the CPU.
-    kwargs: dict = {"dtype": torch.float16 if device.type == "cuda" or load_in_8bit else torch.float32}
-    if load_in_8bit:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    kwargs: dict = {"dtype": torch.float16 if device.type == "cuda" or bits else torch.float32}
+    if bits:
+        kwargs["quantization_config"] = quantization_config(bits)
         kwargs["device_map"] = {"": device.index if device.type == "cuda" and device.index is not None else
                                 str(device)}
     try:
@@ -214,7 +216,7 @@ def load_llm(llm_model: str, device: torch.device, load_in_8bit: bool, vocab: in
                         "lmsys/vicuna-7b-v1.5") from None
     if llm.get_input_embeddings().weight.shape[0] < vocab:
         llm.resize_token_embeddings(vocab)  # the released code's [PAD] row; padding only, never attended
-    if not load_in_8bit:
+    if not bits:
         llm.to(device)
     llm.eval().requires_grad_(False)
     return llm
@@ -224,15 +226,22 @@ def load_llm(llm_model: str, device: torch.device, load_in_8bit: bool, vocab: in
 
 @dataclass
 class LoadReport:
-    checkpoint: Path
+    checkpoint: Path | None   # None: the InstructBLIP base with a fresh CSRM (training's start)
     from_checkpoint: int
     from_base: int
     ignored: dict[str, str] = field(default_factory=dict)
     csrm: CsrmCheck | None = None
+    llm_adapter: Path | None = None
 
     def lines(self) -> list[str]:
-        lines = [f"DeltaVLM checkpoint {self.checkpoint}: {self.from_checkpoint} trained tensors loaded, "
-                 f"{self.from_base} frozen tensors from the InstructBLIP base"]
+        if self.checkpoint is None:
+            lines = [f"InstructBLIP base: {self.from_base} tensors (ViT, ln_vision, Q-Former, queries, projection); "
+                     f"a fresh CSRM ({self.from_checkpoint} tensors)"]
+        else:
+            lines = [f"DeltaVLM checkpoint {self.checkpoint}: {self.from_checkpoint} trained tensors loaded, "
+                     f"{self.from_base} frozen tensors from the InstructBLIP base"]
+        if self.llm_adapter is not None:
+            lines.append(f"LLM LoRA adapter: {self.llm_adapter}")
         if self.ignored:
             lines.append(f"ignored (not used at inference): {listed(sorted(self.ignored))}")
         if self.csrm is not None:
@@ -259,31 +268,61 @@ def assemble(model: DeltaVLM, lavis_state: dict[str, torch.Tensor], base: str, c
         problems.append(f"it lacks {len(lacking)} trained parameters: {listed(lacking)}")
     if problems:
         raise UserError(f"CHECKPOINT {checkpoint} does not fit DeltaVLM: " + "; ".join(problems))
-    from_base = [name for name in shapes if name not in conversion.state]
-    base_state = read_base_tensors(base, from_base)
-    uninitialised = [name for name in from_base if name not in base_state]
+    base_state = _base_state(base, [name for name in shapes if name not in conversion.state], shapes)
+    _fill(model, {**base_state, **conversion.state})
+    return LoadReport(checkpoint, len(conversion.state), len(base_state), conversion.ignored,
+                      check_csrm_initialisation(model.csrm))
+
+
+def _base_state(base: str, names: list[str], shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """The tensors ``names`` from the base, every one present and of the model's shape."""
+    base_state = read_base_tensors(base, names)
+    uninitialised = [name for name in names if name not in base_state]
     wrong = [f"{n}: base {list(base_state[n].shape)} vs model {list(shapes[n])}"
              for n in base_state if tuple(base_state[n].shape) != shapes[n]]
     if uninitialised or wrong:
         detail = (f"{len(uninitialised)} parameters left uninitialised (in neither the checkpoint nor the base): "
                   f"{listed(uninitialised)}" if uninitialised else f"shapes differ: {listed(wrong)}")
         raise UserError(f"VISION_QFORMER_BASE {base!r}: {detail}")
-    state = {name: tensor.float() for name, tensor in {**base_state, **conversion.state}.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    return base_state
+
+
+def _fill(model: DeltaVLM, state: dict[str, torch.Tensor]) -> None:
+    """Load ``state`` (fp32) into the meta-device model; every own parameter must be real afterwards."""
+    missing, unexpected = model.load_state_dict({n: t.float() for n, t in state.items()}, strict=False, assign=True)
     still_meta = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith("language_model.")]
-    if unexpected or still_meta:  # the checks above make this unreachable; kept as a guard
+    if unexpected or still_meta:  # the callers' checks make this unreachable; kept as a guard
         raise UserError(f"internal: unexpected {listed(unexpected)}; uninitialised {listed(still_meta)}")
-    return LoadReport(checkpoint, len(conversion.state), len(base_state), conversion.ignored,
-                      check_csrm_initialisation(model.csrm))
 
 
-def load_deltavlm(checkpoint: str, *, base: str, llm_model: str, bert_model: str, device: torch.device,
-                  load_in_8bit: bool = False, use_csrm: bool = True) -> tuple[DeltaVLM, Tokenizers, LoadReport]:
-    """The model (eval mode, frozen), its two tokenizers and the load report."""
+def assemble_from_base(model: DeltaVLM, base: str) -> LoadReport:
+    """Fill a meta-device DeltaVLM from the InstructBLIP base alone (the paper's starting point for training):
+    everything but the CSRM, which InstructBLIP lacks and which gets PyTorch's default initialisation."""
+    shapes = own_parameter_shapes(model)
+    base_state = _base_state(base, [name for name in shapes if not name.startswith("csrm.")], shapes)
+    fresh = {f"csrm.{name}": tensor for name, tensor in CSRM(model.vision_width).state_dict().items()}
+    _fill(model, {**base_state, **fresh})
+    return LoadReport(None, len(fresh), len(base_state), csrm=check_csrm_initialisation(model.csrm))
+
+
+def llm_adapter_beside(checkpoint: Path) -> Path | None:
+    """The LLM LoRA adapter a training run saved beside its checkpoint_best.pth, if any."""
+    folder = checkpoint.parent / LLM_ADAPTER_DIR
+    return folder if folder.is_dir() else None
+
+
+def load_deltavlm(checkpoint: str | None, *, base: str, llm_model: str, bert_model: str, device: torch.device,
+                  load_in_8bit: bool = False, load_in_4bit: bool = False,
+                  use_csrm: bool = True) -> tuple[DeltaVLM, Tokenizers, LoadReport]:
+    """The model (eval mode, frozen), its two tokenizers and the load report.
+
+    ``checkpoint`` None: the InstructBLIP base with a fresh CSRM (where training starts). A LoRA adapter
+    saved beside the checkpoint (``llm_lora/``) is put on the LLM.
+    """
     from transformers import AutoConfig
 
-    checkpoint_path = resolve_checkpoint(checkpoint)
-    lavis_state = load_lavis_state(checkpoint_path)
+    checkpoint_path = resolve_checkpoint(checkpoint) if checkpoint is not None else None
+    lavis_state = load_lavis_state(checkpoint_path) if checkpoint_path is not None else None
     vision_config, qformer_config, num_query_tokens = base_configs(base)
     try:
         llm_hidden = AutoConfig.from_pretrained(llm_model).hidden_size
@@ -291,9 +330,14 @@ def load_deltavlm(checkpoint: str, *, base: str, llm_model: str, bert_model: str
         raise UserError(f"LLM_MODEL {llm_model!r}: cannot read its config ({str(exc).splitlines()[0][:200]}); "
                         "download: huggingface-cli download lmsys/vicuna-7b-v1.5") from None
     model = build_on_meta(vision_config, qformer_config, num_query_tokens, llm_hidden, use_csrm=use_csrm)
-    report = assemble(model, lavis_state, base, checkpoint_path)
+    report = (assemble(model, lavis_state, base, checkpoint_path) if checkpoint_path is not None
+              else assemble_from_base(model, base))
     tokenizers = Tokenizers(load_qformer_tokenizer(bert_model, qformer_config.vocab_size),
                             load_llm_tokenizer(llm_model))
     model.to(device).eval().requires_grad_(False)
-    model.language_model = load_llm(llm_model, device, load_in_8bit, len(tokenizers.llm))
+    bits = 8 if load_in_8bit else 4 if load_in_4bit else None
+    model.language_model = load_llm(llm_model, device, len(tokenizers.llm), bits)
+    report.llm_adapter = llm_adapter_beside(checkpoint_path) if checkpoint_path is not None else None
+    if report.llm_adapter is not None:
+        model.language_model = load_adapter_verified(model.language_model, report.llm_adapter).eval()
     return model, tokenizers, report

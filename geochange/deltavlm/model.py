@@ -106,6 +106,24 @@ class DeltaVLM(nn.Module):
                               encoder_attention_mask=image_mask)
         return self.language_projection(output.last_hidden_state[:, : queries.shape[1], :])
 
+    def forward(self, pixels_before: torch.Tensor, pixels_after: torch.Tensor, qformer_input_ids: torch.Tensor,
+                qformer_attention_mask: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The training loss: the LLM's next-token cross-entropy on the answer tokens (``labels`` != -100),
+        with the query outputs in front of the prompt, as ``generate`` lays them out. Unlike the released
+        training forward, the image tokens go through the CSRM when ``use_csrm`` (as ``generate`` does)."""
+        if self.language_model is None:
+            raise RuntimeError("no language model attached (the loader attaches it)")
+        queries = self.query_embeddings(pixels_before, pixels_after, qformer_input_ids, qformer_attention_mask)
+        prompt_embeds = self.language_model.get_input_embeddings()(input_ids)
+        inputs_embeds = torch.cat([queries.to(prompt_embeds.dtype), prompt_embeds], dim=1)
+        query_mask = torch.ones(queries.shape[:-1], dtype=attention_mask.dtype, device=attention_mask.device)
+        query_labels = torch.full(queries.shape[:-1], -100, dtype=labels.dtype, device=labels.device)
+        output = self.language_model(inputs_embeds=inputs_embeds,
+                                     attention_mask=torch.cat([query_mask, attention_mask], dim=1),
+                                     labels=torch.cat([query_labels, labels], dim=1), use_cache=False)
+        return {"loss": output.loss}
+
     @torch.no_grad()
     def generate(self, pixels_before: torch.Tensor, pixels_after: torch.Tensor, qformer_input_ids: torch.Tensor,
                  qformer_attention_mask: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -125,12 +143,15 @@ class DeltaVLM(nn.Module):
                                             **generate_kwargs)
 
 
-def trained_parameter_names(model: DeltaVLM) -> list[str]:
-    """What DeltaVLM trained (and its checkpoint holds): the last two ViT blocks, ln_vision, the whole
+RELEASED_VIT_BLOCKS = 2  # DeltaVLM trained the last two EVA ViT blocks (37 and 38)
+
+
+def trained_parameter_names(model: DeltaVLM, vit_blocks: int = RELEASED_VIT_BLOCKS) -> list[str]:
+    """What DeltaVLM trained (and its checkpoint holds): the last ``vit_blocks`` ViT blocks, ln_vision, the whole
     Q-Former, the query tokens, the LLM projection and the CSRM. The rest comes from the base."""
     layers = model.vision_model.config.num_hidden_layers
-    trained_prefixes = (f"vision_model.encoder.layers.{layers - 2}.", f"vision_model.encoder.layers.{layers - 1}.",
-                        "vision_model.post_layernorm.", "qformer.", "query_tokens", "language_projection.", "csrm.")
+    trained_prefixes = tuple(f"vision_model.encoder.layers.{i}." for i in range(layers - vit_blocks, layers)) + (
+        "vision_model.post_layernorm.", "qformer.", "query_tokens", "language_projection.", "csrm.")
     return [name for name, _ in _own_parameters(model) if name.startswith(trained_prefixes)]
 
 

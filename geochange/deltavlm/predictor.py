@@ -12,7 +12,7 @@ import torch
 
 from .. import changechat_format as cc
 from ..errors import UserError
-from .inputs import decode_answers, encode_prompts, preprocess_image
+from .inputs import Prompting, build_prompt, decode_answers, encode_prompts, preprocess_image
 
 
 @dataclass(frozen=True)
@@ -33,16 +33,6 @@ class Decoding:
             raise UserError(f"REPETITION_PENALTY must be > 0, got {self.repetition_penalty}")
 
 
-@dataclass(frozen=True)
-class Prompting:
-    """How a question becomes the prompt: DeltaVLM normalised its training text (``normalise``);
-    training wrote every question as 'q: <question>' after the earlier turns (``training_format``),
-    its evaluation fed the bare question. A chat with history always uses the training layout."""
-    normalise: bool = True
-    training_format: bool = False
-    max_words: int = cc.MAX_PROMPT_WORDS
-
-
 class Predictor:
     """A loaded DeltaVLM with its tokenizers: ``answer(pairs, prompts)``."""
 
@@ -53,18 +43,7 @@ class Predictor:
 
     def prompt(self, question: str, history: list[tuple[str, str]] | tuple = ()) -> str:
         """The text both the Q-Former and the LLM read for ``question`` after ``history``."""
-        history = list(history)
-        if not (history or self.prompting.training_format):
-            return cc.normalise_text(question, self.prompting.max_words) if self.prompting.normalise else question
-        while True:
-            text = cc.dialog_prompt(history, question)
-            if not self.prompting.normalise:
-                return text
-            # Training kept the first 50 words, which cuts off the question of a long dialog;
-            # dropping the oldest turns instead keeps the question (and as much history as fits).
-            if not history or len(cc.normalise_text(text, None).split()) <= self.prompting.max_words:
-                return cc.normalise_text(text, self.prompting.max_words)
-            history = history[1:]
+        return build_prompt(question, history, self.prompting)
 
     @torch.no_grad()
     def answer(self, pairs: list[tuple[np.ndarray, np.ndarray]], prompts: list[str]) -> list[str]:
@@ -171,12 +150,17 @@ def answer_items(predictor: Predictor, items: list[Item], results_path: Path, ba
         print(f"resuming {results_path}: {len(items) - len(todo)} of {len(items)} answers already there")
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     for batch in tqdm(batches, desc="DeltaVLM", unit="batch", disable=not batches):
-        pairs = [read_pair(item.image_a, item.image_b) for item in batch]
-        prompts = [predictor.prompt(item.question, item.history) for item in batch]
-        answers = predictor.answer(pairs, prompts)
-        writer.append([{"id": item.id, "task": item.task, "image_a": str(item.image_a), "image_b": str(item.image_b),
-                        "question": item.question, "prompt": prompt, "true": item.true, "generated": answer,
-                        "changeflag": item.changeflag} for item, prompt, answer in zip(batch, prompts, answers)])
+        writer.append(answer_batch(predictor, batch))
+
+
+def answer_batch(predictor: Predictor, batch: list[Item]) -> list[dict]:
+    """The results records (one per item) of one batch: the predictor's answers beside the references."""
+    pairs = [read_pair(item.image_a, item.image_b) for item in batch]
+    prompts = [predictor.prompt(item.question, item.history) for item in batch]
+    answers = predictor.answer(pairs, prompts)
+    return [{"id": item.id, "task": item.task, "image_a": str(item.image_a), "image_b": str(item.image_b),
+             "question": item.question, "prompt": prompt, "true": item.true, "generated": answer,
+             "changeflag": item.changeflag} for item, prompt, answer in zip(batch, prompts, answers)]
 
 
 def generation_settings(decoding: Decoding, prompting: Prompting, **extra) -> dict:

@@ -9,6 +9,7 @@ import torch
 
 from ..annotations import describe_test_set
 from ..errors import UserError
+from ..finetune import RUN_FILE, read_run_file
 from ..paths import ANNOTATIONS_DIR
 from .predictor import Decoding, Predictor, Prompting
 
@@ -36,8 +37,26 @@ def sources(s: dict) -> dict[str, str]:
         tiny = ensure_tiny_deltavlm()
         return {"checkpoint": str(tiny.checkpoint), "base": str(tiny.base), "llm": str(tiny.llm),
                 "bert": str(tiny.bert)}
+    record = training_run_record(s["CHECKPOINT"])
+    if record is not None:
+        trained = {key: record["sources"][key] for key in ("base", "llm", "bert")}
+        print(f"CHECKPOINT is a deltavlm_finetune.py run's: its base, LLM and tokenizer are the run's "
+              f"({trained['base']}, {trained['llm']}, {trained['bert']})")
+        differing = [f"{name}={record['settings'][name]}" for name in ("USE_CSRM", "TRAINING_TURN_FORMAT")
+                     if name in record["settings"] and record["settings"][name] != s[name]]
+        if differing:
+            print(f"note: the run trained with {', '.join(differing)}; set the same here for answers as in training")
+        return {"checkpoint": s["CHECKPOINT"], **trained}
     return {"checkpoint": s["CHECKPOINT"], "base": s["VISION_QFORMER_BASE"], "llm": s["LLM_MODEL"],
             "bert": s["BERT_MODEL"]}
+
+
+def training_run_record(checkpoint: str) -> dict | None:
+    """The run.json of the deltavlm_finetune.py run that wrote ``checkpoint`` (beside it), if any."""
+    path = Path(checkpoint).expanduser()
+    folder = path if path.is_dir() else path.parent
+    record = read_run_file(folder) if (folder / RUN_FILE).is_file() else None
+    return record if record and "sources" in record else None
 
 
 def load_predictor(s: dict) -> Predictor:

@@ -27,7 +27,7 @@ from .checkpoint import export_lavis_state
 from .loading import CHECKPOINT_FILE, LLM_EOS, LLM_PAD
 from .model import DeltaVLM, trained_parameter_names
 
-TINY_VERSION = 2
+TINY_VERSION = 3
 TINY_SEED = 4321
 TINY_DIR = CHECKPOINTS_DIR / "tiny-deltavlm"
 TINY_IMAGE_SIZE = 32
@@ -103,6 +103,10 @@ def _build(staging: Path) -> None:
     base = InstructBlipForConditionalGeneration(InstructBlipConfig(
         vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=llm_config.to_dict(),
         num_query_tokens=TINY_QUERY_TOKENS))
+    # Trained query tokens differ from one another; all-zero ones (a fresh module's) would reach the Q-Former's
+    # LayerNorm as constant vectors: identical queries, and a gradient blown up by the LayerNorm.
+    with torch.no_grad():
+        base.query_tokens.normal_(0.0, 0.5)
     base.save_pretrained(staging / "base")
     llm = LlamaForCausalLM(llm_config)
     llm.save_pretrained(staging / "llm")
@@ -111,6 +115,8 @@ def _build(staging: Path) -> None:
     # DeltaVLM's trained part: a fresh draw (so it differs from the base, as fine-tuning makes it differ),
     # with the CSRM left at PyTorch's default initialisation, like the released one.
     delta = DeltaVLM(vision, qformer, TINY_QUERY_TOKENS, llm_config.hidden_size)
+    with torch.no_grad():
+        delta.query_tokens.normal_(0.0, 0.5)
     parameters = dict(delta.named_parameters())
     lavis = export_lavis_state({name: parameters[name] for name in trained_parameter_names(delta)})
     # Entries the released checkpoint carries but inference ignores.

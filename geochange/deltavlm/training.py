@@ -1,0 +1,531 @@
+"""Training DeltaVLM: the steps of ``deltavlm_finetune.py``.
+
+The released training (hanlinwu/DeltaVLM ``scripts/train.py``) is kept where it is right: InstructBLIP-Vicuna-7B
+plus a fresh CSRM; the last two EVA ViT blocks, ln_vision, the Q-Former, its queries, the LLM projection and the
+CSRM train, the rest stays frozen; next-token cross-entropy on the answer tokens only, with the query outputs in
+front of the prompt; AdamW (weight decay 0.05), linear warm-up then cosine; validation each epoch, the best
+checkpoint by BLEU-4, early stop. It is fixed where it was not: the CSRM is in the training pass (``USE_CSRM``),
+and under ``torchrun`` the Trainer's DDP really synchronises the processes (checked at the end).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..annotations import load_changechat
+from ..errors import UserError
+from ..finetune import file_sha256, library_versions, read_run_file, write_run_file
+from ..fileio import atomic_path, atomic_write_text
+from ..metrics import MetricsReport, java_available
+from ..paths import ANNOTATIONS_DIR
+from ..results import write_metrics
+from ..sample_data import SAMPLE_CHANGECHAT_ROOT, ensure_sample_media
+from .checkpoint import released_extras, released_layout_state
+from .inputs import (Prompting, build_prompt, encode_training_batch, normalise_answer, preprocess_image)
+from .loading import (CHECKPOINT_FILE, LLM_ADAPTER_DIR, base_configs, llm_adapter_beside, load_deltavlm,
+                      load_lavis_state, resolve_checkpoint)
+from .model import DeltaVLM, trained_parameter_names
+from .predictor import Decoding, Item, Predictor, answer_batch, items_of, read_pair
+from .scoring import score_records
+from .tiny import ensure_tiny_deltavlm
+
+BEST_METRICS = ("bleu4", "cider", "sm")
+SM_PARTS = ("bleu4", "meteor", "rouge_l", "cider")   # "sm": their mean, as DeltaVLM's tables report S_m
+TRAINABLE_WEIGHTS = "trainable.safetensors"           # what a Trainer checkpoint holds of the model
+VALIDATION_DIR = "validation"
+# The released recipe, and the tiny twin's (its random weights need bigger steps to learn in minutes).
+PAPER_RECIPE = {"LR": 1e-5, "WARMUP_STEPS": 1000, "EPOCHS": 50}
+TINY_RECIPE = {"LR": 2e-3, "WARMUP_STEPS": 5, "EPOCHS": 4}
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# --------------------------------------------------------------------------- 1. settings
+
+@dataclass(frozen=True)
+class Sources:
+    """Where the weights come from: ``init`` a DeltaVLM checkpoint to continue from (None: the InstructBLIP base
+    with a fresh CSRM), the base, the LLM and the Q-Former's tokenizer."""
+    init: str | None
+    base: str
+    llm: str
+    bert: str
+
+
+def resolve_recipe(cfg):
+    """``cfg`` with LR / WARMUP_STEPS / EPOCHS that are None set to the paper's values (the tiny twin's for
+    INIT=tiny)."""
+    recipe = TINY_RECIPE if cfg.INIT == "tiny" else PAPER_RECIPE
+    return dataclasses.replace(cfg, **{k: v for k, v in recipe.items() if getattr(cfg, k) is None})
+
+
+def training_sources(cfg) -> Sources:
+    if cfg.INIT == "tiny":
+        tiny = ensure_tiny_deltavlm()
+        return Sources(None, str(tiny.base), str(tiny.llm), str(tiny.bert))
+    if cfg.INIT == "instructblip":
+        return Sources(None, cfg.VISION_QFORMER_BASE, cfg.LLM_MODEL, cfg.BERT_MODEL)
+    checkpoint = resolve_checkpoint(cfg.INIT)
+    if llm_adapter_beside(checkpoint) is not None:
+        raise UserError(f"INIT {checkpoint}: an LLM adapter ({LLM_ADAPTER_DIR}/) lies beside it; continuing a "
+                        "LoRA run is not supported (start from its base, or from a run without LLM_LORA_R)")
+    return Sources(str(checkpoint), cfg.VISION_QFORMER_BASE, cfg.LLM_MODEL, cfg.BERT_MODEL)
+
+
+def check_settings(cfg) -> Sources:
+    """Every check that needs no model (bad settings stop here, in one line); returns the weights' sources."""
+    checks = [
+        (cfg.BEST_METRIC in BEST_METRICS, f"BEST_METRIC={cfg.BEST_METRIC!r} is not one of {', '.join(BEST_METRICS)}"),
+        (not (cfg.LOAD_LLM_IN_8BIT and cfg.LOAD_LLM_IN_4BIT), "LOAD_LLM_IN_8BIT and LOAD_LLM_IN_4BIT are both True; "
+                                                              "choose one"),
+        (cfg.TRAIN_VIT_BLOCKS >= 0, f"TRAIN_VIT_BLOCKS must be >= 0, not {cfg.TRAIN_VIT_BLOCKS}"),
+        (cfg.LLM_LORA_R >= 0, f"LLM_LORA_R must be >= 0 (0 = Vicuna frozen), not {cfg.LLM_LORA_R}"),
+        (cfg.BATCH_SIZE >= 1, f"BATCH_SIZE must be >= 1, not {cfg.BATCH_SIZE}"),
+        (cfg.GRAD_ACCUM >= 1, f"GRAD_ACCUM must be >= 1, not {cfg.GRAD_ACCUM}"),
+        (cfg.EPOCHS >= 1, f"EPOCHS must be >= 1, not {cfg.EPOCHS}"),
+        (cfg.LR > 0, f"LR must be > 0, not {cfg.LR}"),
+        (cfg.WEIGHT_DECAY >= 0, f"WEIGHT_DECAY must be >= 0, not {cfg.WEIGHT_DECAY}"),
+        (cfg.WARMUP_STEPS >= 0, f"WARMUP_STEPS must be >= 0, not {cfg.WARMUP_STEPS}"),
+        (cfg.EARLY_STOP_EPOCHS >= 1, f"EARLY_STOP_EPOCHS must be >= 1, not {cfg.EARLY_STOP_EPOCHS}"),
+        (cfg.SAVE_STEPS >= 1, f"SAVE_STEPS must be >= 1, not {cfg.SAVE_STEPS}"),
+        (cfg.VAL_BATCH_SIZE >= 1, f"VAL_BATCH_SIZE must be >= 1, not {cfg.VAL_BATCH_SIZE}"),
+        (cfg.BEST_METRIC != "sm" or java_available(), "BEST_METRIC='sm' needs METEOR, which needs Java (not found); "
+                                                      "install Java or use bleu4 / cider"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    Decoding(cfg.VAL_NUM_BEAMS, cfg.VAL_MAX_NEW_TOKENS).check()
+    for name in ("TRAIN_ANNOTATIONS", "VAL_ANNOTATIONS"):
+        if not Path(getattr(cfg, name)).is_file():
+            raise UserError(f"{name}: annotation file {getattr(cfg, name)} does not exist")
+    sources = training_sources(cfg)
+    depth = base_configs(sources.base)[0].num_hidden_layers  # config.json only: no weights yet
+    if cfg.TRAIN_VIT_BLOCKS > depth:
+        raise UserError(f"TRAIN_VIT_BLOCKS={cfg.TRAIN_VIT_BLOCKS} but the ViT of {sources.base} has {depth} blocks")
+    return sources
+
+
+# --------------------------------------------------------------------------- 2. data
+
+@dataclass(frozen=True)
+class Example:
+    """One training target: an answer turn, its prompt (the dialog before it laid out as the predictor does)."""
+    image_a: Path
+    image_b: Path
+    prompt: str
+    answer: str
+
+
+def prompting_of(cfg) -> Prompting:
+    return Prompting(normalise=True, training_format=cfg.TRAINING_TURN_FORMAT)
+
+
+def image_root(cfg, annotations: str) -> Path | None:
+    """IMAGE_ROOT, or the bundled sample's images (drawn on first use) for the bundled annotation files."""
+    if cfg.IMAGE_ROOT is not None:
+        return Path(cfg.IMAGE_ROOT)
+    if Path(annotations).resolve().parent == ANNOTATIONS_DIR.resolve():
+        ensure_sample_media()
+        return SAMPLE_CHANGECHAT_ROOT
+    return None
+
+
+def training_examples(items: list[Item], prompting: Prompting) -> list[Example]:
+    """Every answer turn of every record (a caption-split record: one example per reference caption)."""
+    examples = []
+    for item in items:
+        prompt = build_prompt(item.question, item.history, prompting)
+        answers = item.true if isinstance(item.true, list) else [item.true]
+        examples += [Example(item.image_a, item.image_b, prompt, normalise_answer(a, prompting)) for a in answers]
+    return examples
+
+
+def load_data(cfg) -> tuple[list[Example], list[Item]]:
+    """(training examples, validation caption items); every image is checked before any model is loaded."""
+    train = load_changechat(cfg.TRAIN_ANNOTATIONS, image_root(cfg, cfg.TRAIN_ANNOTATIONS), limit=cfg.TRAIN_LIMIT)
+    val = load_changechat(cfg.VAL_ANNOTATIONS, image_root(cfg, cfg.VAL_ANNOTATIONS), limit=cfg.VAL_LIMIT)
+    examples = training_examples(items_of(train), prompting_of(cfg))
+    captions = [item for item in items_of(val) if item.task == "caption"]
+    if not examples:
+        raise UserError(f"TRAIN_ANNOTATIONS {cfg.TRAIN_ANNOTATIONS}: no answer turns to train on")
+    if not captions:
+        raise UserError(f"VAL_ANNOTATIONS {cfg.VAL_ANNOTATIONS}: no caption records (the validation scores "
+                        "captions, as DeltaVLM's did)")
+    return examples, captions
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Examples with their two images read and preprocessed lazily."""
+
+    def __init__(self, examples: list[Example], image_size: int):
+        self.examples, self.image_size = examples, image_size
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example = self.examples[index]
+        before, after = read_pair(example.image_a, example.image_b)
+        return {"pixels_before": preprocess_image(before, self.image_size),
+                "pixels_after": preprocess_image(after, self.image_size),
+                "prompt": example.prompt, "answer": example.answer}
+
+
+class PairCollator:
+    """Stacked pixels plus ``encode_training_batch``'s tokens and labels."""
+
+    def __init__(self, tokenizers):
+        self.tokenizers = tokenizers
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return {"pixels_before": torch.stack([r["pixels_before"] for r in rows]),
+                "pixels_after": torch.stack([r["pixels_after"] for r in rows]),
+                **encode_training_batch([r["prompt"] for r in rows], [r["answer"] for r in rows], self.tokenizers)}
+
+
+# --------------------------------------------------------------------------- 3. the run directory
+
+def run_dir_of(cfg) -> Path:
+    name = cfg.RUN_NAME or (f"deltavlm{'-tiny' if cfg.INIT == 'tiny' else ''}{'' if cfg.USE_CSRM else '-nocsrm'}"
+                            f"{f'-lora{cfg.LLM_LORA_R}' if cfg.LLM_LORA_R else ''}_{Path(cfg.TRAIN_ANNOTATIONS).stem}")
+    return Path(cfg.OUTPUT_DIR) / name
+
+
+def prepare_run_dir(cfg) -> tuple[Path, bool]:
+    """The run directory and whether this is a resume; a run written under other settings is refused."""
+    run_dir = run_dir_of(cfg)
+    record = read_run_file(run_dir)
+    if record is None:
+        return run_dir, False
+    written, now = record.get("settings", {}), cfg.as_dict()
+    changed = sorted(k for k in set(written) | set(now) if written.get(k) != now.get(k))
+    if changed:
+        raise UserError(f"{run_dir} holds a run with other settings ({', '.join(changed)}); set RUN_NAME for a new "
+                        "run, or restore those settings to resume it")
+    if record.get("completed"):
+        raise UserError(f"{run_dir} holds a finished run; delete it or set RUN_NAME to train again")
+    return run_dir, any(run_dir.glob("checkpoint-*"))
+
+
+# --------------------------------------------------------------------------- 4. the model
+
+def pick_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def build_model(cfg, sources: Sources, device: torch.device):
+    """The model to train (base + fresh CSRM, or a DeltaVLM checkpoint), its tokenizers and the load report."""
+    from transformers import set_seed
+
+    set_seed(cfg.SEED)  # the fresh CSRM (and LoRA) initialisation is reproducible
+    model, tokenizers, report = load_deltavlm(sources.init, base=sources.base, llm_model=sources.llm,
+                                              bert_model=sources.bert, device=device,
+                                              load_in_8bit=cfg.LOAD_LLM_IN_8BIT, load_in_4bit=cfg.LOAD_LLM_IN_4BIT,
+                                              use_csrm=cfg.USE_CSRM)
+    adapt_llm(model, cfg)
+    return model, tokenizers, report
+
+
+def adapt_llm(model: DeltaVLM, cfg) -> None:
+    """LoRA on the LLM (LLM_LORA_R > 0) and gradient checkpointing, as the settings ask."""
+    if cfg.LLM_LORA_R:
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if cfg.LOAD_LLM_IN_8BIT or cfg.LOAD_LLM_IN_4BIT:
+            model.language_model = prepare_model_for_kbit_training(model.language_model,
+                                                                   use_gradient_checkpointing=False)
+        model.language_model = get_peft_model(model.language_model, LoraConfig(
+            r=cfg.LLM_LORA_R, lora_alpha=cfg.LLM_LORA_ALPHA, lora_dropout=0.05, bias="none",
+            target_modules=LORA_TARGETS))
+    if cfg.GRADIENT_CHECKPOINTING:
+        for part in (model.vision_model, model.language_model):
+            part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model.language_model, "enable_input_require_grads"):
+            model.language_model.enable_input_require_grads()
+
+
+def _zero_key_bias_gradient(bias: torch.nn.Parameter) -> None:
+    # EVA's qkv has q and v biases only: the key third of the fused bias must stay 0 (AdamW would move it
+    # even on a gradient of 1e-12), so its gradient is zeroed.
+    keep = torch.ones_like(bias)
+    third = bias.shape[0] // 3
+    keep[third:2 * third] = 0
+    bias.register_hook(lambda grad: grad * keep.to(grad.device))
+
+
+def choose_trainable(model: DeltaVLM, cfg) -> dict[str, int]:
+    """Freeze all, then unfreeze the trained parts; returns the trainable parameter count per part."""
+    model.requires_grad_(False)
+    names = set(trained_parameter_names(model, cfg.TRAIN_VIT_BLOCKS))
+    if not cfg.USE_CSRM:  # outside the forward: it must not train (nor count, nor stall DDP)
+        names = {n for n in names if not n.startswith("csrm.")}
+    counts: dict[str, int] = {}
+    for name, parameter in model.named_parameters():
+        is_lora = name.startswith("language_model.") and "lora_" in name
+        if name in names or is_lora:
+            parameter.requires_grad_(True)
+            part = "llm_lora" if is_lora else ("vit_blocks" if name.startswith("vision_model.encoder.")
+                                                else name.split(".")[0])
+            counts[part] = counts.get(part, 0) + parameter.numel()
+            if name.endswith("self_attn.qkv.bias"):
+                _zero_key_bias_gradient(parameter)
+    return counts
+
+
+# --------------------------------------------------------------------------- 5. the released-layout checkpoint
+
+def save_best_checkpoint(model: DeltaVLM, cfg, run_dir: Path, extras: dict[str, torch.Tensor], epoch: int,
+                         scores: dict[str, float]) -> Path:
+    """``<run>/checkpoint_best.pth`` in DeltaVLM's LAVIS layout: the released key set (trained parameters and
+    the unused extras), plus any ViT block trained beyond the released two; the LoRA adapter beside it."""
+    parameters = dict(model.named_parameters())
+    names = sorted(set(trained_parameter_names(model)) | set(trained_parameter_names(model, cfg.TRAIN_VIT_BLOCKS)))
+    state = released_layout_state({name: parameters[name] for name in names}, extras)
+    target = run_dir / CHECKPOINT_FILE
+    with atomic_path(target) as temporary:
+        torch.save({"model": state, "epoch": epoch, "scores": scores, "config": {"settings": cfg.as_dict()}},
+                   temporary)
+    if cfg.LLM_LORA_R:
+        model.language_model.save_pretrained(str(run_dir / LLM_ADAPTER_DIR))
+    return target
+
+
+def starting_extras(model: DeltaVLM, sources: Sources) -> dict[str, torch.Tensor]:
+    carried = load_lavis_state(Path(sources.init)) if sources.init is not None else None
+    from transformers import AutoConfig
+
+    return released_extras(model.qformer.config, AutoConfig.from_pretrained(sources.llm), carried)
+
+
+# --------------------------------------------------------------------------- 6. validation each epoch
+
+def caption_score(metrics: dict[str, float], best_metric: str) -> float:
+    if best_metric == "sm":
+        return sum(metrics[k] for k in SM_PARTS) / len(SM_PARTS)
+    return metrics[best_metric]
+
+
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def validate(predictor: Predictor, items: list[Item], batch_size: int, run_dir: Path, epoch: int, settings: dict,
+             best_metric: str) -> tuple[float, dict[str, float]]:
+    """Caption the val pairs with the predictor's own code (each process a share), score them with the suite's
+    caption metrics on process 0, write the results like the predictor's batch mode; (score, metrics) everywhere."""
+    started = time.time()
+    rank, world = _world()
+    mine = items[rank::world]
+    records = [r for i in range(0, len(mine), batch_size) for r in answer_batch(predictor, mine[i:i + batch_size])]
+    if world > 1:
+        gathered: list = [None] * world
+        torch.distributed.all_gather_object(gathered, records)
+        records = [r for part in gathered for r in part]
+    outcome: list = [None]
+    if rank == 0:
+        order = {item.id: k for k, item in enumerate(items)}
+        records.sort(key=lambda r: order[r["id"]])
+        result = score_records(records)["caption"]
+        metrics = result.metrics
+        score = caption_score(metrics, best_metric)
+        stem = run_dir / VALIDATION_DIR / f"epoch{epoch:03d}"
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(stem.parent / f"{stem.name}.jsonl",
+                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        write_metrics(stem, records, MetricsReport(metrics, result.missing, result.models),
+                      model=f"DeltaVLM run {run_dir.name}, epoch {epoch}", settings=settings,
+                      seconds=round(time.time() - started, 2),
+                      extra={"epoch": epoch, "best_metric": best_metric, "score": score})
+        outcome = [(score, metrics)]
+    if world > 1:
+        torch.distributed.broadcast_object_list(outcome, src=0)
+    return outcome[0]
+
+
+def make_validation_callback():
+    from transformers import TrainerCallback
+
+    class EpochValidation(TrainerCallback):
+        """Validation at each epoch's end: log the scores, keep the best checkpoint, stop early, save a
+        Trainer checkpoint (so a resume knows the history, which lives in the Trainer state's log)."""
+
+        def __init__(self, trainer, predictor: Predictor, items: list[Item], cfg, run_dir: Path, extras: dict):
+            self.trainer, self.predictor, self.items, self.cfg = trainer, predictor, items, cfg
+            self.run_dir, self.extras = run_dir, extras
+
+        def history(self, state) -> list[dict]:
+            return [h for h in state.log_history if "val_score" in h]
+
+        def on_epoch_end(self, args, state, control, model=None, **kwargs):
+            epoch = max(1, math.ceil(state.epoch - 1e-6))  # the epoch just run (MAX_STEPS may end one early)
+            model.eval()
+            try:
+                score, metrics = validate(self.predictor, self.items, self.cfg.VAL_BATCH_SIZE, self.run_dir, epoch,
+                                          self.cfg.as_dict(), self.cfg.BEST_METRIC)
+            finally:
+                model.train()
+            earlier = self.history(state)
+            best = max((h["val_score"] for h in earlier), default=None)
+            self.trainer.log({"val_score": score, "val_epoch": epoch, **{f"val_{k}": v for k, v in metrics.items()}})
+            if best is None or score > best:
+                if args.process_index == 0:
+                    save_best_checkpoint(model, self.cfg, self.run_dir, self.extras, epoch, metrics)
+                    print(f"epoch {epoch}: validation {self.cfg.BEST_METRIC} {score:.4f} (best so far) -> "
+                          f"{self.run_dir / CHECKPOINT_FILE}")
+            else:
+                best_epoch = max(earlier, key=lambda h: h["val_score"])["val_epoch"]
+                if epoch - best_epoch >= self.cfg.EARLY_STOP_EPOCHS:
+                    control.should_training_stop = True
+                if args.process_index == 0:
+                    print(f"epoch {epoch}: validation {self.cfg.BEST_METRIC} {score:.4f} (best {best:.4f} at epoch "
+                          f"{best_epoch}){'; early stop' if control.should_training_stop else ''}")
+            control.should_save = True
+            return control
+
+    return EpochValidation
+
+
+# --------------------------------------------------------------------------- 7. the Trainer
+
+def make_trainer_class():
+    from safetensors.torch import load_file, save_file
+    from transformers import Trainer
+
+    class DeltaVLMTrainer(Trainer):
+        """Checkpoints hold the trainable parameters only (not the frozen 7B LLM)."""
+
+        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+            if not self.args.should_save:
+                return
+            output_dir = output_dir or self.args.output_dir
+            os.makedirs(output_dir, exist_ok=True)
+            model = self.accelerator.unwrap_model(self.model)
+            save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                      os.path.join(output_dir, TRAINABLE_WEIGHTS))
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+            model = model or self.model
+            path = Path(resume_from_checkpoint) / TRAINABLE_WEIGHTS
+            if not path.is_file():
+                raise UserError(f"{resume_from_checkpoint}: no {TRAINABLE_WEIGHTS}; delete that checkpoint folder")
+            state = load_file(str(path))
+            wanted = {n for n, p in model.named_parameters() if p.requires_grad}
+            if set(state) != wanted:
+                raise UserError(f"{path} does not hold this run's trainable parameters "
+                                f"({len(set(state) ^ wanted)} names differ)")
+            model.load_state_dict(state, strict=False)
+
+    return DeltaVLMTrainer
+
+
+def training_arguments(cfg, run_dir: Path):
+    from transformers import TrainingArguments
+
+    cuda = torch.cuda.is_available()
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")  # transformers 5 reads it from here
+    return TrainingArguments(
+        output_dir=str(run_dir), per_device_train_batch_size=cfg.BATCH_SIZE,
+        gradient_accumulation_steps=cfg.GRAD_ACCUM, num_train_epochs=cfg.EPOCHS, max_steps=cfg.MAX_STEPS,
+        learning_rate=cfg.LR, weight_decay=cfg.WEIGHT_DECAY, warmup_steps=cfg.WARMUP_STEPS,
+        lr_scheduler_type="cosine", optim="adamw_torch", max_grad_norm=1.0,
+        # The trained parameters stay fp32; AMP runs the vision side under bf16/fp16 autocast, as released.
+        bf16=bf16, fp16=cuda and not bf16,
+        logging_steps=cfg.LOGGING_STEPS, report_to=["tensorboard"], save_strategy="steps",
+        save_steps=cfg.SAVE_STEPS, save_total_limit=cfg.SAVE_TOTAL_LIMIT, eval_strategy="no",
+        remove_unused_columns=False, label_names=["labels"], dataloader_num_workers=cfg.NUM_WORKERS,
+        ddp_find_unused_parameters=False, seed=cfg.SEED, deepspeed=cfg.DEEPSPEED, use_cpu=not cuda,
+        save_only_model=False, disable_tqdm=False)
+
+
+def make_trainer(cfg, model: DeltaVLM, tokenizers, examples: list[Example], val_items: list[Item], run_dir: Path,
+                 sources: Sources, callbacks: list | None = None):
+    """The Trainer with the epoch-end validation attached."""
+    args = training_arguments(cfg, run_dir)
+    trainer = make_trainer_class()(model=model, args=args, train_dataset=PairDataset(examples, model.image_size),
+                                   data_collator=PairCollator(tokenizers), callbacks=list(callbacks or []))
+    predictor = Predictor(model, tokenizers, args.device, Decoding(cfg.VAL_NUM_BEAMS, cfg.VAL_MAX_NEW_TOKENS),
+                          prompting_of(cfg))
+    trainer.add_callback(make_validation_callback()(trainer, predictor, val_items, cfg, run_dir,
+                                                    starting_extras(model, sources)))
+    return trainer
+
+
+# --------------------------------------------------------------------------- 8. run.json and training
+
+def start_record(cfg, sources: Sources, run_dir: Path, counts: dict[str, int], examples: list[Example],
+                 val_items: list[Item], report) -> dict[str, Any]:
+    record = {"completed": False, "settings": cfg.as_dict(), "sources": dataclasses.asdict(sources),
+              "versions": library_versions(),
+              "data": {name: {"path": str(getattr(cfg, name)), "sha256": file_sha256(getattr(cfg, name))}
+                       for name in ("TRAIN_ANNOTATIONS", "VAL_ANNOTATIONS")},
+              "num_train_examples": len(examples), "num_val_captions": len(val_items),
+              "trainable_parameters": counts, "trainable_total": sum(counts.values()), "load_report": report.lines()}
+    if int(os.environ.get("RANK", 0)) == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_run_file(run_dir, record)
+    return record
+
+
+def replica_checksum(model: DeltaVLM) -> str:
+    """A hash of every trainable parameter: equal on all processes when DDP kept them in sync."""
+    digest = hashlib.sha256()
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            digest.update(name.encode())
+            digest.update(parameter.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def train(trainer, run_dir: Path, resuming: bool) -> str | None:
+    """Train (an existing run resumes from its newest checkpoint); returns the checkpoint resumed from."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(run_dir)) if resuming else None
+    if last and trainer.args.process_index == 0:
+        print(f"resuming from {last}")
+    trainer.train(resume_from_checkpoint=last)
+    return last
+
+
+def finish(trainer, record: dict[str, Any], run_dir: Path, started: float, resumed_from: str | None) -> dict:
+    """run.json completed: curves, best epoch, replica checksums (which must agree under DDP)."""
+    rank, world = _world()
+    checksum = replica_checksum(trainer.accelerator.unwrap_model(trainer.model))
+    checksums = [checksum]
+    if world > 1:
+        checksums = [None] * world
+        torch.distributed.all_gather_object(checksums, checksum)
+    history = trainer.state.log_history
+    validation = [{k.removeprefix("val_"): v for k, v in h.items() if k.startswith("val_")} | {"step": h["step"]}
+                  for h in history if "val_score" in h]
+    best = max(validation, key=lambda v: v["score"]) if validation else None
+    record.update({"completed": True, "seconds": round(time.time() - started, 1),
+                   "global_step": trainer.state.global_step, "world_size": world, "resumed_from": resumed_from,
+                   "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
+                   "validation_curve": validation, "best_epoch": best and best["epoch"],
+                   "best_score": best and best["score"], "replica_checksums": checksums})
+    if rank == 0:
+        write_run_file(run_dir, record)
+        curve = record["loss_curve"]
+        if curve:
+            print(f"loss {curve[0]['loss']:.3f} -> {curve[-1]['loss']:.3f} over {trainer.state.global_step} steps")
+        if best:
+            print(f"best {record['settings']['BEST_METRIC']} {best['score']:.4f} at epoch {best['epoch']}: "
+                  f"{run_dir / CHECKPOINT_FILE}")
+        if len(set(checksums)) > 1:
+            raise UserError(f"the {world} processes ended with different weights (DDP out of sync): {checksums}")
+    return record

@@ -1,0 +1,348 @@
+"""deltavlm_finetune.py on the tiny twin: what trains, the loss, validation, the released-layout checkpoint the
+predictor loads, resume, DDP under torchrun, and settings that stop before any model is loaded."""
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from geochange.annotations import ChangeChatSample
+from geochange.deltavlm import training as t
+from geochange.deltavlm.checkpoint import ours_to_lavis, released_extras
+from geochange.deltavlm.inputs import IGNORE_INDEX, Prompting, encode_prompts, encode_training_batch
+from geochange.deltavlm.model import build_on_meta, full_size_configs, trained_parameter_names
+from geochange.deltavlm.predictor import Predictor, items_of
+from geochange.errors import UserError
+from geochange.overrides import load_settings
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "deltavlm_finetune.py"
+RELEASED_KEYS = Path(__file__).parent / "data" / "deltavlm_released_keys.json"
+CAPTIONS = REPO / "annotations" / "sample_changechat_captions.json"
+# Small and quick: 64 training answers (16 pairs x 4 tasks), 12 validation captions, greedy and short.
+QUICK = ["INIT=tiny", "TRAIN_LIMIT=64", "VAL_LIMIT=12", "BATCH_SIZE=8", "VAL_NUM_BEAMS=1", "VAL_MAX_NEW_TOKENS=12",
+         "NUM_WORKERS=0", "LOGGING_STEPS=1", "SAVE_STEPS=4", "VAL_BATCH_SIZE=12"]
+
+
+def settings(tmp: Path, *overrides: str):
+    scope = runpy.run_path(str(SCRIPT))  # the script's constants (its __main__ does not run)
+    return t.resolve_recipe(load_settings(scope, [*QUICK, f"OUTPUT_DIR={tmp}", *overrides], quiet=True))
+
+
+def train_in_process(cfg, callbacks=()):
+    """The script's steps 1-9, keeping the model; returns (run_dir, weights before, model, record)."""
+    sources = t.check_settings(cfg)
+    examples, val_items = t.load_data(cfg)
+    run_dir, resuming = t.prepare_run_dir(cfg)
+    model, tokenizers, report = t.build_model(cfg, sources, torch.device("cpu"))
+    counts = t.choose_trainable(model, cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    record = t.start_record(cfg, sources, run_dir, counts, examples, val_items, report)
+    trainer = t.make_trainer(cfg, model, tokenizers, examples, val_items, run_dir, sources, callbacks=list(callbacks))
+    resumed_from = t.train(trainer, run_dir, resuming)
+    record = t.finish(trainer, record, run_dir, 0.0, resumed_from)
+    return run_dir, before, model, record
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, one_thread, sample_dir):
+    """The paper's setting on the tiny twin (CSRM in the forward, Vicuna frozen): 2 epochs of 8 steps on the
+    instruction answers of 16 sample pairs, validated on 12 captions."""
+    return train_in_process(settings(tmp_path_factory.mktemp("runs"), "EPOCHS=2"))
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, one_thread, sample_dir):
+    """LoRA on the LLM, the CSRM out of the forward: 5 epochs of 8 steps on the captions of 12 sample pairs
+    (5 references each), validated on the same 12 pairs, the best checkpoint by CIDEr. The tiny twin's LLM is
+    random, so it can only say caption words once it has learnt them (a pretrained Vicuna knows them)."""
+    return train_in_process(settings(tmp_path_factory.mktemp("runs"), "EPOCHS=5", "LR=3e-2", "USE_CSRM=False",
+                                     "LLM_LORA_R=16", "LLM_LORA_ALPHA=32", "TRAIN_LIMIT=12",
+                                     f"TRAIN_ANNOTATIONS={CAPTIONS}", "BEST_METRIC=cider"))
+
+
+def changed(before: dict, model, prefix: str) -> dict[str, bool]:
+    now = dict(model.named_parameters())
+    return {n: not torch.equal(before[n], now[n].detach()) for n in before if n.startswith(prefix)}
+
+
+# --------------------------------------------------------------------------- the layout and the labels
+
+def test_training_prompts_are_the_predictors_and_every_answer_turn_trains(tmp_path):
+    sample = ChangeChatSample("x", tmp_path / "a.png", tmp_path / "b.png", 1,
+                              [("Has anything changed?", "Yes."), ("How many roads?", "Two new roads!")])
+    prompting = Prompting(training_format=True)
+    examples = t.training_examples(items_of([sample]), prompting)
+    predictor = Predictor(None, None, torch.device("cpu"), t.Decoding(), prompting)
+    assert [e.prompt for e in examples] == [predictor.prompt("Has anything changed?"),
+                                            predictor.prompt("How many roads?", [("Has anything changed?", "Yes.")])]
+    assert examples[1].prompt == "q has anything changed? a yes q how many roads?"
+    assert [e.answer for e in examples] == ["yes", "two new roads"]
+
+
+def test_labels_cover_the_answer_and_eos_only(trained):
+    from geochange.deltavlm.loading import load_llm_tokenizer, load_qformer_tokenizer, Tokenizers
+
+    sources = json.loads((trained[0] / "run.json").read_text())["sources"]
+    tokenizers = Tokenizers(load_qformer_tokenizer(sources["bert"], 30523), load_llm_tokenizer(sources["llm"]))
+    prompts, answers = ["q what changed", "q has it changed at all"], ["a new road", "no"]
+    batch = encode_training_batch(prompts, answers, tokenizers)
+    served = encode_prompts(prompts, tokenizers)
+    llm = tokenizers.llm
+    for i, (prompt, answer) in enumerate(zip(prompts, answers)):
+        prompt_ids = [x for x, m in zip(served["input_ids"][i].tolist(), served["attention_mask"][i].tolist()) if m]
+        answer_ids = llm(answer, add_special_tokens=False)["input_ids"] + [llm.eos_token_id]
+        length = int(batch["attention_mask"][i].sum())
+        assert batch["input_ids"][i, :length].tolist() == prompt_ids + answer_ids  # generation's prompt, then answer
+        assert batch["labels"][i, :length].tolist() == [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+        assert (batch["labels"][i, length:] == IGNORE_INDEX).all()
+    assert torch.equal(batch["qformer_input_ids"], served["qformer_input_ids"])
+
+
+def test_best_metric_scores():
+    metrics = {"bleu4": 0.4, "meteor": 0.3, "rouge_l": 0.6, "cider": 1.3, "bleu1": 0.9}
+    assert t.caption_score(metrics, "bleu4") == 0.4 and t.caption_score(metrics, "cider") == 1.3
+    assert t.caption_score(metrics, "sm") == pytest.approx((0.4 + 0.3 + 0.6 + 1.3) / 4)
+
+
+# --------------------------------------------------------------------------- one trained run
+
+def test_loss_falls_and_validation_runs_each_epoch(trained):
+    run_dir, _, _, record = trained
+    losses = [point["loss"] for point in record["loss_curve"]]
+    assert len(losses) == 16 and sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
+    assert [v["epoch"] for v in record["validation_curve"]] == [1, 2]
+    for epoch in (1, 2):
+        results = (run_dir / "validation" / f"epoch{epoch:03d}.jsonl").read_text().splitlines()
+        assert len(results) == 12 and all(json.loads(line)["task"] == "caption" for line in results)
+        metrics = json.loads((run_dir / "validation" / f"epoch{epoch:03d}.metrics.json").read_text())
+        assert metrics["score"] == pytest.approx(metrics["metrics"]["bleu4"])
+    best = max(record["validation_curve"], key=lambda v: v["score"])
+    assert json.loads((run_dir / "run.json").read_text())["best_epoch"] == best["epoch"]
+    assert torch.load(run_dir / "checkpoint_best.pth", weights_only=True)["epoch"] == best["epoch"]
+    assert record["trainable_parameters"]["csrm"] == sum(p.numel() for n, p in trained[2].named_parameters()
+                                                         if n.startswith("csrm."))
+    assert list((run_dir / "tensorboard").iterdir())
+
+
+def test_only_the_intended_parameters_change(trained):
+    _, before, model, _ = trained
+    depth = model.vision_model.config.num_hidden_layers  # 3: block 0 frozen, blocks 1-2 trained
+    frozen = {**changed(before, model, "vision_model.embeddings."), **changed(before, model, "language_model."),
+              **changed(before, model, "vision_model.encoder.layers.0.")}
+    assert frozen and not any(frozen.values())
+    for prefix in (f"vision_model.encoder.layers.{depth - 1}.", "vision_model.post_layernorm.", "qformer.encoder.",
+                   "query_tokens", "language_projection.", "csrm."):
+        assert any(changed(before, model, prefix).values()), prefix
+    # EVA's qkv has no key bias: the key third of the fused bias stays exactly zero.
+    bias = model.vision_model.encoder.layers[depth - 1].self_attn.qkv.bias.detach()
+    width = bias.shape[0] // 3
+    assert not bias[width:2 * width].any() and bias[:width].any()
+
+
+def test_checkpoint_has_the_released_key_set_and_the_trained_values(trained):
+    from geochange.deltavlm.tiny import ensure_tiny_deltavlm
+
+    run_dir, _, model, _ = trained
+    saved = torch.load(run_dir / "checkpoint_best.pth", weights_only=True)["model"]
+    released = torch.load(ensure_tiny_deltavlm().checkpoint, weights_only=True)["model"]
+    assert set(saved) == set(released)
+    assert {k: tuple(v.shape) for k, v in saved.items() if not k.endswith("_proj.weight") and
+            not k.endswith("_proj.bias")} == {k: tuple(v.shape) for k, v in released.items()
+                                              if not k.endswith("_proj.weight") and not k.endswith("_proj.bias")}
+    if json.loads((run_dir / "run.json").read_text())["best_epoch"] == 2:  # the last epoch: the model as it is now
+        assert torch.equal(saved["llm_proj.weight"], model.language_projection.weight.detach())
+        assert torch.equal(saved["context3.weight"], model.csrm.context3.weight.detach())
+
+
+def test_full_size_checkpoint_keys_are_the_released_ones():
+    from transformers import LlamaConfig
+
+    released = json.loads(RELEASED_KEYS.read_text())["keys"]
+    model = build_on_meta()
+    parameters = dict(model.named_parameters())
+    keys = {k: list(v.shape) for name in trained_parameter_names(model) for k, v in
+            ours_to_lavis(name, parameters[name]).items()}
+    vicuna = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_hidden_layers=32)
+    keys |= {k: list(v.shape) for k, v in released_extras(full_size_configs()[1], vicuna).items()}
+    assert keys == released
+
+
+def test_the_predictor_answers_from_the_checkpoint_and_beats_the_untrained_twin(lora_run, one_thread):
+    from geochange.deltavlm import run
+    from geochange.deltavlm.predictor import answer_batch
+    from geochange.deltavlm.scoring import score_records
+
+    run_dir, _, _, record = lora_run
+    _, val_items = t.load_data(settings(run_dir.parent))
+    scope = runpy.run_path(str(REPO / "deltavlm_predict.py"))
+    cider = {}
+    for name, checkpoint in (("trained", str(run_dir / "checkpoint_best.pth")), ("untrained", "tiny")):
+        s = dict(scope, CHECKPOINT=checkpoint, NUM_BEAMS=1, MAX_NEW_TOKENS=12, DEVICE="cpu",
+                 TRAINING_TURN_FORMAT=True, USE_CSRM=name == "untrained")
+        records = answer_batch(run.load_predictor(s), val_items)
+        assert all(r["generated"] for r in records)
+        cider[name] = score_records(records)["caption"].metrics["cider"]
+    print(f"validation CIDEr: trained {cider['trained']:.4f}, untrained {cider['untrained']:.4f}")
+    assert cider["trained"] == pytest.approx(record["best_score"])  # the predictor reproduces the validation
+    assert cider["trained"] > cider["untrained"] + 0.02
+
+
+# --------------------------------------------------------------------------- CSRM off, LoRA on
+
+def test_csrm_trains_only_when_in_the_forward(trained, lora_run):
+    assert all(changed(trained[1], trained[2], "csrm.").values())
+    _, before, model, record = lora_run
+    assert not any(changed(before, model, "csrm.").values()) and "csrm" not in record["trainable_parameters"]
+
+
+def test_lora_trains_beside_a_frozen_vicuna_and_the_predictor_loads_it(lora_run):
+    from geochange.deltavlm import run
+
+    run_dir, before, model, record = lora_run
+    llm = changed(before, model, "language_model.")
+    assert any(v for n, v in llm.items() if "lora_" in n)
+    assert not any(v for n, v in llm.items() if "lora_" not in n)
+    assert record["trainable_parameters"]["llm_lora"] > 0
+    assert (run_dir / "llm_lora" / "adapter_model.safetensors").is_file()
+    scope = runpy.run_path(str(REPO / "deltavlm_predict.py"))
+    predictor = run.load_predictor(dict(scope, CHECKPOINT=str(run_dir / "checkpoint_best.pth"), NUM_BEAMS=1,
+                                        MAX_NEW_TOKENS=4, DEVICE="cpu", USE_CSRM=False))
+    from safetensors.torch import load_file
+
+    saved = load_file(str(run_dir / "llm_lora" / "adapter_model.safetensors"))  # the best epoch's adapter
+    lora = {n.replace(".default", ""): p for n, p in predictor.model.language_model.named_parameters() if "lora_" in n}
+    assert lora.keys() == saved.keys() and all(torch.equal(p, saved[n]) for n, p in lora.items())
+    assert any(saved[n].any() for n in saved if "lora_B" in n)  # lora_B starts at zero: it trained
+
+
+# --------------------------------------------------------------------------- resume, mixed settings
+
+def test_an_interrupted_run_resumes_and_other_settings_are_refused(tmp_path, one_thread, sample_dir):
+    from transformers import TrainerCallback
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 5:
+                raise KeyboardInterrupt
+
+    cfg = settings(tmp_path, "EPOCHS=1", "VAL_LIMIT=2")
+    with pytest.raises(KeyboardInterrupt):
+        train_in_process(cfg, [Crash()])
+    assert (t.run_dir_of(cfg) / "checkpoint-4").is_dir()
+    with pytest.raises(UserError, match=r"other settings \(LR\)"):
+        t.prepare_run_dir(settings(tmp_path, "EPOCHS=1", "VAL_LIMIT=2", "LR=0.5"))
+    _, _, resumed, record = train_in_process(cfg)
+    assert record["resumed_from"].endswith("checkpoint-4") and record["global_step"] == 8
+    assert [point["step"] for point in record["loss_curve"]] == list(range(1, 9))  # the log went on, too
+    with pytest.raises(UserError, match="finished run"):
+        t.prepare_run_dir(cfg)
+    # The same run without the interruption ends with the same weights: the resume restored them (and the
+    # optimiser, the schedule, the data order and the random state) from checkpoint-4.
+    _, _, uninterrupted, _ = train_in_process(settings(tmp_path, "EPOCHS=1", "VAL_LIMIT=2", "RUN_NAME=whole"))
+    theirs = dict(uninterrupted.named_parameters())
+    for name, parameter in resumed.named_parameters():
+        if parameter.requires_grad:
+            torch.testing.assert_close(parameter, theirs[name], rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- bad settings: one line, no model
+
+def run_script(*args: str, timeout: int = 120, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           **(extra_env or {})}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=env, text=True, capture_output=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["BEST_METRIC=rouge"], "BEST_METRIC='rouge' is not one of bleu4, cider, sm"),
+    (["TRAIN_VIT_BLOCKS=4"], "TRAIN_VIT_BLOCKS=4 but the ViT of"),
+    (["LOAD_LLM_IN_8BIT=True", "LOAD_LLM_IN_4BIT=True"], "both True"),
+    (["TRAIN_ANNOTATIONS={missing_image}"], "missing.png"),
+])
+def test_bad_settings_stop_in_one_line_before_any_model(tmp_path, sample_dir, overrides, message):
+    record = {"id": "r1", "image": ["A/missing.png", "B/missing.png"],
+              "conversations": [{"from": "human", "value": "what changed?"}, {"from": "gpt", "value": "a road"}]}
+    missing_image = tmp_path / "train.json"
+    missing_image.write_text(json.dumps([record]))
+    args = [a.format(missing_image=missing_image) for a in overrides]
+    result = run_script("INIT=tiny", f"OUTPUT_DIR={tmp_path / 'runs'}", *args)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and lines[-1].startswith("error: ") and message in lines[-1], result.stderr[-800:]
+    assert "Loading weights" not in result.stderr + result.stdout and not (tmp_path / "runs").exists()
+
+
+# --------------------------------------------------------------------------- DDP under torchrun
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_process_torchrun_keeps_the_replicas_identical(tmp_path, sample_dir):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               str(SCRIPT), *QUICK, f"OUTPUT_DIR={tmp_path}", "EPOCHS=1", "MAX_STEPS=3", "VAL_LIMIT=4",
+               "RUN_NAME=ddp", "BATCH_SIZE=4"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(command, cwd=REPO, env=env, text=True, capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads((tmp_path / "ddp" / "run.json").read_text())
+    assert record["world_size"] == 2 and record["global_step"] == 3
+    first, second = record["replica_checksums"]
+    assert first == second  # both processes hold the same weights after 3 synchronised steps
+    assert len((tmp_path / "ddp" / "validation" / "epoch001.jsonl").read_text().splitlines()) == 4
+
+
+# --------------------------------------------------------------------------- continuing from a DeltaVLM checkpoint
+
+def test_training_continues_from_a_deltavlm_checkpoint(tmp_path, one_thread, sample_dir):
+    from geochange.deltavlm.tiny import ensure_tiny_deltavlm
+
+    tiny = ensure_tiny_deltavlm()
+    cfg = settings(tmp_path, f"INIT={tiny.checkpoint}", f"VISION_QFORMER_BASE={tiny.base}", f"LLM_MODEL={tiny.llm}",
+                   f"BERT_MODEL={tiny.bert}", "EPOCHS=1", "MAX_STEPS=1", "VAL_LIMIT=2", "LR=1e-3", "WARMUP_STEPS=0")
+    run_dir, before, _, record = train_in_process(cfg)
+    released = torch.load(tiny.checkpoint, weights_only=True)["model"]
+    # It started from the checkpoint's trained weights (not the base's), and its unused heads were carried over.
+    assert torch.equal(before["language_projection.weight"], released["llm_proj.weight"])
+    saved = torch.load(run_dir / "checkpoint_best.pth", weights_only=True)["model"]
+    assert all(torch.equal(saved[k], released[k]) for k in ("vision_proj.weight", "text_proj.bias", "temp"))
+    assert not torch.equal(saved["llm_proj.weight"], released["llm_proj.weight"])  # one step moved it
+    assert record["sources"]["init"] == str(tiny.checkpoint)
+
+
+@pytest.mark.parametrize("quantised", ["LOAD_LLM_IN_8BIT=True", "LOAD_LLM_IN_4BIT=True"])
+def test_a_quantised_vicuna_trains_the_vision_side_and_lora(tmp_path, one_thread, sample_dir, quantised):
+    """bitsandbytes on the CPU: the frozen LLM quantised, the gradient still reaches the queries (and LoRA)."""
+    run_dir, before, model, record = train_in_process(settings(tmp_path, quantised, "LLM_LORA_R=4", "EPOCHS=1",
+                                                               "MAX_STEPS=2", "TRAIN_LIMIT=4", "VAL_LIMIT=2"))
+    assert record["global_step"] == 2 and all(point["loss"] > 0 for point in record["loss_curve"])
+    assert any(changed(before, model, "language_projection.").values())
+    assert any(v for n, v in changed(before, model, "language_model.").items() if "lora_" in n)
+    assert (run_dir / "checkpoint_best.pth").is_file() and (run_dir / "llm_lora").is_dir()
+
+
+def test_early_stop_and_the_best_checkpoint_follow_the_validation_score(tmp_path, one_thread, sample_dir,
+                                                                       monkeypatch):
+    scores = iter([0.5, 0.7, 0.6, 0.65, 0.9])  # best at epoch 2; two epochs without improvement -> stop after 4
+
+    def scripted(predictor, items, batch_size, run_dir, epoch, settings, best_metric):
+        score = next(scores)
+        return score, {"bleu4": score}
+
+    monkeypatch.setattr(t, "validate", scripted)
+    run_dir, _, _, record = train_in_process(settings(tmp_path, "EPOCHS=5", "EARLY_STOP_EPOCHS=2", "TRAIN_LIMIT=2",
+                                                      "VAL_LIMIT=1"))
+    assert [v["epoch"] for v in record["validation_curve"]] == [1, 2, 3, 4]
+    assert record["best_epoch"] == 2 and record["best_score"] == 0.7
+    checkpoint = torch.load(run_dir / "checkpoint_best.pth", weights_only=True)
+    assert checkpoint["epoch"] == 2 and checkpoint["scores"] == {"bleu4": 0.7}
