@@ -8,7 +8,7 @@ projection and the CSRM; the rest (and Vicuna, unless LLM_LORA_R > 0) stays froz
 
     python deltavlm_finetune.py INIT=tiny                     # offline tiny twin on the bundled sample (minutes)
     python deltavlm_finetune.py TRAIN_ANNOTATIONS=data/changechat/ChangeChat_train.json \\
-        VAL_ANNOTATIONS=data/levir-cc/LevirCCcaptions.json IMAGE_ROOT=data/changechat/images
+        VAL_ANNOTATIONS=data/levir-cc/LevirCCcaptions.json VAL_SPLIT=val IMAGE_ROOT=data/changechat/images
     torchrun --nproc_per_node=4 deltavlm_finetune.py BATCH_SIZE=3 ...      # 4 GPUs, same global batch
 """
 # --- where the weights start: "instructblip" = InstructBLIP-Vicuna-7B + a fresh CSRM (the paper);
@@ -21,6 +21,8 @@ BERT_MODEL = "google-bert/bert-base-uncased"              # the Q-Former's token
 TRAIN_ANNOTATIONS = "annotations/sample_changechat_instructions.json"
 VAL_ANNOTATIONS = "annotations/sample_changechat_captions.json"  # its caption records are validated
 IMAGE_ROOT = None           # image paths in both files are relative to it (None: the file's folder / the sample)
+TRAIN_SPLIT = "train"       # a file naming splits (LEVIR-CC's LevirCCcaptions.json): train on this split (None = all)
+VAL_SPLIT = "val"           # ... and validate on this one
 TRAIN_LIMIT = None          # only the first N training records (None = all)
 VAL_LIMIT = None            # only the first N validation records
 TRAINING_TURN_FORMAT = True  # prompts as released training: 'q: <question>' after the earlier turns

@@ -267,13 +267,17 @@ def run_script(*args: str, timeout: int = 120, extra_env: dict | None = None) ->
     (["TRAIN_VIT_BLOCKS=4"], "TRAIN_VIT_BLOCKS=4 but the ViT of"),
     (["LOAD_LLM_IN_8BIT=True", "LOAD_LLM_IN_4BIT=True"], "both True"),
     (["TRAIN_ANNOTATIONS={missing_image}"], "missing.png"),
+    (["VAL_ANNOTATIONS={levir}"], "no entry of split 'val' (the file holds: train 1)"),
 ])
 def test_bad_settings_stop_in_one_line_before_any_model(tmp_path, sample_dir, overrides, message):
     record = {"id": "r1", "image": ["A/missing.png", "B/missing.png"],
               "conversations": [{"from": "human", "value": "what changed?"}, {"from": "gpt", "value": "a road"}]}
     missing_image = tmp_path / "train.json"
     missing_image.write_text(json.dumps([record]))
-    args = [a.format(missing_image=missing_image) for a in overrides]
+    levir = tmp_path / "LevirCCcaptions.json"  # LEVIR-CC's own layout, with a train entry only
+    levir.write_text(json.dumps({"images": [{"filepath": "train", "filename": "x.png", "split": "train",
+                                             "sentences": [{"raw": "a road was built ."}]}]}))
+    args = [a.format(missing_image=missing_image, levir=levir) for a in overrides]
     result = run_script("INIT=tiny", f"OUTPUT_DIR={tmp_path / 'runs'}", *args)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and lines[-1].startswith("error: ") and message in lines[-1], result.stderr[-800:]

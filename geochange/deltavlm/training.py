@@ -151,8 +151,10 @@ def training_examples(items: list[Item], prompting: Prompting) -> list[Example]:
 
 def load_data(cfg) -> tuple[list[Example], list[Item]]:
     """(training examples, validation caption items); every image is checked before any model is loaded."""
-    train = load_changechat(cfg.TRAIN_ANNOTATIONS, image_root(cfg, cfg.TRAIN_ANNOTATIONS), limit=cfg.TRAIN_LIMIT)
-    val = load_changechat(cfg.VAL_ANNOTATIONS, image_root(cfg, cfg.VAL_ANNOTATIONS), limit=cfg.VAL_LIMIT)
+    train = load_changechat(cfg.TRAIN_ANNOTATIONS, image_root(cfg, cfg.TRAIN_ANNOTATIONS), limit=cfg.TRAIN_LIMIT,
+                            split=cfg.TRAIN_SPLIT)
+    val = load_changechat(cfg.VAL_ANNOTATIONS, image_root(cfg, cfg.VAL_ANNOTATIONS), limit=cfg.VAL_LIMIT,
+                          split=cfg.VAL_SPLIT)
     examples = training_examples(items_of(train), prompting_of(cfg))
     captions = [item for item in items_of(val) if item.task == "caption"]
     if not examples:
