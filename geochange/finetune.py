@@ -20,7 +20,7 @@ import torch
 
 from .errors import UserError
 from .fileio import atomic_write_text
-from .modeling import (VideoQACollator, encode_training_example, get_family, language_model_linear_names,
+from .modeling import (VideoQACollator, count_parameters, encode_training_example, get_family, language_model_linear_names,
                        load_model, load_processor, lora_target_regex, model_label, plan_lengths, resolve_model_path,
                        video_token_count)
 from .paths import CHECKPOINTS_DIR
@@ -195,12 +195,6 @@ def build_training_model(cfg, base_path: str, family: str):
     lora = LoraConfig(r=cfg.LORA_R, lora_alpha=cfg.LORA_ALPHA, lora_dropout=cfg.LORA_DROPOUT, bias="none",
                       target_modules=lora_target_regex(model))
     return get_peft_model(model, lora), targets
-
-
-def count_parameters(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
 
 
 # ---------------------------------------------------------------- trainer
