@@ -1,6 +1,7 @@
-"""Atomic file writes: a reader (or a crash) never sees half a file."""
+"""File helpers: atomic writes (a reader, or a crash, never sees half a file) and content hashes."""
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,3 +33,12 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
         with open(temporary, "w", encoding="utf-8", newline="") as out:
             out.write(text)
     return Path(path)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

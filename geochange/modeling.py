@@ -213,6 +213,32 @@ def language_model_linear_names(model) -> list[str]:
     return names
 
 
+def video_unused_parameter_names(model) -> list[str]:
+    """Parameters that a video-only forward pass never reaches, so they can get no gradient.
+
+    Video-LLaVA's ``image_tower`` and LLaVA-NeXT's ``image_newline`` serve images only; in each
+    vision tower the encoder layers after ``vision_feature_layer`` and ``post_layernorm`` (which
+    only feeds the pooled output) are computed but never used.
+    """
+    config = model.config
+    feature_layers = config.vision_feature_layer
+    feature_layers = feature_layers if isinstance(feature_layers, (list, tuple)) else [feature_layers]
+    num_layers = config.vision_config.num_hidden_layers
+    # hidden_states[i] is the output of encoder layer i-1 (hidden_states[0] the embeddings)
+    last_used = max(i if i >= 0 else num_layers + 1 + i for i in feature_layers)
+    unused = []
+    for name, _ in model.named_parameters():
+        parts = name.split(".")
+        if "image_tower" in parts or "image_newline" in parts:
+            unused.append(name)
+        elif any(part.endswith("_tower") for part in parts):
+            layer = next((int(parts[i + 1]) for i in range(len(parts) - 1) if parts[i] == "layers"
+                          and parts[i + 1].isdigit()), None)
+            if "post_layernorm" in parts or (layer is not None and layer >= last_used):
+                unused.append(name)
+    return unused
+
+
 def lora_target_regex(model) -> str:
     """A PEFT ``target_modules`` regex matching exactly the language model's Linears."""
     suffixes = sorted({name.rsplit(".", 1)[-1] for name in language_model_linear_names(model)})
