@@ -153,7 +153,8 @@ def train_figures(model, family, cfg, device, peak_flops) -> list[dict]:
     autocast = (torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision.compute])
                 if precision.compute != "fp32" else nullcontext())
     if cfg.GRADIENT_CHECKPOINTING:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -212,7 +213,8 @@ def check(family: str, mode: str, path: str, device: torch.device, peak_flops) -
     reset_peak(device)
     started = time.perf_counter()
     model, _ = build_training_model(cfg, path, family)  # the fine-tuning recipe's own loading
-    model.to(device)  # a no-op for quantised models, which load onto the GPU
+    if mode == "LORA":
+        model.to(device)  # as the Trainer does; quantised models were loaded onto the GPU already
     synchronize(device)
     result = {"family": family, "mode": mode, "load": {
         "seconds": round(time.perf_counter() - started, 1), "placement": placement(model),
