@@ -181,7 +181,6 @@ def train_figures(model, family, cfg, device, peak_flops) -> list[dict]:
         rows.append({"batch": batch, "step_s": round(seconds, 3), "tokens_per_s": round(tokens_per_s, 1),
                      "mfu": round(6 * total * tokens_per_s / peak_flops, 3) if peak_flops else None,
                      "peak_gb": peak_gb(device)})
-    del optimizer
     return rows
 
 

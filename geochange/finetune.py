@@ -27,8 +27,7 @@ from .modeling import (VideoQACollator, count_parameters, encode_training_exampl
                        model_label, plan_lengths, resolve_model_path, video_token_count, video_unused_parameter_names)
 from .pruning import apply_pruning_masks, measure_sparsity, pruning_masks, validate_prune_settings
 from .results import remove_results
-from .runs import (MERGED_DIR, RUN_FILE, load_run_model, merge_and_save, pruned_base, read_run_file,  # noqa: F401
-                   run_base_path, write_run_file)
+from .runs import MERGED_DIR, merge_and_save, pruned_base, read_run_file, write_run_file
 
 # Extra transformers TrainerCallbacks for every run (monitoring; the tests use one to simulate a crash).
 EXTRA_CALLBACKS: list = []

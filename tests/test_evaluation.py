@@ -65,7 +65,7 @@ def test_pipeline_writes_results_and_the_tuned_model_beats_base(pipeline):
 
 
 def test_batched_and_unbatched_generation_agree(pipeline):
-    from geochange.finetune import load_run_model
+    from geochange.runs import load_run_model
 
     model = load_run_model(pipeline["run_dir"], "videollava")
     processor = load_processor(str(pipeline["run_dir"]))
@@ -191,8 +191,6 @@ def evaluate_base(results_dir, **overrides):
 def test_results_are_tied_to_the_model_weights_generation_and_test_set(tmp_path, monkeypatch):
     import hashlib
     import shutil
-
-    import torch
 
     from geochange.errors import UserError
     from geochange.modeling import resolve_model_path

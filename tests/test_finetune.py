@@ -79,8 +79,8 @@ def test_training_lowers_the_loss_and_the_adapter_reloads(tmp_path, family, over
         assert (run_dir / name).exists(), name
     # the adapter changes the model, and loading it twice gives the same logits
     inputs = tiny_inputs(family)
-    tuned = logits_of(finetune.load_run_model(run_dir, family), inputs)
-    again = logits_of(finetune.load_run_model(run_dir, family), inputs)
+    tuned = logits_of(runs.load_run_model(run_dir, family), inputs)
+    again = logits_of(runs.load_run_model(run_dir, family), inputs)
     base = logits_of(load_model(resolve_model_path("tiny", family), family, bits=expected_bits), inputs)
     assert torch.equal(tuned, again)
     assert (tuned - base).abs().max() > 1e-3
@@ -152,10 +152,10 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     assert record["completed"] and record["global_step"] == 6 and record["resumed_from"].endswith("checkpoint-3")
     assert [p["step"] for p in record["loss_curve"]] == [1, 2, 3, 4, 5, 6]
     # merged weights for deployment behave like base + adapter
-    merged_dir = finetune.merge_and_save(run_dir, "videollava")
+    merged_dir = runs.merge_and_save(run_dir, "videollava")
     inputs = tiny_inputs("videollava")
     merged = logits_of(load_model(str(merged_dir), "videollava"), inputs)
-    assert torch.allclose(merged, logits_of(finetune.load_run_model(run_dir, "videollava"), inputs), atol=1e-4)
+    assert torch.allclose(merged, logits_of(runs.load_run_model(run_dir, "videollava"), inputs), atol=1e-4)
     # a finished run is not overwritten unless asked
     with pytest.raises(UserError, match="already holds a finished run; set OVERWRITE=True"):
         finetune.run_finetune(dict(settings), "videollava")
@@ -173,7 +173,7 @@ def test_full_finetune_and_pruned_runs(tmp_path, monkeypatch):
         p.numel() for n, p in trained.named_parameters() if n in frozen)  # FREEZE_VISION
     inputs = tiny_inputs("videollava")
     base = logits_of(load_model(resolve_model_path("tiny", "videollava"), "videollava"), inputs)
-    assert (logits_of(finetune.load_run_model(run_dir, "videollava"), inputs) - base).abs().max() > 1e-3
+    assert (logits_of(runs.load_run_model(run_dir, "videollava"), inputs) - base).abs().max() > 1e-3
 
     pruned = finetune.run_finetune(constants("videollava", tmp_path, PRUNE=True, PRUNE_METHOD="attention",
                                              PRUNE_AMOUNT=0.25, USE_QLORA=True, MAX_STEPS=2), "videollava")
