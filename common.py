@@ -22,7 +22,8 @@ from geochange.annotations import Sample, load_annotations, load_changechat
 from geochange.convert import changechat_to_videos, changechat_to_videos_main, videos_to_pairs, videos_to_pairs_main
 from geochange.errors import UserError, install_error_handler
 from geochange.evaluation import evaluate, generate_answers, run_evaluation
-from geochange.finetune import load_run_model, merge_and_save, run_finetune
+from geochange.finetune import run_finetune
+from geochange.runs import load_run_model, merge_and_save
 from geochange.metrics import compute_metrics, compute_metrics_report
 from geochange.modeling import FAMILIES, load_model, load_processor, resolve_model_path, video_prompt
 from geochange.overrides import apply_overrides, settings_of

@@ -47,6 +47,8 @@ MAX_STEPS = -1              # > 0 overrides EPOCHS
 LR = None                   # None = 2e-4 for LoRA/QLoRA, 2e-5 for full (5e-3 / 1e-3 for the tiny model)
 WARMUP_STEPS = 10
 GRADIENT_CHECKPOINTING = True
+PRECISION = "auto"          # compute: "auto" = bf16 on GPUs with it, fp16 on older GPUs, fp32 on CPU; or "bf16",
+                            # "fp16", "fp32". Full fine-tuning keeps fp32 weights (master copy) whatever this says
 NUM_WORKERS = None          # data-loader workers; None = the machine's cores (at most 8) on a GPU, 0 on a CPU
 DEEPSPEED = None            # path to a DeepSpeed config JSON (e.g. ZeRO-2, see README), None = plain DDP
 SEED = 42
@@ -58,7 +60,7 @@ SAVE_STEPS = 50             # checkpoint every N steps (the newest SAVE_TOTAL_LI
 SAVE_TOTAL_LIMIT = 2
 EVAL_STEPS = 50             # validation loss every N steps (0 = never)
 MERGE_AND_SAVE = False      # also write merged full weights to <run>/merged
-# --- evaluation after training (videollava_test.py with MODEL_PATH=<run dir>)
+# --- evaluation after training, on the device this process trained on (videollava_test.py with MODEL_PATH=<run dir>)
 EVAL_AFTER_TRAIN = True
 EVAL_BATCH_SIZE = 8
 MAX_NEW_TOKENS = 64

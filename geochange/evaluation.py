@@ -15,13 +15,34 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import UserError
-from .modeling import load_model, load_processor, model_label, resolve_model_path, video_prompt
+from .fileio import file_sha256
+from .modeling import (format_linear_counts, linear_counts, load_model, load_processor, model_label, pick_device,
+                       resolve_model_path, video_prompt)
+from .results import check_run_settings, remove_results
+from .runs import RUN_FILE, load_run_model, weights_fingerprint
 
 
 def results_run_name(family: str, model_path: str, model_id: str) -> str:
+    """``<model>_base``, a run directory's name, or for a folder inside a run (``runs/A/merged``) ``A_merged``."""
     if model_path == "base":
         return f"{model_label(model_id, family)}_base"
-    return Path(model_path).resolve().name
+    folder = Path(model_path).resolve()
+    return folder.name if (folder / RUN_FILE).exists() else f"{folder.parent.name}_{folder.name}"
+
+
+def results_identity(*, family: str, model_path: str, model_id: str, val_annotations: str, num_frames: int,
+                     max_new_tokens: int, load_in_4bit: bool, split: str | None = None) -> dict[str, Any]:
+    """What produced a results file: the model and a fingerprint of its weights, the generation
+    settings and the test set. Answers resume only under the same identity."""
+    weights = resolve_model_path(model_id, family) if model_path == "base" else model_path
+    return {
+        "family": family, "model_id": model_id,
+        "model_path": model_path if model_path == "base" else str(Path(model_path).resolve()),
+        "weights": weights_fingerprint(weights),
+        "generation": {"decoding": "greedy", "max_new_tokens": max_new_tokens, "num_frames": num_frames,
+                       "load_in_4bit": load_in_4bit},
+        "test_set": {"file": Path(val_annotations).name, "sha256": file_sha256(val_annotations), "split": split},
+    }
 
 
 @torch.inference_mode()
@@ -42,22 +63,25 @@ def generate_answers(model, processor, frames_batch: list, questions: list[str],
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
-def load_eval_model(family: str, model_path: str, model_id: str, load_in_4bit: bool):
-    """(model, processor) for ``model_path`` = 'base' (the untuned MODEL_ID) or a run directory."""
+def load_eval_model(family: str, model_path: str, model_id: str, load_in_4bit: bool,
+                    device: torch.device | None = None):
+    """(model, processor) for ``model_path`` = 'base' (the untuned MODEL_ID) or a run directory, placed on
+    ``device`` (default: the GPU when there is one) in its compute dtype."""
+    device = device or pick_device("auto")
     if model_path == "base":
         path = resolve_model_path(model_id, family)
-        return load_model(path, family, bits=4 if load_in_4bit else None), load_processor(path)
-    from .finetune import load_run_model
-
-    model = load_run_model(model_path, family, load_in_4bit=load_in_4bit)
+        return load_model(path, family, bits=4 if load_in_4bit else None, device=device), load_processor(path)
+    model = load_run_model(model_path, family, load_in_4bit=load_in_4bit, device=device)
     return model, load_processor(model_path)
 
 
 def evaluate(*, family: str, model_path: str, model_id: str, val_annotations: str, video_dir: str | None,
              num_frames: int, batch_size: int, max_new_tokens: int, load_in_4bit: bool, results_dir: str,
              settings: dict[str, Any], limit: int | None = None, run: str | None = None,
-             split: str | None = None) -> Path:
-    """Evaluate and score; returns the path of ``<results_dir>/<run>.metrics.json``.
+             split: str | None = None, device: torch.device | None = None, overwrite: bool = False) -> Path:
+    """Evaluate and score on ``device`` (default: the GPU when there is one); returns the path of
+    ``<results_dir>/<run>.metrics.json``. Old answers resume only if the same model, weights, generation
+    settings and test set wrote them (``results_identity``); ``overwrite`` discards them first.
 
     ``split``: only that split of a file that names splits. A record with ``references`` is scored against all
     of them (LEVIR-CC's five captions, converted by ``changechat-to-videos``)."""
@@ -78,12 +102,22 @@ def evaluate(*, family: str, model_path: str, model_id: str, val_annotations: st
     samples = load_annotations(val_annotations, video_dir, limit=limit, split=split)
     run = run or results_run_name(family, model_path, model_id)
     results_path = Path(results_dir) / f"{run}.jsonl"
+    if overwrite and remove_results(results_dir, run):
+        print(f"OVERWRITE: removed the earlier results of {run} in {results_dir}")
+    identity = results_identity(family=family, model_path=model_path, model_id=model_id, val_annotations=val_annotations,
+                                num_frames=num_frames, max_new_tokens=max_new_tokens, load_in_4bit=load_in_4bit,
+                                split=split)
+    check_run_settings(Path(results_dir) / f"{run}.settings.json", identity, results_path, redo="set OVERWRITE=True")
     writer = ResultsWriter(results_path)
     todo = [s for s in samples if s.id not in writer.done_ids]
     started = time.time()
     if todo:
-        model, processor = load_eval_model(family, model_path, model_id, load_in_4bit)
+        model, processor = load_eval_model(family, model_path, model_id, load_in_4bit, device)
         model.eval()
+        if load_in_4bit:
+            print(format_linear_counts(linear_counts(model), 4))
+        where = next(model.parameters())
+        print(f"generating on {where.device} in {str(model.dtype).removeprefix('torch.')}")
         tokenizer = processor.tokenizer
         # Similar prompt lengths side by side waste little left padding.
         todo.sort(key=lambda s: len(tokenizer(s.question)["input_ids"]))
@@ -101,7 +135,7 @@ def evaluate(*, family: str, model_path: str, model_id: str, val_annotations: st
     report = compute_metrics_report([r["true"] for r in records], [r["generated"] for r in records])
     metrics_path = write_metrics(results_path.with_suffix(""), records, report, model=f"{model_id} ({model_path})",
                                  settings=settings, seconds=round(time.time() - started, 1),
-                                 extra={"family": family, "model_path": model_path,
+                                 extra={"family": family, "model_path": model_path, "identity": identity,
                                         "test_set": describe_test_set(val_annotations, split)})
     print(format_metrics_table(report.metrics, report.missing))
     print(f"metrics: {metrics_path}")
@@ -112,9 +146,10 @@ def run_evaluation(scope: dict[str, Any], family: str) -> Path:
     """The evaluation scripts' flow, with the constants in ``scope`` (a script's globals())."""
     from .overrides import settings_of
 
+    device = pick_device(scope["DEVICE"])  # before minutes of loading
     return evaluate(family=family, model_path=scope["MODEL_PATH"], model_id=scope["MODEL_ID"],
                     val_annotations=scope["VAL_ANNOTATIONS"], video_dir=scope["VIDEO_DIR"],
                     num_frames=scope["NUM_FRAMES"], batch_size=scope["BATCH_SIZE"],
                     max_new_tokens=scope["MAX_NEW_TOKENS"], load_in_4bit=scope["LOAD_IN_4BIT"],
                     results_dir=scope["RESULTS_DIR"], settings=settings_of(scope), limit=scope["LIMIT"],
-                    run=scope["RUN_NAME"], split=scope["SPLIT"])
+                    run=scope["RUN_NAME"], split=scope["SPLIT"], device=device, overwrite=scope["OVERWRITE"])

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,13 +20,15 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .fileio import atomic_write_text, file_sha256
-from .modeling import (VideoQACollator, encode_training_example, get_family, language_model_linear_names,
-                       load_model, load_processor, lora_target_regex, model_label, plan_lengths, resolve_model_path,
-                       video_token_count)
-from .paths import CHECKPOINTS_DIR
+from .evaluation import evaluate
+from .fileio import file_sha256
+from .modeling import (VideoQACollator, count_parameters, encode_training_example, format_linear_counts, get_family,
+                       language_model_linear_names, linear_counts, load_model, load_processor, lora_target_regex,
+                       model_label, plan_lengths, resolve_model_path, video_token_count, video_unused_parameter_names)
+from .pruning import apply_pruning_masks, measure_sparsity, pruning_masks, validate_prune_settings
+from .results import remove_results
+from .runs import MERGED_DIR, merge_and_save, pruned_base, read_run_file, write_run_file
 
-RUN_FILE = "run.json"
 # Extra transformers TrainerCallbacks for every run (monitoring; the tests use one to simulate a crash).
 EXTRA_CALLBACKS: list = []
 
@@ -54,12 +58,61 @@ def learning_rate(cfg) -> float:
     return 2e-4 if training_mode(cfg) != "FULL" else 2e-5
 
 
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class TrainingPrecision:
+    compute: str            # autocast: "bf16", "fp16" (with loss scaling) or "fp32" (none)
+    weights: torch.dtype    # the dtype the model's weights are loaded and updated in
+
+
+def training_precision(cfg, *, cuda: bool, cuda_bf16: bool) -> TrainingPrecision:
+    """What ``PRECISION`` means on this machine, per training mode.
+
+    "auto" computes in bf16 on GPUs that have it, fp16 on older GPUs, fp32 on the CPU. Full
+    fine-tuning always keeps fp32 weights (the master copy the optimiser updates): AdamW's steps at
+    lr 2e-5 are below bf16's resolution for most weights and would round away. LoRA trains fp32
+    adapters beside a frozen base, which is stored in the compute dtype to save memory.
+    """
+    if cfg.PRECISION == "auto":
+        compute = ("bf16" if cuda_bf16 else "fp16") if cuda else "fp32"
+    else:
+        compute = cfg.PRECISION
+    if compute == "fp16" and not cuda:
+        raise UserError("PRECISION='fp16' needs a CUDA GPU (fp16 autocast with loss scaling); use bf16 or fp32")
+    if compute == "bf16" and cuda and not cuda_bf16:
+        raise UserError("PRECISION='bf16' but this GPU has no bf16 support; use fp16 or auto")
+    weights = torch.float32 if training_mode(cfg) == "FULL" else _DTYPES[compute]
+    return TrainingPrecision(compute, weights)
+
+
+def device_precision(cfg) -> TrainingPrecision:
+    cuda = torch.cuda.is_available()
+    return training_precision(cfg, cuda=cuda, cuda_bf16=cuda and torch.cuda.is_bf16_supported())
+
+
+def deepspeed_stage(cfg) -> int | None:
+    """The ZeRO stage of the DEEPSPEED config file (None without one)."""
+    if cfg.DEEPSPEED is None:
+        return None
+    try:
+        config = json.loads(Path(cfg.DEEPSPEED).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"DEEPSPEED: cannot read the config {cfg.DEEPSPEED} ({exc})") from None
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
 def validate_settings(cfg) -> None:
     """Every check that needs no model: bad settings stop here, before anything is loaded."""
     if cfg.PRUNE:
-        from .pruning import validate_prune_settings
-
         validate_prune_settings(cfg.PRUNE_METHOD, cfg.PRUNE_AMOUNT)
+        if training_mode(cfg) == "FULL" and deepspeed_stage(cfg) == 3:
+            raise UserError("PRUNE with full fine-tuning cannot keep its pruning masks under ZeRO stage 3 "
+                            "(the weights are sharded); use stage 2 or LoRA")
+    if cfg.PRECISION not in PRECISIONS:
+        raise UserError(f"PRECISION must be one of {', '.join(PRECISIONS)}, not {cfg.PRECISION!r}")
     checks = [
         (cfg.LORA_R >= 1, f"LORA_R must be >= 1, not {cfg.LORA_R}"),
         (cfg.LORA_ALPHA > 0, f"LORA_ALPHA must be > 0, not {cfg.LORA_ALPHA}"),
@@ -96,17 +149,22 @@ def run_name(cfg, family: str) -> str:
     return "_".join(parts)
 
 
-def prepare_run_dir(cfg, family: str) -> tuple[Path, bool]:
-    """The run directory and whether this is a resume. A finished run is never overwritten unless OVERWRITE."""
+def prepare_run_dir(cfg, family: str, *, main: bool = True) -> tuple[Path, bool]:
+    """The run directory and whether this is a resume. A finished run is never overwritten unless OVERWRITE.
+
+    With OVERWRITE the main process (``main``) deletes the finished run and its evaluation results
+    (``RESULTS_DIR/<run>.*`` and ``<run>_merged.*``); under torchrun the others call this after it,
+    inside ``main_process_first``, and find the directory gone.
+    """
     run_dir = Path(cfg.OUTPUT_DIR) / run_name(cfg, family)
-    finished = (run_dir / RUN_FILE).exists() and json.loads((run_dir / RUN_FILE).read_text()).get("completed")
+    finished = (read_run_file(run_dir) or {}).get("completed")
     if finished and not cfg.OVERWRITE:
         raise UserError(f"{run_dir} already holds a finished run; set OVERWRITE=True to train it again "
                         f"or change a setting (the directory name follows the settings)")
-    if finished and cfg.OVERWRITE:
-        import shutil
-
+    if finished and cfg.OVERWRITE and main:
         shutil.rmtree(run_dir)
+        removed = remove_results(cfg.RESULTS_DIR, run_dir.name) + remove_results(cfg.RESULTS_DIR, f"{run_dir.name}_{MERGED_DIR}")
+        print(f"OVERWRITE: removed the finished run {run_dir}" + (f" and {len(removed)} results files" if removed else ""))
     resuming = run_dir.exists() and any(run_dir.glob("checkpoint-*"))
     return run_dir, resuming
 
@@ -149,41 +207,25 @@ class VideoQADataset(torch.utils.data.Dataset):
 
 # ---------------------------------------------------------------- model
 
-def pruned_base(model_path: str, family: str, cfg) -> tuple[str, dict[str, float]]:
-    """Prune the full-precision weights once and keep the result on disk.
-
-    QLoRA quantises at load time, so pruning must come first and be saved; the
-    same pruned base then serves training, evaluation and merging.
-    """
-    from .pruning import prune_model
-
-    label = model_label(cfg.MODEL_ID, family)
-    vision = "-vision" if cfg.PRUNE_VISION else ""
-    target = CHECKPOINTS_DIR / "pruned" / f"{label}_{cfg.PRUNE_METHOD}{cfg.PRUNE_AMOUNT:g}{vision}"
-    marker = target / "pruning.json"
-    if marker.exists():
-        return str(target), json.loads(marker.read_text())["sparsity"]
-    print(f"pruning {label}: {cfg.PRUNE_METHOD} {cfg.PRUNE_AMOUNT:.1%} of the full-precision weights -> {target}")
-    model = load_model(model_path, family)
-    sparsity = prune_model(model, cfg.PRUNE_METHOD, cfg.PRUNE_AMOUNT, include_vision=cfg.PRUNE_VISION)
-    target.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(target)
-    load_processor(model_path).save_pretrained(target)
-    marker.write_text(json.dumps({"source": model_path, "method": cfg.PRUNE_METHOD, "amount": cfg.PRUNE_AMOUNT,
-                                  "include_vision": cfg.PRUNE_VISION, "sparsity": sparsity}, indent=2))
-    del model
-    return str(target), sparsity
-
-
 def build_training_model(cfg, base_path: str, family: str):
-    """Load the (pruned) base, quantise for QLoRA, wrap LoRA; returns (model, lora_targets)."""
+    """Load the (pruned) base, quantise for QLoRA, wrap LoRA; returns (model, lora_targets).
+
+    Seeds the RNG first, so one SEED gives one LoRA initialisation.
+    """
+    from transformers import set_seed
+
+    set_seed(cfg.SEED)
     mode = training_mode(cfg)
-    model = load_model(base_path, family, bits=quant_bits(cfg))
+    model = load_model(base_path, family, bits=quant_bits(cfg), dtype=device_precision(cfg).weights)
     if mode == "FULL":
-        if cfg.FREEZE_VISION:  # as in LLaVA's own fine-tuning: the projector still trains
-            for name, param in model.named_parameters():
-                if any(part.endswith("_tower") for part in name.split(".")):
-                    param.requires_grad_(False)
+        for name, param in model.named_parameters():
+            tower = any(part.endswith("_tower") for part in name.split("."))
+            if cfg.FREEZE_VISION and tower:  # as in LLaVA's own fine-tuning: the projector still trains
+                param.requires_grad_(False)
+        # What the video path never reaches gets no gradient, and DDP (find_unused_parameters=False)
+        # stops at the second step over a trainable parameter without one.
+        for name in video_unused_parameter_names(model):
+            model.get_parameter(name).requires_grad_(False)
         return model, []
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -196,10 +238,15 @@ def build_training_model(cfg, base_path: str, family: str):
     return get_peft_model(model, lora), targets
 
 
-def count_parameters(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
+def pruning_mask_callback(model, masks: dict[str, torch.Tensor]):
+    """A TrainerCallback that zeroes the pruned weights again after every optimiser step (full fine-tuning)."""
+    from transformers import TrainerCallback
+
+    class KeepPruned(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            apply_pruning_masks(model, masks)
+
+    return KeepPruned()
 
 
 # ---------------------------------------------------------------- trainer
@@ -223,7 +270,7 @@ def training_arguments(cfg, run_dir: Path):
     from transformers import TrainingArguments
 
     cuda = torch.cuda.is_available()
-    bf16 = cuda and torch.cuda.is_bf16_supported()
+    precision = device_precision(cfg)
     has_val = cfg.VAL_ANNOTATIONS is not None and cfg.EVAL_STEPS > 0
     # transformers 5 takes the TensorBoard folder from the environment only.
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
@@ -240,8 +287,8 @@ def training_arguments(cfg, run_dir: Path):
         optim="adamw_torch",
         weight_decay=0.0,
         max_grad_norm=1.0,
-        bf16=bf16,
-        fp16=cuda and not bf16 and training_mode(cfg) != "FULL",
+        bf16=precision.compute == "bf16",
+        fp16=precision.compute == "fp16",
         gradient_checkpointing=cfg.GRADIENT_CHECKPOINTING,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=cfg.LOGGING_STEPS,
@@ -275,20 +322,6 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def write_run_file(run_dir: Path, record: dict[str, Any]) -> None:
-    atomic_write_text(run_dir / RUN_FILE, json.dumps(record, indent=2, default=str))
-
-
-def read_run_file(run_dir: str | Path) -> dict[str, Any] | None:
-    path = Path(run_dir) / RUN_FILE
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
-
-
 # ---------------------------------------------------------------- the recipe
 
 def run_finetune(scope: dict[str, Any], family: str) -> Path:
@@ -307,8 +340,9 @@ def run_finetune(scope: dict[str, Any], family: str) -> Path:
     validate_settings(cfg)
     if cfg.USE_8BIT and training_mode(cfg) != "QLORA":
         print("note: USE_8BIT only applies to QLoRA (USE_QLORA=True); ignored")
-    run_dir, resuming = prepare_run_dir(cfg, family)
-    args = training_arguments(cfg, run_dir)
+    args = training_arguments(cfg, Path(cfg.OUTPUT_DIR) / run_name(cfg, family))
+    with args.main_process_first(desc="run directory"):  # only the main process clears it (OVERWRITE)
+        run_dir, resuming = prepare_run_dir(cfg, family, main=args.process_index == 0)
     with args.main_process_first(desc="sample data and tiny model"):
         if cfg.VIDEO_DIR is None:
             from .sample_data import ensure_sample_media, SAMPLE_VIDEO_DIR
@@ -351,7 +385,14 @@ def run_finetune(scope: dict[str, Any], family: str) -> Path:
             print("measured sparsity: " + ", ".join(f"{k} {v:.2%}" for k, v in sparsity.items()))
     model, lora_targets = build_training_model(cfg, base_path, family)
     trainable, total = count_parameters(model)
+    quantised = linear_counts(model) if quant_bits(cfg) else {}
+    callbacks = list(EXTRA_CALLBACKS)
+    if cfg.PRUNE and mode == "FULL":  # keep the pruned weights at zero through training
+        callbacks.append(pruning_mask_callback(model, pruning_masks(model, include_vision=cfg.PRUNE_VISION)))
     if main:
+        print(f"precision: {device_precision(cfg).compute} compute, {str(device_precision(cfg).weights).removeprefix('torch.')} weights")
+        if quantised:
+            print(format_linear_counts(quantised, quant_bits(cfg)))
         if lora_targets:
             kinds = sorted({name.rsplit('.', 1)[-1] for name in lora_targets})
             print(f"LoRA targets: {len(lora_targets)} Linear layers of the language model ({', '.join(kinds)})")
@@ -367,12 +408,13 @@ def run_finetune(scope: dict[str, Any], family: str) -> Path:
                  for name in ("TRAIN_ANNOTATIONS", "VAL_ANNOTATIONS") if getattr(cfg, name)},
         "world_size": args.world_size, "num_train": len(train_set), "num_val": len(val_samples), "answers_shortened": len(train_set.shortened),
         "video_tokens_per_clip": train_set.num_video_tokens, "sparsity": sparsity, "lora_targets": lora_targets,
-        "trainable_parameters": trainable, "total_parameters": total,
+        "trainable_parameters": trainable, "total_parameters": total, "quantised_linears": quantised,
+        "precision": {"compute": device_precision(cfg).compute, "weights": str(device_precision(cfg).weights)},
     }
     if main:
         write_run_file(run_dir, record)
     trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
-                      data_collator=VideoQACollator(processor.tokenizer.pad_token_id), callbacks=list(EXTRA_CALLBACKS))
+                      data_collator=VideoQACollator(processor.tokenizer.pad_token_id), callbacks=callbacks)
     last = get_last_checkpoint(str(run_dir)) if run_dir.exists() else None
     trainer.train(resume_from_checkpoint=last)
 
@@ -386,6 +428,8 @@ def run_finetune(scope: dict[str, Any], family: str) -> Path:
             "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
             "eval_loss_curve": [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h],
             "resumed_from": last,
+            # Full fine-tuning: the trained weights; LoRA leaves the base untouched (see sparsity_after_merging).
+            "sparsity_after_training": measure_sparsity(model, cfg.PRUNE_VISION) if cfg.PRUNE and mode == "FULL" else None,
         })
         write_run_file(run_dir, record)
         curve = record["loss_curve"]
@@ -398,58 +442,12 @@ def run_finetune(scope: dict[str, Any], family: str) -> Path:
 
     # 6. Evaluate on the validation set.
     if cfg.EVAL_AFTER_TRAIN and main and cfg.VAL_ANNOTATIONS:
+        device = args.device  # the accelerator this process trained on (the CPU without one)
         del trainer, model
-        from .evaluation import evaluate
-
         evaluate(family=family, model_path=str(run_dir), model_id=cfg.MODEL_ID, val_annotations=cfg.VAL_ANNOTATIONS,
                  video_dir=str(video_dir), num_frames=cfg.NUM_FRAMES, batch_size=cfg.EVAL_BATCH_SIZE,
                  max_new_tokens=cfg.MAX_NEW_TOKENS, load_in_4bit=False, results_dir=cfg.RESULTS_DIR,
-                 settings=settings, split=cfg.VAL_SPLIT)
+                 settings=settings, split=cfg.VAL_SPLIT, device=device)
     return run_dir
 
 
-# ---------------------------------------------------------------- loading a run back
-
-def run_base_path(cfg, family: str) -> str:
-    """The weights a run's adapter was trained on: MODEL_ID, or its cached pruned copy."""
-    base_path = resolve_model_path(cfg.MODEL_ID, family)
-    if cfg.PRUNE:
-        base_path, _ = pruned_base(base_path, family, cfg)
-    return base_path
-
-
-def load_run_model(run_dir: str | Path, family: str, *, load_in_4bit: bool = False):
-    """A fine-tuned model from its run directory: full weights, or (pruned) base + verified adapter."""
-    from .adapters import ADAPTER_WEIGHTS, load_adapter_verified
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"MODEL_PATH {run_dir} is not a run directory (and not 'base')")
-    record = read_run_file(run_dir) or {}
-    if not (run_dir / ADAPTER_WEIGHTS).exists():
-        if not (run_dir / "config.json").exists():
-            raise UserError(f"{run_dir}: holds neither an adapter nor model weights")
-        return load_model(str(run_dir), family, bits=4 if load_in_4bit else None)
-    if record:
-        base_path = run_base_path(SimpleNamespace(**record["settings"]), family)
-        bits = record.get("quant_bits") or (4 if load_in_4bit else None)
-    else:  # an adapter from elsewhere (e.g. GeoLLaVA's releases): its config names the base
-        base_path = json.loads((run_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
-        bits = 4 if load_in_4bit else None
-    model = load_model(base_path, family, bits=bits)
-    return load_adapter_verified(model, run_dir)
-
-
-def merge_and_save(run_dir: Path, family: str) -> Path:
-    """Merged full-precision weights for deployment, in ``run_dir/merged``."""
-    record = read_run_file(run_dir)
-    base_path = run_base_path(SimpleNamespace(**record["settings"]), family)
-    from .adapters import load_adapter_verified
-
-    # QLoRA adapters are merged into the full-precision base, not the quantised one.
-    merged = load_adapter_verified(load_model(base_path, family), run_dir).merge_and_unload()
-    target = run_dir / "merged"
-    merged.save_pretrained(target)
-    load_processor(str(run_dir)).save_pretrained(target)
-    print(f"merged weights written to {target}")
-    return target

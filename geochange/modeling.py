@@ -8,6 +8,7 @@ padding, the answer ids (and EOS) everywhere else.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,8 @@ FAMILIES = {
 }
 # Sub-modules that stay in full precision under QLoRA and are never LoRA targets.
 VISION_MODULE_NAMES = ("vision_tower", "video_tower", "image_tower", "multi_modal_projector", "vision_resampler")
+# bitsandbytes' quantised Linear classes (peft's LoRA wrappers of them share the names, not the module).
+_QUANTISED_LINEARS = {"Linear4bit", "Linear8bitLt"}
 
 
 def get_family(name: str) -> ModelFamily:
@@ -66,19 +69,52 @@ def model_label(model_id: str, family: str) -> str:
     return f"{family}-{Path(model_id).name}"
 
 
-def best_dtype() -> torch.dtype:
-    if torch.cuda.is_available():
+def pick_device(device: str) -> torch.device:
+    """``DEVICE``: "auto" = the GPU when there is one, else the CPU; or any torch device ("cuda:1", "cpu")."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"DEVICE={device!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"DEVICE={device!r} but no CUDA GPU is available")
+    return chosen
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that have it, fp16 on older GPUs, fp32 on the CPU (slow and inexact in half precision)."""
+    if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
 
 
+def best_dtype() -> torch.dtype:
+    return compute_dtype(pick_device("auto"))
+
+
+def quantization_skip_patterns() -> list[str]:
+    """What bitsandbytes must leave in full precision: the vision towers, the projector and lm_head.
+
+    transformers 5 matches a skip entry only as a prefix of the full module name (as a regex) or as
+    its suffix, and the real names are ``model.video_tower...``, so a bare ``video_tower`` matches
+    nothing there; the regex form matches the part wherever it sits. transformers 4 matched
+    substrings, which the bare names serve.
+    """
+    parts = "|".join(VISION_MODULE_NAMES)
+    return [rf"(?:.*\.)?(?:{parts})", *VISION_MODULE_NAMES, "lm_head"]
+
+
 def quantization_config(bits: int | None):
-    """bitsandbytes settings for QLoRA: 4-bit nf4 (double quantisation) or 8-bit; None = full precision."""
+    """bitsandbytes settings for QLoRA: 4-bit nf4 (double quantisation) or 8-bit; None = full precision.
+
+    Only the language model's Linears are quantised (see ``quantization_skip_patterns``).
+    """
     if bits is None:
         return None
     from transformers import BitsAndBytesConfig
 
-    skip = list(VISION_MODULE_NAMES) + ["lm_head"]
+    skip = quantization_skip_patterns()
     if bits == 4:
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=best_dtype(), llm_int8_skip_modules=skip)
@@ -102,18 +138,66 @@ def load_processor(model_path: str):
 
 
 def load_model(model_path: str, family: str, *, bits: int | None = None, dtype: torch.dtype | None = None,
-               device_map: Any = None):
+               device: torch.device | None = None):
+    """The model in ``dtype`` (default: the compute dtype of ``device``), loaded straight onto ``device``.
+
+    ``device=None`` leaves a full-precision model on the CPU (the Trainer places it) and puts a
+    quantised one on the current GPU, or the CPU without one.
+    """
     cls = get_family(family).model_class
-    kwargs: dict[str, Any] = {"dtype": dtype or best_dtype()}
+    if device is None and bits is not None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    kwargs: dict[str, Any] = {"dtype": dtype or (compute_dtype(device) if device is not None else best_dtype())}
     if bits is not None:
         kwargs["quantization_config"] = quantization_config(bits)
-        kwargs["device_map"] = device_map or ({"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"})
-    elif device_map is not None:
-        kwargs["device_map"] = device_map
+    if device is not None:
+        kwargs["device_map"] = {"": device}
     try:
         return cls.from_pretrained(model_path, **kwargs)
     except OSError as exc:
         raise UserError(f"cannot load a {family} model from {model_path!r}: {str(exc).splitlines()[0]}") from None
+
+
+def model_part(module_name: str) -> str:
+    """Which part of the VLM a module belongs to: ``language_model``, ``lm_head``, a vision part, or ``other``."""
+    for part in module_name.split("."):
+        if part in VISION_MODULE_NAMES or part in ("language_model", "lm_head"):
+            return part
+    return "other"
+
+
+def is_quantised_linear(module) -> bool:
+    return type(module).__name__ in _QUANTISED_LINEARS and type(module).__module__.startswith("bitsandbytes")
+
+
+def linear_counts(model) -> dict[str, dict[str, int]]:
+    """Per part, how many Linear layers bitsandbytes quantised and how many it kept (LoRA's own layers aside)."""
+    counts: dict[str, dict[str, int]] = {}
+    for name, module in model.named_modules():
+        quantised = is_quantised_linear(module)
+        if "lora_" in name or not (quantised or type(module) is torch.nn.Linear):
+            continue
+        part = counts.setdefault(model_part(name), {"quantised": 0, "kept": 0})
+        part["quantised" if quantised else "kept"] += 1
+    return counts
+
+
+def format_linear_counts(counts: dict[str, dict[str, int]], bits: int) -> str:
+    return f"Linear layers quantised to {bits}-bit / kept: " + ", ".join(
+        f"{part} {c['quantised']}/{c['kept']}" for part, c in counts.items())
+
+
+def parameter_numel(param) -> int:
+    """The parameter's true number of values: a 4-bit ``Params4bit`` holds two per packed byte."""
+    quant_state = getattr(param, "quant_state", None)
+    return math.prod(quant_state.shape) if quant_state is not None else param.numel()
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts, 4-bit weights counted as the values they hold."""
+    trainable = sum(parameter_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(parameter_numel(p) for p in model.parameters())
+    return trainable, total
 
 
 def language_model_linear_names(model) -> list[str]:
@@ -127,6 +211,32 @@ def language_model_linear_names(model) -> list[str]:
             continue
         names.append(name)
     return names
+
+
+def video_unused_parameter_names(model) -> list[str]:
+    """Parameters that a video-only forward pass never reaches, so they can get no gradient.
+
+    Video-LLaVA's ``image_tower`` and LLaVA-NeXT's ``image_newline`` serve images only; in each
+    vision tower the encoder layers after ``vision_feature_layer`` and ``post_layernorm`` (which
+    only feeds the pooled output) are computed but never used.
+    """
+    config = model.config
+    feature_layers = config.vision_feature_layer
+    feature_layers = feature_layers if isinstance(feature_layers, (list, tuple)) else [feature_layers]
+    num_layers = config.vision_config.num_hidden_layers
+    # hidden_states[i] is the output of encoder layer i-1 (hidden_states[0] the embeddings)
+    last_used = max(i if i >= 0 else num_layers + 1 + i for i in feature_layers)
+    unused = []
+    for name, _ in model.named_parameters():
+        parts = name.split(".")
+        if "image_tower" in parts or "image_newline" in parts:
+            unused.append(name)
+        elif any(part.endswith("_tower") for part in parts):
+            layer = next((int(parts[i + 1]) for i in range(len(parts) - 1) if parts[i] == "layers"
+                          and parts[i + 1].isdigit()), None)
+            if "post_layernorm" in parts or (layer is not None and layer >= last_used):
+                unused.append(name)
+    return unused
 
 
 def lora_target_regex(model) -> str:

@@ -343,6 +343,36 @@ def measure_sparsity(model: nn.Module, include_vision: bool = False) -> dict[str
     return {**by_kind, **result, "total": sum(zeros.values()) / max(1, sum(sizes.values()))}
 
 
+@torch.no_grad()
+def pruning_masks(model: nn.Module, include_vision: bool = False) -> dict[str, torch.Tensor]:
+    """Parameter name -> True where a prunable Linear's weight (or bias) is zero, for those holding zeros.
+
+    Taken from a pruned model before training or merging, so that the zeros can be put back after
+    each optimiser step (full fine-tuning) or after merging an adapter (whose B·A is dense).
+    One byte per masked value, on the parameter's device.
+    """
+    masks = {}
+    for name, linear in target_linears(model, include_vision).items():
+        for kind in ("weight", "bias"):
+            param = getattr(linear, kind)
+            if param is not None and param.is_floating_point():
+                zero = param == 0
+                if zero.any():
+                    masks[f"{name}.{kind}"] = zero
+    return masks
+
+
+@torch.no_grad()
+def apply_pruning_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Zero again what ``pruning_masks`` recorded; a masked parameter missing from ``model`` is an error."""
+    params = dict(model.named_parameters())
+    missing = [name for name in masks if name not in params]
+    if missing:
+        raise UserError(f"pruning masks do not fit this model: no parameter {missing[0]} ({len(missing)} in all)")
+    for name, mask in masks.items():
+        params[name].masked_fill_(mask.to(params[name].device), 0)
+
+
 def _zeroed(parts: list[tuple[nn.Linear, int]], count: int) -> list[int]:
     """Indices of the slices whose weights are zero in every one of ``parts``."""
     alive = torch.zeros(count, dtype=torch.bool)

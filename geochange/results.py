@@ -3,6 +3,8 @@
 ``results/<run>.jsonl``        one record per answer: id, video, question, true, generated
 ``results/<run>.metrics.json`` metrics, what is missing and why, models, settings, counts, time
 ``results/<run>.csv``          per sample: the record and its per-sample scores
+``results/<run>.settings.json`` what produced the answers (model, weights fingerprint, generation settings,
+                               test set); a rerun resumes only when it matches
 """
 from __future__ import annotations
 
@@ -98,6 +100,39 @@ class ResultsWriter:
             handle.flush()
             os.fsync(handle.fileno())
         self.done_ids |= seen
+
+
+RESULTS_SUFFIXES = (".jsonl", ".settings.json", ".metrics.json", ".csv")
+
+
+def remove_results(results_dir: str | Path, run: str) -> list[Path]:
+    """Delete ``<results_dir>/<run>.jsonl`` and its companion files; returns those that existed."""
+    removed = []
+    for suffix in RESULTS_SUFFIXES:
+        path = Path(results_dir) / f"{run}{suffix}"
+        if path.exists():
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def check_run_settings(path: Path, settings: dict, results: Path, *, redo: str = "delete it") -> None:
+    """Answers in ``results`` resume only under the settings that wrote them (else they would mix).
+
+    ``path`` records the settings beside the results; answers without such a record came from an
+    unknown model and are refused too. ``redo`` says how the user discards the old answers.
+    """
+    if results.exists():
+        if not path.exists():
+            raise UserError(f"{results} holds answers with no record of what produced them ({path.name} is missing); "
+                            f"set RUN_NAME to start a new run, or {redo} to redo this one")
+        written = json.loads(path.read_text(encoding="utf-8"))
+        if written != settings:
+            changed = sorted(k for k in set(written) | set(settings) if written.get(k) != settings.get(k))
+            raise UserError(f"{results} was written with other settings ({', '.join(changed)}); set RUN_NAME "
+                            f"to start a new run, or {redo} to redo this one")
+        return
+    atomic_write_text(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ from .errors import UserError
 from .paths import CHECKPOINTS_DIR
 
 # Bump when the builder changes, so stale tiny checkpoints are rebuilt.
-TINY_VERSION = 6
+TINY_VERSION = 7
 TINY_IMAGE_SIZE = 64
 TINY_PATCH_SIZE = 8
 TINY_SEED = 1234
@@ -99,7 +99,9 @@ def _tiny_vision_config():
     from transformers import CLIPVisionConfig
 
     return CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32,
+        # Every Linear is 64 or 128 wide: bitsandbytes packs 4-bit weights for its AVX512-BF16 CPU kernel
+        # in blocks of 64 inputs and 32 outputs, so narrower layers cannot be quantised on such CPUs.
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, projection_dim=64,
         image_size=TINY_IMAGE_SIZE, patch_size=TINY_PATCH_SIZE,
     )
 

@@ -65,7 +65,7 @@ def test_pipeline_writes_results_and_the_tuned_model_beats_base(pipeline):
 
 
 def test_batched_and_unbatched_generation_agree(pipeline):
-    from geochange.finetune import load_run_model
+    from geochange.runs import load_run_model
 
     model = load_run_model(pipeline["run_dir"], "videollava")
     processor = load_processor(str(pipeline["run_dir"]))
@@ -178,3 +178,78 @@ def test_llavanext_eval_script_on_the_base_tiny_model(tmp_path):
     metrics = json.loads((tmp_path / "llavanext-tiny_base.metrics.json").read_text())
     assert metrics["num_samples"] == 4 and metrics["family"] == "llavanext" and "rouge1" in metrics["metrics"]
     assert metrics["settings"]["MODEL_PATH"] == "base" and metrics["settings"]["BATCH_SIZE"] == 3
+
+
+def evaluate_base(results_dir, **overrides):
+    settings = dict(family="videollava", model_path="base", model_id="tiny", val_annotations=SAMPLE_VAL,
+                    video_dir=None, num_frames=2, batch_size=2, max_new_tokens=4, load_in_4bit=False,
+                    results_dir=str(results_dir), settings={}, limit=2, run="tied")
+    settings.update(overrides)
+    return evaluation.evaluate(**settings)
+
+
+def test_results_are_tied_to_the_model_weights_generation_and_test_set(tmp_path, monkeypatch):
+    import hashlib
+    import shutil
+
+    from geochange.errors import UserError
+    from geochange.modeling import resolve_model_path
+
+    ensure_sample_media()
+    metrics = json.loads(evaluate_base(tmp_path).read_text())
+    identity = json.loads((tmp_path / "tied.settings.json").read_text())
+    assert metrics["identity"] == identity
+    assert identity["test_set"] == {"file": "sample_val.json",
+                                    "sha256": hashlib.sha256(Path(SAMPLE_VAL).read_bytes()).hexdigest()}
+    assert identity["generation"]["max_new_tokens"] == 4 and identity["model_path"] == "base"
+    answers = (tmp_path / "tied.jsonl").read_text()
+    # the same model and settings resume (nothing left to generate) ...
+    monkeypatch.setattr(evaluation, "generate_answers", lambda *a, **k: pytest.fail("generated again"))
+    evaluate_base(tmp_path)
+    # ... other generation settings or another test set refuse to mix, in one line
+    with pytest.raises(UserError, match=r"tied.jsonl was written with other settings \(generation\); set RUN_NAME"):
+        evaluate_base(tmp_path, max_new_tokens=5)
+    other_val = tmp_path / "val.json"
+    other_val.write_text(json.dumps(json.loads(Path(SAMPLE_VAL).read_text())[:3]))
+    with pytest.raises(UserError, match=r"other settings \(test_set\)"):
+        evaluate_base(tmp_path, val_annotations=str(other_val))
+    assert (tmp_path / "tied.jsonl").read_text() == answers
+
+    # A retrained model in the same folder (what OVERWRITE=True of a run does) is new weights: refused.
+    model_dir = tmp_path / "runs" / "A" / "merged"
+    shutil.copytree(resolve_model_path("tiny", "videollava"), model_dir)
+    monkeypatch.undo()
+    evaluate_base(tmp_path, model_path=str(model_dir), run=None)
+    assert (tmp_path / "A_merged.jsonl").exists()  # runs/A/merged and runs/B/merged no longer share a file
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(model_dir / "model.safetensors"))
+    name = next(k for k in weights if k.endswith("lm_head.weight"))
+    weights[name] = weights[name] + 1
+    save_file(weights, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"A_merged.jsonl was written with other settings \(weights\).*OVERWRITE=True"):
+        evaluate_base(tmp_path, model_path=str(model_dir), run=None)
+    # OVERWRITE discards the old answers and scores the new weights
+    evaluate_base(tmp_path, model_path=str(model_dir), run=None, overwrite=True)
+    assert json.loads((tmp_path / "A_merged.settings.json").read_text())["weights"] != identity["weights"]
+    assert len(read_jsonl(tmp_path / "A_merged.jsonl")) == 2
+    # answers from before results carried their identity are refused too
+    (tmp_path / "A_merged.settings.json").unlink()
+    with pytest.raises(UserError, match="no record of what produced them"):
+        evaluate_base(tmp_path, model_path=str(model_dir), run=None)
+
+
+def test_evaluation_device_setting(tmp_path):
+    import torch
+
+    model, _ = evaluation.load_eval_model("videollava", "base", "tiny", False, torch.device("cpu"))
+    assert {p.device.type for p in model.parameters()} == {"cpu"} and model.dtype == torch.float32
+    if not torch.cuda.is_available():
+        run = run_script("videollava_test.py", "MODEL_ID=tiny", "DEVICE=cuda", f"RESULTS_DIR={tmp_path}")
+        assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+            "error: DEVICE='cuda' but no CUDA GPU is available"]
+        assert not any(tmp_path.iterdir())  # stopped before loading or writing anything
+    run = run_script("llavanext_eval.py", "MODEL_ID=tiny", "DEVICE=cpu", "LIMIT=2", "MAX_NEW_TOKENS=3",
+                     f"RESULTS_DIR={tmp_path}")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "generating on cpu in float32" in run.stdout

@@ -11,9 +11,12 @@ import torch
 from transformers import TrainerCallback
 
 import geochange.finetune as finetune
+import geochange.runs as runs
 from geochange.adapters import load_adapter_verified, legacy_to_current_key
 from geochange.errors import UserError
-from geochange.modeling import load_model, load_processor, resolve_model_path, video_prompt
+from geochange.modeling import (load_model, load_processor, resolve_model_path, video_prompt,
+                                video_unused_parameter_names)
+from geochange.pruning import measure_sparsity
 from geochange.sample_data import SAMPLE_TRAIN, SAMPLE_VAL, ensure_sample_media
 
 REPO = Path(__file__).resolve().parent.parent
@@ -76,8 +79,8 @@ def test_training_lowers_the_loss_and_the_adapter_reloads(tmp_path, family, over
         assert (run_dir / name).exists(), name
     # the adapter changes the model, and loading it twice gives the same logits
     inputs = tiny_inputs(family)
-    tuned = logits_of(finetune.load_run_model(run_dir, family), inputs)
-    again = logits_of(finetune.load_run_model(run_dir, family), inputs)
+    tuned = logits_of(runs.load_run_model(run_dir, family), inputs)
+    again = logits_of(runs.load_run_model(run_dir, family), inputs)
     base = logits_of(load_model(resolve_model_path("tiny", family), family, bits=expected_bits), inputs)
     assert torch.equal(tuned, again)
     assert (tuned - base).abs().max() > 1e-3
@@ -149,32 +152,141 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     assert record["completed"] and record["global_step"] == 6 and record["resumed_from"].endswith("checkpoint-3")
     assert [p["step"] for p in record["loss_curve"]] == [1, 2, 3, 4, 5, 6]
     # merged weights for deployment behave like base + adapter
-    merged_dir = finetune.merge_and_save(run_dir, "videollava")
+    merged_dir = runs.merge_and_save(run_dir, "videollava")
     inputs = tiny_inputs("videollava")
     merged = logits_of(load_model(str(merged_dir), "videollava"), inputs)
-    assert torch.allclose(merged, logits_of(finetune.load_run_model(run_dir, "videollava"), inputs), atol=1e-4)
+    assert torch.allclose(merged, logits_of(runs.load_run_model(run_dir, "videollava"), inputs), atol=1e-4)
     # a finished run is not overwritten unless asked
     with pytest.raises(UserError, match="already holds a finished run; set OVERWRITE=True"):
         finetune.run_finetune(dict(settings), "videollava")
 
 
 def test_full_finetune_and_pruned_runs(tmp_path, monkeypatch):
-    monkeypatch.setattr(finetune, "CHECKPOINTS_DIR", tmp_path / "checkpoints")
+    monkeypatch.setattr(runs, "CHECKPOINTS_DIR", tmp_path / "checkpoints")
     run_dir = finetune.run_finetune(constants("videollava", tmp_path, USE_LORA=False, MAX_STEPS=4, LR=1e-3), "videollava")
     record = json.loads((run_dir / "run.json").read_text())
     assert record["mode"] == "FULL" and "_FULL_3epochs" in run_dir.name and (run_dir / "model.safetensors").exists()
-    vision = sum(p.numel() for n, p in load_model(str(run_dir), "videollava").named_parameters() if "tower" in n)
-    assert record["trainable_parameters"] == record["total_parameters"] - vision  # FREEZE_VISION
+    trained = load_model(str(run_dir), "videollava")
+    frozen = {n for n, p in trained.named_parameters() if "tower" in n}
+    frozen |= set(video_unused_parameter_names(trained))
+    assert record["trainable_parameters"] == record["total_parameters"] - sum(
+        p.numel() for n, p in trained.named_parameters() if n in frozen)  # FREEZE_VISION
     inputs = tiny_inputs("videollava")
     base = logits_of(load_model(resolve_model_path("tiny", "videollava"), "videollava"), inputs)
-    assert (logits_of(finetune.load_run_model(run_dir, "videollava"), inputs) - base).abs().max() > 1e-3
+    assert (logits_of(runs.load_run_model(run_dir, "videollava"), inputs) - base).abs().max() > 1e-3
 
     pruned = finetune.run_finetune(constants("videollava", tmp_path, PRUNE=True, PRUNE_METHOD="attention",
                                              PRUNE_AMOUNT=0.25, USE_QLORA=True, MAX_STEPS=2), "videollava")
     record = json.loads((pruned / "run.json").read_text())
     assert pruned.name.startswith("attention25pct-videollava-tiny_")
     assert record["sparsity"]["heads"] == 0.25  # 2 of the 8 heads of the tiny language model
+    assert record["quantised_linears"]["language_model"] == {"quantised": 14, "kept": 0}
     assert (tmp_path / "checkpoints" / "pruned").exists()
+
+
+def test_pruning_survives_full_finetuning_and_merging(tmp_path, monkeypatch):
+    monkeypatch.setattr(runs, "CHECKPOINTS_DIR", tmp_path / "checkpoints")
+    prune = dict(PRUNE=True, PRUNE_METHOD="magnitude", PRUNE_AMOUNT=0.25, MAX_STEPS=3)
+    full = finetune.run_finetune(constants("videollava", tmp_path, USE_LORA=False, LR=1e-3, **prune), "videollava")
+    record = json.loads((full / "run.json").read_text())
+    assert record["sparsity"]["total"] == pytest.approx(0.25, abs=1e-3)
+    trained = load_model(str(full), "videollava")
+    # measured again on the saved weights, independently of what run.json says
+    assert measure_sparsity(trained)["total"] == pytest.approx(0.25, abs=1e-3)
+    assert record["sparsity_after_training"]["total"] == pytest.approx(0.25, abs=1e-3)
+    base = load_model(str(tmp_path / "checkpoints" / "pruned" / "videollava-tiny_magnitude0.25"), "videollava")
+    changed = [(p != q).float().mean().item() for (n, p), (_, q) in zip(trained.named_parameters(),
+               base.named_parameters()) if ".language_model." in n and n.endswith("q_proj.weight")]
+    assert min(changed) == pytest.approx(0.75, abs=0.01)  # every kept weight trained, no pruned one came back
+
+    lora = finetune.run_finetune(constants("videollava", tmp_path, MERGE_AND_SAVE=True, **prune), "videollava")
+    record = json.loads((lora / "run.json").read_text())
+    merged = load_model(str(lora / "merged"), "videollava")
+    assert measure_sparsity(merged)["total"] == pytest.approx(0.25, abs=1e-3)
+    assert record["sparsity_after_merging"]["total"] == pytest.approx(0.25, abs=1e-3)
+    assert record["sparsity_after_training"] is None  # LoRA leaves the pruned base as it was
+
+
+@pytest.mark.parametrize("family", ["videollava", "llavanext"])
+def test_full_finetuning_trains_only_what_the_video_path_reaches(tmp_path, family):
+    # DDP with find_unused_parameters=False stops at step 2 over a trainable parameter that got no gradient.
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(**constants(family, tmp_path, USE_LORA=False, FREEZE_VISION=False))
+    model, _ = finetune.build_training_model(cfg, resolve_model_path("tiny", family), family)
+    model(**tiny_inputs(family), labels=tiny_inputs(family)["input_ids"]).loss.backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert trainable == with_grad
+    tower = "video_tower" if family == "videollava" else "vision_tower"
+    assert any(tower in n for n in trainable)  # FREEZE_VISION=False: the video tower does train
+    unused = {"videollava": "model.image_tower.embeddings.patch_embedding.weight",
+              "llavanext": "model.image_newline"}[family]
+    assert unused in set(video_unused_parameter_names(model)) - trainable
+
+
+def test_one_seed_gives_one_lora_initialisation(tmp_path):
+    from types import SimpleNamespace
+
+    path = resolve_model_path("tiny", "videollava")
+
+    def lora_weights(seed):
+        model, _ = finetune.build_training_model(SimpleNamespace(**constants("videollava", tmp_path, SEED=seed)),
+                                                 path, "videollava")
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+
+    first, second, other = lora_weights(7), lora_weights(7), lora_weights(8)
+    assert len(first) == 14 and first.keys() == second.keys()
+    assert all(torch.equal(first[n], second[n]) for n in first)
+    assert not torch.equal(first[next(iter(first))], other[next(iter(first))])
+
+
+def test_training_precision_keeps_fp32_weights_for_full_finetuning(tmp_path):
+    from types import SimpleNamespace
+
+    def precision(cuda, bf16, **overrides):
+        cfg = SimpleNamespace(**constants("videollava", tmp_path, **overrides))
+        return finetune.training_precision(cfg, cuda=cuda, cuda_bf16=bf16)
+
+    full = {"USE_LORA": False}
+    assert precision(True, True, **full) == finetune.TrainingPrecision("bf16", torch.float32)
+    assert precision(True, False, **full) == finetune.TrainingPrecision("fp16", torch.float32)
+    assert precision(False, False, **full) == finetune.TrainingPrecision("fp32", torch.float32)
+    assert precision(True, True) == finetune.TrainingPrecision("bf16", torch.bfloat16)  # LoRA: frozen base in bf16
+    assert precision(True, False, USE_QLORA=True) == finetune.TrainingPrecision("fp16", torch.float16)
+    assert precision(False, False, PRECISION="bf16", **full) == finetune.TrainingPrecision("bf16", torch.float32)
+    with pytest.raises(UserError, match="PRECISION='fp16' needs a CUDA GPU"):
+        precision(False, False, PRECISION="fp16")
+    with pytest.raises(UserError, match="no bf16 support"):
+        precision(True, False, PRECISION="bf16")
+
+
+def changed_fraction(before: dict, after: dict) -> float:
+    changed = sum(int((after[n].float() != before[n].float()).sum()) for n in before)
+    return changed / sum(before[n].numel() for n in before)
+
+
+def test_full_finetuning_at_a_small_lr_updates_every_weight_under_bf16_autocast(tmp_path):
+    # 10 AdamW steps at lr 2e-5, bf16 autocast: the fp32 master weights all move. The same steps
+    # applied to bf16 weights (the model loaded in bf16, as before) round most updates away.
+    run_dir = finetune.run_finetune(constants("videollava", tmp_path, USE_LORA=False, PRECISION="bf16", LR=2e-5,
+                                              MAX_STEPS=10, BATCH_SIZE=1, TRAIN_LIMIT=10), "videollava")
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["precision"] == {"compute": "bf16", "weights": "torch.float32"}
+    layers = lambda model: {n: p.detach().clone() for n, p in model.named_parameters()
+                            if ".language_model.layers." in n and n.endswith("proj.weight")}
+    base = layers(load_model(resolve_model_path("tiny", "videollava"), "videollava"))
+    trained = layers(load_model(str(run_dir), "videollava", dtype=torch.float32))
+    assert changed_fraction(base, trained) > 0.95
+    # reference: the same number of AdamW steps on bf16 weights, with gradients of the trained run's size
+    bf16 = {n: torch.nn.Parameter(w.to(torch.bfloat16)) for n, w in base.items()}
+    optimizer = torch.optim.AdamW(bf16.values(), lr=2e-5, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        for p in bf16.values():
+            p.grad = torch.randn(p.shape, generator=generator).to(torch.bfloat16) * 1e-3
+        optimizer.step()
+    assert changed_fraction({n: w.to(torch.bfloat16) for n, w in base.items()}, {n: p.detach() for n, p in bf16.items()}) < 0.8
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -213,15 +325,46 @@ def test_missing_video_and_too_small_max_length_are_one_line_errors(tmp_path):
         finetune.run_finetune(constants("videollava", tmp_path, MAX_LENGTH=40), "videollava")
 
 
-def test_two_process_torchrun_trains(tmp_path):
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(script: str, *settings: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-               "videollava_finetune.py", "MODEL_ID=tiny", f"OUTPUT_DIR={tmp_path}", "TRAIN_LIMIT=16", "MAX_STEPS=4",
-               "BATCH_SIZE=2", "EVAL_STEPS=0", "EVAL_AFTER_TRAIN=False", "GRADIENT_CHECKPOINTING=False",
-               "LOGGING_STEPS=1", "LR=3e-3"]
-    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               script, "MODEL_ID=tiny", "TRAIN_LIMIT=8", "BATCH_SIZE=2", "EVAL_STEPS=0", "EVAL_AFTER_TRAIN=False",
+               "GRADIENT_CHECKPOINTING=False", "LOGGING_STEPS=1", *settings]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_two_process_torchrun_trains(tmp_path):
+    run = torchrun("videollava_finetune.py", f"OUTPUT_DIR={tmp_path}", "MAX_STEPS=4", "LR=3e-3")
     assert run.returncode == 0, run.stderr[-3000:]
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     record = json.loads((run_dir / "run.json").read_text())
     assert record["completed"] and record["global_step"] == 4 and record["world_size"] == 2
     assert record["settings"]["BATCH_SIZE"] == 2 and run.stdout.count("trainable parameters") == 1 and (run_dir / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("family", ["llavanext", pytest.param("videollava", marks=pytest.mark.slow)])
+def test_two_process_full_finetune_and_overwrite(tmp_path, family):
+    # Full fine-tuning under DDP (find_unused_parameters=False) with parameters the video path never
+    # reaches stopped at step 2; OVERWRITE then let both processes delete the same run directory.
+    settings = [f"OUTPUT_DIR={tmp_path / 'runs'}", f"RESULTS_DIR={tmp_path / 'results'}", "USE_LORA=False",
+                "FREEZE_VISION=False", "MAX_STEPS=2", "LR=1e-3"]
+    first = torchrun(SCRIPTS[family].name, *settings)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    stale = tmp_path / "results" / f"{run_dir.name}.jsonl"
+    stale.parent.mkdir()
+    stale.write_text('{"id": "x", "true": "a", "generated": "b"}\n')
+    again = torchrun(SCRIPTS[family].name, *settings, "OVERWRITE=True")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("OVERWRITE: removed the finished run") == 1 and not stale.exists()
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["completed"] and record["global_step"] == 2 and record["world_size"] == 2 and record["mode"] == "FULL"
+    assert record["resumed_from"] is None

@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from geochange.modeling import (IGNORE_INDEX, VideoQACollator, encode_training_example, get_family, load_model,
-                                load_processor, plan_lengths, resolve_model_path, video_prompt, video_token_count)
+from geochange.modeling import (IGNORE_INDEX, VideoQACollator, count_parameters, encode_training_example, get_family,
+                                linear_counts, load_model, load_processor, model_part, plan_lengths,
+                                resolve_model_path, video_prompt, video_token_count)
 
 FAMILIES = ["videollava", "llavanext"]
 EXPECTED_CLASSES = {"videollava": ("VideoLlavaForConditionalGeneration", "VideoLlavaProcessor"),
@@ -91,3 +92,37 @@ def test_answer_is_shortened_never_the_prompt(tiny):
     assert len(example["input_ids"]) == plan.prompt_tokens + 5
     assert int((example["input_ids"] == processor.video_token_id).sum()) == n_video
     assert int((example["labels"] != IGNORE_INDEX).sum()) == 5
+
+
+def test_every_linear_fits_the_bitsandbytes_cpu_kernel(tiny):
+    # On AVX512-BF16 CPUs bitsandbytes packs 4-bit weights in blocks of 64 inputs x 32 outputs:
+    # a 32-wide Linear fails there with "shape '[32, 0]' is invalid". Every Linear fits, so any could be quantised.
+    family, model, processor = tiny
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"}
+    assert len(linears) == {"videollava": 40, "llavanext": 28}[family]
+    for name, linear in linears.items():
+        assert linear.in_features % 64 == 0 and linear.out_features % 32 == 0, (name, linear)
+    assert max(max(m.in_features, m.out_features) for m in linears.values()) == 128  # still tiny
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_only_the_language_model_is_quantised(family, bits):
+    path = resolve_model_path("tiny", family)
+    full = load_model(path, family)
+    expected = {}
+    for name, module in full.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            expected[model_part(name)] = expected.get(model_part(name), 0) + 1
+    quantised = load_model(path, family, bits=bits)
+    counts = linear_counts(quantised)
+    assert counts["language_model"] == {"quantised": expected["language_model"], "kept": 0}
+    assert expected["language_model"] == 14  # 2 layers x (q, k, v, o, gate, up, down)
+    for part, number in expected.items():
+        if part != "language_model":  # the vision towers, the projector and lm_head stay in full precision
+            assert counts[part] == {"quantised": 0, "kept": number}, (part, counts)
+    assert {"multi_modal_projector", "lm_head"} <= set(counts)
+    # the kept layers still hold full-precision weights, and 4-bit weights count as the values they hold
+    assert quantised.model.multi_modal_projector.linear_1.weight.dtype == torch.float32
+    assert count_parameters(quantised)[1] == count_parameters(full)[1]
+    assert count_parameters(full)[1] == sum(p.numel() for p in full.parameters())

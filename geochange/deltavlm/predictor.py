@@ -1,7 +1,6 @@
 """Answering questions about before/after pairs: one pair, a chat, or a ChangeChat file with resume."""
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 
 from .. import changechat_format as cc
 from ..errors import UserError
+from ..results import ResultsWriter, check_run_settings
 from .inputs import Prompting, build_prompt, decode_answers, encode_prompts, preprocess_image
 
 
@@ -121,25 +121,10 @@ def items_of(samples) -> list[Item]:
     return items
 
 
-def check_run_settings(path: Path, settings: dict, results: Path) -> None:
-    """Answers in ``results`` resume only under the settings that wrote them (else they would mix)."""
-    if results.exists() and path.exists():
-        written = json.loads(path.read_text(encoding="utf-8"))
-        if written != settings:
-            changed = sorted(k for k in set(written) | set(settings) if written.get(k) != settings.get(k))
-            raise UserError(f"{results} was written with other settings ({', '.join(changed)}); set RUN_NAME "
-                            "to start a new run, or delete it to redo this one")
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
 def answer_items(predictor: Predictor, items: list[Item], results_path: Path, batch_size: int,
                  run_settings: dict) -> None:
     """Answer the items not yet in ``results_path`` (JSON Lines), one flushed batch at a time."""
     from tqdm.auto import tqdm
-
-    from ..results import ResultsWriter
 
     if batch_size < 1:
         raise UserError(f"BATCH_SIZE must be >= 1, got {batch_size}")

@@ -1,0 +1,276 @@
+"""GPU check: both model families at real 7B size, LoRA / QLoRA 4-bit / QLoRA 8-bit, through the suite's own code.
+
+    python benchmarks/gpu_check.py                 # on a CUDA GPU: the 7B figures
+    python benchmarks/gpu_check.py FAMILIES="('videollava',)" MODES="('QLORA4',)"
+
+The 7B models are built from configs written below (random weights, nothing downloaded) and saved
+once to CHECKPOINTS_DIR, then loaded through ``load_model`` / ``build_training_model`` exactly as a
+fine-tuning run loads them (quantisation, skip modules, precision, LoRA). For each family and mode it
+reports, per phase (load, train, generate): where every parameter lives and its dtype, quantised
+Linears per part, peak GPU memory, training step time, tokens/s, MFU (6·N·tokens / time / the GPU's
+peak bf16 FLOP/s) and greedy generation samples/s with identical prompts. Writes JSON and a markdown
+table to OUT_DIR. Without CUDA it runs the same code on the tiny models and says so: those figures
+are not GPU figures.
+"""
+FAMILIES = ("videollava", "llavanext")
+MODES = ("LORA", "QLORA4", "QLORA8")  # LoRA on a bf16 base, QLoRA on a 4-bit nf4 / 8-bit base
+NUM_FRAMES = 2
+MAX_LENGTH = 1024           # tokens per training example (the video tokens plus text)
+TRAIN_BATCHES = (1, 4)
+TRAIN_STEPS = 3             # timed optimiser steps per batch size (after one warm-up step)
+GENERATE_BATCHES = (1, 16)
+NEW_TOKENS = 32             # greedy tokens per sample, forced (min_new_tokens) so every batch does equal work
+OUT_DIR = "benchmarks/results"
+# Targets from issue 8, reported against (H100).
+TARGET_LORA_MFU = 0.40
+TARGET_QLORA4_PEAK_GB = 14.0
+# Dense bf16 peak FLOP/s by GPU name (no sparsity); unknown GPUs report no MFU.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12,
+                   "H100 NVL": 835e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+
+import dataclasses  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import runpy  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections import Counter  # noqa: E402
+from contextlib import nullcontext  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+_REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(_REPO))
+
+import torch  # noqa: E402
+
+from geochange.fileio import atomic_write_text  # noqa: E402
+from geochange.finetune import build_training_model, device_precision  # noqa: E402
+from geochange.modeling import (count_parameters, get_family, linear_counts, parameter_numel,  # noqa: E402
+                                resolve_model_path)
+from geochange.overrides import load_settings, make_settings  # noqa: E402
+from geochange.paths import CHECKPOINTS_DIR  # noqa: E402
+
+_SCRIPTS = {"videollava": _REPO / "videollava_finetune.py", "llavanext": _REPO / "llavanext_finetune.py"}
+
+
+# ---------------------------------------------------------------- the 7B models, from configs written here
+
+def llama_7b_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                       rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+
+
+def clip_large_config(image_size: int):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                            image_size=image_size, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+
+
+def real_config(family: str):
+    """LanguageBind/Video-LLaVA-7B-hf and llava-hf/LLaVA-NeXT-Video-7B-hf, as their config.json describe them."""
+    from transformers import LlavaNextVideoConfig, VideoLlavaConfig
+
+    if family == "videollava":
+        return VideoLlavaConfig(vision_config=clip_large_config(224), text_config=llama_7b_config(),
+                                image_token_index=32000, video_token_index=32001, vision_feature_layer=-2,
+                                vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    return LlavaNextVideoConfig(vision_config=clip_large_config(336), text_config=llama_7b_config(),
+                                image_token_index=32001, video_token_index=32000, vision_feature_layer=-2,
+                                vision_feature_select_strategy="default", spatial_pool_mode="average",
+                                spatial_pool_stride=2, image_grid_pinpoints=[[336, 672], [672, 336], [672, 672],
+                                                                             [1008, 336], [336, 1008]])
+
+
+def real_checkpoint(family: str) -> str:
+    """The random 7B model saved once (bf16, about 14 GB), so that quantisation happens at load time as in a run."""
+    target = CHECKPOINTS_DIR / f"gpu-check-7b-{family}"
+    if not (target / "config.json").exists():
+        print(f"building a random 7B {family} in {target} (once)")
+        with torch.device("cuda"):
+            model = get_family(family).model_class(real_config(family)).to(torch.bfloat16)
+        model.save_pretrained(target)
+        del model
+        torch.cuda.empty_cache()
+    return str(target)
+
+
+# ---------------------------------------------------------------- measuring
+
+def placement(model) -> dict[str, int]:
+    """Parameter values per 'device dtype'."""
+    where: Counter = Counter()
+    for param in model.parameters():
+        where[f"{param.device.type} {str(param.dtype).removeprefix('torch.')}"] += parameter_numel(param)
+    return dict(where)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_gb(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if device.type == "cuda" else None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def video_tokens(config, family: str) -> int:
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    per_frame = side * side + 1 if family == "videollava" else (side // config.spatial_pool_stride) ** 2
+    return NUM_FRAMES * per_frame
+
+
+def batch_of(model, family: str, batch: int, length: int, device, dtype, *, labels: bool) -> dict:
+    """Identical rows: BOS, the expanded video tokens, then text tokens up to ``length``."""
+    config = model.config
+    video_id = getattr(config, "video_token_index", None) or config.video_token_id
+    n_video = video_tokens(config, family)
+    generator = torch.Generator().manual_seed(0)
+    text = torch.randint(3, 1000, (length - 1 - n_video,), generator=generator)
+    row = torch.cat([torch.tensor([config.text_config.bos_token_id]), torch.full((n_video,), video_id), text])
+    input_ids = row.repeat(batch, 1).to(device)
+    size = config.vision_config.image_size
+    pixels = torch.randn(1, NUM_FRAMES, 3, size, size, generator=generator).repeat(batch, 1, 1, 1, 1)
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+              "pixel_values_videos": pixels.to(device, dtype)}
+    if labels:
+        target = input_ids.clone()
+        target[:, : 1 + n_video] = -100
+        inputs["labels"] = target
+    return inputs
+
+
+def train_figures(model, family, cfg, device, peak_flops) -> list[dict]:
+    precision = device_precision(cfg)
+    autocast = (torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision.compute])
+                if precision.compute != "fp32" else nullcontext())
+    if cfg.GRADIENT_CHECKPOINTING:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as the Trainer
+        model.enable_input_require_grads()
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    total = count_parameters(model)[1]
+    rows = []
+    for batch in TRAIN_BATCHES:
+        inputs = batch_of(model, family, batch, MAX_LENGTH, device, torch.float32, labels=True)
+        reset_peak(device)
+
+        def step():
+            with autocast:
+                loss = model(**inputs).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        step()  # warm-up: allocations, kernels, optimizer state
+        synchronize(device)
+        started = time.perf_counter()
+        for _ in range(TRAIN_STEPS):
+            step()
+        synchronize(device)
+        seconds = (time.perf_counter() - started) / TRAIN_STEPS
+        tokens_per_s = batch * MAX_LENGTH / seconds
+        rows.append({"batch": batch, "step_s": round(seconds, 3), "tokens_per_s": round(tokens_per_s, 1),
+                     "mfu": round(6 * total * tokens_per_s / peak_flops, 3) if peak_flops else None,
+                     "peak_gb": peak_gb(device)})
+    return rows
+
+
+@torch.inference_mode()
+def generate_figures(model, family, device) -> list[dict]:
+    model.eval()
+    rows = []
+    for batch in GENERATE_BATCHES:
+        inputs = batch_of(model, family, batch, video_tokens(model.config, family) + 32, device, model.dtype,
+                          labels=False)
+        reset_peak(device)
+        synchronize(device)
+        started = time.perf_counter()
+        output = model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=NEW_TOKENS,
+                                min_new_tokens=NEW_TOKENS, pad_token_id=model.config.text_config.pad_token_id)
+        synchronize(device)
+        seconds = time.perf_counter() - started
+        new = output[:, inputs["input_ids"].shape[1]:]
+        rows.append({"batch": batch, "samples_per_s": round(batch / seconds, 2), "seconds": round(seconds, 2),
+                     "identical_rows": bool((new == new[:1]).all()), "peak_gb": peak_gb(device)})
+    return rows
+
+
+def check(family: str, mode: str, path: str, device: torch.device, peak_flops) -> dict:
+    constants = {k: v for k, v in runpy.run_path(str(_SCRIPTS[family]), run_name="constants").items() if k.isupper()}
+    cfg = dataclasses.replace(make_settings(constants), MODEL_ID=path, USE_LORA=True, USE_QLORA=mode != "LORA",
+                              USE_8BIT=mode == "QLORA8", MAX_LENGTH=MAX_LENGTH, NUM_FRAMES=NUM_FRAMES)
+    reset_peak(device)
+    started = time.perf_counter()
+    model, _ = build_training_model(cfg, path, family)  # the fine-tuning recipe's own loading
+    if mode == "LORA":
+        model.to(device)  # as the Trainer does; quantised models were loaded onto the GPU already
+    synchronize(device)
+    result = {"family": family, "mode": mode, "load": {
+        "seconds": round(time.perf_counter() - started, 1), "placement": placement(model),
+        "quantised_linears": linear_counts(model), "parameters": count_parameters(model)[1],
+        "trainable": count_parameters(model)[0], "peak_gb": peak_gb(device)}}
+    result["train"] = train_figures(model, family, cfg, device, peak_flops)
+    result["train_placement"] = placement(model)
+    result["generate"] = generate_figures(model, family, device)
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def markdown(report: dict) -> str:
+    lines = [f"GPU check on **{report['device']}**" + ("" if report["gpu"] else
+             " - NOT GPU figures: the tiny models on a CPU, proving only that the code runs"), "",
+             "| family | mode | params | quantised / kept Linears (LM; vision+projector) | batch | step s | tokens/s | MFU | "
+             "train peak GB | gen batch | samples/s | identical | gen peak GB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in report["results"]:
+        counts = r["load"]["quantised_linears"]
+        lm = counts.get("language_model", {"quantised": 0, "kept": 0})
+        vision = [c for part, c in counts.items() if part not in ("language_model", "lm_head", "other")]
+        quant = (f"{lm['quantised']}/{lm['kept']}; {sum(c['quantised'] for c in vision)}/"
+                 f"{sum(c['kept'] for c in vision)}")
+        for train, gen in zip(r["train"], r["generate"]):
+            mfu = f"{train['mfu']:.1%}" if train["mfu"] is not None else "n/a"
+            lines.append(f"| {r['family']} | {r['mode']} | {r['load']['parameters'] / 1e6:,.1f}M | {quant} | "
+                         f"{train['batch']} | {train['step_s']} | {train['tokens_per_s']} | {mfu} | "
+                         f"{train['peak_gb'] or 'n/a'} | {gen['batch']} | {gen['samples_per_s']} | "
+                         f"{gen['identical_rows']} | {gen['peak_gb'] or 'n/a'} |")
+    lines += ["", f"Targets (H100): LoRA MFU >= {TARGET_LORA_MFU:.0%}; QLoRA 4-bit peak <= {TARGET_QLORA4_PEAK_GB:g} GB "
+              "at batch 1. MFU = 6·N·tokens/s / peak bf16 FLOP/s (N = all parameters)."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    settings = load_settings(globals())
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda") if gpu else torch.device("cpu")
+    name = torch.cuda.get_device_name(device) if gpu else "CPU (tiny models)"
+    peak = next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None) if gpu else None
+    if not gpu:
+        print("no CUDA GPU: running the same code on the tiny models; these are NOT GPU figures")
+    results = []
+    for family in settings.FAMILIES:
+        path = real_checkpoint(family) if gpu else resolve_model_path("tiny", family)
+        for mode in settings.MODES:
+            print(f"{family} {mode} ...", flush=True)
+            results.append(check(family, mode, path, device, peak))
+            print(json.dumps(results[-1]), flush=True)
+    report = {"device": name, "gpu": gpu, "peak_bf16_flops": peak, "settings": settings.as_dict(), "results": results,
+              "torch": torch.__version__}
+    out = Path(settings.OUT_DIR)
+    stem = "gpu_check" if gpu else "gpu_check_cpu_tiny"
+    atomic_write_text(out / f"{stem}.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / f"{stem}.md", markdown(report))
+    print(markdown(report))
+    print(f"written: {out / (stem + '.json')}, {out / (stem + '.md')}")
