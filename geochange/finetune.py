@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from .modeling import (VideoQACollator, count_parameters, encode_training_exampl
                        model_label, plan_lengths, resolve_model_path, video_token_count, video_unused_parameter_names)
 from .pruning import apply_pruning_masks, measure_sparsity, pruning_masks, validate_prune_settings
 from .results import remove_results
-from .runs import MERGED_DIR, merge_and_save, pruned_base, read_run_file, write_run_file
+from .runs import MERGED_DIR, library_versions, merge_and_save, pruned_base, read_run_file, write_run_file
 
 # Extra transformers TrainerCallbacks for every run (monitoring; the tests use one to simulate a crash).
 EXTRA_CALLBACKS: list = []
@@ -308,18 +307,6 @@ def training_arguments(cfg, run_dir: Path):
         use_cpu=not cuda,
         disable_tqdm=False,
     )
-
-
-def library_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    versions = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "peft", "accelerate", "bitsandbytes"):
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            versions[name] = "missing"
-    return versions
 
 
 # ---------------------------------------------------------------- the recipe

@@ -6,7 +6,9 @@ neither has to import the other.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata as md
 import json
+import platform
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -38,6 +40,17 @@ def read_run_file(run_dir: str | Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON ({exc})") from None
+
+
+def library_versions() -> dict[str, str]:
+    """The versions a run was made with, for its run.json."""
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "accelerate", "bitsandbytes"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = "missing"
+    return versions
 
 
 def pruned_base(model_path: str, family: str, cfg) -> tuple[str, dict[str, float]]:

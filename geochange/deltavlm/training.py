@@ -23,7 +23,8 @@ import torch
 
 from ..annotations import load_changechat
 from ..errors import UserError
-from ..finetune import file_sha256, library_versions, read_run_file, write_run_file
+from ..fileio import file_sha256
+from ..runs import library_versions, read_run_file, write_run_file
 from ..fileio import atomic_path, atomic_write_text
 from ..metrics import MetricsReport, java_available
 from ..paths import ANNOTATIONS_DIR
