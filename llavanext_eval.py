@@ -14,11 +14,12 @@ VAL_ANNOTATIONS = "annotations/sample_val.json"
 VIDEO_DIR = None            # None = the bundled sample videos (generated on first use)
 NUM_FRAMES = 2
 BATCH_SIZE = 8
-MAX_NEW_TOKENS = 64
+MAX_NEW_TOKENS = 350        # GeoLLaVA's evaluation generated up to 350 new tokens (greedy, stops at EOS)
 LOAD_IN_4BIT = False        # load the base in 4-bit nf4 (QLoRA runs always load as they were trained)
 RESULTS_DIR = "results"
 LIMIT = None                # evaluate only the first N samples (None = all)
 RUN_NAME = None             # results file name (None = the run directory's name, or <model>_base)
+SBERT_MODEL = "sentence-transformers/bert-base-nli-mean-tokens"  # sbert = the paper's "BERT" column (offline: MiniLM stands in)
 
 if __name__ == "__main__":
     import common

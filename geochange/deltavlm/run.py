@@ -7,24 +7,13 @@ from pathlib import Path
 
 import torch
 
+from ..devices import pick_device
 from ..errors import UserError
 from ..paths import ANNOTATIONS_DIR
 from .predictor import Decoding, Predictor, Prompting
 
 PAPER_RESULTS = ANNOTATIONS_DIR / "deltavlm_paper_results.csv"
 PAPER_COLUMNS = ("bleu1", "bleu4", "meteor", "rouge_l", "cider")
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        chosen = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"DEVICE={device!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)") from None
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"DEVICE={device!r} but no CUDA GPU is available")
-    return chosen
 
 
 def sources(s: dict) -> dict[str, str]:
