@@ -44,8 +44,8 @@ def geollava_differences(record: dict[str, Any]) -> dict[str, list[str]]:
     if sbert is None:
         out["sbert"].append("no sbert model recorded")
     elif sbert != GEOLLAVA_SBERT_MODEL:
-        out["sbert"].append(f"embeddings of {Path(sbert).name if Path(sbert).exists() else sbert}, "
-                            f"not bert-base-nli-mean-tokens")
+        shown = "/".join(Path(sbert).parts[-2:]) if Path(sbert).is_absolute() else sbert  # a folder: its tail
+        out["sbert"].append(f"embeddings of {shown}, not bert-base-nli-mean-tokens")
     if "metric_model_fallbacks" not in record:  # written before sbert became GeoLLaVA's plain cosine
         out["sbert"].append("an empty text scored 0 (older metrics file)")
     return out
