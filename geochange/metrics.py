@@ -5,6 +5,14 @@ reference may be a string or a list of strings (LEVIR-CC has five); "best
 reference" means the highest score over a sample's references. Scores are in
 0..1, except CIDEr, which keeps coco-caption's scale (0..10).
 
+Where our runs sit beside the papers' numbers, each metric is computed as the
+paper computed it: ``rouge*`` and ``bleu`` as GeoLLaVA's ``Eval.ipynb``,
+``sbert`` as its "BERT" column (cosine of ``bert-base-nli-mean-tokens``
+sentence embeddings; offline the MiniLM stands in and the report says so), the
+coco metrics after pycocoevalcap's ``PTBTokenizer`` (a fallback normaliser only
+without Java; the report names the one used). BERTScore and sbert are in
+``geochange.text_embeddings``.
+
 A metric that cannot be computed here (no Java for METEOR, a library or an
 embedding model that cannot be loaded) is reported in ``MetricsReport.missing``
 with the reason; it is never reported as 0.
@@ -63,8 +71,8 @@ def default_embedding_model() -> str:
 def coco_normalise(text: str) -> str:
     """Lower-case; every character that is not a letter, digit or white space becomes a space; collapse spaces.
 
-    This replaces coco-caption's PTB tokenizer (a Java program that keeps some
-    punctuation as tokens). Letters and digits of every script are kept, and so
+    The stand-in for coco-caption's PTB tokenizer where Java is absent (PTB also
+    splits "'s" and "n't" off and keeps hyphenated words whole). Letters and digits of every script are kept, and so
     are combining marks: they belong to the letter before them (decomposed
     accents, Indic vowel signs), so dropping them would split words.
     """

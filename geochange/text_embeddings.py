@@ -98,7 +98,8 @@ def encode(encoder: Encoder, texts: Sequence[str], layer: int | None, pooled: bo
     """
     import torch
 
-    special = {encoder.tokenizer.cls_token_id, encoder.tokenizer.sep_token_id} - {None}
+    special = torch.tensor(sorted({encoder.tokenizer.cls_token_id, encoder.tokenizer.sep_token_id} - {None}),
+                           dtype=torch.long, device=encoder.device)
     rows: list = [None] * len(texts)
     means: list = [None] * len(texts)
     with torch.inference_mode():
@@ -114,13 +115,11 @@ def encode(encoder: Encoder, texts: Sequence[str], layer: int | None, pooled: bo
                     means[k] = summed[row]
             if layer is not None:
                 tokens = tokens / tokens.norm(dim=-1, keepdim=True)
+                # bert-score without IDF: weight 1 per token, 0 for [CLS] and [SEP]
+                weights = (~torch.isin(inputs["input_ids"], special)).float()
                 for row, k in enumerate(chosen):
                     n = int(mask[row].sum())
-                    ids = inputs["input_ids"][row, :n]
-                    weight = torch.ones(n, device=tokens.device)
-                    for special_id in special:
-                        weight[ids == special_id] = 0.0
-                    rows[k] = (tokens[row, :n], weight)
+                    rows[k] = (tokens[row, :n].clone(), weights[row, :n])
     embeddings = None
     if layer is not None:
         lengths = torch.tensor([r[0].shape[0] for r in rows], dtype=torch.long)
