@@ -188,6 +188,21 @@ def test_one_encoder_pass_per_unique_text_serves_both_metrics(minilm):
     assert report.per_sample["bertscore_f1"][0] == pytest.approx(1.0, abs=1e-5)
 
 
+def test_separate_encoders_and_another_layer_agree_with_the_libraries(report, minilm):
+    from bert_score import score
+
+    # The same folder under another name: BERTScore and sbert no longer share a pass; layer 5 is not the last.
+    separate = M.compute_metrics_report(REFS, PREDS, bertscore_model=minilm + "/", bertscore_layers=5,
+                                        sbert_model=minilm)
+    assert separate.per_sample["sbert"] == pytest.approx(report.per_sample["sbert"], abs=1e-5)
+    refs = as_lists(REFS)
+    scored = [i for i, p in enumerate(PREDS) if p.strip()]
+    f1 = score([PREDS[i] for i in scored], [refs[i] for i in scored], model_type=minilm, num_layers=5, idf=False,
+               rescale_with_baseline=False, device="cpu")[2]
+    assert [separate.per_sample["bertscore_f1"][i] for i in scored] == pytest.approx(f1.tolist(), abs=1e-5)
+    assert separate.models["bertscore_f1"].endswith("(layer 5)")
+
+
 def test_embedding_models_run_on_the_resolved_device(minilm, user_error):
     from geochange.devices import pick_device
     from geochange.text_embeddings import load_encoder
