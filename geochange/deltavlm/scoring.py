@@ -133,6 +133,9 @@ class TaskScores:
     missing: dict[str, str] = field(default_factory=dict)
     models: dict[str, str] = field(default_factory=dict)
     skipped: int = 0  # references that could not be parsed (so the answer cannot be scored)
+    fallbacks: dict[str, str] = field(default_factory=dict)  # caption metrics: as MetricsReport's
+    coco_tokenizer: str = ""
+    device: str = ""
 
 
 def _reference(record: dict) -> str:
@@ -151,7 +154,9 @@ def score_records(records: list[dict]) -> dict[str, TaskScores]:
         group = by_task[task]
         if task in ("caption", "open"):
             report = compute_metrics_report([r["true"] for r in group], [r["generated"] for r in group])
-            out[task] = TaskScores(len(group), report.metrics, report.missing, report.models)
+            out[task] = TaskScores(len(group), report.metrics, report.missing, report.models,
+                                   fallbacks=report.fallbacks, coco_tokenizer=report.coco_tokenizer,
+                                   device=report.device)
             flagged = [r for r in group if r.get("changeflag") is not None]
             if task == "caption" and flagged:
                 out["cls_from_captions"] = TaskScores(len(flagged), score_released_classification(
