@@ -15,7 +15,7 @@ SPLIT = "test"              # a file naming splits (converted LEVIR-CC): only th
 VIDEO_DIR = None            # None = the bundled sample videos (generated on first use)
 NUM_FRAMES = 2
 BATCH_SIZE = 8
-MAX_NEW_TOKENS = 64
+MAX_NEW_TOKENS = 350        # GeoLLaVA's evaluation generated up to 350 new tokens (greedy, stops at EOS)
 LOAD_IN_4BIT = False        # load the base in 4-bit nf4 (QLoRA runs always load as they were trained)
 DEVICE = "auto"             # "auto" = the GPU if there is one, else the CPU; or "cuda:1", "cpu"
 RESULTS_DIR = "results"
@@ -23,6 +23,7 @@ LIMIT = None                # evaluate only the first N samples (None = all)
 RUN_NAME = None             # results file name (None = the run directory's name, or <model>_base)
 OVERWRITE = False           # True = discard this results file's earlier answers (else they resume, if the same
                             # model, weights, generation settings and test set wrote them; any other mix is refused)
+SBERT_MODEL = "sentence-transformers/bert-base-nli-mean-tokens"  # sbert = the paper's "BERT" column (offline: MiniLM stands in)
 
 if __name__ == "__main__":
     import common

@@ -63,7 +63,7 @@ MERGE_AND_SAVE = False      # also write merged full weights to <run>/merged
 # --- evaluation after training, on the device this process trained on (llavanext_eval.py with MODEL_PATH=<run dir>)
 EVAL_AFTER_TRAIN = True
 EVAL_BATCH_SIZE = 8
-MAX_NEW_TOKENS = 64
+MAX_NEW_TOKENS = 350        # as GeoLLaVA's evaluation (greedy, stops at EOS)
 RESULTS_DIR = "results"
 
 if __name__ == "__main__":

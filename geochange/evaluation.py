@@ -46,8 +46,10 @@ def results_identity(*, family: str, model_path: str, model_id: str, val_annotat
 
 
 @torch.inference_mode()
-def generate_answers(model, processor, frames_batch: list, questions: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy answers for one batch; decodes only the tokens after each prompt."""
+def generate_answers(model, processor, frames_batch: list, questions: list[str],
+                     max_new_tokens: int) -> tuple[list[str], list[int]]:
+    """Greedy answers for one batch, and how many tokens each one generated before EOS (``max_new_tokens`` = it
+    was cut at the limit); decodes only the tokens after each prompt."""
     prompts = [video_prompt(processor, q) for q in questions]
     inputs = processor(text=prompts, videos=frames_batch, padding=True, return_tensors="pt")
     device = next(model.parameters()).device
@@ -60,7 +62,10 @@ def generate_answers(model, processor, frames_batch: list, questions: list[str],
                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     # Left padding puts every prompt's end at the same column, so new tokens start there.
     new_tokens = output[:, inputs["input_ids"].shape[1]:]
-    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    # A row stops at its first EOS (later columns are padding) or runs to the limit.
+    is_eos = new_tokens == tokenizer.eos_token_id
+    counts = torch.where(is_eos.any(1), is_eos.int().argmax(1), new_tokens.shape[1]).tolist()
+    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)], counts
 
 
 def load_eval_model(family: str, model_path: str, model_id: str, load_in_4bit: bool,
@@ -78,7 +83,8 @@ def load_eval_model(family: str, model_path: str, model_id: str, load_in_4bit: b
 def evaluate(*, family: str, model_path: str, model_id: str, val_annotations: str, video_dir: str | None,
              num_frames: int, batch_size: int, max_new_tokens: int, load_in_4bit: bool, results_dir: str,
              settings: dict[str, Any], limit: int | None = None, run: str | None = None,
-             split: str | None = None, device: torch.device | None = None, overwrite: bool = False) -> Path:
+             split: str | None = None, device: torch.device | None = None, overwrite: bool = False,
+             sbert_model: str | None = None) -> Path:
     """Evaluate and score on ``device`` (default: the GPU when there is one); returns the path of
     ``<results_dir>/<run>.metrics.json``. Old answers resume only if the same model, weights, generation
     settings and test set wrote them (``results_identity``); ``overwrite`` discards them first.
@@ -87,7 +93,7 @@ def evaluate(*, family: str, model_path: str, model_id: str, val_annotations: st
     of them (LEVIR-CC's five captions, converted by ``changechat-to-videos``)."""
     from .annotations import describe_test_set, load_annotations
     from .metrics import compute_metrics_report
-    from .results import ResultsWriter, format_metrics_table, read_jsonl, write_metrics
+    from .results import ResultsWriter, answers_at_token_limit, format_metrics_table, read_jsonl, write_metrics
     from .video import read_video_frames
 
     if batch_size < 1 or max_new_tokens < 1 or num_frames < 2:
@@ -125,18 +131,20 @@ def evaluate(*, family: str, model_path: str, model_id: str, val_annotations: st
         for start in tqdm(range(0, len(todo), batch_size), desc=f"eval {run}", unit="batch"):
             batch = todo[start:start + batch_size]
             frames = [read_video_frames(s.video, num_frames) for s in batch]
-            answers = generate_answers(model, processor, frames, [s.question for s in batch], max_new_tokens)
-            writer.append([{"id": s.id, "video": s.video.name, "question": s.question,
-                            "true": s.scoring_references(), "generated": a} for s, a in zip(batch, answers)])
+            answers, counts = generate_answers(model, processor, frames, [s.question for s in batch], max_new_tokens)
+            writer.append([{"id": s.id, "video": s.video.name, "question": s.question, "true": s.scoring_references(),
+                            "generated": a, "new_tokens": n} for s, a, n in zip(batch, answers, counts)])
     else:
         print(f"{run}: all {len(samples)} samples already in {results_path}; scoring only")
     wanted = {s.id for s in samples}
     records = [r for r in read_jsonl(results_path) if r["id"] in wanted]
-    report = compute_metrics_report([r["true"] for r in records], [r["generated"] for r in records])
+    report = compute_metrics_report([r["true"] for r in records], [r["generated"] for r in records],
+                                    sbert_model=sbert_model)
     metrics_path = write_metrics(results_path.with_suffix(""), records, report, model=f"{model_id} ({model_path})",
                                  settings=settings, seconds=round(time.time() - started, 1),
                                  extra={"family": family, "model_path": model_path, "identity": identity,
-                                        "test_set": describe_test_set(val_annotations, split)})
+                                        "test_set": describe_test_set(val_annotations, split),
+                                        **answers_at_token_limit(records, max_new_tokens)})
     print(format_metrics_table(report.metrics, report.missing))
     print(f"metrics: {metrics_path}")
     return metrics_path
@@ -152,4 +160,5 @@ def run_evaluation(scope: dict[str, Any], family: str) -> Path:
                     num_frames=scope["NUM_FRAMES"], batch_size=scope["BATCH_SIZE"],
                     max_new_tokens=scope["MAX_NEW_TOKENS"], load_in_4bit=scope["LOAD_IN_4BIT"],
                     results_dir=scope["RESULTS_DIR"], settings=settings_of(scope), limit=scope["LIMIT"],
-                    run=scope["RUN_NAME"], split=scope["SPLIT"], device=device, overwrite=scope["OVERWRITE"])
+                    run=scope["RUN_NAME"], split=scope["SPLIT"], device=device, overwrite=scope["OVERWRITE"],
+                    sbert_model=scope["SBERT_MODEL"])

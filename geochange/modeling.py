@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .devices import pick_device
 from .errors import UserError
 
 IGNORE_INDEX = -100
@@ -67,19 +68,6 @@ def model_label(model_id: str, family: str) -> str:
     if model_id == get_family(family).default_model_id:
         return family
     return f"{family}-{Path(model_id).name}"
-
-
-def pick_device(device: str) -> torch.device:
-    """``DEVICE``: "auto" = the GPU when there is one, else the CPU; or any torch device ("cuda:1", "cpu")."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        chosen = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise UserError(f"DEVICE={device!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)") from None
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"DEVICE={device!r} but no CUDA GPU is available")
-    return chosen
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:

@@ -244,7 +244,10 @@ def write_metrics(stem: str | Path, records: list[dict[str, Any]], report: Metri
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     summary = {"run": stem.name, "model": model, "metrics": report.metrics, "missing": report.missing,
-               "metric_models": report.models, "settings": settings, "num_samples": len(records),
+               "metric_models": report.models, "metric_model_fallbacks": report.fallbacks,
+               "coco_tokenizer": report.coco_tokenizer, "metric_device": report.device,
+               "metric_seconds": report.seconds,
+               "settings": settings, "num_samples": len(records),
                "seconds": seconds, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                **(extra or {})}
     # Names built by hand: with_suffix() would cut a run name holding a dot ("lr_0.5").
@@ -252,6 +255,13 @@ def write_metrics(stem: str | Path, records: list[dict[str, Any]], report: Metri
     atomic_write_text(metrics_path, json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n")
     atomic_write_text(stem.parent / f"{stem.name}.csv", _per_sample_csv(records, report))
     return metrics_path
+
+
+def answers_at_token_limit(records: list[dict[str, Any]], max_new_tokens: int) -> dict[str, Any]:
+    """How many answers generation cut at ``max_new_tokens`` (records hold ``new_tokens``; older files may not)."""
+    counted = [r["new_tokens"] for r in records if isinstance(r.get("new_tokens"), int)]
+    return {"max_new_tokens": max_new_tokens, "answers_at_max_new_tokens": sum(n >= max_new_tokens for n in counted),
+            "answers_with_token_count": len(counted)}
 
 
 def _per_sample_csv(records: list[dict[str, Any]], report: MetricsReport) -> str:

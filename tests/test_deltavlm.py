@@ -300,9 +300,11 @@ def write_pair(folder: Path, name: str, images) -> None:
 
 def test_batch_scores_every_task_and_resumes(predictor, scene_images, tmp_path, monkeypatch, user_error):
     from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     from geochange.deltavlm import run
-    from geochange.metrics import coco_normalise
+    from geochange.deltavlm import scoring
+    from geochange.metrics import PTB_TOKENIZER
 
     write_pair(tmp_path, "p1.png", scene_images)
     refs = ["a new building appeared", "one building was built", "a building now stands here",
@@ -334,13 +336,19 @@ def test_batch_scores_every_task_and_resumes(predictor, scene_images, tmp_path, 
     assert list(records) == [i.id for i in items]
     assert records["p1"]["true"] == refs  # all five references
     assert records["dialog_turn2"]["prompt"].startswith("q please judge whether")
-    metrics = json.loads(metrics_path.read_text())["metrics"]
-    for key in ("caption/bleu4", "caption/cider", "yesno/accuracy", "yesno/f1", "count/exact_accuracy",
-                "count/roads_mae", "count/buildings_rmse", "localization/f1", "localization/exact_match",
-                "localization/roads_jaccard"):
+    written = json.loads(metrics_path.read_text())
+    metrics = written["metrics"]
+    for key in ("caption/bleu4", "caption/cider", "cls_from_captions/accuracy", "cls_from_captions/nochange_recall",
+                "yesno/accuracy", "yesno/f1", "count/exact_accuracy", "count/roads_mae", "count/buildings_rmse",
+                "localization/f1", "localization/exact_match", "localization/roads_jaccard"):
         assert key in metrics, key
-    bleu, _ = Bleu(4).compute_score({0: [coco_normalise(r) for r in refs]},
-                                    {0: [coco_normalise(records["p1"]["generated"])]}, verbose=0)
+    # the caption's changeflag is 1: the released rule is right unless the caption is a no-change sentence
+    assert metrics["cls_from_captions/accuracy"] == float(records["p1"]["generated"] not in scoring.NO_CHANGE_SENTENCES)
+    assert written["coco_tokenizer"] == PTB_TOKENIZER and written["metric_device"] == "cpu"
+    assert set(written["metric_models"]) == {"bertscore_f1", "sbert"}
+    gts = PTBTokenizer().tokenize({0: [{"caption": r} for r in refs]})
+    res = PTBTokenizer().tokenize({0: [{"caption": records["p1"]["generated"]}]})
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     assert metrics["caption/bleu1"] == pytest.approx(bleu[0])
     assert json.loads(metrics_path.read_text())["test_set"] == {
         "file": "mixed.json", "sha256": hashlib.sha256(annotations.read_bytes()).hexdigest(), "split": None}

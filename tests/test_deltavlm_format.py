@@ -11,7 +11,8 @@ import pytest
 
 import geochange.changechat_format as cc
 from geochange.deltavlm.predictor import Decoding, Predictor, Prompting
-from geochange.deltavlm.scoring import score_count, score_localization, score_yesno
+from geochange.deltavlm.scoring import (NO_CHANGE_SENTENCES, score_count, score_localization, score_records,
+                                       score_released_classification, score_yesno)
 
 
 # Independent re-statements of the released notebooks' parsers (hanlinwu/DeltaVLM scripts/).
@@ -193,3 +194,51 @@ def test_localization_scores_match_scikit_learn():
                     "hamming_loss": hamming_loss(true_bins, pred_bins)}
     for key, value in expected.items():
         assert scores[f"roads_{key}"] == pytest.approx(value), key
+
+
+# --------------------------------------------------------------------------- DeltaVLM's released classification
+
+CLS_CAPTIONS = ["there is no difference", "a new road appears", "almost nothing has changed",
+                "the scene is the same as before", "no change has occurred.", "two buildings were built",
+                "the two scenes seem identical", "there is no difference "]
+CLS_FLAGS = [0, 1, 1, 0, 0, 1, 1, 0]
+
+
+def released_notebook_scores(captions, flags):
+    """scripts/test-cls.ipynb, restated: its counting loops, written out."""
+    nochange_caps = ["there is no difference", "the two scenes seem identical", "the scene is the same as before",
+                     "no change has occurred", "almost nothing has changed"]
+    pre = [0 if cap in nochange_caps else 1 for cap in captions]
+    tp = sum(p == 1 and t == 1 for p, t in zip(pre, flags))
+    fp = sum(p == 1 and t == 0 for p, t in zip(pre, flags))
+    fn = sum(p == 0 and t == 1 for p, t in zip(pre, flags))
+    precision, recall = tp / (tp + fp), tp / (tp + fn)
+    test_nochange = sum(cap in nochange_caps for cap in captions)
+    t_nochange = sum(cap in nochange_caps and t == 0 for cap, t in zip(captions, flags))
+    nochange_total = sum(t == 0 for t in flags)
+    return {"accuracy": sum(p == t for p, t in zip(pre, flags)) / len(flags), "precision": precision,
+            "recall": recall, "f1": 2 * precision * recall / (precision + recall),
+            "f0_5": 1.25 * precision * recall / (0.25 * precision + recall),
+            "nochange_precision": t_nochange / test_nochange, "change_precision": tp / (len(flags) - test_nochange),
+            "nochange_recall": t_nochange / nochange_total, "change_recall": tp / (len(flags) - nochange_total)}
+
+
+def test_released_classification_is_the_notebooks_rule():
+    assert NO_CHANGE_SENTENCES[0] == "there is no difference" and len(NO_CHANGE_SENTENCES) == 5
+    scores = score_released_classification(CLS_FLAGS, CLS_CAPTIONS)
+    expected = released_notebook_scores(CLS_CAPTIONS, CLS_FLAGS)
+    assert scores == pytest.approx(expected)
+    # exact sentences only: the full stop and the trailing space make "changed" predictions
+    assert scores["nochange_recall"] == pytest.approx(2 / 4) and scores["accuracy"] == pytest.approx(4 / 8)
+
+
+def test_released_classification_comes_from_the_caption_task():
+    records = [{"id": str(i), "task": "caption", "true": ["no change has occurred"], "generated": caption,
+                "changeflag": flag} for i, (caption, flag) in enumerate(zip(CLS_CAPTIONS, CLS_FLAGS))]
+    records.append({"id": "x", "task": "caption", "true": ["a road"], "generated": "a road", "changeflag": None})
+    records.append({"id": "y", "task": "yesno", "true": "yes", "generated": "yes", "changeflag": 1})
+    scores = score_records(records)
+    released = scores["cls_from_captions"]
+    assert released.samples == len(CLS_CAPTIONS) and released.skipped == 1  # the record without a changeflag
+    assert released.metrics == pytest.approx(released_notebook_scores(CLS_CAPTIONS, CLS_FLAGS))
+    assert scores["yesno"].metrics["accuracy"] == 1.0 and "f0_5" not in scores["yesno"].metrics

@@ -74,10 +74,11 @@ def test_batched_and_unbatched_generation_agree(pipeline):
     # different question phrasings give prompts of different lengths, so the batch really is padded
     questions = [s.question for s in samples]
     assert len({len(processor.tokenizer(q)["input_ids"]) for q in questions}) > 1
-    batched = evaluation.generate_answers(model, processor, frames, questions, 24)
-    single = [evaluation.generate_answers(model, processor, [f], [q], 24)[0] for f, q in zip(frames, questions)]
-    assert batched == single
+    batched, counts = evaluation.generate_answers(model, processor, frames, questions, 24)
+    single = [evaluation.generate_answers(model, processor, [f], [q], 24) for f, q in zip(frames, questions)]
+    assert batched == [answers[0] for answers, _ in single] and counts == [n[0] for _, n in single]
     assert all(batched)
+    assert all(1 <= count <= 24 for count in counts)  # tokens generated before EOS
 
 
 def test_interrupted_evaluation_resumes_without_duplicates(pipeline, tmp_path, monkeypatch):
@@ -99,8 +100,14 @@ def test_interrupted_evaluation_resumes_without_duplicates(pipeline, tmp_path, m
     assert len(read_jsonl(tmp_path / "resume.jsonl")) == 5
     monkeypatch.setattr(evaluation, "generate_answers", real)
     evaluation.evaluate(**settings)
-    ids = [r["id"] for r in read_jsonl(tmp_path / "resume.jsonl")]
+    records = read_jsonl(tmp_path / "resume.jsonl")
+    ids = [r["id"] for r in records]
     assert len(ids) == len(set(ids)) == VAL_LIMIT
+    # the metrics file counts the answers that generation cut at MAX_NEW_TOKENS
+    metrics = json.loads((tmp_path / "resume.metrics.json").read_text())
+    assert all(1 <= r["new_tokens"] <= 8 for r in records)
+    assert metrics["answers_at_max_new_tokens"] == sum(r["new_tokens"] == 8 for r in records)
+    assert metrics["max_new_tokens"] == 8 and metrics["answers_with_token_count"] == VAL_LIMIT
     # a third run finds everything done and only rescores
     before = (tmp_path / "resume.jsonl").read_text()
     evaluation.evaluate(**settings)

