@@ -21,6 +21,9 @@ TRAIN_STEPS = 3             # timed optimiser steps per batch size (after one wa
 GENERATE_BATCHES = (1, 16)
 NEW_TOKENS = 32             # greedy tokens per sample, forced (min_new_tokens) so every batch does equal work
 OUT_DIR = "benchmarks/results"
+DELTAVLM = True             # also one DeltaVLM training step (the paper's setting; benchmarks/deltavlm_train_step.py
+DELTAVLM_BATCH = 12         # has every setting) at InstructBLIP-Vicuna-7B shapes, and its peak memory
+METRICS = True              # also where the embedding metrics (BERTScore, sbert) run: on the GPU when there is one
 # Targets from issue 8, reported against (H100).
 TARGET_LORA_MFU = 0.40
 TARGET_QLORA4_PEAK_GB = 14.0
@@ -43,8 +46,10 @@ sys.path.insert(0, str(_REPO))
 
 import torch  # noqa: E402
 
+from geochange.deltavlm.benchmark import one_training_step  # noqa: E402
 from geochange.fileio import atomic_write_text  # noqa: E402
 from geochange.finetune import build_training_model, device_precision  # noqa: E402
+from geochange.metrics import compute_metrics_report  # noqa: E402
 from geochange.modeling import (count_parameters, get_family, linear_counts, parameter_numel,  # noqa: E402
                                 resolve_model_path)
 from geochange.overrides import load_settings, make_settings  # noqa: E402
@@ -246,6 +251,13 @@ def markdown(report: dict) -> str:
                          f"{train['batch']} | {train['step_s']} | {train['tokens_per_s']} | {mfu} | "
                          f"{train['peak_gb'] or 'n/a'} | {gen['batch']} | {gen['samples_per_s']} | "
                          f"{gen['identical_rows']} | {gen['peak_gb'] or 'n/a'} |")
+    if report.get("deltavlm"):
+        d = report["deltavlm"]
+        peak = f"{d['peak_gib']:.1f} GiB" if d.get("peak_gib") is not None else "n/a"
+        lines += ["", f"DeltaVLM, one training step (CSRM, Vicuna frozen, batch {d['batch']}): {d['step_s']:.2f} s, "
+                      f"peak {peak}, {d['trainable']:,} trainable parameters"]
+    if report.get("metrics"):
+        lines += ["", f"Embedding metrics (BERTScore, sbert) ran on: {report['metrics']['device']}"]
     lines += ["", f"Targets (H100): LoRA MFU >= {TARGET_LORA_MFU:.0%}; QLoRA 4-bit peak <= {TARGET_QLORA4_PEAK_GB:g} GB "
               "at batch 1. MFU = 6·N·tokens/s / peak bf16 FLOP/s (N = all parameters)."]
     return "\n".join(lines) + "\n"
@@ -268,6 +280,18 @@ if __name__ == "__main__":
             print(json.dumps(results[-1]), flush=True)
     report = {"device": name, "gpu": gpu, "peak_bf16_flops": peak, "settings": settings.as_dict(), "results": results,
               "torch": torch.__version__}
+    if settings.DELTAVLM:
+        print("DeltaVLM training step ...", flush=True)
+        step = one_training_step(make_settings({"BATCH_SIZE": settings.DELTAVLM_BATCH, "PROMPT_TOKENS": 24,
+                                                "ANSWER_TOKENS": 24}),
+                                 use_csrm=True, gradient_checkpointing=False, lora_r=0, bits=None, real_size=gpu)
+        report["deltavlm"] = {"batch": settings.DELTAVLM_BATCH, **step}
+    if settings.METRICS:
+        captions = ["a new road was built", "two buildings appeared near the river"]
+        scored = compute_metrics_report([[c] for c in captions], captions[::-1])
+        report["metrics"] = {"device": scored.device, "models": scored.models}
+        if gpu and not scored.device.startswith("cuda"):
+            print(f"warning: the embedding metrics ran on {scored.device}, not the GPU", flush=True)
     out = Path(settings.OUT_DIR)
     stem = "gpu_check" if gpu else "gpu_check_cpu_tiny"
     atomic_write_text(out / f"{stem}.json", json.dumps(report, indent=2) + "\n")

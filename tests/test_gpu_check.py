@@ -16,7 +16,7 @@ def test_gpu_check_runs_on_the_cpu_with_the_tiny_models(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "FAMILIES=('videollava',)", "MODES=('QLORA4',)",
                           "MAX_LENGTH=192", "TRAIN_STEPS=1", "TRAIN_BATCHES=(1,)", "GENERATE_BATCHES=(3,)",
-                          "NEW_TOKENS=3", f"OUT_DIR={tmp_path}"], cwd=REPO, capture_output=True, text=True, env=env,
+                          "NEW_TOKENS=3", "DELTAVLM_BATCH=2", f"OUT_DIR={tmp_path}"], cwd=REPO, capture_output=True, text=True, env=env,
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "NOT GPU figures" in run.stdout
@@ -33,4 +33,7 @@ def test_gpu_check_runs_on_the_cpu_with_the_tiny_models(tmp_path):
     assert train["mfu"] is None and train["peak_gb"] is None
     (generate,) = result["generate"]
     assert generate["batch"] == 3 and generate["identical_rows"] is True
+    # the DeltaVLM training step ran (tiny twin) and the embedding metrics stayed where the models are: the CPU here
+    assert report["deltavlm"]["batch"] == 2 and report["deltavlm"]["trainable"] > 0 and report["deltavlm"]["loss"] > 0
+    assert report["metrics"]["device"] == "cpu"
     assert "NOT GPU figures" in (tmp_path / "gpu_check_cpu_tiny.md").read_text()
