@@ -129,10 +129,13 @@ def rouge_scores(refs: list[list[str]], preds: list[str]) -> dict[str, list[floa
 
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=OncePerText())
     out: dict[str, list[float]] = {"rouge1": [], "rouge2": [], "rougeL": []}
+    scored: dict[tuple, dict] = {}  # whole (references, prediction) pairs repeat too ("no change" pairs)
     for ref, pred in zip(refs, preds):
-        scores = scorer.score_multi(ref, pred)
-        for key in out:
-            out[key].append(float(scores[key].fmeasure))
+        key = (tuple(ref), pred)
+        if key not in scored:
+            scored[key] = scorer.score_multi(ref, pred)
+        for rouge_type in out:
+            out[rouge_type].append(float(scored[key][rouge_type].fmeasure))
     return out
 
 
@@ -440,6 +443,26 @@ def _quiet_loading() -> Iterator[None]:
 
 # --------------------------------------------------------------------------- entry points
 
+class _Worker(threading.Thread):
+    """Runs ``work`` in a thread; ``join`` re-raises its exception in the caller."""
+
+    def __init__(self, work: Callable[[], None]) -> None:
+        super().__init__(daemon=True)
+        self.work, self.error = work, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.work()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller by join()
+            self.error = exc
+
+    def join(self, timeout: float | None = None) -> None:
+        super().join(timeout)
+        if self.error is not None:
+            raise self.error
+
+
 def compute_metrics_report(references: Sequence[Reference], predictions: Sequence[str], *,
                            bertscore_model: str | None = None, sbert_model: str | None = None,
                            bertscore_layers: int | None = None, device: str = "auto") -> MetricsReport:
@@ -473,19 +496,24 @@ def compute_metrics_report(references: Sequence[Reference], predictions: Sequenc
                 report.missing[key] = _first_line(exc)
         report.seconds[family] = round(time.perf_counter() - started, 3)
 
-    attempt("rouge", ("rouge1", "rouge2", "rougeL"), lambda: per.update(rouge_scores(refs, preds)))
-    attempt("bleu", ("bleu",), lambda: per.update(bleu=geollava_bleu(refs, preds)))
-    attempt("sacrebleu", ("sacrebleu",), lambda: report.metrics.update(sacrebleu=sacre_bleu(refs, preds)))
-    coco: list[CocoTokens] = []
+    def lexical_and_coco() -> None:
+        attempt("rouge", ("rouge1", "rouge2", "rougeL"), lambda: per.update(rouge_scores(refs, preds)))
+        attempt("bleu", ("bleu",), lambda: per.update(bleu=geollava_bleu(refs, preds)))
+        attempt("sacrebleu", ("sacrebleu",), lambda: report.metrics.update(sacrebleu=sacre_bleu(refs, preds)))
+        coco: list[CocoTokens] = []
 
-    def tokenize() -> None:
-        coco.append(coco_tokenize(refs, preds))
-        report.coco_tokenizer = coco[0].tokenizer
+        def tokenize() -> None:
+            coco.append(coco_tokenize(refs, preds))
+            report.coco_tokenizer = coco[0].tokenizer
 
-    attempt("coco_tokenize", COCO_KEYS + ("meteor",), tokenize)
-    if coco:
-        attempt("coco", COCO_KEYS, lambda: report.metrics.update(coco_scores(coco[0])))
-        attempt("meteor", ("meteor",), lambda: report.metrics.update(meteor=meteor_score(coco[0])))
+        attempt("coco_tokenize", COCO_KEYS + ("meteor",), tokenize)
+        if coco:
+            attempt("coco", COCO_KEYS, lambda: report.metrics.update(coco_scores(coco[0])))
+            attempt("meteor", ("meteor",), lambda: report.metrics.update(meteor=meteor_score(coco[0])))
+
+    # The lexical and coco metrics (Python, and Java processes) run beside the embedding pass, whose
+    # torch kernels release the GIL: on a GPU the two overlap almost fully, on a CPU they share the cores.
+    worker = _Worker(lexical_and_coco)
 
     loaded: dict[str, tuple] = {}
 
@@ -508,6 +536,7 @@ def compute_metrics_report(references: Sequence[Reference], predictions: Sequenc
         per.update(embedding_scores(refs, preds, bertscore=loaded.get("bertscore_f1"), sbert=loaded.get("sbert"),
                                     device=device))
         report.seconds["embeddings"] = round(time.perf_counter() - started, 3)
+    worker.join()
     for key in PER_SAMPLE:
         if key in per:
             report.metrics[key] = float(sum(per[key]) / len(per[key]))
