@@ -14,12 +14,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from . import changechat_format as cc
 from .errors import UserError, install_error_handler
 from .fileio import atomic_write_text
 from .paths import ANNOTATIONS_DIR, SAMPLE_DIR
 from .scenes import Change, make_scene_pair, render_pair
+from .video import write_image, write_video
 
 SAMPLE_TRAIN = ANNOTATIONS_DIR / "sample_train.json"
 SAMPLE_VAL = ANNOTATIONS_DIR / "sample_val.json"
@@ -46,8 +48,6 @@ NO_CHANGE_CAPTIONS = (
     "the scene is the same in both images.",
     "there are no visible changes between the two scenes.",
 )
-NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
-                "twelve", "thirteen", "fourteen", "fifteen", "sixteen")
 # Caption place words per 3x3 cell (row, col); ChangeChat answers use changechat_format.cell_name instead.
 CELL_PLACES = {
     (0, 0): "in the upper left", (0, 1): "at the top", (0, 2): "in the upper right",
@@ -139,7 +139,7 @@ def change_clause(change: Change, phrasing: int) -> str:
     key = f"water_level_{change.detail}" if change.type == "water_level" else change.type
     template = CLAUSES[key][phrasing % REFERENCES_PER_PAIR]
     plural = change.count != 1
-    return template.format(n=NUMBER_WORDS[change.count], s="s" if plural else "", was="were" if plural else "was",
+    return template.format(n=cc.NUMBER_WORDS[change.count], s="s" if plural else "", was="were" if plural else "was",
                            has="have" if plural else "has", v="" if plural else "s", place=change_place(change))
 
 
@@ -273,10 +273,6 @@ def ensure_sample_media(force: bool = False) -> Path:
     ``SAMPLE_CHANGECHAT_ROOT/{A,B}/<id>.png`` for the val records. Existing files
     are kept unless ``force``, so the second call costs a few stat() calls.
     """
-    from tqdm import tqdm
-
-    from .video import write_image, write_video
-
     jobs = []  # (record, annotation file, outputs still to write)
     for path, is_val in ((SAMPLE_TRAIN, False), (SAMPLE_VAL, True)):
         for record in _load_committed(path):

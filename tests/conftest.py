@@ -1,13 +1,35 @@
-"""Shared fixtures: the bundled sample media, and small synthetic image pairs."""
+"""Shared fixtures: the bundled sample media, small synthetic image pairs, a free port; the ``java`` marker."""
 from __future__ import annotations
 
 import json
+import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from geochange.errors import UserError
+
+JAVA_MISSING = ("needs Java on the PATH: pycocoevalcap's PTB tokenizer and METEOR run on it (without Java the suite "
+                "falls back to its own normaliser and reports METEOR as missing, which other tests check)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``@pytest.mark.java`` skip, with the reason, where no ``java`` is on the PATH."""
+    if shutil.which("java") is None:
+        for item in items:
+            if item.get_closest_marker("java"):
+                item.add_marker(pytest.mark.skip(reason=JAVA_MISSING))
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port free right now (bound to port 0, then released), for torchrun's --master_port: two test runs
+    at once, or a port left in TIME_WAIT, never collide on a fixed 29500."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

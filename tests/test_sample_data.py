@@ -50,7 +50,7 @@ def cell_of_pixel(y: float, x: float) -> tuple[int, int]:
 
 
 def count_in(clause: str) -> int:
-    return next(sd.NUMBER_WORDS.index(w) for w in clause.split() if w in sd.NUMBER_WORDS)
+    return next(cc.NUMBER_WORDS.index(w) for w in clause.split() if w in cc.NUMBER_WORDS)
 
 
 # --------------------------------------------------------------------------- determinism

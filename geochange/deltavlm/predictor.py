@@ -12,6 +12,7 @@ import torch
 from .. import changechat_format as cc
 from ..errors import UserError
 from ..results import ResultsWriter, check_run_settings
+from ..video import read_image
 from .inputs import Prompting, build_prompt, decode_answers, encode_prompts, preprocess_image
 
 
@@ -66,8 +67,6 @@ class Predictor:
 
 def read_pair(image_a: str | Path, image_b: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Both images as RGB arrays (any sizes: each is resized to the ViT's size)."""
-    from ..video import read_image
-
     return read_image(image_a), read_image(image_b)
 
 
