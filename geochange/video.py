@@ -3,7 +3,7 @@
 GeoLLaVA trained on fMoW image pairs stored as videos but never released the step
 that makes them; ``pair_to_video`` and ``pairs_sheet_to_videos`` are that step.
 
-    python -m geochange.video SHEET OUT_DIR [IMAGE_ROOT] [--size WxH] [--max-side N] [--strict]
+    python common.py pairs-to-videos SHEET OUT_DIR [IMAGE_ROOT] [--size WxH] [--max-side N] [--strict]
 """
 from __future__ import annotations
 
@@ -454,12 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     install_error_handler()
     positional, options = parse_size_options(sys.argv[1:] if argv is None else argv)
     if len(positional) not in (2, 3):
-        raise UserError(f"usage: {SHEET_USAGE}")
+        raise UserError(f"usage: python common.py {SHEET_USAGE}")
     written = pairs_sheet_to_videos(positional[0], positional[1], positional[2] if len(positional) == 3 else None,
                                     options)
     print(f"{len(written)} videos in {positional[1]}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -41,8 +41,9 @@ def import_graph() -> tuple[dict[str, set[str]], dict[str, list[str]]]:
         top[name] = set().union(*(own_imports(n, name, is_package, modules) for n in tree.body)) - {name}
         body = {id(n) for n in tree.body}
         for node in ast.walk(tree):
-            if id(node) not in body and own_imports(node, name, is_package, modules):
-                nested.setdefault(name, []).append(f"{node.lineno}: {sorted(own_imports(node, name, is_package, modules))}")
+            imported = own_imports(node, name, is_package, modules) if id(node) not in body else set()
+            if imported:
+                nested.setdefault(name, []).append(f"{node.lineno}: {sorted(imported)}")
     return top, nested
 
 
