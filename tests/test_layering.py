@@ -112,3 +112,21 @@ def test_no_cycle_hides_inside_functions():
         for node in ast.walk(tree):
             graph[name] |= own_imports(node, name, files[name].name == "__init__.py", set(files)) - {name}
     assert find_cycle(graph) == [], "import cycle through a function-level import: " + " -> ".join(find_cycle(graph))
+
+
+def test_readme_layout_names_every_module_in_layer_order():
+    """The README's module table names each module (its one job), bottom layer first: a module imports only
+    modules listed before it."""
+    import re
+
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    listed = ["geochange." + path.replace("/", ".")
+              for path in re.findall(r"^\| `geochange/([\w/]+)\.py` \| \S", readme, re.M)]
+    top, _ = import_graph()
+    modules = set(top) - {"geochange", "geochange.deltavlm"}
+    assert sorted(modules - set(listed)) == [], "modules without a row in the README's layout table"
+    assert sorted(set(listed) - modules) == [], "README rows for modules that do not exist"
+    position = {name: i for i, name in enumerate(listed)}
+    late = [f"{name} imports {dep}" for name in listed for dep in sorted(top[name])
+            if dep in position and position[dep] > position[name]]
+    assert late == [], "the README's layout table is not in layer order: " + "; ".join(late)
