@@ -379,17 +379,3 @@ def _zeroed(parts: list[tuple[nn.Linear, int]], count: int) -> list[int]:
     for linear, dim in parts:
         alive |= _per_slice(linear.weight.ne(0), dim, count, torch.any).cpu()
     return (~alive).nonzero().flatten().tolist()
-
-
-@torch.no_grad()
-def zeroed_heads(model: nn.Module) -> dict[int, list[int]]:
-    """Language-model layer index -> heads whose q (and, without GQA, k/v) rows and o columns are all zero."""
-    blocks = _attention_blocks(model, _parts(model, False)[0])
-    return {block.layer: _zeroed(block.head_parts(), block.heads) for block in blocks}
-
-
-@torch.no_grad()
-def zeroed_channels(model: nn.Module) -> dict[int, list[int]]:
-    """Language-model layer index -> MLP channels whose gate/up rows and down column are all zero."""
-    blocks = _mlp_blocks(model, _parts(model, False)[0])
-    return {block.layer: _zeroed(block.channel_parts(), block.channels) for block in blocks}
