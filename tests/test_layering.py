@@ -26,7 +26,7 @@ def own_imports(node: ast.AST, importer: str, is_package: bool, modules: set[str
     else:
         source = node.module or ""
     named = {f"{source}.{alias.name}" for alias in node.names} & modules
-    return named | ({source} & modules) if named or source in modules else set()
+    return named | ({source} & modules)
 
 
 def import_graph() -> tuple[dict[str, set[str]], dict[str, list[str]]]:
