@@ -11,9 +11,26 @@ import pytest
 
 import geochange.changechat_format as cc
 import geochange.sample_data as sd
-from geochange.scenes import (BUILDING, CHANGE_KINDS, GRID_EDGES, MIN_CELL_PIXELS, ROAD, SIZE, Change, label_maps,
-                              make_scene_pair, render_pair)
+from geochange.scenes import (CANVAS, CHANGE_KINDS, GRID_EDGES, LAYER, MARGIN, MIN_CELL_PIXELS, SIZE, Change,
+                              ScenePair, make_scene_pair, render_pair)
 from geochange.video import read_video_frames
+
+
+# Per-pixel ground truth read from the scene objects: a label id per kind (rubble and cleared land alike are bare).
+LABEL = {"water": 1, "road": 2, "parking": 3, "solar": 4, "rubble": 5, "cleared": 5, "trees": 6, "building": 7}
+ROAD, BUILDING = LABEL["road"], LABEL["building"]
+
+
+def label_maps(pair: ScenePair) -> tuple[np.ndarray, np.ndarray]:
+    """The before and after label maps (SIZE x SIZE): each object's footprint, painted in layer order."""
+    maps = []
+    for objects in (pair.before, pair.after):
+        labels = np.zeros((CANVAS, CANVAS), np.uint8)
+        for obj in sorted(objects, key=lambda o: LAYER[o.kind]):
+            (ys, xs), mask = obj.mask()
+            labels[ys, xs][mask] = LABEL[obj.kind]  # basic slicing gives a view: this writes into labels
+        maps.append(labels[MARGIN:MARGIN + SIZE, MARGIN:MARGIN + SIZE])
+    return maps[0], maps[1]
 
 
 def load(path: Path) -> list[dict]:
