@@ -16,13 +16,14 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .modeling import VISION_MODULE_NAMES
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # transformers 4 -> 5 names of the LLaVA-family modules (after PEFT's "base_model.model." prefix).
 _LEGACY_RENAMES = (
     (re.compile(r"^language_model\.model\."), "model.language_model."),
     (re.compile(r"^language_model\.lm_head\."), "lm_head."),
-    (re.compile(r"^(video_tower|image_tower|vision_tower|multi_modal_projector|vision_resampler)\."), r"model.\1."),
+    (re.compile(rf"^({'|'.join(VISION_MODULE_NAMES)})\."), r"model.\1."),
 )
 _PEFT_PREFIX = "base_model.model."
 
@@ -45,7 +46,7 @@ def legacy_to_current_key(key: str) -> str:
     return _PEFT_PREFIX + body
 
 
-def load_adapter_verified(model, adapter_dir: str | Path, *, is_trainable: bool = False):
+def load_adapter_verified(model, adapter_dir: str | Path):
     """Wrap ``model`` with the adapter in ``adapter_dir``; raise UserError if any adapter weight finds no home."""
     from peft import PeftModel, set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -58,7 +59,7 @@ def load_adapter_verified(model, adapter_dir: str | Path, *, is_trainable: bool 
     with warnings.catch_warnings():
         # PEFT only warns about keys it could not place; we check them ourselves below.
         warnings.simplefilter("ignore")
-        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
     unmatched = _unmatched(peft_model, saved)
     if unmatched and len(unmatched) == len(saved):
         remapped = {legacy_to_current_key(k): v for k, v in saved.items()}

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .changechat_format import CAPTION_PROMPT
 from .errors import UserError
 from .fileio import file_sha256
 
@@ -277,8 +278,6 @@ def _instruction_sample(record: dict, where: str, root: Path, require_answer: bo
 
 
 def _caption_sample(record: dict, where: str, root: Path) -> ChangeChatSample:
-    from .changechat_format import CAPTION_PROMPT
-
     image_a, image_b = _text_field(record, "image_A", where), _text_field(record, "image_B", where)
     captions = record.get("captions")
     if not (isinstance(captions, list) and captions and all(isinstance(c, str) and c.strip() for c in captions)):

@@ -20,6 +20,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from .annotations import (ChangeChatSample, Sample, describe_test_set, load_annotations, load_changechat,
                           read_annotation_json, source_note_path)
 from .changechat_format import CAPTION_PROMPT
@@ -131,8 +133,6 @@ def _changechat_record(group: list[tuple[Sample, dict]], image_a: str, image_b: 
 def videos_to_pairs(annotations: str | Path, video_dir: str | Path | None, out_dir: str | Path, *,
                     split: str | None = None) -> Path:
     """Convert GeoLLaVA videos + JSON (see the module doc); returns the ChangeChat JSON's path. Resumable."""
-    from tqdm import tqdm
-
     annotations, out_dir = Path(annotations), Path(out_dir)
     samples = load_annotations(annotations, video_dir, split=split)
     if not samples:

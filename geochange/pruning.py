@@ -40,11 +40,10 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from .errors import UserError
+from .modeling import VISION_MODULE_NAMES
 
 PRUNE_METHODS = ("magnitude", "attention", "channel")
 
-# Top-level parts of the VLMs that are not the language model (pruned only with include_vision).
-VISION_PARTS = ("vision_tower", "video_tower", "image_tower", "multi_modal_projector")
 
 # (output-row side, input-column side) of the MLP pairs a channel runs through.
 _MLP_PAIRS = ((("gate_proj", "up_proj"), ("down_proj",)), (("fc1",), ("fc2",)), (("linear_1",), ("linear_2",)))
@@ -111,11 +110,12 @@ def _inside(name: str, root: str) -> bool:
 
 
 def _parts(model: nn.Module, include_vision: bool) -> list[_Part]:
-    """The language model's Linears (first), then each vision part's if asked."""
+    """The language model's Linears (first), then each vision part's if asked (the parts outside the language
+    model: ``VISION_MODULE_NAMES``; one without Linears, as LLaVA-NeXT's pooling ``vision_resampler``, adds none)."""
     names = [name for name, _ in model.named_modules()]
     vision_roots: list[str] = []
     for name in names:  # outermost modules named like a vision part
-        if _leaf(name) in VISION_PARTS and not any(_inside(name, root) for root in vision_roots):
+        if _leaf(name) in VISION_MODULE_NAMES and not any(_inside(name, root) for root in vision_roots):
             vision_roots.append(name)
     # transformers 5 keeps the LLM at model.language_model (4.x: language_model); a plain
     # causal LM has none, and then everything outside the vision parts is the language side.
@@ -379,17 +379,3 @@ def _zeroed(parts: list[tuple[nn.Linear, int]], count: int) -> list[int]:
     for linear, dim in parts:
         alive |= _per_slice(linear.weight.ne(0), dim, count, torch.any).cpu()
     return (~alive).nonzero().flatten().tolist()
-
-
-@torch.no_grad()
-def zeroed_heads(model: nn.Module) -> dict[int, list[int]]:
-    """Language-model layer index -> heads whose q (and, without GQA, k/v) rows and o columns are all zero."""
-    blocks = _attention_blocks(model, _parts(model, False)[0])
-    return {block.layer: _zeroed(block.head_parts(), block.heads) for block in blocks}
-
-
-@torch.no_grad()
-def zeroed_channels(model: nn.Module) -> dict[int, list[int]]:
-    """Language-model layer index -> MLP channels whose gate/up rows and down column are all zero."""
-    blocks = _mlp_blocks(model, _parts(model, False)[0])
-    return {block.layer: _zeroed(block.channel_parts(), block.channels) for block in blocks}

@@ -4,8 +4,8 @@ Only the annotation JSON files are committed (``annotations/sample_*.json``); th
 images and videos are regenerated from each record's ``seed`` on first use by
 ``ensure_sample_media()`` into ``data/sample/`` (git-ignored).
 
-    python -m geochange.sample_data          # rewrite the annotation JSONs and all media
-    python -m geochange.sample_data --check  # exit 1 if the committed JSONs differ from the generator
+    python common.py sample-data          # rewrite the annotation JSONs and all media
+    python common.py sample-data --check  # exit 1 if the committed JSONs differ from the generator
 """
 from __future__ import annotations
 
@@ -14,12 +14,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from . import changechat_format as cc
 from .errors import UserError, install_error_handler
 from .fileio import atomic_write_text
 from .paths import ANNOTATIONS_DIR, SAMPLE_DIR
 from .scenes import Change, make_scene_pair, render_pair
+from .video import write_image, write_video
 
 SAMPLE_TRAIN = ANNOTATIONS_DIR / "sample_train.json"
 SAMPLE_VAL = ANNOTATIONS_DIR / "sample_val.json"
@@ -46,8 +48,6 @@ NO_CHANGE_CAPTIONS = (
     "the scene is the same in both images.",
     "there are no visible changes between the two scenes.",
 )
-NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
-                "twelve", "thirteen", "fourteen", "fifteen", "sixteen")
 # Caption place words per 3x3 cell (row, col); ChangeChat answers use changechat_format.cell_name instead.
 CELL_PLACES = {
     (0, 0): "in the upper left", (0, 1): "at the top", (0, 2): "in the upper right",
@@ -139,7 +139,7 @@ def change_clause(change: Change, phrasing: int) -> str:
     key = f"water_level_{change.detail}" if change.type == "water_level" else change.type
     template = CLAUSES[key][phrasing % REFERENCES_PER_PAIR]
     plural = change.count != 1
-    return template.format(n=NUMBER_WORDS[change.count], s="s" if plural else "", was="were" if plural else "was",
+    return template.format(n=cc.NUMBER_WORDS[change.count], s="s" if plural else "", was="were" if plural else "was",
                            has="have" if plural else "has", v="" if plural else "s", place=change_place(change))
 
 
@@ -262,7 +262,7 @@ def write_annotations() -> list[Path]:
 
 def _load_committed(path: Path) -> list[dict]:
     if not path.exists():
-        raise UserError(f"sample annotation file {path} is missing; run: python -m geochange.sample_data")
+        raise UserError(f"sample annotation file {path} is missing; run: python common.py sample-data")
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -273,10 +273,6 @@ def ensure_sample_media(force: bool = False) -> Path:
     ``SAMPLE_CHANGECHAT_ROOT/{A,B}/<id>.png`` for the val records. Existing files
     are kept unless ``force``, so the second call costs a few stat() calls.
     """
-    from tqdm import tqdm
-
-    from .video import write_image, write_video
-
     jobs = []  # (record, annotation file, outputs still to write)
     for path, is_val in ((SAMPLE_TRAIN, False), (SAMPLE_VAL, True)):
         for record in _load_committed(path):
@@ -291,7 +287,7 @@ def ensure_sample_media(force: bool = False) -> Path:
         pair = make_scene_pair(record["seed"])
         if [c.to_json() for c in pair.changes] != record["changes"]:
             raise UserError(f"{path}: record {record['id']!r} no longer matches the scene generator; "
-                            "run: python -m geochange.sample_data")
+                            "run: python common.py sample-data")
         before, after = render_pair(pair)
         for output in todo:
             if output.suffix == ".mp4":
@@ -307,19 +303,16 @@ def main(argv: list[str] | None = None) -> int:
     if argv == ["--check"]:
         stale = stale_annotations()
         if stale:
-            print("out of date (run python -m geochange.sample_data): " + ", ".join(map(str, stale)),
+            print("out of date (run python common.py sample-data): " + ", ".join(map(str, stale)),
                   file=sys.stderr)
             return 1
         print("sample annotations match the generator")
         return 0
     if argv:
-        raise UserError("usage: python -m geochange.sample_data [--check]")
+        raise UserError("usage: python common.py sample-data [--check]")
     for path in write_annotations():
         print(f"wrote {path}")
     ensure_sample_media(force=True)
     print(f"sample media in {SAMPLE_DIR}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

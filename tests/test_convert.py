@@ -13,6 +13,7 @@ import common
 from geochange.annotations import describe_test_set, load_annotations, load_changechat, source_note_path
 from geochange.convert import changechat_to_videos, videos_to_pairs
 from geochange.finetune import data_loader_workers
+from geochange.paths import minilm_dir
 from geochange.sample_data import SAMPLE_CHANGECHAT_CAPTIONS, SAMPLE_CHANGECHAT_INSTRUCTIONS, SAMPLE_CHANGECHAT_ROOT
 from geochange.video import read_image, read_video_frames, write_image
 
@@ -161,9 +162,7 @@ def test_video_evaluation_scores_converted_captions_against_all_references(conve
     # The sentence-embedding score, recomputed: best of the five references, above the first reference's alone.
     from sentence_transformers import SentenceTransformer
 
-    from geochange.metrics import default_embedding_model
-
-    encoder = SentenceTransformer(default_embedding_model(), device="cpu")
+    encoder = SentenceTransformer(str(minilm_dir()), device="cpu")
 
     def cosines(record) -> np.ndarray:
         vectors = encoder.encode([record["generated"], *record["true"]], normalize_embeddings=True)

@@ -298,6 +298,7 @@ def write_pair(folder: Path, name: str, images) -> None:
     write_image(images[1], folder / "B" / name)
 
 
+@pytest.mark.java
 def test_batch_scores_every_task_and_resumes(predictor, scene_images, tmp_path, monkeypatch, user_error):
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer

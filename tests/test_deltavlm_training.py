@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import runpy
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -286,14 +285,8 @@ def test_bad_settings_stop_in_one_line_before_any_model(tmp_path, sample_dir, ov
 
 # --------------------------------------------------------------------------- DDP under torchrun
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_two_process_torchrun_keeps_the_replicas_identical(tmp_path, sample_dir):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+def test_two_process_torchrun_keeps_the_replicas_identical(tmp_path, sample_dir, free_port):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port}",
                str(SCRIPT), *QUICK, f"OUTPUT_DIR={tmp_path}", "EPOCHS=1", "MAX_STEPS=3", "VAL_LIMIT=4",
                "RUN_NAME=ddp", "BATCH_SIZE=4"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}

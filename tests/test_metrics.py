@@ -9,6 +9,7 @@ import pytest
 
 from geochange import metrics as M
 from geochange.errors import UserError
+from geochange.paths import minilm_dir
 
 # Single and multi reference (uneven counts), punctuation-only and empty predictions, unicode text.
 REFS = ["two new buildings appeared in the upper left.",
@@ -42,9 +43,10 @@ def report():
 
 @pytest.fixture(scope="module")
 def minilm():
-    return M.default_embedding_model()
+    return str(minilm_dir())
 
 
+@pytest.mark.java
 def test_keys_models_and_ranges(report, minilm):
     assert set(report.metrics) == {"rouge1", "rouge2", "rougeL", "bleu", "sacrebleu", "bleu1", "bleu2", "bleu3",
                                    "bleu4", "meteor", "rouge_l", "cider", "bertscore_f1", "sbert"}
@@ -125,6 +127,7 @@ def coco_documented_pipeline(refs, preds):
     return gts, res, scores
 
 
+@pytest.mark.java
 @pytest.mark.parametrize("refs, preds", [(PTB_REFS, PTB_PREDS), (REFS, PREDS)], ids=["hand-picked", "mixed"])
 def test_coco_metrics_are_pycocoevalcaps_ptb_pipeline(refs, preds):
     gts, res, expected = coco_documented_pipeline(refs, preds)
@@ -136,6 +139,7 @@ def test_coco_metrics_are_pycocoevalcaps_ptb_pipeline(refs, preds):
         assert report.metrics[key] == pytest.approx(value, abs=1e-12), key
 
 
+@pytest.mark.java
 def test_ptb_tokens_differ_from_the_fallback_normaliser():
     tokens = M.coco_tokenize(as_lists(PTB_REFS), PTB_PREDS)
     # PTB splits possessives and contractions, keeps hyphenated words whole, drops punctuation tokens.
@@ -233,6 +237,7 @@ def test_sbert_falls_back_to_minilm_with_one_warning(minilm, capsys):
     assert explicit.fallbacks == {} and explicit.per_sample["sbert"] == pytest.approx(first.per_sample["sbert"])
 
 
+@pytest.mark.java
 def test_identical_text_scores_one():
     text = ["two new buildings appeared in the upper left corner", "a road now crosses the field from east to west"]
     result = M.compute_metrics([[t] for t in text], text)

@@ -18,8 +18,7 @@ from transformers import (CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, Llava
                           LlavaNextVideoForConditionalGeneration, VideoLlavaConfig, VideoLlavaForConditionalGeneration)
 
 from geochange.errors import UserError
-from geochange.pruning import (PRUNE_METHODS, measure_sparsity, prune_model, target_linears, validate_prune_settings,
-                               zeroed_channels, zeroed_heads)
+from geochange.pruning import PRUNE_METHODS, measure_sparsity, prune_model, target_linears, validate_prune_settings
 
 HEADS, HEAD_DIM, HIDDEN, INTERMEDIATE = 8, 8, 64, 96
 VISION_MARKERS = ("vision_tower", "video_tower", "image_tower", "multi_modal_projector")
@@ -57,6 +56,38 @@ def llama(kv_heads: int = HEADS, layers: int = 5, bias: bool = True) -> LlamaFor
     torch.manual_seed(0)
     config = text_config(num_hidden_layers=layers, num_key_value_heads=kv_heads, attention_bias=bias, mlp_bias=bias)
     return spread(LlamaForCausalLM(config).eval())
+
+
+def language_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a plain Llama (model.model.layers) or of a VLM's language model."""
+    inner = model.model
+    return getattr(inner, "language_model", inner).layers
+
+
+@torch.no_grad()
+def zeroed_heads(model: nn.Module) -> dict[int, list[int]]:
+    """Read from the weights: per layer, the heads whose q rows (and k/v rows, without GQA) and o columns are zero."""
+    result = {}
+    for index, layer in enumerate(language_layers(model)):
+        attention, size = layer.self_attn, layer.self_attn.head_dim
+        rows = [attention.q_proj] + ([] if attention.k_proj.out_features < attention.q_proj.out_features
+                                     else [attention.k_proj, attention.v_proj])
+        heads = attention.q_proj.out_features // size
+        result[index] = [h for h in range(heads)
+                         if not any(r.weight[h * size:(h + 1) * size].any() for r in rows)
+                         and not attention.o_proj.weight[:, h * size:(h + 1) * size].any()]
+    return result
+
+
+@torch.no_grad()
+def zeroed_channels(model: nn.Module) -> dict[int, list[int]]:
+    """Read from the weights: per layer, the MLP channels whose gate/up rows and down column are zero."""
+    result = {}
+    for index, layer in enumerate(language_layers(model)):
+        mlp = layer.mlp
+        alive = mlp.gate_proj.weight.ne(0).any(1) | mlp.up_proj.weight.ne(0).any(1) | mlp.down_proj.weight.ne(0).any(0)
+        result[index] = (~alive).nonzero().flatten().tolist()
+    return result
 
 
 _VLMS: dict[str, nn.Module] = {}

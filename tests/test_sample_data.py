@@ -11,9 +11,26 @@ import pytest
 
 import geochange.changechat_format as cc
 import geochange.sample_data as sd
-from geochange.scenes import (BUILDING, CHANGE_KINDS, GRID_EDGES, MIN_CELL_PIXELS, ROAD, SIZE, Change, label_maps,
-                              make_scene_pair, render_pair)
+from geochange.scenes import (CANVAS, CHANGE_KINDS, GRID_EDGES, LAYER, MARGIN, MIN_CELL_PIXELS, SIZE, Change,
+                              ScenePair, make_scene_pair, render_pair)
 from geochange.video import read_video_frames
+
+
+# Per-pixel ground truth read from the scene objects: a label id per kind (rubble and cleared land alike are bare).
+LABEL = {"water": 1, "road": 2, "parking": 3, "solar": 4, "rubble": 5, "cleared": 5, "trees": 6, "building": 7}
+ROAD, BUILDING = LABEL["road"], LABEL["building"]
+
+
+def label_maps(pair: ScenePair) -> tuple[np.ndarray, np.ndarray]:
+    """The before and after label maps (SIZE x SIZE): each object's footprint, painted in layer order."""
+    maps = []
+    for objects in (pair.before, pair.after):
+        labels = np.zeros((CANVAS, CANVAS), np.uint8)
+        for obj in sorted(objects, key=lambda o: LAYER[o.kind]):
+            (ys, xs), mask = obj.mask()
+            labels[ys, xs][mask] = LABEL[obj.kind]  # basic slicing gives a view: this writes into labels
+        maps.append(labels[MARGIN:MARGIN + SIZE, MARGIN:MARGIN + SIZE])
+    return maps[0], maps[1]
 
 
 def load(path: Path) -> list[dict]:
@@ -50,7 +67,7 @@ def cell_of_pixel(y: float, x: float) -> tuple[int, int]:
 
 
 def count_in(clause: str) -> int:
-    return next(sd.NUMBER_WORDS.index(w) for w in clause.split() if w in sd.NUMBER_WORDS)
+    return next(cc.NUMBER_WORDS.index(w) for w in clause.split() if w in cc.NUMBER_WORDS)
 
 
 # --------------------------------------------------------------------------- determinism
@@ -69,7 +86,7 @@ def test_same_seed_gives_identical_scenes_and_pixels():
 
 def test_committed_annotations_are_exactly_the_generator_output():
     for path, text in sd.build_annotations().items():
-        assert path.read_text(encoding="utf-8") == text, f"{path} is stale: run python -m geochange.sample_data"
+        assert path.read_text(encoding="utf-8") == text, f"{path} is stale: run python common.py sample-data"
     assert sd.stale_annotations() == []
 
 
@@ -213,7 +230,7 @@ def test_ensure_sample_media_draws_missing_files_once(tmp_path, monkeypatch, use
     val[0]["changes"] = [{"type": "demolition", "category": "building", "count": 1, "cells": [[0, 0]]}]  # stale
     (tmp_path / "val.json").write_text(json.dumps(val))
     user_error(lambda: sd.ensure_sample_media(force=True), str(tmp_path / "val.json"), "val_00000",
-               "python -m geochange.sample_data")
+               "python common.py sample-data")
 
 
 def test_bundled_sample_media_is_there(sample_dir):

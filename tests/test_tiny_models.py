@@ -1,11 +1,15 @@
 """The offline tiny models: real classes, real prompt format, loaded through from_pretrained."""
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from geochange.modeling import (IGNORE_INDEX, VideoQACollator, count_parameters, encode_training_example, get_family,
+from geochange.adapters import legacy_to_current_key
+from geochange.modeling import (IGNORE_INDEX, VISION_MODULE_NAMES, VideoQACollator, count_parameters, encode_training_example, get_family,
                                 linear_counts, load_model, load_processor, model_part, plan_lengths,
                                 resolve_model_path, video_prompt, video_token_count)
+from geochange.tiny import TINY_MARKER, build_once
 
 FAMILIES = ["videollava", "llavanext"]
 EXPECTED_CLASSES = {"videollava": ("VideoLlavaForConditionalGeneration", "VideoLlavaProcessor"),
@@ -126,3 +130,46 @@ def test_only_the_language_model_is_quantised(family, bits):
     assert quantised.model.multi_modal_projector.linear_1.weight.dtype == torch.float32
     assert count_parameters(quantised)[1] == count_parameters(full)[1]
     assert count_parameters(full)[1] == sum(p.numel() for p in full.parameters())
+
+
+def test_build_once_builds_under_its_seed_once_swaps_in_whole_and_rebuilds_a_new_version(tmp_path):
+    builds = []
+
+    def build(staging):
+        builds.append(staging)
+        (staging / "weights.txt").write_text(repr(torch.rand(1).item()))
+
+    torch.manual_seed(7)
+    callers_next = torch.rand(1)
+    torch.manual_seed(7)
+    target = build_once(tmp_path / "tiny-x", 1, build, seed=3, what="x")
+    assert torch.equal(torch.rand(1), callers_next)  # the caller's random state is left as it was
+    torch.manual_seed(3)
+    assert float((target / "weights.txt").read_text()) == torch.rand(1).item()  # drawn under the build's seed
+    assert json.loads((target / TINY_MARKER).read_text()) == {"version": 1, "seed": 3}
+    assert build_once(target, 1, build, seed=3, what="x") == target and len(builds) == 1  # built once
+
+    def broken(staging):
+        (staging / "half.txt").write_text("half a build")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        build_once(target, 2, broken, seed=3, what="x")
+    # The finished build stays, and nothing half-built is left beside it.
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny-x"] and not (target / "half.txt").exists()
+    (target / TINY_MARKER).write_text("{damaged")
+    build_once(target, 1, build, seed=3, what="x")
+    assert len(builds) == 2 and json.loads((target / TINY_MARKER).read_text())["version"] == 1
+    build_once(target, 2, build, seed=3, what="x")
+    assert len(builds) == 3 and json.loads((target / TINY_MARKER).read_text())["version"] == 2
+
+
+def test_the_one_list_of_vision_parts_names_every_part_outside_the_language_model(tiny):
+    """VISION_MODULE_NAMES (quantisation skips, LoRA targets, pruning parts, adapter renames) covers the real classes."""
+    family, model, _ = tiny
+    parts = {name for name, _ in model.model.named_children()} - {"language_model"}
+    assert parts and parts <= set(VISION_MODULE_NAMES)
+    assert ("vision_resampler" in parts) == (family == "llavanext")
+    for part in parts:  # an adapter saved with transformers-4 names finds each part under model.
+        assert legacy_to_current_key(f"base_model.model.{part}.linear_1.lora_A.weight") == \
+            f"base_model.model.model.{part}.linear_1.lora_A.weight"

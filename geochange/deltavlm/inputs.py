@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .. import changechat_format as cc
 
@@ -60,8 +61,6 @@ def normalise_answer(answer: str, prompting: Prompting) -> str:
 
 def preprocess_image(image: np.ndarray, size: int) -> torch.Tensor:
     """An HxWx3 uint8 RGB array as a normalised [3, size, size] float tensor."""
-    from PIL import Image
-
     resized = Image.fromarray(np.asarray(image, dtype=np.uint8)).resize((size, size), Image.BICUBIC)
     pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
     mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)

@@ -25,6 +25,9 @@ from .checkpoint import CsrmCheck, check_csrm_initialisation, convert_lavis_stat
 from .model import CSRM, DeltaVLM, build_on_meta, own_parameter_shapes, trained_parameter_names
 
 CHECKPOINT_FILE = "checkpoint_best.pth"
+# The released model's two public parts (the scripts' VISION_QFORMER_BASE / LLM_MODEL defaults), named in messages.
+INSTRUCTBLIP_7B_ID = "Salesforce/instructblip-vicuna-7b"
+VICUNA_7B_ID = "lmsys/vicuna-7b-v1.5"
 LLM_ADAPTER_DIR = "llm_lora"   # a LoRA adapter on the LLM, saved beside a checkpoint_best.pth by training
 QFORMER_BOS = "[DEC]"          # LAVIS adds it to BERT's vocabulary: 30522 + 1 tokens
 LLM_PAD = "[PAD]"              # the released code's pad token (id 32000 for Vicuna)
@@ -101,8 +104,7 @@ def base_configs(base: str):
     config_file = _base_file(base, "config.json")
     if config_file is None:
         raise UserError(f"VISION_QFORMER_BASE {base!r}: no config.json (an InstructBLIP checkpoint in transformers' "
-                        "layout, e.g. Salesforce/instructblip-vicuna-7b; download: huggingface-cli download "
-                        "Salesforce/instructblip-vicuna-7b)")
+                        f"layout, e.g. {INSTRUCTBLIP_7B_ID}; download: huggingface-cli download {INSTRUCTBLIP_7B_ID})")
     try:
         config = InstructBlipConfig.from_pretrained(config_file.parent)
     except Exception as exc:
@@ -190,7 +192,7 @@ def load_llm_tokenizer(llm_model: str):
         tokenizer = AutoTokenizer.from_pretrained(llm_model)
     except Exception as exc:
         raise UserError(f"LLM_MODEL {llm_model!r}: cannot load its tokenizer ({str(exc).splitlines()[0][:200]}); "
-                        "download: huggingface-cli download lmsys/vicuna-7b-v1.5") from None
+                        f"download: huggingface-cli download {VICUNA_7B_ID}") from None
     # As the released code: [PAD] appended (id 32000 for Vicuna), </s> as BOS, EOS and UNK.
     tokenizer.add_special_tokens({"pad_token": LLM_PAD, "bos_token": LLM_EOS, "eos_token": LLM_EOS,
                                   "unk_token": LLM_EOS})
@@ -212,8 +214,8 @@ def load_llm(llm_model: str, device: torch.device, vocab: int, bits: int | None 
         llm = AutoModelForCausalLM.from_pretrained(llm_model, **kwargs)
     except Exception as exc:
         raise UserError(f"LLM_MODEL {llm_model!r}: cannot load ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:200]}); download: huggingface-cli download "
-                        "lmsys/vicuna-7b-v1.5") from None
+                        f"{str(exc).splitlines()[0][:200]}); "
+                        f"download: huggingface-cli download {VICUNA_7B_ID}") from None
     if llm.get_input_embeddings().weight.shape[0] < vocab:
         llm.resize_token_embeddings(vocab)  # the released code's [PAD] row; padding only, never attended
     if not bits:
@@ -328,7 +330,7 @@ def load_deltavlm(checkpoint: str | None, *, base: str, llm_model: str, bert_mod
         llm_hidden = AutoConfig.from_pretrained(llm_model).hidden_size
     except Exception as exc:
         raise UserError(f"LLM_MODEL {llm_model!r}: cannot read its config ({str(exc).splitlines()[0][:200]}); "
-                        "download: huggingface-cli download lmsys/vicuna-7b-v1.5") from None
+                        f"download: huggingface-cli download {VICUNA_7B_ID}") from None
     model = build_on_meta(vision_config, qformer_config, num_query_tokens, llm_hidden, use_csrm=use_csrm)
     report = (assemble(model, lavis_state, base, checkpoint_path) if checkpoint_path is not None
               else assemble_from_base(model, base))

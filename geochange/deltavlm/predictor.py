@@ -8,10 +8,12 @@ from typing import Callable
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .. import changechat_format as cc
 from ..errors import UserError
 from ..results import ResultsWriter, check_run_settings
+from ..video import read_image
 from .inputs import Prompting, build_prompt, decode_answers, encode_prompts, preprocess_image
 
 
@@ -66,8 +68,6 @@ class Predictor:
 
 def read_pair(image_a: str | Path, image_b: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Both images as RGB arrays (any sizes: each is resized to the ViT's size)."""
-    from ..video import read_image
-
     return read_image(image_a), read_image(image_b)
 
 
@@ -124,8 +124,6 @@ def items_of(samples) -> list[Item]:
 def answer_items(predictor: Predictor, items: list[Item], results_path: Path, batch_size: int,
                  run_settings: dict) -> None:
     """Answer the items not yet in ``results_path`` (JSON Lines), one flushed batch at a time."""
-    from tqdm.auto import tqdm
-
     if batch_size < 1:
         raise UserError(f"BATCH_SIZE must be >= 1, got {batch_size}")
     check_run_settings(results_path.parent / f"{results_path.stem}.settings.json", run_settings, results_path)

@@ -14,20 +14,18 @@ the tiny twin runs the real key map, the base overlay and the reports.
 """
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..paths import CHECKPOINTS_DIR
-from .checkpoint import export_lavis_state
+from ..paths import CHECKPOINTS_DIR, minilm_dir
+from ..tiny import build_once
+from .checkpoint import released_extras, released_layout_state
 from .loading import CHECKPOINT_FILE, LLM_EOS, LLM_PAD
 from .model import DeltaVLM, trained_parameter_names
 
-TINY_VERSION = 3
+TINY_VERSION = 4
 TINY_SEED = 4321
 TINY_DIR = CHECKPOINTS_DIR / "tiny-deltavlm"
 TINY_IMAGE_SIZE = 32
@@ -79,8 +77,6 @@ def _llm_tokenizer():
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from ..tiny import minilm_dir
-
     backend = Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
     backend.no_truncation()
     backend.no_padding()
@@ -93,8 +89,6 @@ def _llm_tokenizer():
 def _build(staging: Path) -> None:
     from transformers import (AutoTokenizer, InstructBlipConfig, InstructBlipForConditionalGeneration,
                               LlamaForCausalLM)
-
-    from ..tiny import minilm_dir
 
     llm_tokenizer = _llm_tokenizer()
     vision, qformer, llm_config = tiny_configs(len(llm_tokenizer), llm_tokenizer.eos_token_id,
@@ -118,45 +112,13 @@ def _build(staging: Path) -> None:
     with torch.no_grad():
         delta.query_tokens.normal_(0.0, 0.5)
     parameters = dict(delta.named_parameters())
-    lavis = export_lavis_state({name: parameters[name] for name in trained_parameter_names(delta)})
-    # Entries the released checkpoint carries but inference ignores.
-    qh = qformer.hidden_size
-    lavis.update({"vision_proj.weight": torch.randn(8, qh) * 0.02, "vision_proj.bias": torch.zeros(8),
-                  "text_proj.weight": torch.randn(8, qh) * 0.02, "text_proj.bias": torch.zeros(8),
-                  "temp": torch.tensor(0.07),
-                  "Qformer.bert.embeddings.position_ids": torch.arange(qformer.max_position_embeddings)[None]})
-    head_dim = llm_config.hidden_size // llm_config.num_attention_heads
-    for layer in range(llm_config.num_hidden_layers):
-        lavis[f"llm_model.model.layers.{layer}.self_attn.rotary_emb.inv_freq"] = \
-            1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    # In the released layout, with the entries the released checkpoint carries but inference ignores.
+    lavis = released_layout_state({name: parameters[name] for name in trained_parameter_names(delta)},
+                                  released_extras(qformer, llm_config))
     torch.save({"model": lavis, "epoch": 0, "config": {"model": {"arch": "instruct_vicuna7b", "tiny": True}}},
                staging / CHECKPOINT_FILE)
-    (staging / "tiny.json").write_text(json.dumps({"version": TINY_VERSION, "seed": TINY_SEED}))
 
 
-def ensure_tiny_deltavlm(*, force: bool = False) -> TinyDeltaVLM:
+def ensure_tiny_deltavlm() -> TinyDeltaVLM:
     """Build the tiny DeltaVLM once (seconds); later calls return the existing folder."""
-    marker = TINY_DIR / "tiny.json"
-    if not force and marker.exists():
-        try:
-            if json.loads(marker.read_text()).get("version") == TINY_VERSION:
-                return TinyDeltaVLM(TINY_DIR)
-        except json.JSONDecodeError:
-            pass  # a damaged marker means a damaged build: rebuild
-    print(f"building the tiny offline DeltaVLM in {TINY_DIR} (once)")
-    TINY_DIR.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-deltavlm-", dir=TINY_DIR.parent))
-    rng_state = torch.random.get_rng_state()
-    torch.manual_seed(TINY_SEED)
-    try:
-        _build(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finally:
-        torch.random.set_rng_state(rng_state)
-    # Swap in whole, so a half-written build is never used.
-    if TINY_DIR.exists():
-        shutil.rmtree(TINY_DIR)
-    staging.rename(TINY_DIR)
-    return TinyDeltaVLM(TINY_DIR)
+    return TinyDeltaVLM(build_once(TINY_DIR, TINY_VERSION, _build, seed=TINY_SEED, what="DeltaVLM"))

@@ -1,0 +1,132 @@
+"""The package's modules form layers: the imports at the tops of its files give an acyclic graph, and no module
+imports another of ours inside a function (where a cycle could hide)."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "geochange"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def own_imports(node: ast.AST, importer: str, is_package: bool, modules: set[str]) -> set[str]:
+    """The geochange modules one import statement names (``from .x import y`` names .x, or .x.y when y is a module)."""
+    if isinstance(node, ast.Import):
+        return {alias.name for alias in node.names if alias.name in modules}
+    if not isinstance(node, ast.ImportFrom):
+        return set()
+    if node.level:
+        base = importer.split(".") if is_package else importer.split(".")[:-1]
+        base = base[:len(base) - (node.level - 1)]
+        source = ".".join(base + ([node.module] if node.module else []))
+    else:
+        source = node.module or ""
+    named = {f"{source}.{alias.name}" for alias in node.names} & modules
+    return named | ({source} & modules)
+
+
+def import_graph() -> tuple[dict[str, set[str]], dict[str, list[str]]]:
+    """(module -> the modules it imports at its top, module -> 'line: module' of imports of ours inside functions)."""
+    files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    modules = set(files)
+    top: dict[str, set[str]] = {}
+    nested: dict[str, list[str]] = {}
+    for name, path in files.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        is_package = path.name == "__init__.py"
+        top[name] = set().union(*(own_imports(n, name, is_package, modules) for n in tree.body)) - {name}
+        body = {id(n) for n in tree.body}
+        for node in ast.walk(tree):
+            imported = own_imports(node, name, is_package, modules) if id(node) not in body else set()
+            if imported:
+                nested.setdefault(name, []).append(f"{node.lineno}: {sorted(imported)}")
+    return top, nested
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One cycle of ``graph`` as [a, b, ..., a], or [] when it is acyclic (depth-first search, three colours)."""
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = 2
+        path.pop()
+        return []
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return []
+
+
+def test_find_cycle_finds_a_cycle_and_accepts_layers():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_the_import_graph_is_read_from_the_files():
+    top, _ = import_graph()
+    # Known edges, one per import form: "from .x import", "from .. import x", "from ..x import".
+    assert "geochange.errors" in top["geochange.video"]
+    assert "geochange.changechat_format" in top["geochange.sample_data"]
+    assert "geochange.tiny" in top["geochange.deltavlm.tiny"]
+    assert "geochange.deltavlm.model" in top["geochange.deltavlm.loading"]
+    assert top["geochange.errors"] == set()
+
+
+def test_package_imports_form_layers():
+    top, _ = import_graph()
+    assert find_cycle(top) == [], "import cycle: " + " -> ".join(find_cycle(top))
+
+
+# Modules whose function-level imports of ours the other half of issue 11 (branch i11b) moves to the top.
+# When it lands, empty this set: the test below then fails for a module listed here that no longer needs it.
+NOT_YET_MOVED = {"geochange.evaluation", "geochange.finetune", "geochange.deltavlm.run"}
+
+
+def test_no_module_imports_ours_inside_a_function():
+    _, nested = import_graph()
+    offenders = {name: lines for name, lines in nested.items() if name not in NOT_YET_MOVED}
+    assert offenders == {}, f"imports of geochange modules inside functions (move them to the top): {offenders}"
+    stale = NOT_YET_MOVED - set(nested)
+    assert not stale, f"{sorted(stale)} import ours only at the top now: remove them from NOT_YET_MOVED"
+
+
+def test_no_cycle_hides_inside_functions():
+    top, nested = import_graph()
+    graph = {name: set(edges) for name, edges in top.items()}
+    files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    for name in nested:
+        tree = ast.parse(files[name].read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            graph[name] |= own_imports(node, name, files[name].name == "__init__.py", set(files)) - {name}
+    assert find_cycle(graph) == [], "import cycle through a function-level import: " + " -> ".join(find_cycle(graph))
+
+
+def test_readme_layout_names_every_module_in_layer_order():
+    """The README's module table names each module (its one job), bottom layer first: a module imports only
+    modules listed before it."""
+    import re
+
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    listed = ["geochange." + path.replace("/", ".")
+              for path in re.findall(r"^\| `geochange/([\w/]+)\.py` \| \S", readme, re.M)]
+    top, _ = import_graph()
+    modules = set(top) - {"geochange", "geochange.deltavlm"}
+    assert sorted(modules - set(listed)) == [], "modules without a row in the README's layout table"
+    assert sorted(set(listed) - modules) == [], "README rows for modules that do not exist"
+    position = {name: i for i, name in enumerate(listed)}
+    late = [f"{name} imports {dep}" for name in listed for dep in sorted(top[name])
+            if dep in position and position[dep] > position[name]]
+    assert late == [], "the README's layout table is not in layer order: " + "; ".join(late)
