@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .annotations import describe_test_set
 from .errors import UserError
 from .fileio import file_sha256
 from .modeling import (format_linear_counts, linear_counts, load_model, load_processor, model_label, pick_device,
@@ -41,7 +42,9 @@ def results_identity(*, family: str, model_path: str, model_id: str, val_annotat
         "weights": weights_fingerprint(weights),
         "generation": {"decoding": "greedy", "max_new_tokens": max_new_tokens, "num_frames": num_frames,
                        "load_in_4bit": load_in_4bit},
-        "test_set": {"file": Path(val_annotations).name, "sha256": file_sha256(val_annotations), "split": split},
+        "test_set": {"file": Path(val_annotations).name, "sha256": file_sha256(val_annotations),
+                     # the split actually used: None for a file that names no splits, whatever SPLIT says
+                     "split": describe_test_set(val_annotations, split)["split"]},
     }
 
 

@@ -207,7 +207,7 @@ def test_results_are_tied_to_the_model_weights_generation_and_test_set(tmp_path,
     identity = json.loads((tmp_path / "tied.settings.json").read_text())
     assert metrics["identity"] == identity
     assert identity["test_set"] == {"file": "sample_val.json",
-                                    "sha256": hashlib.sha256(Path(SAMPLE_VAL).read_bytes()).hexdigest()}
+                                    "sha256": hashlib.sha256(Path(SAMPLE_VAL).read_bytes()).hexdigest(), "split": None}
     assert identity["generation"]["max_new_tokens"] == 4 and identity["model_path"] == "base"
     answers = (tmp_path / "tied.jsonl").read_text()
     # the same model and settings resume (nothing left to generate) ...
