@@ -3,7 +3,8 @@
 Greedy, batched generation (left padding, prompts sorted by length), only the
 new tokens decoded. Each finished batch is appended to results/<run>.jsonl, so
 a rerun resumes where it stopped. Writes results/<run>.metrics.json and a
-per-sample results/<run>.csv (geochange/evaluation.py, ``evaluate``).
+per-sample results/<run>.csv (geochange/evaluation.py, ``evaluate``). Only one
+process writes a results file at a time.
 
     python llavanext_eval.py MODEL_ID=tiny MODEL_PATH=base
     python llavanext_eval.py MODEL_PATH=runs/<run directory>
@@ -26,7 +27,8 @@ OVERWRITE = False           # True = discard this results file's earlier answers
 SBERT_MODEL = "sentence-transformers/bert-base-nli-mean-tokens"  # sbert = the paper's "BERT" column (offline: MiniLM stands in)
 
 if __name__ == "__main__":
-    import common
+    from common import evaluation, load_settings
 
-    common.apply_overrides(globals())
-    common.run_evaluation(globals(), family="llavanext")
+    cfg = load_settings(globals())
+    # settings and test set checked, then generation (resumable) and scores: results/<run>.metrics.json
+    evaluation.evaluate(cfg, family="llavanext")
