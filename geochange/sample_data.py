@@ -4,8 +4,8 @@ Only the annotation JSON files are committed (``annotations/sample_*.json``); th
 images and videos are regenerated from each record's ``seed`` on first use by
 ``ensure_sample_media()`` into ``data/sample/`` (git-ignored).
 
-    python -m geochange.sample_data          # rewrite the annotation JSONs and all media
-    python -m geochange.sample_data --check  # exit 1 if the committed JSONs differ from the generator
+    python common.py sample-data          # rewrite the annotation JSONs and all media
+    python common.py sample-data --check  # exit 1 if the committed JSONs differ from the generator
 """
 from __future__ import annotations
 
@@ -262,7 +262,7 @@ def write_annotations() -> list[Path]:
 
 def _load_committed(path: Path) -> list[dict]:
     if not path.exists():
-        raise UserError(f"sample annotation file {path} is missing; run: python -m geochange.sample_data")
+        raise UserError(f"sample annotation file {path} is missing; run: python common.py sample-data")
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -291,7 +291,7 @@ def ensure_sample_media(force: bool = False) -> Path:
         pair = make_scene_pair(record["seed"])
         if [c.to_json() for c in pair.changes] != record["changes"]:
             raise UserError(f"{path}: record {record['id']!r} no longer matches the scene generator; "
-                            "run: python -m geochange.sample_data")
+                            "run: python common.py sample-data")
         before, after = render_pair(pair)
         for output in todo:
             if output.suffix == ".mp4":
@@ -307,13 +307,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv == ["--check"]:
         stale = stale_annotations()
         if stale:
-            print("out of date (run python -m geochange.sample_data): " + ", ".join(map(str, stale)),
+            print("out of date (run python common.py sample-data): " + ", ".join(map(str, stale)),
                   file=sys.stderr)
             return 1
         print("sample annotations match the generator")
         return 0
     if argv:
-        raise UserError("usage: python -m geochange.sample_data [--check]")
+        raise UserError("usage: python common.py sample-data [--check]")
     for path in write_annotations():
         print(f"wrote {path}")
     ensure_sample_media(force=True)

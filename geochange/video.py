@@ -3,7 +3,7 @@
 GeoLLaVA trained on fMoW image pairs stored as videos but never released the step
 that makes them; ``pair_to_video`` and ``pairs_sheet_to_videos`` are that step.
 
-    python -m geochange.video SHEET OUT_DIR [IMAGE_ROOT] [--size WxH] [--max-side N] [--strict]
+    python common.py pairs-to-videos SHEET OUT_DIR [IMAGE_ROOT] [--size WxH] [--max-side N] [--strict]
 """
 from __future__ import annotations
 

@@ -69,7 +69,7 @@ def test_same_seed_gives_identical_scenes_and_pixels():
 
 def test_committed_annotations_are_exactly_the_generator_output():
     for path, text in sd.build_annotations().items():
-        assert path.read_text(encoding="utf-8") == text, f"{path} is stale: run python -m geochange.sample_data"
+        assert path.read_text(encoding="utf-8") == text, f"{path} is stale: run python common.py sample-data"
     assert sd.stale_annotations() == []
 
 
@@ -213,7 +213,7 @@ def test_ensure_sample_media_draws_missing_files_once(tmp_path, monkeypatch, use
     val[0]["changes"] = [{"type": "demolition", "category": "building", "count": 1, "cells": [[0, 0]]}]  # stale
     (tmp_path / "val.json").write_text(json.dumps(val))
     user_error(lambda: sd.ensure_sample_media(force=True), str(tmp_path / "val.json"), "val_00000",
-               "python -m geochange.sample_data")
+               "python common.py sample-data")
 
 
 def test_bundled_sample_media_is_there(sample_dir):
