@@ -49,7 +49,7 @@ def pipeline(tmp_path_factory):
     base = run_script("videollava_test.py", "MODEL_ID=tiny", "MODEL_PATH=base", f"RESULTS_DIR={results}",
                       f"VAL_ANNOTATIONS={val}", "MAX_NEW_TOKENS=40")
     assert base.returncode == 0, base.stderr[-3000:]
-    (run_dir,) = (root / "runs").iterdir()
+    (run_dir,) = [p for p in (root / "runs").iterdir() if p.is_dir()]  # beside it: its .lock
     return {"root": root, "results": results, "run_dir": run_dir, "val": val, "train_stdout": train.stdout}
 
 

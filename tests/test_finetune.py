@@ -386,7 +386,7 @@ def test_two_process_full_finetune_and_overwrite(tmp_path, family):
                 "FREEZE_VISION=False", "MAX_STEPS=2", "LR=1e-3"]
     first = torchrun(SCRIPTS[family].name, *settings)
     assert first.returncode == 0, first.stderr[-3000:]
-    (run_dir,) = (tmp_path / "runs").iterdir()
+    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
     stale = tmp_path / "results" / f"{run_dir.name}.jsonl"
     stale.parent.mkdir()
     stale.write_text('{"id": "x", "true": "a", "generated": "b"}\n')
