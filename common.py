@@ -1,7 +1,8 @@
-"""geollava-suite's shared logic, in one place for every script.
+"""geollava-suite's scripts' single import, and its command line.
 
-The code lives in the ``geochange`` package (small modules); this file is its
-face, so scripts write ``import common`` and ``common.run_finetune(...)``.
+The code lives in the ``geochange`` package (small modules); this file gives the
+scripts exactly what their ``__main__`` steps call (``from common import finetune,
+load_settings``), and is the one command line for the data and scoring tools.
 
 Command line:
     python common.py score FILE...        # rescore results files (ours or GeoLLaVA's)
@@ -17,34 +18,24 @@ from __future__ import annotations
 
 import sys
 
-from geochange.adapters import load_adapter_verified
-from geochange.annotations import Sample, load_annotations, load_changechat
-from geochange.convert import changechat_to_videos, changechat_to_videos_main, videos_to_pairs, videos_to_pairs_main
+from geochange import evaluation, finetune
+from geochange.convert import changechat_to_videos_main, videos_to_pairs_main
+from geochange.deltavlm import run as deltavlm
+from geochange.deltavlm import training as deltavlm_training
+from geochange.deltavlm.predictor import chat, read_pair
 from geochange.errors import UserError, install_error_handler
-from geochange.evaluation import evaluate, generate_answers, run_evaluation
-from geochange.finetune import run_finetune
-from geochange.runs import load_run_model, merge_and_save
-from geochange.metrics import compute_metrics, compute_metrics_report
-from geochange.modeling import FAMILIES, load_model, load_processor, resolve_model_path, video_prompt
-from geochange.overrides import apply_overrides, settings_of
-from geochange.pruning import measure_sparsity, prune_model
-from geochange.results import ResultsWriter, read_results_file, score_files, write_metrics
-from geochange.sample_data import ensure_sample_media
-from geochange.tiny import ensure_tiny_checkpoint
-from geochange.video import main as pairs_sheet_main
-from geochange.video import pair_to_video, pairs_sheet_to_videos, read_image_pair, read_video_frames, write_video
+from geochange.modeling import load_processor
+from geochange.overrides import load_settings
+from geochange.results import main as score_main
+from geochange.sample_data import main as sample_data_main
+from geochange.video import main as pairs_to_videos_main
 
-__all__ = [
-    "FAMILIES", "ResultsWriter", "Sample", "UserError", "apply_overrides", "changechat_to_videos", "compute_metrics",
-    "compute_metrics_report", "videos_to_pairs",
-    "ensure_sample_media", "ensure_tiny_checkpoint", "evaluate", "generate_answers", "load_adapter_verified",
-    "load_annotations", "load_changechat", "load_model", "load_processor", "load_run_model", "measure_sparsity",
-    "merge_and_save", "pair_to_video", "pairs_sheet_to_videos", "prune_model", "read_image_pair",
-    "read_results_file", "read_video_frames", "resolve_model_path", "run_evaluation", "run_finetune", "score_files", "settings_of",
-    "video_prompt", "write_metrics", "write_video",
-]
+__all__ = ["chat", "deltavlm", "deltavlm_training", "evaluation", "finetune", "load_processor", "load_settings",
+           "main", "read_pair"]
 
 USAGE = __doc__.split("Command line:")[1]
+COMMANDS = {"score": score_main, "sample-data": sample_data_main, "pairs-to-videos": pairs_to_videos_main,
+            "changechat-to-videos": changechat_to_videos_main, "videos-to-pairs": videos_to_pairs_main}
 
 
 def main(argv: list[str]) -> int:
@@ -53,21 +44,9 @@ def main(argv: list[str]) -> int:
         print("usage:" + USAGE, file=sys.stderr)
         return 2
     command, rest = argv[0], argv[1:]
-    if command == "score":
-        from geochange.results import main as score_main
-
-        return score_main(rest)
-    if command == "sample-data":
-        from geochange.sample_data import main as sample_main
-
-        return sample_main(rest)
-    if command == "pairs-to-videos":
-        return pairs_sheet_main(rest)
-    if command == "changechat-to-videos":
-        return changechat_to_videos_main(rest)
-    if command == "videos-to-pairs":
-        return videos_to_pairs_main(rest)
-    raise UserError(f"unknown command {command!r}; usage:{USAGE}")
+    if command not in COMMANDS:
+        raise UserError(f"unknown command {command!r}; usage:{USAGE}")
+    return COMMANDS[command](rest)
 
 
 if __name__ == "__main__":

@@ -50,28 +50,25 @@ RESULTS_DIR = "results"     # <run>.jsonl (resumable), <run>.metrics.json, <run>
 RUN_NAME = None             # None = deltavlm[-tiny][-nocsrm]_<annotation file>[_<split>]
 
 if __name__ == "__main__":
-    from geochange.overrides import apply_overrides, settings_of
+    from common import chat, deltavlm, load_settings, read_pair
 
-    apply_overrides(globals())
-    from geochange.deltavlm import run
-    from geochange.deltavlm.predictor import chat, read_pair
-
+    cfg = load_settings(globals())
     # 1. the input, checked before minutes of model loading: a ChangeChat file, or one pair
-    if TEST_ANNOTATIONS:
-        items = run.batch_items(TEST_ANNOTATIONS, IMAGE_ROOT, LIMIT, SPLIT)
+    if cfg.TEST_ANNOTATIONS:
+        items = deltavlm.batch_items(cfg.TEST_ANNOTATIONS, cfg.IMAGE_ROOT, cfg.LIMIT, cfg.SPLIT)
     else:
-        image_a, image_b = run.pair_paths(IMAGE_A, IMAGE_B)
+        image_a, image_b = deltavlm.pair_paths(cfg.IMAGE_A, cfg.IMAGE_B)
         pair = read_pair(image_a, image_b)
     # 2. the model (the load report says what came from where, and whether the CSRM looks trained)
-    predictor = run.load_predictor(globals())
+    predictor = deltavlm.load_predictor(cfg)
     # 3. batch: every turn of the file, resumable, then scores per task;
     #    one pair: one answer, or a chat that keeps the history in the prompt
-    if TEST_ANNOTATIONS:
-        run.run_batch(predictor, items, globals(), settings_of(globals()))
-    elif INTERACTIVE:
+    if cfg.TEST_ANNOTATIONS:
+        deltavlm.run_batch(predictor, items, cfg)
+    elif cfg.INTERACTIVE:
         print(f"pair: {image_a} -> {image_b}")
         chat(predictor, pair)
     else:
-        prompt = predictor.prompt(PROMPT)
+        prompt = predictor.prompt(cfg.PROMPT)
         print(f"pair: {image_a} -> {image_b}\nprompt: {prompt}")
         print(f"answer: {predictor.answer([pair], [prompt])[0]}")

@@ -3,7 +3,8 @@
 Greedy, batched generation (left padding, prompts sorted by length), only the
 new tokens decoded. Each finished batch is appended to results/<run>.jsonl, so
 a rerun resumes where it stopped. Writes results/<run>.metrics.json and a
-per-sample results/<run>.csv (geochange/evaluation.py, ``evaluate``).
+per-sample results/<run>.csv (the steps at the bottom, functions of geochange/evaluation.py). Only one
+process writes a results file at a time.
 
     python llavanext_eval.py MODEL_ID=tiny MODEL_PATH=base
     python llavanext_eval.py MODEL_PATH=runs/<run directory>
@@ -26,7 +27,16 @@ OVERWRITE = False           # True = discard this results file's earlier answers
 SBERT_MODEL = "sentence-transformers/bert-base-nli-mean-tokens"  # sbert = the paper's "BERT" column (offline: MiniLM stands in)
 
 if __name__ == "__main__":
-    import common
+    from common import evaluation, load_settings
 
-    common.apply_overrides(globals())
-    common.run_evaluation(globals(), family="llavanext")
+    cfg = load_settings(globals())
+    # 1. settings and the device, checked before minutes of model loading
+    device = evaluation.check_settings(cfg)
+    # 2. the test pairs, every clip checked
+    samples = evaluation.load_test_samples(cfg)
+    # 3. the results file: one writer; earlier answers resume only under the same model, weights, generation, test set
+    with evaluation.open_results(cfg, family="llavanext") as results:
+        # 4. greedy answers for the samples not yet there, in batches, each appended as it finishes
+        evaluation.answer_samples(results, samples, device)
+        # 5. scores: results/<run>.metrics.json and the per-sample results/<run>.csv
+        evaluation.score_results(results, samples)

@@ -1,14 +1,10 @@
 """Fine-tune LLaVA-NeXT-Video to describe what changed between two satellite images.
 
-GeoLLaVA's recipe, done right (geochange/finetune.py, ``run_finetune``):
-  1. check the settings and the data before any model is loaded;
-  2. load the processor and the before/after clips; prompts come from the
-     processor's chat template, the loss falls on the answer only, and the
-     sequence is never cut inside the expanded video tokens;
-  3. build the model: prune the full-precision weights (optional), quantise
-     for QLoRA, put LoRA on every Linear of the language model;
-  4. train with the transformers Trainer, resuming from the newest checkpoint;
-  5. save adapter (or weights), processor and run.json; 6. evaluate on val.
+GeoLLaVA's recipe, done right: the steps at the bottom of this file, each a
+function of geochange/finetune.py. Prompts come from the processor's chat
+template, the loss falls on the answer only, the sequence is never cut inside
+the expanded video tokens; pruning acts on the full-precision weights before
+QLoRA quantises them; a rerun resumes from the newest checkpoint.
 
     python llavanext_finetune.py MODEL_ID=tiny          # offline tiny model, bundled sample data
     python llavanext_finetune.py USE_QLORA=True EPOCHS=1 # the real 7B model on a GPU
@@ -67,7 +63,26 @@ MAX_NEW_TOKENS = 350        # as GeoLLaVA's evaluation (greedy, stops at EOS)
 RESULTS_DIR = "results"
 
 if __name__ == "__main__":
-    import common
+    from common import finetune, load_processor, load_settings
 
-    common.apply_overrides(globals())
-    common.run_finetune(globals(), family="llavanext")
+    cfg = load_settings(globals())
+    # 1. settings checked before any model is loaded
+    finetune.check_settings(cfg)
+    # 2. the run directory, named from the settings: one writer, resumed only under the same settings
+    with finetune.open_run(cfg, family="llavanext") as run:
+        # 3. the before/after clips with their questions and answers (every clip checked)
+        train_samples, val_samples = finetune.load_samples(run)
+        # 4. the processor's chat template makes the prompts; the loss falls on the answer only
+        processor = load_processor(run.model_path)
+        train_set, val_set = finetune.encode_samples(run, processor, train_samples, val_samples)
+        # 5. pruning (PRUNE) on the full-precision weights, saved once as the base to train
+        base_path = finetune.prune_base(run)
+        # 6. the model: quantised for QLoRA, LoRA on every Linear of the language model (or all of it)
+        model = finetune.build_model(run, base_path)
+        # 7. train, resuming from the newest checkpoint of this run
+        trainer = finetune.train(run, model, processor, train_set, val_set)
+        # 8. save the adapter (or weights), the processor and run.json (merged weights with MERGE_AND_SAVE)
+        finetune.save_run(run, trainer, processor)
+        del trainer, model  # the training memory is freed before evaluation
+        # 9. evaluate on VAL_ANNOTATIONS (EVAL_AFTER_TRAIN), as llavanext_eval.py would
+        finetune.evaluate_run(run)

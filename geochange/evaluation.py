@@ -1,4 +1,6 @@
-"""Batched evaluation of a base or fine-tuned video model, with resume.
+"""Batched evaluation of a base or fine-tuned video model, with resume: the steps of ``videollava_test.py`` and
+``llavanext_eval.py`` (``check_settings``, ``load_test_samples``, ``open_results``, ``answer_samples``,
+``score_results``; ``evaluate`` runs them in one call, for the evaluation after training).
 
 Greedy generation over left-padded batches (prompts sorted by length so little
 padding is wasted); only the newly generated tokens are decoded, so no
@@ -8,19 +10,25 @@ padding is wasted); only the newly generated tokens are decoded, so no
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from .annotations import describe_test_set
+from .annotations import Sample, describe_test_set, load_annotations
 from .errors import UserError
 from .fileio import file_sha256
+from .locks import WriterLock, lock_for_writing
+from .metrics import compute_metrics_report
 from .modeling import (format_linear_counts, linear_counts, load_model, load_processor, model_label, pick_device,
                        resolve_model_path, video_prompt)
-from .results import check_run_settings, remove_results
+from .results import (ResultsWriter, answers_at_token_limit, check_run_settings, format_metrics_table, read_jsonl,
+                      remove_results, write_metrics)
 from .runs import RUN_FILE, load_run_model, weights_fingerprint
+from .sample_data import SAMPLE_VIDEO_DIR, ensure_sample_media
+from .video import read_video_frames
 
 
 def results_run_name(family: str, model_path: str, model_id: str) -> str:
@@ -83,85 +91,118 @@ def load_eval_model(family: str, model_path: str, model_id: str, load_in_4bit: b
     return model, load_processor(model_path)
 
 
-def evaluate(*, family: str, model_path: str, model_id: str, val_annotations: str, video_dir: str | None,
-             num_frames: int, batch_size: int, max_new_tokens: int, load_in_4bit: bool, results_dir: str,
-             settings: dict[str, Any], limit: int | None = None, run: str | None = None,
-             split: str | None = None, device: torch.device | None = None, overwrite: bool = False,
-             sbert_model: str | None = None) -> Path:
-    """Evaluate and score on ``device`` (default: the GPU when there is one); returns the path of
-    ``<results_dir>/<run>.metrics.json``. Old answers resume only if the same model, weights, generation
-    settings and test set wrote them (``results_identity``); ``overwrite`` discards them first.
-
-    ``split``: only that split of a file that names splits. A record with ``references`` is scored against all
-    of them (LEVIR-CC's five captions, converted by ``changechat-to-videos``)."""
-    from .annotations import describe_test_set, load_annotations
-    from .metrics import compute_metrics_report
-    from .results import ResultsWriter, answers_at_token_limit, format_metrics_table, read_jsonl, write_metrics
-    from .video import read_video_frames
-
-    if batch_size < 1 or max_new_tokens < 1 or num_frames < 2:
+def check_settings(cfg) -> torch.device:
+    """Step 1: the settings, and the device to generate on (a GPU that is not there stops here, before
+    minutes of loading)."""
+    if cfg.BATCH_SIZE < 1 or cfg.MAX_NEW_TOKENS < 1 or cfg.NUM_FRAMES < 2:
         raise UserError("BATCH_SIZE and MAX_NEW_TOKENS must be >= 1 and NUM_FRAMES >= 2")
-    if model_path != "base" and not Path(model_path).is_dir():
-        raise UserError(f"MODEL_PATH {model_path} does not exist (give a fine-tuning run directory or 'base')")
-    if video_dir is None:
-        from .sample_data import SAMPLE_VIDEO_DIR, ensure_sample_media
+    if cfg.MODEL_PATH != "base" and not Path(cfg.MODEL_PATH).is_dir():
+        raise UserError(f"MODEL_PATH {cfg.MODEL_PATH} does not exist (give a fine-tuning run directory or 'base')")
+    return pick_device(cfg.DEVICE)
 
+
+def load_test_samples(cfg) -> list[Sample]:
+    """Step 2: the test pairs, every clip checked (the bundled sample clips drawn on first use). SPLIT: only
+    that split of a file that names splits; a record with ``references`` is scored against all of them
+    (LEVIR-CC's five captions, converted by ``changechat-to-videos``)."""
+    if cfg.VIDEO_DIR is None:
         ensure_sample_media()
-        video_dir = str(SAMPLE_VIDEO_DIR)
-    samples = load_annotations(val_annotations, video_dir, limit=limit, split=split)
-    run = run or results_run_name(family, model_path, model_id)
-    results_path = Path(results_dir) / f"{run}.jsonl"
-    if overwrite and remove_results(results_dir, run):
-        print(f"OVERWRITE: removed the earlier results of {run} in {results_dir}")
-    identity = results_identity(family=family, model_path=model_path, model_id=model_id, val_annotations=val_annotations,
-                                num_frames=num_frames, max_new_tokens=max_new_tokens, load_in_4bit=load_in_4bit,
-                                split=split)
-    check_run_settings(Path(results_dir) / f"{run}.settings.json", identity, results_path, redo="set OVERWRITE=True")
-    writer = ResultsWriter(results_path)
-    todo = [s for s in samples if s.id not in writer.done_ids]
-    started = time.time()
-    if todo:
-        model, processor = load_eval_model(family, model_path, model_id, load_in_4bit, device)
-        model.eval()
-        if load_in_4bit:
-            print(format_linear_counts(linear_counts(model), 4))
-        where = next(model.parameters())
-        print(f"generating on {where.device} in {str(model.dtype).removeprefix('torch.')}")
-        tokenizer = processor.tokenizer
-        # Similar prompt lengths side by side waste little left padding.
-        todo.sort(key=lambda s: len(tokenizer(s.question)["input_ids"]))
-        print(f"evaluating {run}: {len(todo)} of {len(samples)} samples to go -> {results_path}")
-        for start in tqdm(range(0, len(todo), batch_size), desc=f"eval {run}", unit="batch"):
-            batch = todo[start:start + batch_size]
-            frames = [read_video_frames(s.video, num_frames) for s in batch]
-            answers, counts = generate_answers(model, processor, frames, [s.question for s in batch], max_new_tokens)
-            writer.append([{"id": s.id, "video": s.video.name, "question": s.question, "true": s.scoring_references(),
-                            "generated": a, "new_tokens": n} for s, a, n in zip(batch, answers, counts)])
-    else:
-        print(f"{run}: all {len(samples)} samples already in {results_path}; scoring only")
+    return load_annotations(cfg.VAL_ANNOTATIONS, SAMPLE_VIDEO_DIR if cfg.VIDEO_DIR is None else cfg.VIDEO_DIR,
+                            limit=cfg.LIMIT, split=cfg.SPLIT)
+
+
+@dataclass
+class ResultsFile:
+    """The results file being written: its name, what produced it, and its writer; a ``with`` block holds
+    its writer lock."""
+    cfg: Any
+    family: str
+    run: str
+    path: Path
+    identity: dict[str, Any]
+    writer: ResultsWriter
+    lock: WriterLock
+    started: float = field(default_factory=time.time)
+
+    def __enter__(self) -> "ResultsFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.lock.release()
+
+
+def open_results(cfg, family: str) -> ResultsFile:
+    """Step 3: ``<RESULTS_DIR>/<run>.jsonl``, written by this process only (a second one stops with one line).
+    Old answers resume only if the same model, weights, generation settings and test set wrote them
+    (``results_identity``); OVERWRITE discards them first."""
+    run = cfg.RUN_NAME or results_run_name(family, cfg.MODEL_PATH, cfg.MODEL_ID)
+    path = Path(cfg.RESULTS_DIR) / f"{run}.jsonl"
+    lock = lock_for_writing(path, f"the results file {path}")
+    try:
+        if cfg.OVERWRITE and remove_results(cfg.RESULTS_DIR, run):
+            print(f"OVERWRITE: removed the earlier results of {run} in {cfg.RESULTS_DIR}")
+        identity = results_identity(family=family, model_path=cfg.MODEL_PATH, model_id=cfg.MODEL_ID,
+                                    val_annotations=cfg.VAL_ANNOTATIONS, num_frames=cfg.NUM_FRAMES,
+                                    max_new_tokens=cfg.MAX_NEW_TOKENS, load_in_4bit=cfg.LOAD_IN_4BIT, split=cfg.SPLIT)
+        check_run_settings(Path(cfg.RESULTS_DIR) / f"{run}.settings.json", identity, path, redo="set OVERWRITE=True")
+        writer = ResultsWriter(path)
+    except BaseException:
+        lock.release()
+        raise
+    return ResultsFile(cfg, family, run, path, identity, writer, lock)
+
+
+def answer_samples(results: ResultsFile, samples: list[Sample], device: torch.device) -> None:
+    """Step 4: greedy answers for the samples not yet in the results file, in left-padded batches of similar
+    prompt lengths, each batch appended as it finishes (the model is loaded only if some are missing)."""
+    cfg = results.cfg
+    todo = [s for s in samples if s.id not in results.writer.done_ids]
+    if not todo:
+        print(f"{results.run}: all {len(samples)} samples already in {results.path}; scoring only")
+        return
+    model, processor = load_eval_model(results.family, cfg.MODEL_PATH, cfg.MODEL_ID, cfg.LOAD_IN_4BIT, device)
+    model.eval()
+    if cfg.LOAD_IN_4BIT:
+        print(format_linear_counts(linear_counts(model), 4))
+    print(f"generating on {next(model.parameters()).device} in {str(model.dtype).removeprefix('torch.')}")
+    tokenizer = processor.tokenizer
+    # Similar prompt lengths side by side waste little left padding.
+    todo.sort(key=lambda s: len(tokenizer(s.question)["input_ids"]))
+    print(f"evaluating {results.run}: {len(todo)} of {len(samples)} samples to go -> {results.path}")
+    for start in tqdm(range(0, len(todo), cfg.BATCH_SIZE), desc=f"eval {results.run}", unit="batch"):
+        batch = todo[start:start + cfg.BATCH_SIZE]
+        frames = [read_video_frames(s.video, cfg.NUM_FRAMES) for s in batch]
+        answers, counts = generate_answers(model, processor, frames, [s.question for s in batch], cfg.MAX_NEW_TOKENS)
+        results.writer.append([{"id": s.id, "video": s.video.name, "question": s.question,
+                                "true": s.scoring_references(), "generated": a, "new_tokens": n}
+                               for s, a, n in zip(batch, answers, counts)])
+
+
+def score_results(results: ResultsFile, samples: list[Sample]) -> Path:
+    """Step 5: every metric over the samples' answers: ``<run>.metrics.json`` (with the settings and the
+    identity) and the per-sample ``<run>.csv``; returns the metrics path."""
+    cfg = results.cfg
     wanted = {s.id for s in samples}
-    records = [r for r in read_jsonl(results_path) if r["id"] in wanted]
+    records = [r for r in read_jsonl(results.path) if r["id"] in wanted]
     report = compute_metrics_report([r["true"] for r in records], [r["generated"] for r in records],
-                                    sbert_model=sbert_model)
-    metrics_path = write_metrics(results_path.with_suffix(""), records, report, model=f"{model_id} ({model_path})",
-                                 settings=settings, seconds=round(time.time() - started, 1),
-                                 extra={"family": family, "model_path": model_path, "identity": identity,
-                                        "test_set": describe_test_set(val_annotations, split),
-                                        **answers_at_token_limit(records, max_new_tokens)})
+                                    sbert_model=cfg.SBERT_MODEL)
+    metrics_path = write_metrics(results.path.with_suffix(""), records, report,
+                                 model=f"{cfg.MODEL_ID} ({cfg.MODEL_PATH})", settings=cfg.as_dict(),
+                                 seconds=round(time.time() - results.started, 1),
+                                 extra={"family": results.family, "model_path": cfg.MODEL_PATH,
+                                        "identity": results.identity,
+                                        "test_set": describe_test_set(cfg.VAL_ANNOTATIONS, cfg.SPLIT),
+                                        **answers_at_token_limit(records, cfg.MAX_NEW_TOKENS)})
     print(format_metrics_table(report.metrics, report.missing))
     print(f"metrics: {metrics_path}")
     return metrics_path
 
 
-def run_evaluation(scope: dict[str, Any], family: str) -> Path:
-    """The evaluation scripts' flow, with the constants in ``scope`` (a script's globals())."""
-    from .overrides import settings_of
-
-    device = pick_device(scope["DEVICE"])  # before minutes of loading
-    return evaluate(family=family, model_path=scope["MODEL_PATH"], model_id=scope["MODEL_ID"],
-                    val_annotations=scope["VAL_ANNOTATIONS"], video_dir=scope["VIDEO_DIR"],
-                    num_frames=scope["NUM_FRAMES"], batch_size=scope["BATCH_SIZE"],
-                    max_new_tokens=scope["MAX_NEW_TOKENS"], load_in_4bit=scope["LOAD_IN_4BIT"],
-                    results_dir=scope["RESULTS_DIR"], settings=settings_of(scope), limit=scope["LIMIT"],
-                    run=scope["RUN_NAME"], split=scope["SPLIT"], device=device, overwrite=scope["OVERWRITE"],
-                    sbert_model=scope["SBERT_MODEL"])
+def evaluate(cfg, family: str) -> Path:
+    """The evaluation scripts' steps in one call, for the fine-tuning scripts' evaluation after training;
+    returns the path of ``<RESULTS_DIR>/<run>.metrics.json``."""
+    device = check_settings(cfg)
+    samples = load_test_samples(cfg)
+    with open_results(cfg, family) as results:
+        answer_samples(results, samples, device)
+        return score_results(results, samples)

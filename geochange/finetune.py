@@ -1,9 +1,10 @@
-"""The fine-tuning recipe shared by ``videollava_finetune.py`` and ``llavanext_finetune.py``.
+"""The steps of ``videollava_finetune.py`` and ``llavanext_finetune.py``, in the order the scripts call them.
 
-``run_finetune`` reads like the method section: check settings and data, name
-the run directory, load the processor and data, build the model (prune the
-full-precision weights, then quantise for QLoRA, then LoRA), train with the
-transformers Trainer (resuming from the newest checkpoint), save, evaluate.
+``check_settings`` (no model yet), ``open_run`` (the run directory: named from the settings, one writer,
+resumed only under the same settings), ``load_samples``, ``encode_samples`` (prompts from the processor's
+chat template, loss on the answer only), ``prune_base``, ``build_model`` (quantise for QLoRA, then LoRA),
+``train`` (resuming from the newest checkpoint), ``save_run``, ``evaluate_run``. A ``FinetuneRun`` carries
+the settings, the run directory, the Trainer's arguments and the growing ``run.json`` between them.
 """
 from __future__ import annotations
 
@@ -11,25 +12,29 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 
+from .annotations import Sample, load_annotations
 from .errors import UserError
 from .evaluation import evaluate
 from .fileio import file_sha256
+from .locks import WriterLock, lock_for_writing
 from .modeling import (VideoQACollator, count_parameters, encode_training_example, format_linear_counts, get_family,
-                       language_model_linear_names, linear_counts, load_model, load_processor, lora_target_regex,
+                       language_model_linear_names, linear_counts, load_model, lora_target_regex,
                        model_label, plan_lengths, resolve_model_path, video_token_count, video_unused_parameter_names)
 from .pruning import apply_pruning_masks, measure_sparsity, pruning_masks, validate_prune_settings
-from .results import remove_results
+from .overrides import make_settings
+from .results import differing_settings, remove_results
 from .runs import MERGED_DIR, library_versions, merge_and_save, pruned_base, read_run_file, write_run_file
+from .sample_data import SAMPLE_VIDEO_DIR, ensure_sample_media
+from .video import read_video_frames
 
-# Extra transformers TrainerCallbacks for every run (monitoring; the tests use one to simulate a crash).
-EXTRA_CALLBACKS: list = []
+# Settings that do not change what a run trains: a resume may change them.
+RESUME_MAY_CHANGE = ("OVERWRITE",)
 
 
 # ---------------------------------------------------------------- settings
@@ -103,8 +108,8 @@ def deepspeed_stage(cfg) -> int | None:
     return int(config.get("zero_optimization", {}).get("stage", 0))
 
 
-def validate_settings(cfg) -> None:
-    """Every check that needs no model: bad settings stop here, before anything is loaded."""
+def check_settings(cfg) -> None:
+    """Step 1: every check that needs no model; bad settings stop here, before anything is loaded."""
     if cfg.PRUNE:
         validate_prune_settings(cfg.PRUNE_METHOD, cfg.PRUNE_AMOUNT)
         if training_mode(cfg) == "FULL" and deepspeed_stage(cfg) == 3:
@@ -130,10 +135,13 @@ def validate_settings(cfg) -> None:
         path = getattr(cfg, name)
         if path is not None and not Path(path).exists():
             raise UserError(f"{name}: annotation file {path} does not exist")
+    if cfg.USE_8BIT and training_mode(cfg) != "QLORA" and os.environ.get("RANK", "0") == "0":
+        print("note: USE_8BIT only applies to QLoRA (USE_QLORA=True); ignored")
 
 
 def run_name(cfg, family: str) -> str:
-    """``{prune}{pct}{model}_{data}_{LORA|QLORA|FULL}[_{4bit|8bit}][_r{r}_alpha{a}]_{epochs}epochs`` (GeoLLaVA's scheme)."""
+    """``{prune}{pct}{model}_{data}_{LORA|QLORA|FULL}[_{4bit|8bit}][_r{r}_alpha{a}]_{E}epochs`` (GeoLLaVA's
+    scheme), ending ``_{N}steps`` instead when MAX_STEPS decides the length."""
     mode = training_mode(cfg)
     parts = []
     prefix = f"{cfg.PRUNE_METHOD}{round(cfg.PRUNE_AMOUNT * 100):g}pct-" if cfg.PRUNE else ""
@@ -144,28 +152,35 @@ def run_name(cfg, family: str) -> str:
         parts.append(f"{quant_bits(cfg)}bit")
     if mode != "FULL":
         parts.append(f"r{cfg.LORA_R}_alpha{cfg.LORA_ALPHA:g}")
-    parts.append(f"{cfg.EPOCHS:g}epochs")
+    parts.append(f"{cfg.MAX_STEPS}steps" if cfg.MAX_STEPS > 0 else f"{cfg.EPOCHS:g}epochs")
     return "_".join(parts)
 
 
-def prepare_run_dir(cfg, family: str, *, main: bool = True) -> tuple[Path, bool]:
-    """The run directory and whether this is a resume. A finished run is never overwritten unless OVERWRITE.
+def prepare_run_dir(cfg, run_dir: Path, *, main: bool = True) -> bool:
+    """Whether this is a resume. A finished run, or one written under other settings, is never overwritten
+    or mixed with this one: it stops with one line, unless OVERWRITE.
 
-    With OVERWRITE the main process (``main``) deletes the finished run and its evaluation results
+    With OVERWRITE the main process (``main``) deletes that run and its evaluation results
     (``RESULTS_DIR/<run>.*`` and ``<run>_merged.*``); under torchrun the others call this after it,
     inside ``main_process_first``, and find the directory gone.
     """
-    run_dir = Path(cfg.OUTPUT_DIR) / run_name(cfg, family)
-    finished = (read_run_file(run_dir) or {}).get("completed")
-    if finished and not cfg.OVERWRITE:
+    record = read_run_file(run_dir)
+    now = {k: v for k, v in cfg.as_dict().items() if k not in RESUME_MAY_CHANGE}
+    written = {k: v for k, v in (record or {}).get("settings", {}).items() if k not in RESUME_MAY_CHANGE}
+    differing = differing_settings(written, now) if record is not None else []
+    finished = bool((record or {}).get("completed"))
+    if (finished or differing) and not cfg.OVERWRITE:
+        if differing:
+            raise UserError(f"{run_dir} holds a run with other settings ({', '.join(differing)}); restore them to "
+                            f"resume it, or set OVERWRITE=True to train it again")
         raise UserError(f"{run_dir} already holds a finished run; set OVERWRITE=True to train it again "
                         f"or change a setting (the directory name follows the settings)")
-    if finished and cfg.OVERWRITE and main:
+    if (finished or differing) and main:
         shutil.rmtree(run_dir)
         removed = remove_results(cfg.RESULTS_DIR, run_dir.name) + remove_results(cfg.RESULTS_DIR, f"{run_dir.name}_{MERGED_DIR}")
-        print(f"OVERWRITE: removed the finished run {run_dir}" + (f" and {len(removed)} results files" if removed else ""))
-    resuming = run_dir.exists() and any(run_dir.glob("checkpoint-*"))
-    return run_dir, resuming
+        what = "finished" if finished else "earlier"
+        print(f"OVERWRITE: removed the {what} run {run_dir}" + (f" and {len(removed)} results files" if removed else ""))
+    return run_dir.exists() and any(run_dir.glob("checkpoint-*"))
 
 
 # ---------------------------------------------------------------- data
@@ -174,8 +189,6 @@ class VideoQADataset(torch.utils.data.Dataset):
     """Encoded (video, question, answer) examples; lengths are planned up front, videos read lazily."""
 
     def __init__(self, samples, processor, num_frames: int, max_length: int, *, shorten_answers: bool, name: str):
-        from .video import read_video_frames  # noqa: F401  (fail early if video IO is unavailable)
-
         self.samples, self.processor, self.num_frames = samples, processor, num_frames
         num_video_tokens = video_token_count(processor, num_frames)
         self.plans = [plan_lengths(processor, s.question, s.answer, num_video_tokens, max_length) for s in samples]
@@ -196,8 +209,6 @@ class VideoQADataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        from .video import read_video_frames
-
         sample = self.samples[index]
         frames = read_video_frames(sample.video, self.num_frames)
         return encode_training_example(self.processor, frames, sample.question, sample.answer,
@@ -309,132 +320,203 @@ def training_arguments(cfg, run_dir: Path):
     )
 
 
-# ---------------------------------------------------------------- the recipe
+# ---------------------------------------------------------------- the steps
 
-def run_finetune(scope: dict[str, Any], family: str) -> Path:
-    """Fine-tune one model family with the constants in ``scope`` (a script's globals()); returns the run directory."""
-    from transformers import Trainer
-    from transformers.trainer_utils import get_last_checkpoint
+@dataclass
+class FinetuneRun:
+    """What the steps hand on: the settings, the run directory and the Trainer's arguments, and ``record``,
+    the ``run.json`` each step adds to. A ``with`` block holds the run directory's writer lock."""
+    cfg: Any
+    family: str
+    run_dir: Path
+    args: Any                  # transformers.TrainingArguments
+    resuming: bool
+    model_path: str            # the base weights (MODEL_ID resolved; the tiny model built on first use)
+    video_dir: Path
+    lock: WriterLock | None    # held by the main process only: torchrun's ranks of one run are one writer
+    record: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
 
-    from .annotations import load_annotations
-    from .overrides import settings_of
+    @property
+    def main(self) -> bool:
+        return self.args.process_index == 0
 
-    settings = settings_of(scope)
-    cfg = SimpleNamespace(**settings)
+    def __enter__(self) -> "FinetuneRun":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+
+def open_run(cfg, family: str) -> FinetuneRun:
+    """Step 2: the run directory, named from the settings. Only this process writes it (a second one stops
+    with one line), a run written under other settings is refused, and an unfinished one resumes.
+    Draws the sample clips and builds the tiny model on first use (the main process first)."""
     get_family(family)
-
-    # 1. Settings and data are checked before any model is loaded.
-    validate_settings(cfg)
-    if cfg.USE_8BIT and training_mode(cfg) != "QLORA":
-        print("note: USE_8BIT only applies to QLoRA (USE_QLORA=True); ignored")
-    args = training_arguments(cfg, Path(cfg.OUTPUT_DIR) / run_name(cfg, family))
-    with args.main_process_first(desc="run directory"):  # only the main process clears it (OVERWRITE)
-        run_dir, resuming = prepare_run_dir(cfg, family, main=args.process_index == 0)
-    with args.main_process_first(desc="sample data and tiny model"):
-        if cfg.VIDEO_DIR is None:
-            from .sample_data import ensure_sample_media, SAMPLE_VIDEO_DIR
-
-            ensure_sample_media()
-            video_dir = SAMPLE_VIDEO_DIR
-        else:
-            video_dir = Path(cfg.VIDEO_DIR)
-        train_samples = load_annotations(cfg.TRAIN_ANNOTATIONS, video_dir, limit=cfg.TRAIN_LIMIT,
-                                         split=cfg.TRAIN_SPLIT)
-        val_samples = (load_annotations(cfg.VAL_ANNOTATIONS, video_dir, split=cfg.VAL_SPLIT)
-                       if cfg.VAL_ANNOTATIONS else [])
-        model_path = resolve_model_path(cfg.MODEL_ID, family)
+    run_dir = Path(cfg.OUTPUT_DIR) / run_name(cfg, family)
+    args = training_arguments(cfg, run_dir)
     main = args.process_index == 0
-    mode = training_mode(cfg)
-    if main:
-        what = {"QLORA": f"QLoRA ({quant_bits(cfg)}-bit{' nf4' if quant_bits(cfg) == 4 else ''} base, LoRA r={cfg.LORA_R} alpha={cfg.LORA_ALPHA:g})",
-                "LORA": f"LoRA r={cfg.LORA_R} alpha={cfg.LORA_ALPHA:g} on the language model",
-                "FULL": "every weight (full fine-tuning" + (", vision tower frozen)" if cfg.FREEZE_VISION else ")")}[mode]
-        pruning = f" after {cfg.PRUNE_METHOD} pruning of {cfg.PRUNE_AMOUNT:.1%}" if cfg.PRUNE else ""
-        print(f"training {what}{pruning} of {cfg.MODEL_ID} on {len(train_samples)} pairs "
-              f"for {cfg.EPOCHS:g} epochs at LR {learning_rate(cfg):g} -> {run_dir}{' (resuming)' if resuming else ''}")
+    lock = lock_for_writing(run_dir, f"the run directory {run_dir}") if main else None
+    try:
+        with args.main_process_first(desc="run directory"):  # only the main process clears it (OVERWRITE)
+            resuming = prepare_run_dir(cfg, run_dir, main=main)
+        with args.main_process_first(desc="sample data and tiny model"):
+            if cfg.VIDEO_DIR is None:
+                ensure_sample_media()
+            model_path = resolve_model_path(cfg.MODEL_ID, family)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    video_dir = SAMPLE_VIDEO_DIR if cfg.VIDEO_DIR is None else Path(cfg.VIDEO_DIR)
+    run = FinetuneRun(cfg, family, run_dir, args, resuming, model_path, video_dir, lock)
+    run.record = {
+        "completed": False, "family": family, "mode": training_mode(cfg), "quant_bits": quant_bits(cfg),
+        "base_model": cfg.MODEL_ID, "base_path": model_path, "learning_rate": learning_rate(cfg),
+        "settings": cfg.as_dict(), "versions": library_versions(),
+        "data": {name: {"path": str(getattr(cfg, name)), "sha256": file_sha256(getattr(cfg, name))}
+                 for name in ("TRAIN_ANNOTATIONS", "VAL_ANNOTATIONS") if getattr(cfg, name)},
+        "world_size": args.world_size,
+    }
+    return run
 
-    # 2. Processor and data: the prompt comes from the processor's chat template.
-    processor = load_processor(model_path)
+
+def load_samples(run: FinetuneRun) -> tuple[list[Sample], list[Sample]]:
+    """Step 3: the training and validation pairs (every clip checked), and what is about to be trained."""
+    cfg = run.cfg
+    train_samples = load_annotations(cfg.TRAIN_ANNOTATIONS, run.video_dir, limit=cfg.TRAIN_LIMIT, split=cfg.TRAIN_SPLIT)
+    val_samples = (load_annotations(cfg.VAL_ANNOTATIONS, run.video_dir, split=cfg.VAL_SPLIT)
+                   if cfg.VAL_ANNOTATIONS else [])
+    if run.main:
+        bits = quant_bits(cfg)
+        what = {"QLORA": f"QLoRA ({bits}-bit{' nf4' if bits == 4 else ''} base, LoRA r={cfg.LORA_R} alpha={cfg.LORA_ALPHA:g})",
+                "LORA": f"LoRA r={cfg.LORA_R} alpha={cfg.LORA_ALPHA:g} on the language model",
+                "FULL": "every weight (full fine-tuning" + (", vision tower frozen)" if cfg.FREEZE_VISION else ")")}
+        pruning = f" after {cfg.PRUNE_METHOD} pruning of {cfg.PRUNE_AMOUNT:.1%}" if cfg.PRUNE else ""
+        length = f"{cfg.MAX_STEPS} steps" if cfg.MAX_STEPS > 0 else f"{cfg.EPOCHS:g} epochs"
+        print(f"training {what[training_mode(cfg)]}{pruning} of {cfg.MODEL_ID} on {len(train_samples)} pairs "
+              f"for {length} at LR {learning_rate(cfg):g} -> {run.run_dir}{' (resuming)' if run.resuming else ''}")
+    return train_samples, val_samples
+
+
+def encode_samples(run: FinetuneRun, processor, train_samples: list[Sample],
+                   val_samples: list[Sample]) -> tuple[VideoQADataset, VideoQADataset | None]:
+    """Step 4: the examples as the model sees them: lengths planned up front (never cut inside the video
+    tokens; answers that do not fit shortened and counted), clips read lazily."""
+    cfg = run.cfg
     train_set = VideoQADataset(train_samples, processor, cfg.NUM_FRAMES, cfg.MAX_LENGTH,
                                shorten_answers=cfg.SHORTEN_ANSWERS, name="train")
     val_set = (VideoQADataset(val_samples, processor, cfg.NUM_FRAMES, cfg.MAX_LENGTH,
                               shorten_answers=cfg.SHORTEN_ANSWERS, name="val") if val_samples else None)
-    if main and train_set.shortened:
-        print(f"note: {len(train_set.shortened)} of {len(train_set)} training answers shortened to fit MAX_LENGTH={cfg.MAX_LENGTH}")
+    if run.main and train_set.shortened:
+        print(f"note: {len(train_set.shortened)} of {len(train_set)} training answers shortened to fit "
+              f"MAX_LENGTH={cfg.MAX_LENGTH}")
+    run.record.update({"num_train": len(train_set), "num_val": len(val_samples),
+                       "answers_shortened": len(train_set.shortened),
+                       "video_tokens_per_clip": train_set.num_video_tokens})
+    return train_set, val_set
 
-    # 3. Model: prune the full-precision weights, then quantise (QLoRA), then LoRA.
+
+def prune_base(run: FinetuneRun) -> str:
+    """Step 5: with PRUNE, the full-precision weights pruned and saved once (before any quantisation);
+    returns the weights to train on."""
     sparsity: dict[str, float] = {}
-    base_path = model_path
-    if cfg.PRUNE:
-        with args.main_process_first(desc="pruning"):
-            base_path, sparsity = pruned_base(model_path, family, cfg)
-        if main:
+    base_path = run.model_path
+    if run.cfg.PRUNE:
+        with run.args.main_process_first(desc="pruning"):
+            base_path, sparsity = pruned_base(run.model_path, run.family, run.cfg)
+        if run.main:
             print("measured sparsity: " + ", ".join(f"{k} {v:.2%}" for k, v in sparsity.items()))
-    model, lora_targets = build_training_model(cfg, base_path, family)
+    run.record["sparsity"] = sparsity
+    return base_path
+
+
+def build_model(run: FinetuneRun, base_path: str):
+    """Step 6: the model to train (quantised for QLoRA, LoRA on every Linear of the language model, or all
+    of it for full fine-tuning); prints and records what trains in which precision."""
+    cfg = run.cfg
+    model, lora_targets = build_training_model(cfg, base_path, run.family)
     trainable, total = count_parameters(model)
     quantised = linear_counts(model) if quant_bits(cfg) else {}
-    callbacks = list(EXTRA_CALLBACKS)
-    if cfg.PRUNE and mode == "FULL":  # keep the pruned weights at zero through training
-        callbacks.append(pruning_mask_callback(model, pruning_masks(model, include_vision=cfg.PRUNE_VISION)))
-    if main:
-        print(f"precision: {device_precision(cfg).compute} compute, {str(device_precision(cfg).weights).removeprefix('torch.')} weights")
+    precision = device_precision(cfg)
+    if run.main:
+        print(f"precision: {precision.compute} compute, {str(precision.weights).removeprefix('torch.')} weights")
         if quantised:
             print(format_linear_counts(quantised, quant_bits(cfg)))
         if lora_targets:
             kinds = sorted({name.rsplit('.', 1)[-1] for name in lora_targets})
             print(f"LoRA targets: {len(lora_targets)} Linear layers of the language model ({', '.join(kinds)})")
         print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%})")
+    run.record.update({"lora_targets": lora_targets, "trainable_parameters": trainable, "total_parameters": total,
+                       "quantised_linears": quantised,
+                       "precision": {"compute": precision.compute, "weights": str(precision.weights)}})
+    return model
 
-    # 4. Train; an existing run directory resumes from its newest checkpoint.
-    run_dir.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    record: dict[str, Any] = {
-        "completed": False, "family": family, "mode": mode, "quant_bits": quant_bits(cfg), "base_model": cfg.MODEL_ID,
-        "base_path": model_path, "learning_rate": learning_rate(cfg), "settings": settings, "versions": library_versions(),
-        "data": {name: {"path": str(getattr(cfg, name)), "sha256": file_sha256(getattr(cfg, name))}
-                 for name in ("TRAIN_ANNOTATIONS", "VAL_ANNOTATIONS") if getattr(cfg, name)},
-        "world_size": args.world_size, "num_train": len(train_set), "num_val": len(val_samples), "answers_shortened": len(train_set.shortened),
-        "video_tokens_per_clip": train_set.num_video_tokens, "sparsity": sparsity, "lora_targets": lora_targets,
-        "trainable_parameters": trainable, "total_parameters": total, "quantised_linears": quantised,
-        "precision": {"compute": device_precision(cfg).compute, "weights": str(device_precision(cfg).weights)},
-    }
-    if main:
-        write_run_file(run_dir, record)
-    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
+
+def train(run: FinetuneRun, model, processor, train_set: VideoQADataset, val_set: VideoQADataset | None):
+    """Step 7: run.json written (not yet completed), then the transformers Trainer, resuming from the run
+    directory's newest checkpoint; returns the Trainer."""
+    from transformers import Trainer
+    from transformers.trainer_utils import get_last_checkpoint
+
+    cfg = run.cfg
+    callbacks = []
+    if cfg.PRUNE and training_mode(cfg) == "FULL":  # keep the pruned weights at zero through training
+        callbacks.append(pruning_mask_callback(model, pruning_masks(model, include_vision=cfg.PRUNE_VISION)))
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    if run.main:
+        write_run_file(run.run_dir, run.record)
+    trainer = Trainer(model=model, args=run.args, train_dataset=train_set, eval_dataset=val_set,
                       data_collator=VideoQACollator(processor.tokenizer.pad_token_id), callbacks=callbacks)
-    last = get_last_checkpoint(str(run_dir)) if run_dir.exists() else None
+    last = get_last_checkpoint(str(run.run_dir))
+    run.record["resumed_from"] = last
     trainer.train(resume_from_checkpoint=last)
+    return trainer
 
-    # 5. Save the adapter (or full weights), the processor and run.json.
-    trainer.save_model(str(run_dir))
-    if main:
-        processor.save_pretrained(run_dir)
+
+def save_run(run: FinetuneRun, trainer, processor) -> None:
+    """Step 8: the adapter (or full weights), the processor and the completed run.json (curves, time,
+    sparsity after training); with MERGE_AND_SAVE merged weights in ``<run>/merged``."""
+    cfg = run.cfg
+    trainer.save_model(str(run.run_dir))
+    if run.main:
+        processor.save_pretrained(run.run_dir)
         history = trainer.state.log_history
-        record.update({
-            "completed": True, "seconds": round(time.time() - started, 1), "global_step": trainer.state.global_step,
+        full_pruned = cfg.PRUNE and training_mode(cfg) == "FULL"
+        run.record.update({
+            "completed": True, "seconds": round(time.time() - run.started, 1), "global_step": trainer.state.global_step,
             "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
             "eval_loss_curve": [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h],
-            "resumed_from": last,
             # Full fine-tuning: the trained weights; LoRA leaves the base untouched (see sparsity_after_merging).
-            "sparsity_after_training": measure_sparsity(model, cfg.PRUNE_VISION) if cfg.PRUNE and mode == "FULL" else None,
+            "sparsity_after_training": measure_sparsity(trainer.model, cfg.PRUNE_VISION) if full_pruned else None,
         })
-        write_run_file(run_dir, record)
-        curve = record["loss_curve"]
+        write_run_file(run.run_dir, run.record)
+        curve = run.record["loss_curve"]
         if curve:
             print(f"loss {curve[0]['loss']:.3f} -> {curve[-1]['loss']:.3f} over {trainer.state.global_step} steps")
-        if cfg.MERGE_AND_SAVE and mode != "FULL":
-            merge_and_save(run_dir, family)
-    if args.world_size > 1:
+        if cfg.MERGE_AND_SAVE and training_mode(cfg) != "FULL":
+            merge_and_save(run.run_dir, run.family)
+    if run.args.world_size > 1:
         torch.distributed.barrier()
 
-    # 6. Evaluate on the validation set.
-    if cfg.EVAL_AFTER_TRAIN and main and cfg.VAL_ANNOTATIONS:
-        device = args.device  # the accelerator this process trained on (the CPU without one)
-        del trainer, model
-        evaluate(family=family, model_path=str(run_dir), model_id=cfg.MODEL_ID, val_annotations=cfg.VAL_ANNOTATIONS,
-                 video_dir=str(video_dir), num_frames=cfg.NUM_FRAMES, batch_size=cfg.EVAL_BATCH_SIZE,
-                 max_new_tokens=cfg.MAX_NEW_TOKENS, load_in_4bit=False, results_dir=cfg.RESULTS_DIR,
-                 settings=settings, split=cfg.VAL_SPLIT, device=device)
-    return run_dir
+
+def evaluation_settings(run: FinetuneRun):
+    """The evaluation scripts' settings for this run: its validation set, on the device it trained on."""
+    cfg = run.cfg
+    return make_settings({
+        "MODEL_ID": cfg.MODEL_ID, "MODEL_PATH": str(run.run_dir), "VAL_ANNOTATIONS": cfg.VAL_ANNOTATIONS,
+        "SPLIT": cfg.VAL_SPLIT, "VIDEO_DIR": cfg.VIDEO_DIR, "NUM_FRAMES": cfg.NUM_FRAMES,
+        "BATCH_SIZE": cfg.EVAL_BATCH_SIZE, "MAX_NEW_TOKENS": cfg.MAX_NEW_TOKENS, "LOAD_IN_4BIT": False,
+        "DEVICE": str(run.args.device), "RESULTS_DIR": cfg.RESULTS_DIR, "LIMIT": None, "RUN_NAME": None,
+        "OVERWRITE": False, "SBERT_MODEL": None,
+    }, name="EvaluationSettings")
 
 
+def evaluate_run(run: FinetuneRun) -> Path | None:
+    """Step 9: with EVAL_AFTER_TRAIN, the run evaluated on VAL_ANNOTATIONS by the main process, on the
+    accelerator it trained on (as the evaluation script would with MODEL_PATH=<run>); the metrics path."""
+    cfg = run.cfg
+    if not (cfg.EVAL_AFTER_TRAIN and run.main and cfg.VAL_ANNOTATIONS):
+        return None
+    return evaluate(evaluation_settings(run), run.family)

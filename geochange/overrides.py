@@ -6,6 +6,7 @@ only lets a run change some of them without touching the file (nanoGPT style).
 from __future__ import annotations
 
 import ast
+import dataclasses
 import os
 import sys
 from typing import Any
@@ -105,8 +106,6 @@ def settings_of(scope: dict[str, Any]) -> dict[str, Any]:
 def make_settings(values: dict[str, Any], name: str = "Settings"):
     """A typed, frozen settings value from ``{NAME: value}``: ``cfg.LORA_R``, ``cfg.as_dict()``,
     ``dataclasses.replace(cfg, LORA_R=16)``. Each field's type is its value's type (``Any`` for None)."""
-    import dataclasses
-
     fields = [(key, Any if value is None else type(value)) for key, value in values.items()]
     cls = dataclasses.make_dataclass(name, fields, frozen=True,
                                      namespace={"as_dict": lambda self: dict(vars(self))})

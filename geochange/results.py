@@ -116,6 +116,11 @@ def remove_results(results_dir: str | Path, run: str) -> list[Path]:
     return removed
 
 
+def differing_settings(written: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The names whose values differ between settings written earlier and the settings of this run."""
+    return sorted(k for k in set(written) | set(now) if written.get(k) != now.get(k))
+
+
 def check_run_settings(path: Path, settings: dict, results: Path, *, redo: str = "delete it") -> None:
     """Answers in ``results`` resume only under the settings that wrote them (else they would mix).
 
@@ -127,8 +132,8 @@ def check_run_settings(path: Path, settings: dict, results: Path, *, redo: str =
             raise UserError(f"{results} holds answers with no record of what produced them ({path.name} is missing); "
                             f"set RUN_NAME to start a new run, or {redo} to redo this one")
         written = json.loads(path.read_text(encoding="utf-8"))
-        if written != settings:
-            changed = sorted(k for k in set(written) | set(settings) if written.get(k) != settings.get(k))
+        changed = differing_settings(written, settings)
+        if changed:
             raise UserError(f"{results} was written with other settings ({', '.join(changed)}); set RUN_NAME "
                             f"to start a new run, or {redo} to redo this one")
         return

@@ -10,7 +10,6 @@ import importlib.metadata as md
 import json
 import platform
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -19,6 +18,7 @@ from .adapters import ADAPTER_WEIGHTS, load_adapter_verified
 from .errors import UserError
 from .fileio import atomic_write_text, file_sha256
 from .modeling import load_model, load_processor, model_label, resolve_model_path
+from .overrides import make_settings
 from .paths import CHECKPOINTS_DIR
 from .pruning import apply_pruning_masks, measure_sparsity, prune_model, pruning_masks
 
@@ -97,7 +97,7 @@ def load_run_model(run_dir: str | Path, family: str, *, load_in_4bit: bool = Fal
             raise UserError(f"{run_dir}: holds neither an adapter nor model weights")
         return load_model(str(run_dir), family, bits=4 if load_in_4bit else None, device=device)
     if record:
-        base_path = run_base_path(SimpleNamespace(**record["settings"]), family)
+        base_path = run_base_path(make_settings(record["settings"]), family)
         bits = record.get("quant_bits") or (4 if load_in_4bit else None)
     else:  # an adapter from elsewhere (e.g. GeoLLaVA's releases): its config names the base
         base_path = json.loads((run_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
@@ -114,7 +114,7 @@ def merge_and_save(run_dir: Path, family: str) -> Path:
     the merged weights goes into ``run.json`` as ``sparsity_after_merging``.
     """
     record = read_run_file(run_dir)
-    settings = SimpleNamespace(**record["settings"])
+    settings = make_settings(record["settings"])
     base = load_model(run_base_path(settings, family), family)
     masks = pruning_masks(base, include_vision=settings.PRUNE_VISION) if settings.PRUNE else {}
     # QLoRA adapters are merged into the full-precision base, not the quantised one.

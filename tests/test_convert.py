@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import runpy
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from geochange.finetune import data_loader_workers
 from geochange.paths import minilm_dir
 from geochange.sample_data import SAMPLE_CHANGECHAT_CAPTIONS, SAMPLE_CHANGECHAT_INSTRUCTIONS, SAMPLE_CHANGECHAT_ROOT
 from geochange.video import read_image, read_video_frames, write_image
+
+REPO = Path(__file__).resolve().parent.parent
 
 # Measured on the bundled sample (60 pairs of 256x256 scenes, H.264 CRF 12, yuv420p): the mean absolute difference
 # per image is at most 2.65 grey levels, the 99th percentile at most 20; single pixels at sharp colour edges reach
@@ -145,13 +148,14 @@ def test_video_evaluation_scores_converted_captions_against_all_references(conve
 
     from geochange.evaluation import evaluate
     from geochange.metrics import coco_normalise
+    from geochange.overrides import load_settings
     from geochange.results import read_jsonl
 
-    metrics_path = evaluate(family="videollava", model_path="base", model_id="tiny",
-                            val_annotations=str(converted["captions"]),
-                            video_dir=str(converted["out"] / "videos" / "videos"), num_frames=2, batch_size=4,
-                            max_new_tokens=8, load_in_4bit=False, results_dir=str(tmp_path), settings={}, limit=4,
-                            run="converted", split="test")
+    scope = runpy.run_path(str(REPO / "videollava_test.py"), run_name="constants_only")
+    cfg = load_settings(scope, ["MODEL_ID=tiny", f"VAL_ANNOTATIONS={converted['captions']}",
+                                f"VIDEO_DIR={converted['out'] / 'videos' / 'videos'}", "BATCH_SIZE=4", "MAX_NEW_TOKENS=8",
+                                f"RESULTS_DIR={tmp_path}", "LIMIT=4", "RUN_NAME=converted", "SBERT_MODEL=None"], quiet=True)
+    metrics_path = evaluate(cfg, "videollava")
     records = read_jsonl(tmp_path / "converted.jsonl")
     references = {s.id: s.references for s in load_changechat(SAMPLE_CHANGECHAT_CAPTIONS, SAMPLE_CHANGECHAT_ROOT)}
     assert len(records) == 4 and all(r["true"] == references[r["id"]] and len(r["true"]) == 5 for r in records)
@@ -184,8 +188,10 @@ def test_deltavlm_batch_reads_only_the_asked_split(tmp_path, scene_images, user_
     assert [item.id for item in batch_items(str(annotations), str(tmp_path / "levir"), None, "val")] == ["val_000000"]
     user_error(lambda: batch_items(str(annotations), str(tmp_path / "levir"), None, "dev"), "LevirCCcaptions.json",
                "no entry of split 'dev'")
+    from geochange.overrides import make_settings
+
     settings = {"RUN_NAME": None, "CHECKPOINT": "tiny", "USE_CSRM": True, "TEST_ANNOTATIONS": str(annotations)}
-    assert run_name({**settings, "SPLIT": "test"}) == "deltavlm-tiny_LevirCCcaptions_test"  # splits never mix
-    assert run_name({**settings, "SPLIT": "val"}) == "deltavlm-tiny_LevirCCcaptions_val"
-    assert run_name({**settings, "TEST_ANNOTATIONS": str(SAMPLE_CHANGECHAT_CAPTIONS), "SPLIT": "test"}) == \
+    assert run_name(make_settings({**settings, "SPLIT": "test"})) == "deltavlm-tiny_LevirCCcaptions_test"  # splits never mix
+    assert run_name(make_settings({**settings, "SPLIT": "val"})) == "deltavlm-tiny_LevirCCcaptions_val"
+    assert run_name(make_settings({**settings, "TEST_ANNOTATIONS": str(SAMPLE_CHANGECHAT_CAPTIONS), "SPLIT": "test"})) == \
         "deltavlm-tiny_sample_changechat_captions"

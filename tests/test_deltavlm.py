@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -323,21 +324,31 @@ def test_batch_scores_every_task_and_resumes(predictor, scene_images, tmp_path, 
         {"image_A": "A/p1.png", "image_B": "B/p1.png", "captions": refs, "changeflag": 1},
         record("yn", cc.YESNO_PROMPT, "yes"), record("count", cc.COUNT_PROMPT, cc.count_answer(0, 1)),
         record("loc", cc.LOCALIZATION_PROMPT, cc.localization_answer([], [(2, 2)])), dialog]))
-    s = {"CHECKPOINT": "tiny", "USE_CSRM": True, "LOAD_IN_8BIT": False, "RESULTS_DIR": str(tmp_path / "results"),
-         "RUN_NAME": None, "TEST_ANNOTATIONS": str(annotations), "BATCH_SIZE": 4, "SPLIT": "test"}
+    from geochange.locks import lock_for_writing
+    from geochange.overrides import load_settings
+
+    # the script's settings, as ``python deltavlm_predict.py CHECKPOINT=tiny TEST_ANNOTATIONS=...`` builds them
+    cfg = load_settings(runpy.run_path(str(SCRIPT), run_name="constants_only"),
+                        ["CHECKPOINT=tiny", f"RESULTS_DIR={tmp_path / 'results'}", f"TEST_ANNOTATIONS={annotations}"],
+                        quiet=True)
     items = run.batch_items(str(annotations), None, None)
     assert [(i.id, i.task) for i in items] == [("p1", "caption"), ("yn", "yesno"), ("count", "count"),
                                                ("loc", "localization"), ("dialog_turn1", "yesno"),
                                                ("dialog_turn2", "count")]
     assert items[-1].history == [(cc.YESNO_PROMPT, "yes")]
-    metrics_path = run.run_batch(predictor, items, s, {"settings": "test"})
     results = tmp_path / "results" / "deltavlm-tiny_mixed.jsonl"
+    with lock_for_writing(results, "held by the test"):  # another process writing the same results file
+        user_error(lambda: run.run_batch(predictor, items, cfg), f"the results file {results} is being written by "
+                   f"another process (pid {os.getpid()}")
+    assert not results.exists()
+    metrics_path = run.run_batch(predictor, items, cfg)
     lines = results.read_text().splitlines()
     records = {r["id"]: r for r in map(json.loads, lines)}
     assert list(records) == [i.id for i in items]
     assert records["p1"]["true"] == refs  # all five references
     assert records["dialog_turn2"]["prompt"].startswith("q please judge whether")
     written = json.loads(metrics_path.read_text())
+    assert written["settings"] == cfg.as_dict()
     metrics = written["metrics"]
     for key in ("caption/bleu4", "caption/cider", "cls_from_captions/accuracy", "cls_from_captions/nochange_recall",
                 "yesno/accuracy", "yesno/f1", "count/exact_accuracy", "count/roads_mae", "count/buildings_rmse",

@@ -19,7 +19,7 @@ from geochange.deltavlm.inputs import IGNORE_INDEX, Prompting, encode_prompts, e
 from geochange.deltavlm.model import build_on_meta, full_size_configs, trained_parameter_names
 from geochange.deltavlm.predictor import Predictor, items_of
 from geochange.errors import UserError
-from geochange.overrides import load_settings
+from geochange.overrides import load_settings, make_settings, settings_of
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "deltavlm_finetune.py"
@@ -186,7 +186,7 @@ def test_the_predictor_answers_from_the_checkpoint_and_beats_the_untrained_twin(
     for name, checkpoint in (("trained", str(run_dir / "checkpoint_best.pth")), ("untrained", "tiny")):
         s = dict(scope, CHECKPOINT=checkpoint, NUM_BEAMS=1, MAX_NEW_TOKENS=12, DEVICE="cpu",
                  TRAINING_TURN_FORMAT=True, USE_CSRM=name == "untrained")
-        records = answer_batch(run.load_predictor(s), val_items)
+        records = answer_batch(run.load_predictor(make_settings(settings_of(s))), val_items)
         assert all(r["generated"] for r in records)
         cider[name] = score_records(records)["caption"].metrics["cider"]
     print(f"validation CIDEr: trained {cider['trained']:.4f}, untrained {cider['untrained']:.4f}")
@@ -212,8 +212,9 @@ def test_lora_trains_beside_a_frozen_vicuna_and_the_predictor_loads_it(lora_run)
     assert record["trainable_parameters"]["llm_lora"] > 0
     assert (run_dir / "llm_lora" / "adapter_model.safetensors").is_file()
     scope = runpy.run_path(str(REPO / "deltavlm_predict.py"))
-    predictor = run.load_predictor(dict(scope, CHECKPOINT=str(run_dir / "checkpoint_best.pth"), NUM_BEAMS=1,
-                                        MAX_NEW_TOKENS=4, DEVICE="cpu", USE_CSRM=False))
+    predictor = run.load_predictor(make_settings(settings_of(dict(scope, CHECKPOINT=str(run_dir / "checkpoint_best.pth"),
+                                                                  NUM_BEAMS=1, MAX_NEW_TOKENS=4, DEVICE="cpu",
+                                                                  USE_CSRM=False))))
     from safetensors.torch import load_file
 
     saved = load_file(str(run_dir / "llm_lora" / "adapter_model.safetensors"))  # the best epoch's adapter

@@ -1,6 +1,7 @@
 """Evaluation scripts, resume, batching, rescoring and Results.ipynb on the tiny pipeline."""
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,10 @@ import pytest
 
 import geochange.evaluation as evaluation
 from geochange.annotations import load_annotations
+from geochange.errors import UserError
+from geochange.locks import lock_for_writing
 from geochange.modeling import load_processor
+from geochange.overrides import make_settings, settings_of
 from geochange.results import read_jsonl
 from geochange.sample_data import SAMPLE_VAL, SAMPLE_VIDEO_DIR, ensure_sample_media
 from geochange.video import read_video_frames
@@ -18,6 +22,12 @@ REPO = Path(__file__).resolve().parent.parent
 # One thread: CPU reductions then add up in the same order on every run, so the tiny pipeline is reproducible.
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 VAL_LIMIT = 24
+
+
+def eval_settings(**overrides):
+    """The settings ``videollava_test.py NAME=VALUE...`` builds, for the tiny model."""
+    scope = runpy.run_path(str(REPO / "videollava_test.py"), run_name="constants_only")
+    return make_settings(settings_of({**scope, "MODEL_ID": "tiny", **overrides}))
 
 
 def run_script(*args, cwd=REPO, timeout=600):
@@ -39,7 +49,7 @@ def pipeline(tmp_path_factory):
     base = run_script("videollava_test.py", "MODEL_ID=tiny", "MODEL_PATH=base", f"RESULTS_DIR={results}",
                       f"VAL_ANNOTATIONS={val}", "MAX_NEW_TOKENS=40")
     assert base.returncode == 0, base.stderr[-3000:]
-    (run_dir,) = (root / "runs").iterdir()
+    (run_dir,) = [p for p in (root / "runs").iterdir() if p.is_dir()]  # beside it: its .lock
     return {"root": root, "results": results, "run_dir": run_dir, "val": val, "train_stdout": train.stdout}
 
 
@@ -91,15 +101,20 @@ def test_interrupted_evaluation_resumes_without_duplicates(pipeline, tmp_path, m
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    settings = dict(family="videollava", model_path=str(pipeline["run_dir"]), model_id="tiny",
-                    val_annotations=str(pipeline["val"]), video_dir=None, num_frames=2, batch_size=5,
-                    max_new_tokens=8, load_in_4bit=False, results_dir=str(tmp_path), settings={}, run="resume")
+    settings = eval_settings(MODEL_PATH=str(pipeline["run_dir"]), VAL_ANNOTATIONS=str(pipeline["val"]), BATCH_SIZE=5,
+                             MAX_NEW_TOKENS=8, RESULTS_DIR=str(tmp_path), RUN_NAME="resume")
     monkeypatch.setattr(evaluation, "generate_answers", crash_after_first_batch)
     with pytest.raises(KeyboardInterrupt):
-        evaluation.evaluate(**settings)
+        evaluation.evaluate(settings, "videollava")
     assert len(read_jsonl(tmp_path / "resume.jsonl")) == 5
     monkeypatch.setattr(evaluation, "generate_answers", real)
-    evaluation.evaluate(**settings)
+    # while another process writes this results file, a second evaluation stops in one line
+    with lock_for_writing(tmp_path / "resume.jsonl", "held by the test"):
+        with pytest.raises(UserError, match=rf"^the results file {tmp_path / 'resume.jsonl'} is being written by "
+                                            rf"another process \(pid {os.getpid()}"):
+            evaluation.evaluate(settings, "videollava")
+    assert len(read_jsonl(tmp_path / "resume.jsonl")) == 5
+    evaluation.evaluate(settings, "videollava")
     records = read_jsonl(tmp_path / "resume.jsonl")
     ids = [r["id"] for r in records]
     assert len(ids) == len(set(ids)) == VAL_LIMIT
@@ -110,7 +125,7 @@ def test_interrupted_evaluation_resumes_without_duplicates(pipeline, tmp_path, m
     assert metrics["max_new_tokens"] == 8 and metrics["answers_with_token_count"] == VAL_LIMIT
     # a third run finds everything done and only rescores
     before = (tmp_path / "resume.jsonl").read_text()
-    evaluation.evaluate(**settings)
+    evaluation.evaluate(settings, "videollava")
     assert (tmp_path / "resume.jsonl").read_text() == before
 
 
@@ -188,18 +203,15 @@ def test_llavanext_eval_script_on_the_base_tiny_model(tmp_path):
 
 
 def evaluate_base(results_dir, **overrides):
-    settings = dict(family="videollava", model_path="base", model_id="tiny", val_annotations=SAMPLE_VAL,
-                    video_dir=None, num_frames=2, batch_size=2, max_new_tokens=4, load_in_4bit=False,
-                    results_dir=str(results_dir), settings={}, limit=2, run="tied")
-    settings.update(overrides)
-    return evaluation.evaluate(**settings)
+    settings = {"MODEL_PATH": "base", "VAL_ANNOTATIONS": str(SAMPLE_VAL), "BATCH_SIZE": 2, "MAX_NEW_TOKENS": 4,
+                "RESULTS_DIR": str(results_dir), "LIMIT": 2, "RUN_NAME": "tied", **overrides}
+    return evaluation.evaluate(eval_settings(**settings), "videollava")
 
 
 def test_results_are_tied_to_the_model_weights_generation_and_test_set(tmp_path, monkeypatch):
     import hashlib
     import shutil
 
-    from geochange.errors import UserError
     from geochange.modeling import resolve_model_path
 
     ensure_sample_media()
@@ -215,18 +227,18 @@ def test_results_are_tied_to_the_model_weights_generation_and_test_set(tmp_path,
     evaluate_base(tmp_path)
     # ... other generation settings or another test set refuse to mix, in one line
     with pytest.raises(UserError, match=r"tied.jsonl was written with other settings \(generation\); set RUN_NAME"):
-        evaluate_base(tmp_path, max_new_tokens=5)
+        evaluate_base(tmp_path, MAX_NEW_TOKENS=5)
     other_val = tmp_path / "val.json"
     other_val.write_text(json.dumps(json.loads(Path(SAMPLE_VAL).read_text())[:3]))
     with pytest.raises(UserError, match=r"other settings \(test_set\)"):
-        evaluate_base(tmp_path, val_annotations=str(other_val))
+        evaluate_base(tmp_path, VAL_ANNOTATIONS=str(other_val))
     assert (tmp_path / "tied.jsonl").read_text() == answers
 
     # A retrained model in the same folder (what OVERWRITE=True of a run does) is new weights: refused.
     model_dir = tmp_path / "runs" / "A" / "merged"
     shutil.copytree(resolve_model_path("tiny", "videollava"), model_dir)
     monkeypatch.undo()
-    evaluate_base(tmp_path, model_path=str(model_dir), run=None)
+    evaluate_base(tmp_path, MODEL_PATH=str(model_dir), RUN_NAME=None)
     assert (tmp_path / "A_merged.jsonl").exists()  # runs/A/merged and runs/B/merged no longer share a file
     from safetensors.torch import load_file, save_file
 
@@ -235,15 +247,15 @@ def test_results_are_tied_to_the_model_weights_generation_and_test_set(tmp_path,
     weights[name] = weights[name] + 1
     save_file(weights, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(UserError, match=r"A_merged.jsonl was written with other settings \(weights\).*OVERWRITE=True"):
-        evaluate_base(tmp_path, model_path=str(model_dir), run=None)
+        evaluate_base(tmp_path, MODEL_PATH=str(model_dir), RUN_NAME=None)
     # OVERWRITE discards the old answers and scores the new weights
-    evaluate_base(tmp_path, model_path=str(model_dir), run=None, overwrite=True)
+    evaluate_base(tmp_path, MODEL_PATH=str(model_dir), RUN_NAME=None, OVERWRITE=True)
     assert json.loads((tmp_path / "A_merged.settings.json").read_text())["weights"] != identity["weights"]
     assert len(read_jsonl(tmp_path / "A_merged.jsonl")) == 2
     # answers from before results carried their identity are refused too
     (tmp_path / "A_merged.settings.json").unlink()
     with pytest.raises(UserError, match="no record of what produced them"):
-        evaluate_base(tmp_path, model_path=str(model_dir), run=None)
+        evaluate_base(tmp_path, MODEL_PATH=str(model_dir), RUN_NAME=None)
 
 
 def test_evaluation_device_setting(tmp_path):

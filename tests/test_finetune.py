@@ -8,12 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import TrainerCallback
+import transformers
 
+import common
 import geochange.finetune as finetune
 import geochange.runs as runs
 from geochange.adapters import load_adapter_verified, legacy_to_current_key
 from geochange.errors import UserError
+from geochange.locks import lock_for_writing
+from geochange.overrides import make_settings, settings_of
 from geochange.modeling import (load_model, load_processor, resolve_model_path, video_prompt,
                                 video_unused_parameter_names)
 from geochange.pruning import measure_sparsity
@@ -36,6 +39,26 @@ def constants(family: str, output_dir: Path, **overrides) -> dict:
                  EVAL_AFTER_TRAIN=False, RESULTS_DIR=str(output_dir / "results"))
     scope.update(overrides)
     return scope
+
+
+def settings(family: str, output_dir: Path, **overrides):
+    """The settings value the script would build from those constants."""
+    return make_settings(settings_of(constants(family, output_dir, **overrides)))
+
+
+def train_script(family: str, output_dir: Path, **overrides) -> Path:
+    """Run the fine-tuning script as a user would (``python <script> NAME=VALUE ...``), in this process to stay
+    fast; returns the run directory."""
+    scope = constants(family, output_dir, **overrides)
+    defaults = {k: v for k, v in runpy.run_path(str(SCRIPTS[family]), run_name="constants_only").items() if k.isupper()}
+    argv = [str(SCRIPTS[family])] + [f"{k}={v}" for k, v in scope.items() if v != defaults[k]]
+    saved = sys.argv
+    sys.argv = argv
+    try:
+        runpy.run_path(str(SCRIPTS[family]), run_name="__main__")
+    finally:
+        sys.argv = saved
+    return output_dir / finetune.run_name(settings(family, output_dir, **overrides), family)
 
 
 def tiny_inputs(family: str):
@@ -62,14 +85,14 @@ def logits_of(model, inputs) -> torch.Tensor:
     ("videollava", {"USE_QLORA": True, "USE_8BIT": True}, "QLORA"),
 ])
 def test_training_lowers_the_loss_and_the_adapter_reloads(tmp_path, family, overrides, mode):
-    run_dir = finetune.run_finetune(constants(family, tmp_path, **overrides), family)
+    run_dir = train_script(family, tmp_path, **overrides)
     record = json.loads((run_dir / "run.json").read_text())
     assert record["completed"] and record["mode"] == mode and record["global_step"] == 8
     losses = [point["loss"] for point in record["loss_curve"]]
     assert len(losses) == 8 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses
     expected_bits = (8 if overrides.get("USE_8BIT") else 4) if mode == "QLORA" else None
     assert record["quant_bits"] == expected_bits
-    assert run_dir.name.endswith(f"{mode}_{expected_bits}bit_r8_alpha16_3epochs" if expected_bits else f"{mode}_r8_alpha16_3epochs")
+    assert run_dir.name.endswith(f"{mode}_{expected_bits}bit_r8_alpha16_8steps" if expected_bits else f"{mode}_r8_alpha16_8steps")
     # LoRA sits on every Linear of the language model and nowhere else
     assert record["lora_targets"] and all(".language_model." in name for name in record["lora_targets"])
     assert not any(part in name for name in record["lora_targets"] for part in ("tower", "projector", "lm_head"))
@@ -88,11 +111,9 @@ def test_training_lowers_the_loss_and_the_adapter_reloads(tmp_path, family, over
 
 @pytest.mark.parametrize("bits", [None, 4, 8])
 def test_saved_adapter_reloads_to_identical_logits(tmp_path, bits):
-    cfg = constants("videollava", tmp_path, USE_QLORA=bits is not None, USE_8BIT=bits == 8)
-    from types import SimpleNamespace
-
+    cfg = settings("videollava", tmp_path, USE_QLORA=bits is not None, USE_8BIT=bits == 8)
     path = resolve_model_path("tiny", "videollava")
-    model, _ = finetune.build_training_model(SimpleNamespace(**cfg), path, "videollava")
+    model, _ = finetune.build_training_model(cfg, path, "videollava")
     torch.manual_seed(0)
     for name, param in model.named_parameters():
         if "lora_B" in name:  # stand-in for training: lora_B starts at zero
@@ -106,10 +127,9 @@ def test_saved_adapter_reloads_to_identical_logits(tmp_path, bits):
 
 def test_adapter_that_matches_nothing_fails_loudly_and_legacy_names_are_remapped(tmp_path):
     from safetensors.torch import load_file, save_file
-    from types import SimpleNamespace
 
     path = resolve_model_path("tiny", "videollava")
-    model, _ = finetune.build_training_model(SimpleNamespace(**constants("videollava", tmp_path)), path, "videollava")
+    model, _ = finetune.build_training_model(settings("videollava", tmp_path), path, "videollava")
     for name, param in model.named_parameters():
         if "lora_B" in name:
             param.data.fill_(0.01)
@@ -129,28 +149,43 @@ def test_adapter_that_matches_nothing_fails_loudly_and_legacy_names_are_remapped
         load_adapter_verified(load_model(path, "videollava"), tmp_path / "broken")
 
 
-class CrashAtStep(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
+def test_interrupted_run_resumes_only_under_its_settings_and_alone(tmp_path, monkeypatch):
+    quick = dict(MAX_STEPS=6, SAVE_STEPS=3, SAVE_TOTAL_LIMIT=5)
+    steps = {"n": 0}
+    real_step = transformers.Trainer.training_step
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
+    def crash_at_step_5(self, *args, **kwargs):  # a crash after checkpoint-3, as a killed job leaves it
+        steps["n"] += 1
+        if steps["n"] == 5:
             raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
 
-
-def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
-    settings = constants("videollava", tmp_path, MAX_STEPS=6, SAVE_STEPS=3, SAVE_TOTAL_LIMIT=5)
-    monkeypatch.setattr(finetune, "EXTRA_CALLBACKS", [CrashAtStep(5)])
+    monkeypatch.setattr(transformers.Trainer, "training_step", crash_at_step_5)
     with pytest.raises(KeyboardInterrupt):
-        finetune.run_finetune(dict(settings), "videollava")
-    run_dir = tmp_path / finetune.run_name(__import__("types").SimpleNamespace(**settings), "videollava")
+        train_script("videollava", tmp_path, **quick)
+    monkeypatch.setattr(transformers.Trainer, "training_step", real_step)
+    run_dir = tmp_path / finetune.run_name(settings("videollava", tmp_path, **quick), "videollava")
+    assert run_dir.name.endswith("_LORA_r8_alpha16_6steps")  # MAX_STEPS decides the length, not EPOCHS
+    assert finetune.run_name(settings("videollava", tmp_path, MAX_STEPS=-1), "videollava").endswith("_3epochs")
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-3"]
     assert not json.loads((run_dir / "run.json").read_text())["completed"]
-    monkeypatch.setattr(finetune, "EXTRA_CALLBACKS", [])
-    assert finetune.run_finetune(dict(settings), "videollava") == run_dir
+    # other settings never resume into this run (LR is not in the directory name), and nothing is touched
+    before = (run_dir / "run.json").read_text()
+    with pytest.raises(UserError, match=rf"^{run_dir} holds a run with other settings \(LR, WARMUP_STEPS\); "
+                                        r"restore them to resume it, or set OVERWRITE=True"):
+        train_script("videollava", tmp_path, LR=5e-3, WARMUP_STEPS=2, **quick)
+    # a second writer of the same run directory stops in one line while the first holds it
+    with lock_for_writing(run_dir, "held by the test"):
+        with pytest.raises(UserError, match=rf"the run directory {run_dir} is being written by another process "
+                                            rf"\(pid {os.getpid()}"):
+            train_script("videollava", tmp_path, **quick)
+    assert (run_dir / "run.json").read_text() == before
+    # the same settings resume from the checkpoint
+    assert train_script("videollava", tmp_path, **quick) == run_dir
     record = json.loads((run_dir / "run.json").read_text())
     assert record["completed"] and record["global_step"] == 6 and record["resumed_from"].endswith("checkpoint-3")
     assert [p["step"] for p in record["loss_curve"]] == [1, 2, 3, 4, 5, 6]
+    assert record["settings"] == settings("videollava", tmp_path, **quick).as_dict()
     # merged weights for deployment behave like base + adapter
     merged_dir = runs.merge_and_save(run_dir, "videollava")
     inputs = tiny_inputs("videollava")
@@ -158,14 +193,14 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     assert torch.allclose(merged, logits_of(runs.load_run_model(run_dir, "videollava"), inputs), atol=1e-4)
     # a finished run is not overwritten unless asked
     with pytest.raises(UserError, match="already holds a finished run; set OVERWRITE=True"):
-        finetune.run_finetune(dict(settings), "videollava")
+        train_script("videollava", tmp_path, **quick)
 
 
 def test_full_finetune_and_pruned_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(runs, "CHECKPOINTS_DIR", tmp_path / "checkpoints")
-    run_dir = finetune.run_finetune(constants("videollava", tmp_path, USE_LORA=False, MAX_STEPS=4, LR=1e-3), "videollava")
+    run_dir = train_script("videollava", tmp_path, USE_LORA=False, MAX_STEPS=4, LR=1e-3)
     record = json.loads((run_dir / "run.json").read_text())
-    assert record["mode"] == "FULL" and "_FULL_3epochs" in run_dir.name and (run_dir / "model.safetensors").exists()
+    assert record["mode"] == "FULL" and run_dir.name.endswith("_FULL_4steps") and (run_dir / "model.safetensors").exists()
     trained = load_model(str(run_dir), "videollava")
     frozen = {n for n, p in trained.named_parameters() if "tower" in n}
     frozen |= set(video_unused_parameter_names(trained))
@@ -175,8 +210,8 @@ def test_full_finetune_and_pruned_runs(tmp_path, monkeypatch):
     base = logits_of(load_model(resolve_model_path("tiny", "videollava"), "videollava"), inputs)
     assert (logits_of(runs.load_run_model(run_dir, "videollava"), inputs) - base).abs().max() > 1e-3
 
-    pruned = finetune.run_finetune(constants("videollava", tmp_path, PRUNE=True, PRUNE_METHOD="attention",
-                                             PRUNE_AMOUNT=0.25, USE_QLORA=True, MAX_STEPS=2), "videollava")
+    pruned = train_script("videollava", tmp_path, PRUNE=True, PRUNE_METHOD="attention", PRUNE_AMOUNT=0.25,
+                          USE_QLORA=True, MAX_STEPS=2)
     record = json.loads((pruned / "run.json").read_text())
     assert pruned.name.startswith("attention25pct-videollava-tiny_")
     assert record["sparsity"]["heads"] == 0.25  # 2 of the 8 heads of the tiny language model
@@ -187,7 +222,7 @@ def test_full_finetune_and_pruned_runs(tmp_path, monkeypatch):
 def test_pruning_survives_full_finetuning_and_merging(tmp_path, monkeypatch):
     monkeypatch.setattr(runs, "CHECKPOINTS_DIR", tmp_path / "checkpoints")
     prune = dict(PRUNE=True, PRUNE_METHOD="magnitude", PRUNE_AMOUNT=0.25, MAX_STEPS=3)
-    full = finetune.run_finetune(constants("videollava", tmp_path, USE_LORA=False, LR=1e-3, **prune), "videollava")
+    full = train_script("videollava", tmp_path, USE_LORA=False, LR=1e-3, **prune)
     record = json.loads((full / "run.json").read_text())
     assert record["sparsity"]["total"] == pytest.approx(0.25, abs=1e-3)
     trained = load_model(str(full), "videollava")
@@ -199,7 +234,7 @@ def test_pruning_survives_full_finetuning_and_merging(tmp_path, monkeypatch):
                base.named_parameters()) if ".language_model." in n and n.endswith("q_proj.weight")]
     assert min(changed) == pytest.approx(0.75, abs=0.01)  # every kept weight trained, no pruned one came back
 
-    lora = finetune.run_finetune(constants("videollava", tmp_path, MERGE_AND_SAVE=True, **prune), "videollava")
+    lora = train_script("videollava", tmp_path, MERGE_AND_SAVE=True, **prune)
     record = json.loads((lora / "run.json").read_text())
     merged = load_model(str(lora / "merged"), "videollava")
     assert measure_sparsity(merged)["total"] == pytest.approx(0.25, abs=1e-3)
@@ -210,9 +245,7 @@ def test_pruning_survives_full_finetuning_and_merging(tmp_path, monkeypatch):
 @pytest.mark.parametrize("family", ["videollava", "llavanext"])
 def test_full_finetuning_trains_only_what_the_video_path_reaches(tmp_path, family):
     # DDP with find_unused_parameters=False stops at step 2 over a trainable parameter that got no gradient.
-    from types import SimpleNamespace
-
-    cfg = SimpleNamespace(**constants(family, tmp_path, USE_LORA=False, FREEZE_VISION=False))
+    cfg = settings(family, tmp_path, USE_LORA=False, FREEZE_VISION=False)
     model, _ = finetune.build_training_model(cfg, resolve_model_path("tiny", family), family)
     model(**tiny_inputs(family), labels=tiny_inputs(family)["input_ids"]).loss.backward()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -226,13 +259,10 @@ def test_full_finetuning_trains_only_what_the_video_path_reaches(tmp_path, famil
 
 
 def test_one_seed_gives_one_lora_initialisation(tmp_path):
-    from types import SimpleNamespace
-
     path = resolve_model_path("tiny", "videollava")
 
     def lora_weights(seed):
-        model, _ = finetune.build_training_model(SimpleNamespace(**constants("videollava", tmp_path, SEED=seed)),
-                                                 path, "videollava")
+        model, _ = finetune.build_training_model(settings("videollava", tmp_path, SEED=seed), path, "videollava")
         return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
 
     first, second, other = lora_weights(7), lora_weights(7), lora_weights(8)
@@ -242,10 +272,8 @@ def test_one_seed_gives_one_lora_initialisation(tmp_path):
 
 
 def test_training_precision_keeps_fp32_weights_for_full_finetuning(tmp_path):
-    from types import SimpleNamespace
-
     def precision(cuda, bf16, **overrides):
-        cfg = SimpleNamespace(**constants("videollava", tmp_path, **overrides))
+        cfg = settings("videollava", tmp_path, **overrides)
         return finetune.training_precision(cfg, cuda=cuda, cuda_bf16=bf16)
 
     full = {"USE_LORA": False}
@@ -269,8 +297,8 @@ def changed_fraction(before: dict, after: dict) -> float:
 def test_full_finetuning_at_a_small_lr_updates_every_weight_under_bf16_autocast(tmp_path):
     # 10 AdamW steps at lr 2e-5, bf16 autocast: the fp32 master weights all move. The same steps
     # applied to bf16 weights (the model loaded in bf16, as before) round most updates away.
-    run_dir = finetune.run_finetune(constants("videollava", tmp_path, USE_LORA=False, PRECISION="bf16", LR=2e-5,
-                                              MAX_STEPS=10, BATCH_SIZE=1, TRAIN_LIMIT=10), "videollava")
+    run_dir = train_script("videollava", tmp_path, USE_LORA=False, PRECISION="bf16", LR=2e-5, MAX_STEPS=10,
+                           BATCH_SIZE=1, TRAIN_LIMIT=10)
     record = json.loads((run_dir / "run.json").read_text())
     assert record["precision"] == {"compute": "bf16", "weights": "torch.float32"}
     layers = lambda model: {n: p.detach().clone() for n, p in model.named_parameters()
@@ -302,9 +330,9 @@ def test_bad_settings_stop_before_any_model_is_loaded(tmp_path, monkeypatch, ove
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr(finetune, "load_model", no_model)
-    monkeypatch.setattr(finetune, "load_processor", no_model)
+    monkeypatch.setattr(common, "load_processor", no_model)
     with pytest.raises(UserError, match=message):
-        finetune.run_finetune(constants("videollava", tmp_path, **overrides), "videollava")
+        train_script("videollava", tmp_path, **overrides)
     assert not any(tmp_path.iterdir())
 
 
@@ -322,7 +350,7 @@ def test_missing_video_and_too_small_max_length_are_one_line_errors(tmp_path):
     assert str(broken) in run.stderr and "does_not_exist.mp4" in run.stderr and "Traceback" not in run.stderr
     assert "trainable parameters" not in run.stdout
     with pytest.raises(UserError, match=r"MAX_LENGTH=40 cannot hold the prompt .* 130 of them video tokens"):
-        finetune.run_finetune(constants("videollava", tmp_path, MAX_LENGTH=40), "videollava")
+        train_script("videollava", tmp_path, MAX_LENGTH=40)
 
 
 def free_port() -> int:
@@ -358,7 +386,7 @@ def test_two_process_full_finetune_and_overwrite(tmp_path, family):
                 "FREEZE_VISION=False", "MAX_STEPS=2", "LR=1e-3"]
     first = torchrun(SCRIPTS[family].name, *settings)
     assert first.returncode == 0, first.stderr[-3000:]
-    (run_dir,) = (tmp_path / "runs").iterdir()
+    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
     stale = tmp_path / "results" / f"{run_dir.name}.jsonl"
     stale.parent.mkdir()
     stale.write_text('{"id": "x", "true": "a", "generated": "b"}\n')

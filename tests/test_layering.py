@@ -90,17 +90,11 @@ def test_package_imports_form_layers():
     assert find_cycle(top) == [], "import cycle: " + " -> ".join(find_cycle(top))
 
 
-# Modules whose function-level imports of ours the other half of issue 11 (branch i11b) moves to the top.
-# When it lands, empty this set: the test below then fails for a module listed here that no longer needs it.
-NOT_YET_MOVED = {"geochange.evaluation", "geochange.finetune", "geochange.deltavlm.run"}
 
 
 def test_no_module_imports_ours_inside_a_function():
     _, nested = import_graph()
-    offenders = {name: lines for name, lines in nested.items() if name not in NOT_YET_MOVED}
-    assert offenders == {}, f"imports of geochange modules inside functions (move them to the top): {offenders}"
-    stale = NOT_YET_MOVED - set(nested)
-    assert not stale, f"{sorted(stale)} import ours only at the top now: remove them from NOT_YET_MOVED"
+    assert nested == {}, f"imports of geochange modules inside functions (move them to the top): {nested}"
 
 
 def test_no_cycle_hides_inside_functions():

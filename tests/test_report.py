@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 import runpy
+import sys
 from pathlib import Path
 
 import pytest
 
 from geochange.convert import changechat_to_videos
 from geochange.evaluation import evaluate
+from geochange.overrides import make_settings, settings_of
 from geochange.paths import ANNOTATIONS_DIR
 from geochange.report import OURS, PUBLISHED, leaderboards, read_training_runs, settings_label, training_curves
 from geochange.sample_data import SAMPLE_CHANGECHAT_CAPTIONS, SAMPLE_CHANGECHAT_ROOT, SAMPLE_VAL
@@ -22,28 +24,42 @@ def script_constants(name: str, **overrides) -> dict:
     return {**scope, **overrides}
 
 
+def script_settings(name: str, **overrides):
+    """The settings value ``python <name> NAME=VALUE...`` builds."""
+    return make_settings(settings_of(script_constants(name, **overrides)))
+
+
+def train_script(name: str, **overrides) -> None:
+    """The fine-tuning script as a user runs it (in this process)."""
+    argv = [name] + [f"{k}={v}" for k, v in overrides.items()]
+    saved, sys.argv = sys.argv, argv
+    try:
+        runpy.run_path(str(REPO / name), run_name="__main__")
+    finally:
+        sys.argv = saved
+
+
 @pytest.fixture(scope="module")
 def tiny_repo(sample_dir, tmp_path_factory):
     """A repo-shaped folder: a tiny Video-LLaVA and a tiny DeltaVLM on the sample captions (the video model on
     their conversion to videos), and a short tiny fine-tune with a validation loss."""
     from geochange.deltavlm import run
-    from geochange.finetune import run_finetune
 
     root = tmp_path_factory.mktemp("repo")
     results = root / "results"
     converted = changechat_to_videos(SAMPLE_CHANGECHAT_CAPTIONS, SAMPLE_CHANGECHAT_ROOT, root / "converted")
-    evaluate(family="videollava", model_path="base", model_id="tiny", val_annotations=str(converted),
-             video_dir=str(root / "converted" / "videos"), num_frames=2, batch_size=4, max_new_tokens=8,
-             load_in_4bit=False, results_dir=str(results), settings={}, limit=LIMIT, split="test")
-    s = script_constants("deltavlm_predict.py", CHECKPOINT="tiny", TEST_ANNOTATIONS=str(SAMPLE_CHANGECHAT_CAPTIONS),
-                         LIMIT=LIMIT, NUM_BEAMS=1, MAX_NEW_TOKENS=8, RESULTS_DIR=str(results))
-    run.run_batch(run.load_predictor(s), run.batch_items(s["TEST_ANNOTATIONS"], None, LIMIT, s["SPLIT"]), s, s)
+    evaluate(script_settings("videollava_test.py", MODEL_ID="tiny", VAL_ANNOTATIONS=str(converted),
+                             VIDEO_DIR=str(root / "converted" / "videos"), BATCH_SIZE=4, MAX_NEW_TOKENS=8,
+                             RESULTS_DIR=str(results), LIMIT=LIMIT, SPLIT="test", SBERT_MODEL=None), "videollava")
+    cfg = script_settings("deltavlm_predict.py", CHECKPOINT="tiny", TEST_ANNOTATIONS=str(SAMPLE_CHANGECHAT_CAPTIONS),
+                          LIMIT=LIMIT, NUM_BEAMS=1, MAX_NEW_TOKENS=8, RESULTS_DIR=str(results))
+    run.run_batch(run.load_predictor(cfg), run.batch_items(cfg.TEST_ANNOTATIONS, None, LIMIT, cfg.SPLIT), cfg)
     val = root / "val.json"
     val.write_text(json.dumps(json.loads(SAMPLE_VAL.read_text())[:4]))
-    run_finetune(script_constants("videollava_finetune.py", MODEL_ID="tiny", OUTPUT_DIR=str(root / "runs"),
-                                  TRAIN_LIMIT=8, MAX_STEPS=4, BATCH_SIZE=4, LR=1e-2, WARMUP_STEPS=0, LOGGING_STEPS=1,
-                                  SAVE_STEPS=100, EVAL_STEPS=2, GRADIENT_CHECKPOINTING=False, EVAL_AFTER_TRAIN=False,
-                                  VAL_ANNOTATIONS=str(val), NUM_WORKERS=2), "videollava")  # as on a GPU
+    train_script("videollava_finetune.py", MODEL_ID="tiny", OUTPUT_DIR=root / "runs", TRAIN_LIMIT=8, MAX_STEPS=4,
+                 BATCH_SIZE=4, LR=1e-2, WARMUP_STEPS=0, LOGGING_STEPS=1, SAVE_STEPS=100, EVAL_STEPS=2,
+                 GRADIENT_CHECKPOINTING=False, EVAL_AFTER_TRAIN=False, VAL_ANNOTATIONS=val,
+                 NUM_WORKERS=2)  # as on a GPU
     return root
 
 

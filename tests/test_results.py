@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -225,3 +227,31 @@ def test_score_usage_errors(tmp_path, capsys):
     assert not (tmp_path / "good.metrics.json").exists()  # every file is read before any is scored
     with pytest.raises(UserError, match="no such results file"):
         R.main([str(tmp_path / "absent.json")])
+
+
+def test_one_writer_per_output_and_a_killed_writer_leaves_no_stale_lock(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from geochange.locks import lock_for_writing, lock_path
+
+    target = tmp_path / "results" / "run.jsonl"
+    with lock_for_writing(target, f"the results file {target}") as held:
+        assert held.path == lock_path(target) == tmp_path / "results" / "run.jsonl.lock"
+        with pytest.raises(UserError, match=rf"^the results file {target} is being written by another process "
+                                            rf"\(pid {os.getpid()}, lock {held.path}\)"):
+            lock_for_writing(target, f"the results file {target}")
+    lock_for_writing(target, "free again").release()  # leaving the block released it
+    # another process holds it, then dies by SIGKILL (no cleanup runs): the OS frees the lock
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from geochange.locks import lock_for_writing; "
+                               f"lock = lock_for_writing({str(target)!r}, 'x'); print('held', flush=True); time.sleep(600)"],
+                              cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=rf"\(pid {holder.pid}, lock"):
+            lock_for_writing(target, "the results file")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    lock_for_writing(target, "after the kill").release()

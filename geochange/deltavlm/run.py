@@ -7,37 +7,42 @@ from pathlib import Path
 
 import torch
 
-from ..annotations import describe_test_set
+from ..annotations import describe_test_set, load_changechat
 from ..devices import pick_device
 from ..errors import UserError
-from ..runs import RUN_FILE, read_run_file
+from ..locks import lock_for_writing
+from ..metrics import MetricsReport
 from ..paths import ANNOTATIONS_DIR
-from .predictor import Decoding, Predictor, Prompting
+from ..results import format_metrics_table, read_jsonl, write_metrics
+from ..runs import RUN_FILE, read_run_file
+from ..sample_data import SAMPLE_CHANGECHAT_ROOT, ensure_sample_media
+from .loading import load_deltavlm
+from .predictor import Decoding, Predictor, Prompting, answer_items, generation_settings, items_of
+from .scoring import score_records
+from .tiny import ensure_tiny_deltavlm
 
 PAPER_RESULTS = ANNOTATIONS_DIR / "deltavlm_paper_results.csv"
 PAPER_COLUMNS = ("bleu1", "bleu4", "meteor", "rouge_l", "cider")
 
 
-def sources(s: dict) -> dict[str, str]:
+def sources(cfg) -> dict[str, str]:
     """Where the four parts come from; CHECKPOINT='tiny' builds and points at the tiny twin."""
-    if s["CHECKPOINT"] == "tiny":
-        from .tiny import ensure_tiny_deltavlm
-
+    if cfg.CHECKPOINT == "tiny":
         tiny = ensure_tiny_deltavlm()
         return {"checkpoint": str(tiny.checkpoint), "base": str(tiny.base), "llm": str(tiny.llm),
                 "bert": str(tiny.bert)}
-    record = training_run_record(s["CHECKPOINT"])
+    record = training_run_record(cfg.CHECKPOINT)
     if record is not None:
         trained = {key: record["sources"][key] for key in ("base", "llm", "bert")}
         print(f"CHECKPOINT is a deltavlm_finetune.py run's: its base, LLM and tokenizer are the run's "
               f"({trained['base']}, {trained['llm']}, {trained['bert']})")
         differing = [f"{name}={record['settings'][name]}" for name in ("USE_CSRM", "TRAINING_TURN_FORMAT")
-                     if name in record["settings"] and record["settings"][name] != s[name]]
+                     if name in record["settings"] and record["settings"][name] != getattr(cfg, name)]
         if differing:
             print(f"note: the run trained with {', '.join(differing)}; set the same here for answers as in training")
-        return {"checkpoint": s["CHECKPOINT"], **trained}
-    return {"checkpoint": s["CHECKPOINT"], "base": s["VISION_QFORMER_BASE"], "llm": s["LLM_MODEL"],
-            "bert": s["BERT_MODEL"]}
+        return {"checkpoint": cfg.CHECKPOINT, **trained}
+    return {"checkpoint": cfg.CHECKPOINT, "base": cfg.VISION_QFORMER_BASE, "llm": cfg.LLM_MODEL,
+            "bert": cfg.BERT_MODEL}
 
 
 def training_run_record(checkpoint: str) -> dict | None:
@@ -48,27 +53,25 @@ def training_run_record(checkpoint: str) -> dict | None:
     return record if record and "sources" in record else None
 
 
-def load_predictor(s: dict) -> Predictor:
-    """The model and its settings from the script's constants ``s``; prints the load report."""
-    from .loading import load_deltavlm
-
-    decoding = Decoding(s["NUM_BEAMS"], s["MAX_NEW_TOKENS"], s["MIN_NEW_TOKENS"], s["REPETITION_PENALTY"],
-                        s["LENGTH_PENALTY"])
+def load_predictor(cfg) -> Predictor:
+    """The model and its settings from the script's settings ``cfg``; prints the load report."""
+    decoding = Decoding(cfg.NUM_BEAMS, cfg.MAX_NEW_TOKENS, cfg.MIN_NEW_TOKENS, cfg.REPETITION_PENALTY,
+                        cfg.LENGTH_PENALTY)
     decoding.check()  # before minutes of loading
-    device = pick_device(s["DEVICE"])
-    if s["CHECKPOINT"] == "tiny" and device.type == "cpu":
+    device = pick_device(cfg.DEVICE)
+    if cfg.CHECKPOINT == "tiny" and device.type == "cpu":
         torch.set_num_threads(1)  # the tiny twin gains nothing from threads, and loses a lot on a busy CPU
-    where = sources(s)
+    where = sources(cfg)
     started = time.time()
     model, tokenizers, report = load_deltavlm(where["checkpoint"], base=where["base"], llm_model=where["llm"],
                                               bert_model=where["bert"], device=device,
-                                              load_in_8bit=s["LOAD_IN_8BIT"], use_csrm=s["USE_CSRM"])
+                                              load_in_8bit=cfg.LOAD_IN_8BIT, use_csrm=cfg.USE_CSRM)
     for line in report.lines():
         print(line)
-    print(f"image tokens: {'CSRM (released generate)' if s['USE_CSRM'] else 'plain concat (released training)'}; "
+    print(f"image tokens: {'CSRM (released generate)' if cfg.USE_CSRM else 'plain concat (released training)'}; "
           f"loaded on {device} in {time.time() - started:.1f} s")
     return Predictor(model, tokenizers, device, decoding,
-                     Prompting(s["NORMALISE_PROMPT"], s["TRAINING_TURN_FORMAT"]))
+                     Prompting(cfg.NORMALISE_PROMPT, cfg.TRAINING_TURN_FORMAT))
 
 
 def pair_paths(image_a: str | None, image_b: str | None) -> tuple[Path, Path]:
@@ -77,14 +80,12 @@ def pair_paths(image_a: str | None, image_b: str | None) -> tuple[Path, Path]:
         raise UserError("set both IMAGE_A and IMAGE_B (or neither, for a bundled sample pair)")
     if image_a is not None:
         return Path(image_a), Path(image_b)
-    from ..sample_data import SAMPLE_CHANGECHAT_ROOT, ensure_sample_media
-
     ensure_sample_media()
     # val_00002 has a change (a new building), a better demo than the unchanged first pairs.
     names = sorted(p.name for p in (SAMPLE_CHANGECHAT_ROOT / "A").glob("*.png"))
     chosen = "val_00002.png" if "val_00002.png" in names else (names[0] if names else None)
     if chosen is None:
-        raise UserError(f"no sample images in {SAMPLE_CHANGECHAT_ROOT}; run: python -m geochange.sample_data")
+        raise UserError(f"no sample images in {SAMPLE_CHANGECHAT_ROOT}; run: python common.py sample-data")
     return SAMPLE_CHANGECHAT_ROOT / "A" / chosen, SAMPLE_CHANGECHAT_ROOT / "B" / chosen
 
 
@@ -92,12 +93,7 @@ def batch_items(annotations: str, image_root: str | None, limit: int | None, spl
     """Every turn of a ChangeChat file (its images checked); the bundled sample's images are drawn if needed.
 
     ``split``: only that split's entries of a file that names splits (LEVIR-CC's ``LevirCCcaptions.json``)."""
-    from ..annotations import load_changechat
-    from .predictor import items_of
-
     if image_root is None and Path(annotations).resolve().parent == ANNOTATIONS_DIR.resolve():
-        from ..sample_data import SAMPLE_CHANGECHAT_ROOT, ensure_sample_media
-
         ensure_sample_media()
         image_root = SAMPLE_CHANGECHAT_ROOT
     items = items_of(load_changechat(annotations, image_root, limit=limit, split=split))
@@ -106,14 +102,14 @@ def batch_items(annotations: str, image_root: str | None, limit: int | None, spl
     return items
 
 
-def run_name(s: dict) -> str:
-    if s["RUN_NAME"]:
-        return s["RUN_NAME"]
-    label = "deltavlm-tiny" if s["CHECKPOINT"] == "tiny" else "deltavlm"
+def run_name(cfg) -> str:
+    if cfg.RUN_NAME:
+        return cfg.RUN_NAME
+    label = "deltavlm-tiny" if cfg.CHECKPOINT == "tiny" else "deltavlm"
     # One file may hold several splits (LevirCCcaptions.json): each split's answers get their own results file.
-    split = describe_test_set(s["TEST_ANNOTATIONS"], s["SPLIT"])["split"]
+    split = describe_test_set(cfg.TEST_ANNOTATIONS, cfg.SPLIT)["split"]
     suffix = f"_{split}" if split else ""
-    return f"{label}{'' if s['USE_CSRM'] else '-nocsrm'}_{Path(s['TEST_ANNOTATIONS']).stem}{suffix}"
+    return f"{label}{'' if cfg.USE_CSRM else '-nocsrm'}_{Path(cfg.TEST_ANNOTATIONS).stem}{suffix}"
 
 
 def paper_results() -> list[dict[str, str]]:
@@ -124,8 +120,6 @@ def paper_results() -> list[dict[str, str]]:
 
 
 def print_scores(scores: dict) -> None:
-    from ..results import format_metrics_table
-
     for task, result in scores.items():
         print(f"\n{task}: {result.samples} answers" + (f" ({result.skipped} references unparsable, skipped)"
                                                     if result.skipped else ""))
@@ -143,33 +137,30 @@ def print_scores(scores: dict) -> None:
                                                   for c in PAPER_COLUMNS))
 
 
-def run_batch(predictor: Predictor, items: list, s: dict, settings: dict) -> Path:
-    """Answer ``items`` (resuming), score per task, write the metrics; returns their path."""
-    from ..metrics import MetricsReport
-    from ..results import read_jsonl, write_metrics
-    from .predictor import answer_items, generation_settings
-    from .scoring import score_records
-
-    stem = Path(s["RESULTS_DIR"]) / run_name(s)
+def run_batch(predictor: Predictor, items: list, cfg) -> Path:
+    """Answer ``items`` (resuming), score per task, write the metrics; returns their path. Only this process
+    writes the results file: a second one stops with one line."""
+    stem = Path(cfg.RESULTS_DIR) / run_name(cfg)
     results_path = stem.parent / f"{stem.name}.jsonl"
-    started = time.time()
-    answer_items(predictor, items, results_path, s["BATCH_SIZE"],
-                 generation_settings(predictor.decoding, predictor.prompting, checkpoint=s["CHECKPOINT"],
-                                     use_csrm=s["USE_CSRM"], load_in_8bit=s["LOAD_IN_8BIT"]))
-    wanted = {item.id for item in items}
-    records = [r for r in read_jsonl(results_path) if r["id"] in wanted]
-    scores = score_records(records)
-    # One metrics file for the run: "<task>/<metric>" keys.
-    report = MetricsReport(metrics={f"{task}/{k}": v for task, r in scores.items() for k, v in r.metrics.items()},
-                           missing={f"{task}/{k}": v for task, r in scores.items() for k, v in r.missing.items()},
-                           models={k: v for r in scores.values() for k, v in r.models.items()},
-                           fallbacks={k: v for r in scores.values() for k, v in r.fallbacks.items()},
-                           coco_tokenizer=next((r.coco_tokenizer for r in scores.values() if r.coco_tokenizer), ""),
-                           device=next((r.device for r in scores.values() if r.device), ""))
-    extra = {"tasks": {task: {"samples": r.samples, "skipped": r.skipped} for task, r in scores.items()},
-             "paper_results": paper_results(), "test_set": describe_test_set(s["TEST_ANNOTATIONS"], s["SPLIT"])}
-    path = write_metrics(stem, records, report, model=f"DeltaVLM ({s['CHECKPOINT']})", settings=settings,
-                         seconds=round(time.time() - started, 2), extra=extra)
+    with lock_for_writing(results_path, f"the results file {results_path}"):
+        started = time.time()
+        answer_items(predictor, items, results_path, cfg.BATCH_SIZE,
+                     generation_settings(predictor.decoding, predictor.prompting, checkpoint=cfg.CHECKPOINT,
+                                         use_csrm=cfg.USE_CSRM, load_in_8bit=cfg.LOAD_IN_8BIT))
+        wanted = {item.id for item in items}
+        records = [r for r in read_jsonl(results_path) if r["id"] in wanted]
+        scores = score_records(records)
+        # One metrics file for the run: "<task>/<metric>" keys.
+        report = MetricsReport(metrics={f"{task}/{k}": v for task, r in scores.items() for k, v in r.metrics.items()},
+                               missing={f"{task}/{k}": v for task, r in scores.items() for k, v in r.missing.items()},
+                               models={k: v for r in scores.values() for k, v in r.models.items()},
+                               fallbacks={k: v for r in scores.values() for k, v in r.fallbacks.items()},
+                               coco_tokenizer=next((r.coco_tokenizer for r in scores.values() if r.coco_tokenizer), ""),
+                               device=next((r.device for r in scores.values() if r.device), ""))
+        extra = {"tasks": {task: {"samples": r.samples, "skipped": r.skipped} for task, r in scores.items()},
+                 "paper_results": paper_results(), "test_set": describe_test_set(cfg.TEST_ANNOTATIONS, cfg.SPLIT)}
+        path = write_metrics(stem, records, report, model=f"DeltaVLM ({cfg.CHECKPOINT})", settings=cfg.as_dict(),
+                             seconds=round(time.time() - started, 2), extra=extra)
     print_scores(scores)
     print(f"\nanswers: {results_path}\nmetrics: {path}")
     return path

@@ -28,7 +28,7 @@ from ..runs import library_versions, read_run_file, write_run_file
 from ..fileio import atomic_path, atomic_write_text
 from ..metrics import MetricsReport, java_available
 from ..paths import ANNOTATIONS_DIR
-from ..results import write_metrics
+from ..results import differing_settings, write_metrics
 from ..sample_data import SAMPLE_CHANGECHAT_ROOT, ensure_sample_media
 from .checkpoint import released_extras, released_layout_state
 from .inputs import (Prompting, build_prompt, encode_training_batch, normalise_answer, preprocess_image)
@@ -209,8 +209,7 @@ def prepare_run_dir(cfg) -> tuple[Path, bool]:
     record = read_run_file(run_dir)
     if record is None:
         return run_dir, False
-    written, now = record.get("settings", {}), cfg.as_dict()
-    changed = sorted(k for k in set(written) | set(now) if written.get(k) != now.get(k))
+    changed = differing_settings(record.get("settings", {}), cfg.as_dict())
     if changed:
         raise UserError(f"{run_dir} holds a run with other settings ({', '.join(changed)}); set RUN_NAME for a new "
                         "run, or restore those settings to resume it")
