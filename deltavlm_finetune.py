@@ -70,8 +70,8 @@ if __name__ == "__main__":
     sources = t.check_settings(cfg)
     # 2. data: every answer turn of the training records, the validation captions (images checked)
     examples, val_items = t.load_data(cfg)
-    # 3. the run directory: resume the same settings, refuse different ones
-    run_dir, resuming = t.prepare_run_dir(cfg)
+    # 3. the run directory: one writer; resume the same settings, refuse different ones
+    run_dir, resuming, writer_lock = t.prepare_run_dir(cfg)
     # 4. the model: InstructBLIP base + fresh CSRM (or a DeltaVLM checkpoint), Vicuna frozen or with LoRA
     model, tokenizers, report = t.build_model(cfg, sources, t.pick_device())
     # 5. what trains: the last ViT blocks, ln_vision, Q-Former, queries, projection, CSRM (+ LoRA)

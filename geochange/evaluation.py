@@ -185,7 +185,7 @@ def score_results(results: ResultsFile, samples: list[Sample]) -> Path:
     wanted = {s.id for s in samples}
     records = [r for r in read_jsonl(results.path) if r["id"] in wanted]
     report = compute_metrics_report([r["true"] for r in records], [r["generated"] for r in records],
-                                    sbert_model=cfg.SBERT_MODEL)
+                                    sbert_model=cfg.SBERT_MODEL, device=cfg.DEVICE)
     metrics_path = write_metrics(results.path.with_suffix(""), records, report,
                                  model=f"{cfg.MODEL_ID} ({cfg.MODEL_PATH})", settings=cfg.as_dict(),
                                  seconds=round(time.time() - results.started, 1),

@@ -39,14 +39,16 @@ def train_in_process(cfg, callbacks=()):
     """The script's steps 1-9, keeping the model; returns (run_dir, weights before, model, record)."""
     sources = t.check_settings(cfg)
     examples, val_items = t.load_data(cfg)
-    run_dir, resuming = t.prepare_run_dir(cfg)
-    model, tokenizers, report = t.build_model(cfg, sources, torch.device("cpu"))
-    counts = t.choose_trainable(model, cfg)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    record = t.start_record(cfg, sources, run_dir, counts, examples, val_items, report)
-    trainer = t.make_trainer(cfg, model, tokenizers, examples, val_items, run_dir, sources, callbacks=list(callbacks))
-    resumed_from = t.train(trainer, run_dir, resuming)
-    record = t.finish(trainer, record, run_dir, 0.0, resumed_from)
+    run_dir, resuming, writer_lock = t.prepare_run_dir(cfg)
+    with writer_lock:  # released here even when the run is interrupted, as the OS does for a killed process
+        model, tokenizers, report = t.build_model(cfg, sources, torch.device("cpu"))
+        counts = t.choose_trainable(model, cfg)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        record = t.start_record(cfg, sources, run_dir, counts, examples, val_items, report)
+        trainer = t.make_trainer(cfg, model, tokenizers, examples, val_items, run_dir, sources,
+                                 callbacks=list(callbacks))
+        resumed_from = t.train(trainer, run_dir, resuming)
+        record = t.finish(trainer, record, run_dir, 0.0, resumed_from)
     return run_dir, before, model, record
 
 
@@ -239,6 +241,9 @@ def test_an_interrupted_run_resumes_and_other_settings_are_refused(tmp_path, one
     assert (t.run_dir_of(cfg) / "checkpoint-4").is_dir()
     with pytest.raises(UserError, match=r"other settings \(LR\)"):
         t.prepare_run_dir(settings(tmp_path, "EPOCHS=1", "VAL_LIMIT=2", "LR=0.5"))
+    _, _, holder = t.prepare_run_dir(cfg)  # a second writer of the same run stops in one line
+    with holder, pytest.raises(UserError, match="is being written by another process"):
+        t.prepare_run_dir(cfg)
     _, _, resumed, record = train_in_process(cfg)
     assert record["resumed_from"].endswith("checkpoint-4") and record["global_step"] == 8
     assert [point["step"] for point in record["loss_curve"]] == list(range(1, 9))  # the log went on, too

@@ -149,7 +149,7 @@ def run_batch(predictor: Predictor, items: list, cfg) -> Path:
                                          use_csrm=cfg.USE_CSRM, load_in_8bit=cfg.LOAD_IN_8BIT))
         wanted = {item.id for item in items}
         records = [r for r in read_jsonl(results_path) if r["id"] in wanted]
-        scores = score_records(records)
+        scores = score_records(records, device=cfg.DEVICE)
         # One metrics file for the run: "<task>/<metric>" keys.
         report = MetricsReport(metrics={f"{task}/{k}": v for task, r in scores.items() for k, v in r.metrics.items()},
                                missing={f"{task}/{k}": v for task, r in scores.items() for k, v in r.missing.items()},

@@ -143,9 +143,10 @@ def _reference(record: dict) -> str:
     return true[0] if isinstance(true, list) else true
 
 
-def score_records(records: list[dict]) -> dict[str, TaskScores]:
+def score_records(records: list[dict], device: str = "auto") -> dict[str, TaskScores]:
     """Scores per task for results records (``task``, ``true``, ``generated``, ``changeflag``); the caption task
-    also gives ``cls_from_captions`` (the released classification) over its records that carry a changeflag."""
+    also gives ``cls_from_captions`` (the released classification) over its records that carry a changeflag.
+    ``device``: where the embedding metrics run (``auto`` = the GPU when there is one)."""
     by_task: dict[str, list[dict]] = {}
     for record in records:
         by_task.setdefault(record.get("task") or cc.task_of(record.get("question", "")), []).append(record)
@@ -153,7 +154,8 @@ def score_records(records: list[dict]) -> dict[str, TaskScores]:
     for task in [t for t in cc.TASKS if t in by_task]:
         group = by_task[task]
         if task in ("caption", "open"):
-            report = compute_metrics_report([r["true"] for r in group], [r["generated"] for r in group])
+            report = compute_metrics_report([r["true"] for r in group], [r["generated"] for r in group],
+                                            device=device)
             out[task] = TaskScores(len(group), report.metrics, report.missing, report.models,
                                    fallbacks=report.fallbacks, coco_tokenizer=report.coco_tokenizer,
                                    device=report.device)

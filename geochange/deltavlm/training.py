@@ -23,12 +23,12 @@ import torch
 
 from ..annotations import load_changechat
 from ..errors import UserError
-from ..fileio import file_sha256
-from ..runs import library_versions, read_run_file, write_run_file
-from ..fileio import atomic_path, atomic_write_text
+from ..fileio import atomic_path, atomic_write_text, file_sha256
+from ..locks import WriterLock, lock_for_writing
 from ..metrics import MetricsReport, java_available
 from ..paths import ANNOTATIONS_DIR
 from ..results import differing_settings, write_metrics
+from ..runs import library_versions, read_run_file, write_run_file
 from ..sample_data import SAMPLE_CHANGECHAT_ROOT, ensure_sample_media
 from .checkpoint import released_extras, released_layout_state
 from .inputs import (Prompting, build_prompt, encode_training_batch, normalise_answer, preprocess_image)
@@ -203,19 +203,21 @@ def run_dir_of(cfg) -> Path:
     return Path(cfg.OUTPUT_DIR) / name
 
 
-def prepare_run_dir(cfg) -> tuple[Path, bool]:
-    """The run directory and whether this is a resume; a run written under other settings is refused."""
+def prepare_run_dir(cfg) -> tuple[Path, bool, WriterLock | None]:
+    """The run directory, whether this is a resume, and the lock that makes this process (rank 0 of a
+    torchrun) its one writer; a run written under other settings, or being written by another run, is refused."""
     run_dir = run_dir_of(cfg)
     record = read_run_file(run_dir)
-    if record is None:
-        return run_dir, False
-    changed = differing_settings(record.get("settings", {}), cfg.as_dict())
-    if changed:
-        raise UserError(f"{run_dir} holds a run with other settings ({', '.join(changed)}); set RUN_NAME for a new "
-                        "run, or restore those settings to resume it")
-    if record.get("completed"):
-        raise UserError(f"{run_dir} holds a finished run; delete it or set RUN_NAME to train again")
-    return run_dir, any(run_dir.glob("checkpoint-*"))
+    if record is not None:
+        changed = differing_settings(record.get("settings", {}), cfg.as_dict())
+        if changed:
+            raise UserError(f"{run_dir} holds a run with other settings ({', '.join(changed)}); set RUN_NAME for a "
+                            "new run, or restore those settings to resume it")
+        if record.get("completed"):
+            raise UserError(f"{run_dir} holds a finished run; delete it or set RUN_NAME to train again")
+    main = int(os.environ.get("RANK", "0")) == 0
+    lock = lock_for_writing(run_dir, f"the run directory {run_dir}") if main else None
+    return run_dir, record is not None and any(run_dir.glob("checkpoint-*")), lock
 
 
 # --------------------------------------------------------------------------- 4. the model
