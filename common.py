@@ -23,6 +23,7 @@ from geochange.convert import changechat_to_videos_main, videos_to_pairs_main
 from geochange.deltavlm import run as deltavlm
 from geochange.deltavlm import training as deltavlm_training
 from geochange.deltavlm.predictor import chat, read_pair
+from geochange.devices import process_device
 from geochange.errors import UserError, install_error_handler
 from geochange.modeling import load_processor
 from geochange.overrides import load_settings
@@ -31,7 +32,7 @@ from geochange.sample_data import main as sample_data_main
 from geochange.video import main as pairs_to_videos_main
 
 __all__ = ["chat", "deltavlm", "deltavlm_training", "evaluation", "finetune", "load_processor", "load_settings",
-           "main", "read_pair"]
+           "main", "process_device", "read_pair"]
 
 USAGE = __doc__.split("Command line:")[1]
 COMMANDS = {"score": score_main, "sample-data": sample_data_main, "pairs-to-videos": pairs_to_videos_main,

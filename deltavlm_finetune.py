@@ -62,7 +62,7 @@ if __name__ == "__main__":
     import time
 
     from common import deltavlm_training as t
-    from common import load_settings
+    from common import load_settings, process_device
 
     started = time.time()
     # 1. settings: the recipe's defaults, then every check that needs no model
@@ -73,7 +73,7 @@ if __name__ == "__main__":
     # 3. the run directory: one writer; resume the same settings, refuse different ones
     run_dir, resuming, writer_lock = t.prepare_run_dir(cfg)
     # 4. the model: InstructBLIP base + fresh CSRM (or a DeltaVLM checkpoint), Vicuna frozen or with LoRA
-    model, tokenizers, report = t.build_model(cfg, sources, t.pick_device())
+    model, tokenizers, report = t.build_model(cfg, sources, process_device())
     # 5. what trains: the last ViT blocks, ln_vision, Q-Former, queries, projection, CSRM (+ LoRA)
     counts = t.choose_trainable(model, cfg)
     # 6. run.json: settings, versions, data hashes, trainable parameters per part

@@ -18,11 +18,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .annotations import Sample, describe_test_set, load_annotations
+from .devices import pick_device
 from .errors import UserError
 from .fileio import file_sha256
 from .locks import WriterLock, lock_for_writing
 from .metrics import compute_metrics_report
-from .modeling import (format_linear_counts, linear_counts, load_model, load_processor, model_label, pick_device,
+from .modeling import (format_linear_counts, linear_counts, load_model, load_processor, model_label,
                        resolve_model_path, video_prompt)
 from .results import (ResultsWriter, answers_at_token_limit, check_run_settings, format_metrics_table, read_jsonl,
                       remove_results, write_metrics)

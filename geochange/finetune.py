@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from .annotations import Sample, load_annotations
+from .devices import is_main_process
 from .errors import UserError
 from .evaluation import evaluate
-from .fileio import file_sha256
 from .locks import WriterLock, lock_for_writing
 from .modeling import (VideoQACollator, count_parameters, encode_training_example, format_linear_counts, get_family,
                        language_model_linear_names, linear_counts, load_model, lora_target_regex,
@@ -29,7 +29,7 @@ from .modeling import (VideoQACollator, count_parameters, encode_training_exampl
 from .pruning import apply_pruning_masks, measure_sparsity, pruning_masks, validate_prune_settings
 from .overrides import make_settings
 from .results import differing_settings, remove_results
-from .runs import MERGED_DIR, library_versions, merge_and_save, pruned_base, read_run_file, write_run_file
+from .runs import MERGED_DIR, data_files, library_versions, merge_and_save, pruned_base, read_run_file, write_run_file
 from .sample_data import SAMPLE_VIDEO_DIR, ensure_sample_media
 from .video import read_video_frames
 
@@ -135,7 +135,7 @@ def check_settings(cfg) -> None:
         path = getattr(cfg, name)
         if path is not None and not Path(path).exists():
             raise UserError(f"{name}: annotation file {path} does not exist")
-    if cfg.USE_8BIT and training_mode(cfg) != "QLORA" and os.environ.get("RANK", "0") == "0":
+    if cfg.USE_8BIT and training_mode(cfg) != "QLORA" and is_main_process():
         print("note: USE_8BIT only applies to QLoRA (USE_QLORA=True); ignored")
 
 
@@ -375,8 +375,7 @@ def open_run(cfg, family: str) -> FinetuneRun:
         "completed": False, "family": family, "mode": training_mode(cfg), "quant_bits": quant_bits(cfg),
         "base_model": cfg.MODEL_ID, "base_path": model_path, "learning_rate": learning_rate(cfg),
         "settings": cfg.as_dict(), "versions": library_versions(),
-        "data": {name: {"path": str(getattr(cfg, name)), "sha256": file_sha256(getattr(cfg, name))}
-                 for name in ("TRAIN_ANNOTATIONS", "VAL_ANNOTATIONS") if getattr(cfg, name)},
+        "data": data_files(cfg, ("TRAIN_ANNOTATIONS", "VAL_ANNOTATIONS")),
         "world_size": args.world_size,
     }
     return run

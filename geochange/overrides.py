@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import os
 import sys
 from typing import Any
 
+from .devices import is_main_process
 from .errors import UserError, install_error_handler
 
 _SCALARS = (bool, int, float, str, type(None))
@@ -92,7 +92,7 @@ def apply_overrides(scope: dict[str, Any], argv: list[str] | None = None, *, qui
         applied[name] = parse_value(name, raw, scope[name])
     for name, value in applied.items():
         scope[name] = value
-        if not quiet and os.environ.get("RANK", "0") == "0":  # one line per override, not one per process
+        if not quiet and is_main_process():  # one line per override, not one per process
             print(f"override: {name} = {value!r}")
     return applied
 

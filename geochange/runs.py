@@ -42,6 +42,12 @@ def read_run_file(run_dir: str | Path) -> dict[str, Any] | None:
         raise UserError(f"{path}: not valid JSON ({exc})") from None
 
 
+def data_files(cfg, names: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """The annotation files a run read (the settings ``names`` that are set), with their hashes, for run.json."""
+    return {name: {"path": str(getattr(cfg, name)), "sha256": file_sha256(getattr(cfg, name))}
+            for name in names if getattr(cfg, name)}
+
+
 def library_versions() -> dict[str, str]:
     """The versions a run was made with, for its run.json."""
     versions = {"python": platform.python_version()}

@@ -22,13 +22,14 @@ from typing import Any
 import torch
 
 from ..annotations import load_changechat
+from ..devices import is_main_process
 from ..errors import UserError
-from ..fileio import atomic_path, atomic_write_text, file_sha256
+from ..fileio import atomic_path, atomic_write_text
 from ..locks import WriterLock, lock_for_writing
 from ..metrics import MetricsReport, java_available
 from ..paths import ANNOTATIONS_DIR
 from ..results import differing_settings, write_metrics
-from ..runs import library_versions, read_run_file, write_run_file
+from ..runs import data_files, library_versions, read_run_file, write_run_file
 from ..sample_data import SAMPLE_CHANGECHAT_ROOT, ensure_sample_media
 from .checkpoint import released_extras, released_layout_state
 from .inputs import (Prompting, build_prompt, encode_training_batch, normalise_answer, preprocess_image)
@@ -215,18 +216,11 @@ def prepare_run_dir(cfg) -> tuple[Path, bool, WriterLock | None]:
                             "new run, or restore those settings to resume it")
         if record.get("completed"):
             raise UserError(f"{run_dir} holds a finished run; delete it or set RUN_NAME to train again")
-    main = int(os.environ.get("RANK", "0")) == 0
-    lock = lock_for_writing(run_dir, f"the run directory {run_dir}") if main else None
+    lock = lock_for_writing(run_dir, f"the run directory {run_dir}") if is_main_process() else None
     return run_dir, record is not None and any(run_dir.glob("checkpoint-*")), lock
 
 
 # --------------------------------------------------------------------------- 4. the model
-
-def pick_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
 
 def build_model(cfg, sources: Sources, device: torch.device):
     """The model to train (base + fresh CSRM, or a DeltaVLM checkpoint), its tokenizers and the load report."""
@@ -474,11 +468,10 @@ def start_record(cfg, sources: Sources, run_dir: Path, counts: dict[str, int], e
                  val_items: list[Item], report) -> dict[str, Any]:
     record = {"completed": False, "settings": cfg.as_dict(), "sources": dataclasses.asdict(sources),
               "versions": library_versions(),
-              "data": {name: {"path": str(getattr(cfg, name)), "sha256": file_sha256(getattr(cfg, name))}
-                       for name in ("TRAIN_ANNOTATIONS", "VAL_ANNOTATIONS")},
+              "data": data_files(cfg, ("TRAIN_ANNOTATIONS", "VAL_ANNOTATIONS")),
               "num_train_examples": len(examples), "num_val_captions": len(val_items),
               "trainable_parameters": counts, "trainable_total": sum(counts.values()), "load_report": report.lines()}
-    if int(os.environ.get("RANK", 0)) == 0:
+    if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         write_run_file(run_dir, record)
     return record
