@@ -20,13 +20,12 @@ with the reason; it is never reported as 0.
 from __future__ import annotations
 
 import atexit
-import io
 import shutil
 import sys
 import threading
 import time
 import unicodedata
-from contextlib import contextmanager, redirect_stdout
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, Iterator, Sequence
@@ -198,10 +197,11 @@ def coco_scores(tokens: CocoTokens) -> dict[str, float]:
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
-    with redirect_stdout(io.StringIO()):  # Bleu prints its internal counts
-        bleu, _ = Bleu(4).compute_score(tokens.gts, tokens.res)
-        rouge_l, _ = Rouge().compute_score(tokens.gts, tokens.res)
-        cider, _ = Cider().compute_score(tokens.gts, tokens.res)
+    # verbose=0: no printed counts, and no redirect of the process-wide stdout, which would swallow what the
+    # main thread prints while this runs beside the embedding pass
+    bleu, _ = Bleu(4).compute_score(tokens.gts, tokens.res, verbose=0)
+    rouge_l, _ = Rouge().compute_score(tokens.gts, tokens.res)
+    cider, _ = Cider().compute_score(tokens.gts, tokens.res)
     out = {f"bleu{n + 1}": float(value) for n, value in enumerate(bleu)}
     out.update(rouge_l=float(rouge_l), cider=float(cider))
     return out
