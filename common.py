@@ -18,18 +18,17 @@ from __future__ import annotations
 
 import sys
 
-from geochange import evaluation, finetune
-from geochange.convert import changechat_to_videos_main, videos_to_pairs_main
+from geochange.convert import changechat_to_videos_main, pairs_to_videos_main, videos_to_pairs_main
 from geochange.deltavlm import run as deltavlm
 from geochange.deltavlm import training as deltavlm_training
 from geochange.deltavlm.predictor import chat, read_pair
 from geochange.devices import process_device
 from geochange.errors import UserError, install_error_handler
-from geochange.modeling import load_processor
 from geochange.overrides import load_settings
 from geochange.results import main as score_main
-from geochange.sample_data import main as sample_data_main
-from geochange.video import main as pairs_to_videos_main
+from geochange.sample.data import main as sample_data_main
+from geochange.video_llm import evaluation, finetune
+from geochange.video_llm.modeling import load_processor
 
 __all__ = ["chat", "deltavlm", "deltavlm_training", "evaluation", "finetune", "load_processor", "load_settings",
            "main", "process_device", "read_pair"]

@@ -42,6 +42,10 @@ EPOCHS = 3.0
 MAX_STEPS = -1              # > 0 overrides EPOCHS
 LR = None                   # None = 2e-4 for LoRA/QLoRA, 2e-5 for full (5e-3 / 1e-3 for the tiny model)
 WARMUP_STEPS = 10
+LR_SCHEDULER = "cosine"     # any transformers scheduler: "linear", "constant_with_warmup", "cosine_with_min_lr"...
+WEIGHT_DECAY = 0.0
+OPTIM = "adamw_torch_fused" # any Trainer optimizer: "adamw_torch", "adafactor", "adamw_bnb_8bit"...
+MAX_GRAD_NORM = 1.0         # gradient clipping (0 = none)
 GRADIENT_CHECKPOINTING = True
 PRECISION = "auto"          # compute: "auto" = bf16 on GPUs with it, fp16 on older GPUs, fp32 on CPU; or "bf16",
                             # "fp16", "fp32". Full fine-tuning keeps fp32 weights (master copy) whatever this says
@@ -49,8 +53,9 @@ NUM_WORKERS = None          # data-loader workers; None = the machine's cores (a
 DEEPSPEED = None            # path to a DeepSpeed config JSON (e.g. ZeRO-2, see README), None = plain DDP
 SEED = 42
 # --- bookkeeping
-OUTPUT_DIR = "runs"         # the run directory inside is named from the settings
-OVERWRITE = False           # True = replace a finished run with the same settings
+OUTPUT_DIR = "runs"
+RUN_NAME = None             # the run directory's name; None = from the settings (model, data, mode, rank, length)
+OVERWRITE = False           # True = delete a finished run (or one with other settings) of that name, train again
 LOGGING_STEPS = 5
 SAVE_STEPS = 50             # checkpoint every N steps (the newest SAVE_TOTAL_LIMIT are kept)
 SAVE_TOTAL_LIMIT = 2

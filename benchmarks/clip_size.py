@@ -16,8 +16,9 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from geochange.scenes import make_scene_pair, render_pair  # noqa: E402
-from geochange.video import DEFAULT_MAX_SIDE, SheetOptions, fit_pair, read_video_frames, write_video  # noqa: E402
+from geochange.sample.scenes import make_scene_pair, render_pair  # noqa: E402
+from geochange.convert import DEFAULT_MAX_SIDE, SheetOptions, fit_pair  # noqa: E402
+from geochange.video import read_video_frames, write_video  # noqa: E402
 
 
 def main(width: int = 2000, height: int = 1800, repeats: int = 3) -> None:

@@ -31,10 +31,8 @@ TARGET_QLORA4_PEAK_GB = 14.0
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12,
                    "H100 NVL": 835e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
 
-import dataclasses  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
-import runpy  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
@@ -46,49 +44,18 @@ sys.path.insert(0, str(_REPO))
 
 import torch  # noqa: E402
 
-from geochange.deltavlm.benchmark import one_training_step  # noqa: E402
+from deltavlm_train_step import one_training_step  # noqa: E402
+from geochange.devices import parameter_numel  # noqa: E402
 from geochange.fileio import atomic_write_text  # noqa: E402
-from geochange.finetune import build_training_model, device_precision  # noqa: E402
 from geochange.metrics import compute_metrics_report  # noqa: E402
-from geochange.modeling import (count_parameters, get_family, linear_counts, parameter_numel,  # noqa: E402
-                                resolve_model_path)
-from geochange.overrides import load_settings, make_settings  # noqa: E402
+from geochange.overrides import load_settings, make_settings, script_constants  # noqa: E402
 from geochange.paths import CHECKPOINTS_DIR  # noqa: E402
-
-_SCRIPTS = {"videollava": _REPO / "videollava_finetune.py", "llavanext": _REPO / "llavanext_finetune.py"}
-
-
-# ---------------------------------------------------------------- the 7B models, from configs written here
-
-def llama_7b_config():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-                       rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+from geochange.video_llm.families import get_family  # noqa: E402
+from geochange.video_llm.finetune import build_training_model, device_precision  # noqa: E402
+from geochange.video_llm.modeling import count_parameters, linear_counts, resolve_model_path  # noqa: E402
 
 
-def clip_large_config(image_size: int):
-    from transformers import CLIPVisionConfig
-
-    return CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                            image_size=image_size, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
-
-
-def real_config(family: str):
-    """LanguageBind/Video-LLaVA-7B-hf and llava-hf/LLaVA-NeXT-Video-7B-hf, as their config.json describe them."""
-    from transformers import LlavaNextVideoConfig, VideoLlavaConfig
-
-    if family == "videollava":
-        return VideoLlavaConfig(vision_config=clip_large_config(224), text_config=llama_7b_config(),
-                                image_token_index=32000, video_token_index=32001, vision_feature_layer=-2,
-                                vision_feature_select_strategy="default", projector_hidden_act="gelu")
-    return LlavaNextVideoConfig(vision_config=clip_large_config(336), text_config=llama_7b_config(),
-                                image_token_index=32001, video_token_index=32000, vision_feature_layer=-2,
-                                vision_feature_select_strategy="default", spatial_pool_mode="average",
-                                spatial_pool_stride=2, image_grid_pinpoints=[[336, 672], [672, 336], [672, 672],
-                                                                             [1008, 336], [336, 1008]])
-
+# ---------------------------------------------------------------- the 7B models (random weights, no download)
 
 def real_checkpoint(family: str) -> str:
     """The random 7B model saved once (bf16, about 14 GB), so that quantisation happens at load time as in a run."""
@@ -96,7 +63,7 @@ def real_checkpoint(family: str) -> str:
     if not (target / "config.json").exists():
         print(f"building a random 7B {family} in {target} (once)")
         with torch.device("cuda"):
-            model = get_family(family).model_class(real_config(family)).to(torch.bfloat16)
+            model = get_family(family).model_class(get_family(family).real_size_config()).to(torch.bfloat16)
         model.save_pretrained(target)
         del model
         torch.cuda.empty_cache()
@@ -210,9 +177,9 @@ def generate_figures(model, family, device) -> list[dict]:
 
 
 def check(family: str, mode: str, path: str, device: torch.device, peak_flops) -> dict:
-    constants = {k: v for k, v in runpy.run_path(str(_SCRIPTS[family]), run_name="constants").items() if k.isupper()}
-    cfg = dataclasses.replace(make_settings(constants), MODEL_ID=path, USE_LORA=True, USE_QLORA=mode != "LORA",
-                              USE_8BIT=mode == "QLORA8", MAX_LENGTH=MAX_LENGTH, NUM_FRAMES=NUM_FRAMES)
+    cfg = script_constants(get_family(family).finetune_script, MODEL_ID=path, USE_LORA=True,
+                           USE_QLORA=mode != "LORA", USE_8BIT=mode == "QLORA8", MAX_LENGTH=MAX_LENGTH,
+                           NUM_FRAMES=NUM_FRAMES)
     reset_peak(device)
     started = time.perf_counter()
     model, _ = build_training_model(cfg, path, family)  # the fine-tuning recipe's own loading

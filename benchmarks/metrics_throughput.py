@@ -27,8 +27,8 @@ if __name__ == "__main__":
     from geochange import metrics as M
     from geochange.overrides import load_settings
     from geochange.paths import minilm_dir
-    from geochange.sample_data import caption, main_caption, reference_captions
-    from geochange.scenes import make_scene_pair
+    from geochange.sample.data import caption, main_caption, reference_captions
+    from geochange.sample.scenes import make_scene_pair
     from geochange.text_embeddings import length_sorted_batches, load_encoder, unique_texts
 
     cfg = load_settings(globals())

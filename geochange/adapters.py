@@ -1,11 +1,10 @@
-"""Loading LoRA adapters so that they really load.
+"""Loading LoRA adapters so that they really load (the video LLMs' and DeltaVLM's Vicuna adapter alike).
 
-Since transformers 5 the language model of these VLMs lives under
-``model.language_model.*``; an adapter saved against other names loads as
-"missing keys" and silently does nothing. ``load_adapter_verified`` checks that
-every tensor of the adapter file found a parameter in the model and now holds
-the saved value, remaps adapters saved with transformers-4 names, and fails
-loudly otherwise.
+An adapter saved against other module names loads as "missing keys" and silently does nothing (since
+transformers 5 the language model of the LLaVA VLMs lives under ``model.language_model.*``).
+``load_adapter_verified`` checks that every tensor of the adapter file found a parameter in the model and now
+holds the saved value, tries the caller's renames of older names (a model family's ``adapter_renames``), and
+fails loudly otherwise.
 """
 from __future__ import annotations
 
@@ -16,15 +15,9 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .modeling import VISION_MODULE_NAMES
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-# transformers 4 -> 5 names of the LLaVA-family modules (after PEFT's "base_model.model." prefix).
-_LEGACY_RENAMES = (
-    (re.compile(r"^language_model\.model\."), "model.language_model."),
-    (re.compile(r"^language_model\.lm_head\."), "lm_head."),
-    (re.compile(rf"^({'|'.join(VISION_MODULE_NAMES)})\."), r"model.\1."),
-)
+Renames = tuple[tuple[re.Pattern, str], ...]
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -39,15 +32,17 @@ def _unmatched(peft_model, saved: dict[str, torch.Tensor]) -> list[str]:
     return missing
 
 
-def legacy_to_current_key(key: str) -> str:
+def renamed_key(key: str, renames: Renames) -> str:
+    """``key`` after each (pattern, replacement) of ``renames``, applied to the name after PEFT's prefix."""
     body = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
-    for pattern, replacement in _LEGACY_RENAMES:
+    for pattern, replacement in renames:
         body = pattern.sub(replacement, body)
     return _PEFT_PREFIX + body
 
 
-def load_adapter_verified(model, adapter_dir: str | Path):
-    """Wrap ``model`` with the adapter in ``adapter_dir``; raise UserError if any adapter weight finds no home."""
+def load_adapter_verified(model, adapter_dir: str | Path, renames: Renames = ()):
+    """Wrap ``model`` with the adapter in ``adapter_dir``; raise UserError if any adapter weight finds no home.
+    When none does, the adapter is tried once more with its keys ``renames``d (names saved by older versions)."""
     from peft import PeftModel, set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -61,12 +56,12 @@ def load_adapter_verified(model, adapter_dir: str | Path):
         warnings.simplefilter("ignore")
         peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
     unmatched = _unmatched(peft_model, saved)
-    if unmatched and len(unmatched) == len(saved):
-        remapped = {legacy_to_current_key(k): v for k, v in saved.items()}
+    if unmatched and len(unmatched) == len(saved) and renames:
+        remapped = {renamed_key(k, renames): v for k, v in saved.items()}
         set_peft_model_state_dict(peft_model, remapped)
         unmatched = _unmatched(peft_model, remapped)
         if not unmatched:
-            print(f"adapter {adapter_dir.name}: remapped {len(saved)} transformers-4 key names to the current layout")
+            print(f"adapter {adapter_dir.name}: remapped {len(saved)} key names of an older layout (transformers 4) to the current one")
     if unmatched:
         shown = ", ".join(unmatched[:3])
         raise UserError(f"{weights}: {len(unmatched)} of {len(saved)} adapter weights found no parameter in the model "

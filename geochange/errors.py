@@ -24,3 +24,9 @@ def _excepthook(exc_type, exc, tb):  # pragma: no cover - exercised through subp
 
 def install_error_handler() -> None:
     sys.excepthook = _excepthook
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message cut to its first line (its type's name when it has none), for one-line errors."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UserError
@@ -57,3 +59,17 @@ def lock_for_writing(target: str | Path, what: str) -> WriterLock:
     handle.write(f"pid {os.getpid()}\n")
     handle.flush()
     return WriterLock(handle, path)
+
+
+@contextmanager
+def wait_for_lock(target: str | Path) -> Iterator[None]:
+    """Hold the lock of ``target`` for a short job that others may want at the same time (a first-use build):
+    they wait for it instead of stopping."""
+    path = lock_path(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

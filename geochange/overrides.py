@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import runpy
 import sys
 from typing import Any
 
 from .devices import is_main_process
 from .errors import UserError, install_error_handler
+from .paths import REPO_ROOT
 
 _SCALARS = (bool, int, float, str, type(None))
 _CONTAINERS = (list, tuple, dict)
@@ -117,3 +119,15 @@ def load_settings(scope: dict[str, Any], argv: list[str] | None = None, *, quiet
     ``scope`` (a script's ``globals()``) and return them as one frozen settings value."""
     apply_overrides(scope, argv, quiet=quiet)
     return make_settings(settings_of(scope))
+
+
+def script_constants(script: str, **overrides):
+    """A script's constants as its settings value, read from the file (its ``__main__`` steps do not run), with
+    ``overrides`` applied: what ``python <script> NAME=VALUE ...`` would build, for one script to run another's steps
+    (evaluation after training reads the evaluation script's own constants)."""
+    scope = runpy.run_path(str(REPO_ROOT / script), run_name="constants")
+    values = settings_of(scope)
+    unknown = sorted(set(overrides) - set(values))
+    if unknown:
+        raise UserError(f"{script} has no setting {', '.join(unknown)}")
+    return make_settings({**values, **overrides})

@@ -14,7 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .metrics import FALLBACK_TOKENIZER, GEOLLAVA_SBERT_MODEL
+from .coco_metrics import FALLBACK_TOKENIZER
+from .text_embeddings import GEOLLAVA_SBERT_MODEL
 
 GEOLLAVA_COLUMNS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "bleu": "BLEU", "sbert": "BERT"}
 DELTAVLM_COLUMNS = {"bleu1": "BLEU-1", "bleu4": "BLEU-4", "meteor": "METEOR", "rouge_l": "ROUGE-L", "cider": "CIDEr"}

@@ -13,8 +13,6 @@ DATA_DIR = Path(os.environ.get("GEOLLAVA_DATA_DIR", REPO_ROOT / "data"))
 SAMPLE_DIR = DATA_DIR / "sample"
 # Tiny offline checkpoints built once and then loaded through from_pretrained.
 CHECKPOINTS_DIR = Path(os.environ.get("GEOLLAVA_CHECKPOINTS_DIR", REPO_ROOT / "checkpoints"))
-RUNS_DIR = REPO_ROOT / "runs"
-RESULTS_DIR = REPO_ROOT / "results"
 
 
 def minilm_dir() -> Path:

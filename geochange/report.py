@@ -1,56 +1,62 @@
-"""Results.ipynb's leaderboard and training curves; the notebook's cells only call these.
+"""Results.ipynb's tables and figures; the notebook's cells only call these.
 
-Leaderboard: every ``results/*.metrics.json`` grouped by the test set it names (``test_set``: the annotation
-file's name, hash and split), one row per model (Video-LLaVA and LLaVA-NeXT-Video runs, base or fine-tuned, and
-DeltaVLM runs), the caption metrics all computed by ``geochange.metrics`` against every reference; the best of our
-runs per column marked; the published numbers beside them where the test set is a paper's
-(``annotations/paper_test_sets.csv``). DeltaVLM's batch mode scores captions under ``caption/<metric>``: on a
-file of captions that is every record, as for the video models; on a mixed instruction file it is the caption
-questions only (the ``samples`` column says how many).
+Our runs: every ``results/*.metrics.json`` as a row (model family, variant, run), the metrics of ``METRICS``, and
+which columns are computed as the papers computed theirs (``paper_comparison``). Beside the GeoLLaVA paper's
+published numbers: a bar chart per paper column. Examples: before and after side by side with the reference and
+the answer under them. DeltaVLM: its caption scores beside the published ones and its sub-task scores.
 
-Training curves: the loss and validation loss of every ``runs/*/run.json``, one figure per model family, each run
-labelled by its settings.
+Leaderboard: every metrics file grouped by the test set it names (``test_set``: the annotation file's name, hash
+and split), one row per model (Video-LLaVA and LLaVA-NeXT-Video runs, base or fine-tuned, and DeltaVLM runs), the
+caption metrics all computed by ``geochange.metrics`` against every reference; the best of our runs per column
+marked; the published numbers beside them where the test set is a paper's (``annotations/paper_test_sets.csv``).
+DeltaVLM's batch mode scores captions under ``caption/<metric>``: on a file of captions that is every record, as for
+the video models; on a mixed instruction file it is the caption questions only (the ``samples`` column says how many).
+
+Training curves: the loss and validation loss of every ``runs/*/run.json``, one figure per model family.
 """
 from __future__ import annotations
 
 import csv
 import json
+import textwrap
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from .deltavlm import DISPLAY_NAME as DELTAVLM_NAME
+from .deltavlm import FAMILY_ID as DELTAVLM_ID
+from .metrics import METRIC_NAMES
+from .paper_comparison import DELTAVLM_COLUMNS, GEOLLAVA_COLUMNS, comparability_rows, not_comparable
 from .paths import ANNOTATIONS_DIR
+from .results import read_jsonl
+from .video import read_video_frames
+from .video_llm.families import FAMILIES
 
-# Caption metrics in the order shown; the GeoLLaVA paper's "BERT" is our sentence-embedding ``sbert``.
-METRIC_NAMES = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "bleu": "BLEU", "sbert": "BERT (sbert)",
-                "bertscore_f1": "BERTScore F1", "bleu1": "BLEU-1", "bleu4": "BLEU-4", "meteor": "METEOR",
-                "rouge_l": "ROUGE-L (coco)", "cider": "CIDEr"}
-FAMILY_NAMES = {"videollava": "Video-LLaVA", "llavanext": "LLaVA-NeXT-Video", "deltavlm": "DeltaVLM"}
+FAMILY_NAMES = {**{family.id: family.display_name for family in FAMILIES.values()}, DELTAVLM_ID: DELTAVLM_NAME}
 PAPER_TEST_SETS = ANNOTATIONS_DIR / "paper_test_sets.csv"
+GEOLLAVA_PAPER = ANNOTATIONS_DIR / "geollava_paper_results.csv"
+DELTAVLM_PAPER = ANNOTATIONS_DIR / "deltavlm_paper_results.csv"
 NOT_RECORDED = "test set not recorded (older or rescored results)"
 OURS, PUBLISHED = "ours", "published"
+NO_RESULTS = ("No results yet: {folder} holds no *.metrics.json. Run for example\n"
+              "    python videollava_finetune.py MODEL_ID=tiny\n"
+              "    python videollava_test.py MODEL_ID=tiny MODEL_PATH=base\n"
+              "then run this notebook again.")
+# What a figure cannot draw (a base model's random tokens in scripts the font lacks) is shown as this.
+UNDRAWABLE = "\u25a1"
 
 
-@dataclass
-class Leaderboard:
-    """One test set's table: index = row label; columns source, model, samples, then the metrics."""
-    test_set: dict[str, Any] | None
-    title: str
-    table: Any  # pandas.DataFrame
-    best: dict[str, str]  # metric -> the label of our best row
+# ----------------------------------------------------------------------------------------------- rows of ours
 
-    @property
-    def metrics(self) -> list[str]:
-        return [m for m in METRIC_NAMES if m in self.table and self.table[m].notna().any()]
+def read_metrics_files(results_dir: str | Path) -> list[dict[str, Any]]:
+    """Every ``*.metrics.json`` in ``results_dir``, in name order."""
+    return [json.loads(path.read_text(encoding="utf-8")) for path in sorted(Path(results_dir).glob("*.metrics.json"))]
 
 
-# ----------------------------------------------------------------------------------------------- leaderboard
-
-def test_set_title(test_set: dict[str, Any] | None) -> str:
-    if not test_set:
-        return NOT_RECORDED
-    split = f", split {test_set['split']}" if test_set.get("split") else ""
-    return f"{test_set['file']}{split} (sha256 {test_set['sha256'][:10]})"
+def is_deltavlm(record: dict[str, Any]) -> bool:
+    return (any(key.startswith("caption/") for key in record.get("metrics", {}))
+            or str(record.get("model", "")).startswith(DELTAVLM_NAME))
 
 
 def settings_label(run: dict[str, Any]) -> str:
@@ -73,14 +79,14 @@ def _run_file(model_path: str, repo: Path) -> Path:
 
 
 def result_row(record: dict[str, Any], repo: Path) -> dict[str, Any]:
-    """One metrics file as a leaderboard row: label, family, model, samples and the caption metrics."""
+    """One metrics file as a row: label, family, model (variant), run, samples and the caption metrics."""
     metrics = record.get("metrics", {})
     run = record.get("run", "?")
-    if any(key.startswith("caption/") for key in metrics) or str(record.get("model", "")).startswith("DeltaVLM"):
+    if is_deltavlm(record):
         scores = {key.split("/", 1)[1]: value for key, value in metrics.items() if key.startswith("caption/")}
         samples = record.get("tasks", {}).get("caption", {}).get("samples", record.get("num_samples"))
-        checkpoint = str(record.get("model", "")).removeprefix("DeltaVLM (").removesuffix(")")
-        family, variant = "DeltaVLM", record.get("settings", {}).get("CHECKPOINT") or checkpoint
+        checkpoint = str(record.get("model", "")).removeprefix(f"{DELTAVLM_NAME} (").removesuffix(")")
+        family, variant = DELTAVLM_NAME, record.get("settings", {}).get("CHECKPOINT") or checkpoint
     else:
         scores, samples = dict(metrics), record.get("num_samples")
         family = FAMILY_NAMES.get(record.get("family"), record.get("family") or "rescored")
@@ -92,13 +98,208 @@ def result_row(record: dict[str, Any], repo: Path) -> dict[str, Any]:
             variant = settings_label(json.loads(run_file.read_text(encoding="utf-8")))
         else:
             variant = Path(model_path).name if model_path else str(record.get("model", ""))
-    return {"label": f"{family} {variant} [{run}]", "source": OURS, "family": family, "model": variant,
+    return {"label": f"{family} {variant} [{run}]", "source": OURS, "family": family, "model": variant, "run": run,
             "samples": samples, **{key: scores[key] for key in METRIC_NAMES if key in scores}}
 
 
-def read_metrics_files(results_dir: str | Path) -> list[dict[str, Any]]:
-    """Every ``*.metrics.json`` in ``results_dir``, in name order."""
-    return [json.loads(path.read_text(encoding="utf-8")) for path in sorted(Path(results_dir).glob("*.metrics.json"))]
+@dataclass
+class OurRuns:
+    """Every metrics file of a results folder: ``table`` a row each (``result_row`` and what is missing, in name
+    order), ``records`` the files themselves by run name."""
+    table: Any  # pandas.DataFrame
+    records: dict[str, dict[str, Any]]
+
+    @property
+    def empty(self) -> bool:
+        return self.table.empty
+
+    def of(self, deltavlm: bool):
+        """The rows of DeltaVLM's runs (True) or of the video models' (False)."""
+        if self.table.empty:
+            return self.table
+        return self.table[(self.table.family == DELTAVLM_NAME) == deltavlm]
+
+
+def our_runs(results_dir: str | Path, repo: str | Path) -> OurRuns:
+    """Every metrics file as a row (``result_row``), with what is missing and why."""
+    import pandas as pd
+
+    rows, records = [], {}
+    for record in read_metrics_files(results_dir):
+        row = result_row(record, Path(repo))
+        row["missing"] = ", ".join(f"{k} ({v})" for k, v in record.get("missing", {}).items())
+        rows.append(row)
+        records[row["run"]] = record
+    return OurRuns(pd.DataFrame(rows), records)
+
+
+def video_runs_table(runs: OurRuns):
+    """The video models' runs in the GeoLLaVA paper's layout: its columns first (by its names), then the others."""
+    video = runs.of(deltavlm=False).set_index(["family", "model", "run"])
+    columns = [c for c in [*GEOLLAVA_COLUMNS, *METRIC_NAMES] if c in video]
+    return video[list(dict.fromkeys(columns)) + ["samples"]].rename(columns=GEOLLAVA_COLUMNS)
+
+
+def comparability_tables(results_dir: str | Path):
+    """(every paper column of every run: computed as the paper did, "yes" or "no"; and why not, where not)."""
+    import pandas as pd
+
+    marks = pd.DataFrame(comparability_rows(read_metrics_files(results_dir)))
+    if marks.empty:
+        return marks, marks
+    return (marks.pivot(index=["paper", "run"], columns="column", values="as_paper"),
+            marks[marks.why != ""].set_index(["run", "column"])[["as_paper", "why"]])
+
+
+def published_geollava():
+    """The GeoLLaVA paper's published table (fMoW val), its "bert" column shown as "BERT"."""
+    import pandas as pd
+
+    paper = pd.read_csv(GEOLLAVA_PAPER)
+    return paper.set_index(["model_family", "variant"]).rename(columns={"bert": "BERT", **GEOLLAVA_COLUMNS})
+
+
+# ----------------------------------------------------------------------------------------------- figures
+
+@lru_cache(maxsize=1)
+def _drawable_codepoints() -> frozenset[int]:
+    """The characters matplotlib's default font can draw."""
+    from matplotlib import font_manager, rcParams
+    from matplotlib.ft2font import FT2Font
+
+    path = font_manager.findfont(font_manager.FontProperties(family=rcParams["font.family"]))
+    return frozenset(FT2Font(path).get_charmap())
+
+
+def drawable(text: str) -> tuple[str, int]:
+    """``text`` with every character the font cannot draw replaced by UNDRAWABLE, and how many were: no wall of
+    "Glyph missing from font" warnings for a base model's random tokens. ``$`` is escaped (no mathtext)."""
+    known = _drawable_codepoints()
+    kept = [c if (ord(c) in known or c in "\n ") else UNDRAWABLE for c in text]
+    return "".join(kept).replace("$", r"\$"), sum(c == UNDRAWABLE for c in kept) - text.count(UNDRAWABLE)
+
+
+def paper_chart(runs: OurRuns):
+    """One horizontal bar chart per GeoLLaVA paper column: the published numbers (grey), our runs (blue; orange
+    where computed otherwise than the paper)."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    paper = pd.read_csv(GEOLLAVA_PAPER).rename(columns={"bert": "sbert"})
+    rows = [(f"{r.model_family} | {r.variant} (published)", "paper", None, r) for r in paper.itertuples()]
+    for row in runs.of(deltavlm=False).itertuples():
+        rows.append((f"{row.family} | {row.model} [{row.run}]", "ours", row.run, row))
+    columns = list(GEOLLAVA_COLUMNS)
+    fig, axes = plt.subplots(1, len(columns), figsize=(3.4 * len(columns), 0.42 * len(rows) + 1.6), squeeze=False)
+    for ax, metric in zip(axes[0], columns):
+        labels, values, colours = [], [], []
+        for label, source, run, row in rows:
+            value = getattr(row, metric, None)
+            if value is None or value != value:  # absent or NaN
+                continue
+            labels.append(label)
+            values.append(value)
+            colours.append("tab:gray" if source == "paper" else
+                           "tab:orange" if not_comparable(runs.records[run], metric) else "tab:blue")
+        ax.barh(range(len(values)), values, color=colours)
+        ax.set_yticks(range(len(values)), labels if ax is axes[0][0] else [""] * len(values), fontsize=9)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
+        ax.set_title(GEOLLAVA_COLUMNS[metric], fontsize=11)
+    fig.suptitle("grey: GeoLLaVA paper, blue: our runs, orange: our runs computed otherwise than the paper",
+                 fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def example_runs(runs: OurRuns, count: int = 2) -> list[str]:
+    """The first video runs, whose answers are shown."""
+    video = runs.of(deltavlm=False)
+    return list(video.run[:count]) if not video.empty else []
+
+
+def example_figure(results_dir: str | Path, run: str, repo: str | Path, count: int = 3):
+    """Before and after side by side and large, the reference and the answer wrapped under them, for the first
+    ``count`` answers of ``run``; None when the run has no answers file."""
+    import matplotlib.pyplot as plt
+
+    results_dir = Path(results_dir)
+    answers = results_dir / f"{run}.jsonl"
+    if not answers.is_file():
+        return None
+    metrics = json.loads((results_dir / f"{run}.metrics.json").read_text(encoding="utf-8"))
+    video_dir = Path(metrics.get("settings", {}).get("VIDEO_DIR") or Path(repo) / "data" / "sample" / "videos")
+    records = read_jsonl(answers)[:count]
+    fig = plt.figure(figsize=(10, 6.4 * len(records)))
+    rows = fig.add_gridspec(len(records), 1, hspace=0.12)
+    replaced = 0
+    for row, record in zip(rows, records):
+        cell = row.subgridspec(2, 2, height_ratios=[4.6, 1.4], wspace=0.03, hspace=0.02)
+        video = video_dir / record["video"]
+        frames = read_video_frames(video, 2) if video.is_file() else (None, None)
+        for column, (frame, title) in enumerate(zip(frames, ("before", "after"))):
+            ax = fig.add_subplot(cell[0, column])
+            if frame is not None:
+                ax.imshow(frame)
+            ax.set_title(f"{title}: {record['video']}" if column == 0 else title, fontsize=11)
+            ax.axis("off")
+        true = record["true"] if isinstance(record["true"], str) else " | ".join(record["true"])
+        text, bad = drawable(f"reference: {true}\nanswer: {record['generated'] or '(empty)'}")
+        replaced += bad
+        caption = fig.add_subplot(cell[1, :])
+        caption.axis("off")
+        wrapped = "\n".join(textwrap.fill(line, 110) for line in text.split("\n"))
+        caption.text(0, 1, wrapped, va="top", ha="left", fontsize=10, transform=caption.transAxes)
+    note = f" ({replaced} characters the font cannot draw shown as {UNDRAWABLE})" if replaced else ""
+    fig.suptitle(f"{run}{note}", fontsize=12, y=0.995)
+    return fig
+
+
+def deltavlm_tables(runs: OurRuns) -> list:
+    """DeltaVLM's caption scores beside the published ones, and its sub-task scores (the published row alone
+    without runs)."""
+    import pandas as pd
+
+    paper = pd.read_csv(DELTAVLM_PAPER) if DELTAVLM_PAPER.exists() else pd.DataFrame()
+    delta = runs.of(deltavlm=True)
+    if delta.empty:
+        return [paper]
+    published = paper.assign(run=paper.model + " " + paper.variant + " (published)").set_index("run")
+    captions = pd.concat([published[[c for c in DELTAVLM_COLUMNS if c in published]],
+                          delta.set_index("run")[[c for c in DELTAVLM_COLUMNS if c in delta]]])
+    tables = [captions.rename(columns=DELTAVLM_COLUMNS)]
+    subtasks = {}
+    for record in runs.records.values():
+        if is_deltavlm(record):
+            subtasks[record.get("run", "?")] = {tuple(k.split("/", 1)): v for k, v in record.get("metrics", {}).items()
+                                                if "/" in k and not k.startswith("caption/")}
+    if any(subtasks.values()):
+        table = pd.DataFrame(subtasks)
+        table.index = table.index.set_names(["task", "score"])
+        tables.append(table.dropna(how="all"))
+    return tables
+
+
+# ----------------------------------------------------------------------------------------------- leaderboard
+
+@dataclass
+class Leaderboard:
+    """One test set's table: index = row label; columns source, family, model, samples, then the metrics."""
+    test_set: dict[str, Any] | None
+    title: str
+    table: Any  # pandas.DataFrame
+    best: dict[str, str]  # metric -> the label of our best row
+
+    @property
+    def metrics(self) -> list[str]:
+        return [m for m in METRIC_NAMES if m in self.table and self.table[m].notna().any()]
+
+
+def test_set_title(test_set: dict[str, Any] | None) -> str:
+    if not test_set:
+        return NOT_RECORDED
+    split = f", split {test_set['split']}" if test_set.get("split") else ""
+    return f"{test_set['file']}{split} (sha256 {test_set['sha256'][:10]})"
 
 
 def paper_test_sets(path: str | Path = PAPER_TEST_SETS) -> list[dict[str, str]]:
@@ -155,7 +356,7 @@ def leaderboards(results_dir: str | Path, repo: str | Path | None = None,
 
 
 def styled(board: Leaderboard):
-    """The table for display: metric columns by their paper names, our best per column in bold on green."""
+    """The table for display: metric columns by their names, our best per column in bold on green."""
     def mark(column):
         best = board.best.get(column.name)
         return ["font-weight: bold; background-color: #d4f4d4" if label == best else "" for label in column.index]
@@ -166,23 +367,34 @@ def styled(board: Leaderboard):
 
 
 def leaderboard_chart(board: Leaderboard):
-    """One horizontal bar chart per metric; published numbers grey, our runs blue, our best per metric green."""
+    """The leaderboard as a heat map readable at a glance: a row per model, a column per metric, each cell its
+    value; colour runs from the column's lowest (light) to its highest (dark), our best per column boxed,
+    published rows labelled in italics."""
     import matplotlib.pyplot as plt
+    import numpy as np
 
     metrics = board.metrics
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 0.5 * len(board.table) + 1.8),
-                             squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
-        data = board.table[metric].dropna()
-        colours = ["tab:gray" if board.table.source[label] == PUBLISHED else
-                   "tab:green" if board.best.get(metric) == label else "tab:blue" for label in data.index]
-        ax.barh(list(data.index), data.values, color=colours)
-        ax.set_title(METRIC_NAMES[metric])
-        ax.invert_yaxis()
-        ax.tick_params(axis="y", labelsize=7)
-        if ax is not axes[0][0]:
-            ax.set_yticklabels([])
-    fig.suptitle(f"{board.title}  (grey: published, blue: our runs, green: our best)")
+    values = board.table[metrics].astype(float).to_numpy()
+    low, high = np.nanmin(values, axis=0), np.nanmax(values, axis=0)
+    shade = (values - low) / np.where(high > low, high - low, 1.0)
+    labels = [drawable(label)[0] for label in board.table.index]
+    fig, ax = plt.subplots(figsize=(1.05 * len(metrics) + 0.085 * max(map(len, labels)) + 1,
+                                    0.5 * len(labels) + 1.9))
+    ax.imshow(np.ma.masked_invalid(shade), cmap="Greens", vmin=-0.15, vmax=1.25, aspect="auto")
+    for i, row in enumerate(values):
+        for j, value in enumerate(row):
+            if value == value:  # not NaN
+                ours_best = board.best.get(metrics[j]) == board.table.index[i]
+                ax.text(j, i, f"{value:.3f}", ha="center", va="center", fontsize=9,
+                        fontweight="bold" if ours_best else "normal", color="white" if shade[i, j] > 0.6 else "black")
+                if ours_best:
+                    ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", lw=1.5))
+    ax.set_xticks(range(len(metrics)), [METRIC_NAMES[m] for m in metrics], rotation=35, ha="right", fontsize=10)
+    ax.set_yticks(range(len(labels)), labels, fontsize=10)
+    for tick, source in zip(ax.get_yticklabels(), board.table.source):
+        tick.set_fontstyle("italic" if source == PUBLISHED else "normal")
+    ax.set_title(f"{board.title}\ncolour: per column, light = lowest, dark = highest; boxed = our best "
+                 "(italic rows: published)", fontsize=11)
     fig.tight_layout()
     return fig
 
@@ -206,11 +418,12 @@ def training_curves(runs_dir: str | Path) -> dict[str, Any]:
 
     by_family: dict[str, list[dict]] = {}
     for run in read_training_runs(runs_dir):
-        by_family.setdefault(FAMILY_NAMES.get(run.get("family"), str(run.get("family"))), []).append(run)
+        family = run.get("family") or (DELTAVLM_ID if "sources" in run else None)
+        by_family.setdefault(FAMILY_NAMES.get(family, str(family)), []).append(run)
     figures = {}
     for family, runs in by_family.items():
-        fig, ax = plt.subplots(figsize=(9, 4.5))
-        labels = [settings_label(run) for run in runs]
+        fig, ax = plt.subplots(figsize=(10, 5))
+        labels = [settings_label(run) if run.get("mode") else run["run_dir"] for run in runs]
         for number, (run, label) in enumerate(zip(runs, labels)):
             if labels.count(label) > 1:
                 label = f"{label} [{run['run_dir']}]"
@@ -224,7 +437,7 @@ def training_curves(runs_dir: str | Path) -> dict[str, Any]:
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.set_title(f"{family}: training loss (solid) and validation loss (dashed)")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=9)
         fig.tight_layout()
         figures[family] = fig
     return figures

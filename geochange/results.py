@@ -21,6 +21,7 @@ from typing import Any
 from .errors import UserError
 from .fileio import atomic_write_text
 from .metrics import MetricsReport, compute_metrics_report
+from .runs import differing_settings
 
 USAGE = "usage: python common.py score FILE...   (results files: ours, .jsonl, or GeoLLaVA's .json)"
 
@@ -114,11 +115,6 @@ def remove_results(results_dir: str | Path, run: str) -> list[Path]:
             path.unlink()
             removed.append(path)
     return removed
-
-
-def differing_settings(written: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """The names whose values differ between settings written earlier and the settings of this run."""
-    return sorted(k for k in set(written) | set(now) if written.get(k) != now.get(k))
 
 
 def check_run_settings(path: Path, settings: dict, results: Path, *, redo: str = "delete it") -> None:

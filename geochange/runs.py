@@ -1,31 +1,20 @@
-"""A fine-tuning run on disk: its ``run.json``, its (pruned) base, loading it back, merging, fingerprints.
-
-Shared by fine-tuning (which writes runs) and evaluation (which reads them), so
-neither has to import the other.
-"""
+"""A training run on disk, as both recipes keep it: its ``run.json`` (settings, versions, data hashes, curves), the
+run directory's name, and whether a rerun may resume it."""
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata as md
 import json
 import platform
+import re
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .adapters import ADAPTER_WEIGHTS, load_adapter_verified
 from .errors import UserError
 from .fileio import atomic_write_text, file_sha256
-from .modeling import load_model, load_processor, model_label, resolve_model_path
-from .overrides import make_settings
-from .paths import CHECKPOINTS_DIR
-from .pruning import apply_pruning_masks, measure_sparsity, prune_model, pruning_masks
 
 RUN_FILE = "run.json"
-MERGED_DIR = "merged"
-# Weight files up to this size are fingerprinted by content, larger ones by size and modification time.
-_HASHED_WEIGHTS_MAX_BYTES = 256 << 20
+# Settings that cannot change what a run trains or how it is scored: a resume may change them.
+RESUME_MAY_CHANGE = ("OVERWRITE", "NUM_WORKERS", "LOGGING_STEPS", "EVAL_BATCH_SIZE", "SAVE_TOTAL_LIMIT")
 
 
 def write_run_file(run_dir: Path, record: dict[str, Any]) -> None:
@@ -51,7 +40,7 @@ def data_files(cfg, names: tuple[str, ...]) -> dict[str, dict[str, str]]:
 def library_versions() -> dict[str, str]:
     """The versions a run was made with, for its run.json."""
     versions = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "peft", "accelerate", "bitsandbytes"):
+    for name in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "deepspeed"):
         try:
             versions[name] = md.version(name)
         except md.PackageNotFoundError:
@@ -59,101 +48,40 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def pruned_base(model_path: str, family: str, cfg) -> tuple[str, dict[str, float]]:
-    """Prune the full-precision weights once and keep the result on disk.
-
-    QLoRA quantises at load time, so pruning must come first and be saved; the
-    same pruned base then serves training, evaluation and merging.
-    """
-    label = model_label(cfg.MODEL_ID, family)
-    vision = "-vision" if cfg.PRUNE_VISION else ""
-    target = CHECKPOINTS_DIR / "pruned" / f"{label}_{cfg.PRUNE_METHOD}{cfg.PRUNE_AMOUNT:g}{vision}"
-    marker = target / "pruning.json"
-    if marker.exists():
-        return str(target), json.loads(marker.read_text())["sparsity"]
-    print(f"pruning {label}: {cfg.PRUNE_METHOD} {cfg.PRUNE_AMOUNT:.1%} of the full-precision weights -> {target}")
-    model = load_model(model_path, family)
-    sparsity = prune_model(model, cfg.PRUNE_METHOD, cfg.PRUNE_AMOUNT, include_vision=cfg.PRUNE_VISION)
-    target.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(target)
-    load_processor(model_path).save_pretrained(target)
-    marker.write_text(json.dumps({"source": model_path, "method": cfg.PRUNE_METHOD, "amount": cfg.PRUNE_AMOUNT,
-                                  "include_vision": cfg.PRUNE_VISION, "sparsity": sparsity}, indent=2))
-    del model
-    return str(target), sparsity
+def differing_settings(written: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The names whose values differ between settings written earlier and the settings of this run."""
+    return sorted(k for k in set(written) | set(now) if written.get(k) != now.get(k))
 
 
-def run_base_path(cfg, family: str) -> str:
-    """The weights a run's adapter was trained on: MODEL_ID, or its cached pruned copy."""
-    base_path = resolve_model_path(cfg.MODEL_ID, family)
-    if cfg.PRUNE:
-        base_path, _ = pruned_base(base_path, family, cfg)
-    return base_path
+def _short(value: Any) -> str:
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-")[:24]
 
 
-def load_run_model(run_dir: str | Path, family: str, *, load_in_4bit: bool = False,
-                   device: torch.device | None = None):
-    """A fine-tuned model from its run directory: full weights, or (pruned) base + verified adapter."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"MODEL_PATH {run_dir} is not a run directory (and not 'base')")
-    record = read_run_file(run_dir) or {}
-    if not (run_dir / ADAPTER_WEIGHTS).exists():
-        if not (run_dir / "config.json").exists():
-            raise UserError(f"{run_dir}: holds neither an adapter nor model weights")
-        return load_model(str(run_dir), family, bits=4 if load_in_4bit else None, device=device)
-    if record:
-        base_path = run_base_path(make_settings(record["settings"]), family)
-        bits = record.get("quant_bits") or (4 if load_in_4bit else None)
-    else:  # an adapter from elsewhere (e.g. GeoLLaVA's releases): its config names the base
-        base_path = json.loads((run_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
-        bits = 4 if load_in_4bit else None
-    model = load_model(base_path, family, bits=bits, device=device)
-    return load_adapter_verified(model, run_dir)
+def suggested_run_name(run_name: str, settings: dict[str, Any], differing: list[str]) -> str:
+    """A name for a new run beside ``run_name``: the settings that differ appended (``_lr0.001_seed7``)."""
+    parts = [f"{key.lower().replace('_', '')}{_short(settings.get(key))}" for key in differing[:3]]
+    return "_".join([run_name, *parts]) if parts else f"{run_name}_2"
 
 
-def merge_and_save(run_dir: Path, family: str) -> Path:
-    """Merged full-precision weights for deployment, in ``run_dir/merged``.
-
-    A pruned run's adapter would revive the pruned weights (B·A is dense), so the
-    base's pruning masks are applied again after merging; the sparsity measured on
-    the merged weights goes into ``run.json`` as ``sparsity_after_merging``.
-    """
+def resume_state(run_dir: Path, settings: dict[str, Any], *, overwrite: bool) -> str:
+    """What to do with ``run_dir``: ``"new"``, ``"resume"`` (an unfinished run under the same settings, those
+    of RESUME_MAY_CHANGE aside) or ``"replace"`` (OVERWRITE=True over a finished run or other settings).
+    Without OVERWRITE, a finished run or one written under other settings stops with one line that names the ways
+    out: the settings to restore, a new RUN_NAME (or OUTPUT_DIR) beside it, or OVERWRITE=True."""
     record = read_run_file(run_dir)
-    settings = make_settings(record["settings"])
-    base = load_model(run_base_path(settings, family), family)
-    masks = pruning_masks(base, include_vision=settings.PRUNE_VISION) if settings.PRUNE else {}
-    # QLoRA adapters are merged into the full-precision base, not the quantised one.
-    merged = load_adapter_verified(base, run_dir).merge_and_unload()
-    if settings.PRUNE:
-        apply_pruning_masks(merged, masks)
-        record["sparsity_after_merging"] = measure_sparsity(merged, settings.PRUNE_VISION)
-        write_run_file(run_dir, record)
-    target = run_dir / MERGED_DIR
-    merged.save_pretrained(target)
-    load_processor(str(run_dir)).save_pretrained(target)
-    print(f"merged weights written to {target}")
-    return target
-
-
-def weights_fingerprint(model_path: str) -> str:
-    """A short hash that changes whenever the weights in ``model_path`` change (a retrained or re-merged run).
-
-    Covers the top-level weight and config files of a local folder: small ones (adapters,
-    configs, the tiny models) by content, large ones by size and modification time. A
-    Hub id that is not a local folder is fingerprinted by its name only.
-    """
-    folder = Path(model_path)
-    digest = hashlib.sha256()
-    if not folder.is_dir():
-        digest.update(f"hub:{model_path}".encode())
-        return digest.hexdigest()[:16]
-    files = sorted(p for p in folder.iterdir() if p.is_file()
-                   and (p.suffix in (".safetensors", ".bin", ".pt", ".pth") or p.name == "config.json"))
-    if not files:
-        raise UserError(f"{folder}: holds no model or adapter weights")
-    for path in files:
-        stat = path.stat()
-        content = file_sha256(path) if stat.st_size <= _HASHED_WEIGHTS_MAX_BYTES else f"{stat.st_size}:{stat.st_mtime_ns}"
-        digest.update(f"{path.name}={content};".encode())
-    return digest.hexdigest()[:16]
+    if record is None:
+        return "resume" if any(run_dir.glob("checkpoint-*")) else "new"
+    keep = lambda values: {k: v for k, v in values.items() if k not in RESUME_MAY_CHANGE}  # noqa: E731
+    differing = differing_settings(keep(record.get("settings", {})), keep(settings))
+    finished = bool(record.get("completed"))
+    if not (finished or differing):
+        return "resume"
+    if overwrite:
+        return "replace"
+    beside = (f"set RUN_NAME={suggested_run_name(run_dir.name, settings, differing)} (or another OUTPUT_DIR than "
+              f"{run_dir.parent}) for a new run beside it, or OVERWRITE=True to train it again (deleting it)")
+    if differing:
+        raise UserError(f"{run_dir} holds a run with other settings ({', '.join(differing)}); restore them to "
+                        f"resume it, {beside}")
+    raise UserError(f"{run_dir} already holds a finished run; {beside}")

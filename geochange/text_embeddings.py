@@ -1,4 +1,5 @@
-"""The embedding metrics: BERTScore F1 and sentence-embedding cosine ("sbert"), at one encoder pass per text.
+"""The embedding metrics: BERTScore F1 and sentence-embedding cosine ("sbert"), at one encoder pass per text, and
+their models (loaded once per process; GeoLLaVA's sbert model falls back to the offline MiniLM).
 
 Each unique text is encoded once per model, in batches of similar length, on
 the chosen device. When BERTScore and sbert use the same encoder (the offline
@@ -18,10 +19,19 @@ embeddings practically never have such tokens (all cosines < 0).
 """
 from __future__ import annotations
 
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
+from typing import Iterator, Sequence
 
+from .errors import first_line
+from .paths import minilm_dir
+
+# all-MiniLM-L6-v2 has 6 layers; BERTScore uses the last one (bert-score has no tuned layer for it).
+DEFAULT_BERTSCORE_LAYERS = 6
+# The GeoLLaVA paper's "BERT" column: cosine of these sentence embeddings (its Eval.ipynb).
+GEOLLAVA_SBERT_MODEL = "sentence-transformers/bert-base-nli-mean-tokens"
 # Texts per forward pass; the texts are sorted by token count first, so padding stays small.
 ENCODE_BATCH_SIZE = 128
 # Candidate-reference pairs matched per batched similarity product.
@@ -168,3 +178,146 @@ def best_per_sample(values, samples, count: int) -> list[float]:
     best = torch.zeros(count, dtype=values.dtype)
     best.scatter_reduce_(0, samples.cpu(), values.cpu(), reduce="amax", include_self=False)
     return best.tolist()
+
+
+# --------------------------------------------------------------------------- the models, loaded once
+
+def bertscore_layers_for(model: str) -> int:
+    """bert-score's tuned layer for a model it knows, else the model's last layer."""
+    from bert_score.utils import model2layers
+
+    if model in model2layers:
+        return model2layers[model]
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(model).num_hidden_layers)
+
+
+@lru_cache(maxsize=4)
+def sentence_model(model: str, device: str):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(model, device=device)
+
+
+def mean_pooling_pipeline(model) -> bool:
+    """Whether a SentenceTransformer is transformer -> mean pooling (-> normalise): then its sentence embedding
+    (up to scale, which a cosine ignores) is the masked mean of the transformer's last layer."""
+    modules = list(model)
+    names = [type(m).__name__ for m in modules]
+    if names[:2] != ["Transformer", "Pooling"] or names[2:] not in ([], ["Normalize"]):
+        return False
+    config = modules[1].get_config_dict()
+    return config.get("pooling_mode") == "mean" and config.get("include_prompt", True)
+
+
+def load_embedding_model(key: str, model: str | None, layers: int | None, device: str) -> tuple[str, int | None]:
+    """(model, layers) after loading it once (cached); raises OSError with the reason when it cannot be loaded."""
+    name = model
+    try:
+        if name is None:
+            name = str(minilm_dir())
+        with _quiet_loading():
+            if key == "sbert":
+                sentence_model(name, device)
+                return name, None
+            if layers is None:
+                layers = DEFAULT_BERTSCORE_LAYERS if model is None else bertscore_layers_for(name)
+            encoder = load_encoder(name, device)
+            if not 1 <= layers <= encoder.model.config.num_hidden_layers:
+                raise OSError(f"layer {layers} is not one of the model's 1..{encoder.model.config.num_hidden_layers}")
+        return name, layers
+    except ImportError as exc:
+        raise OSError(f"a library is missing: {first_line(exc)}") from None
+    except Exception as exc:  # offline with no local copy, no such folder, unknown architecture...
+        raise OSError(f"model {name!r} could not be loaded: {first_line(exc)}") from None
+
+
+@lru_cache(maxsize=8)
+def sbert_with_fallback(requested: str, device: str) -> tuple[str, str]:
+    """(the sbert model used, why it is not the requested one or ""). GeoLLaVA's model falls back to the offline
+    MiniLM, with one warning line per process; any other model that cannot be loaded raises OSError."""
+    try:
+        return load_embedding_model("sbert", requested, None, device)[0], ""
+    except OSError as exc:
+        if requested != GEOLLAVA_SBERT_MODEL:
+            raise
+        reason = str(exc)
+    fallback = load_embedding_model("sbert", str(minilm_dir()), None, device)[0]
+    print(f"warning: sbert: {reason}; using the offline all-MiniLM-L6-v2 instead, so sbert is not comparable "
+          f"with GeoLLaVA's BERT column", file=sys.stderr)
+    return fallback, reason
+
+
+def embedding_scores(refs: list[list[str]], preds: list[str], *, bertscore: tuple[str, int] | None,
+                     sbert: str | None, device: str) -> dict[str, list[float]]:
+    """Per-sample ``bertscore_f1`` and/or ``sbert`` (models already loaded), each unique text encoded once per model.
+
+    BERTScore: best reference by F1; an empty prediction scores 0 and empty
+    references are skipped (bert-score's rule for empty sentences, whose own
+    handling crashes with transformers 5). sbert: GeoLLaVA's plain cosine of the
+    two sentence embeddings, best reference, empty texts included.
+    """
+    import torch
+
+    texts, index = unique_texts(preds, *refs)
+    out: dict[str, list[float]] = {}
+    sentences = sentence_model(sbert, device) if sbert else None
+    shared = (bertscore is not None and sentences is not None and bertscore[0] == sbert
+              and mean_pooling_pipeline(sentences))
+    token_embeddings, sentence_embeddings = None, None
+    if shared:
+        # The sentence model's own transformer serves both metrics in one pass.
+        model = sentences[0].auto_model
+        encoder = Encoder(sbert, model, sentences.tokenizer, torch.device(device),
+                          bertscore_max_length(sentences.tokenizer, model.config))
+        token_embeddings, sentence_embeddings = encode(encoder, texts, bertscore[1], pooled=True)
+        # sentence-transformers cuts texts at its own max_seq_length: those few get their own pass.
+        lengths = token_embeddings.lengths.tolist()
+        longer = [k for k, n in enumerate(lengths) if n > sentences.max_seq_length]
+        if longer:
+            sentence_embeddings[longer] = sentences.encode([texts[k] for k in longer], convert_to_tensor=True,
+                                                                show_progress_bar=False).to(sentence_embeddings)
+    else:
+        if bertscore is not None:
+            token_embeddings, _ = encode(load_encoder(bertscore[0], device), texts, bertscore[1], pooled=False)
+        if sentences is not None:
+            sentence_embeddings = sentences.encode(texts, batch_size=ENCODE_BATCH_SIZE, convert_to_tensor=True,
+                                                        show_progress_bar=False)
+    if token_embeddings is not None:
+        pairs = sorted({(index[p], index[r], i) for i, (group, p) in enumerate(zip(refs, preds)) if p.strip()
+                        for r in group if r.strip()})
+        distinct = sorted({(c, r) for c, r, _ in pairs})
+        f1 = bertscore_pairs(token_embeddings, torch.tensor([c for c, _ in distinct], dtype=torch.long,
+                                                            device=token_embeddings.flat.device),
+                             torch.tensor([r for _, r in distinct], dtype=torch.long,
+                                          device=token_embeddings.flat.device))
+        where = {pair: k for k, pair in enumerate(distinct)}
+        values = f1[[where[(c, r)] for c, r, _ in pairs]] if pairs else torch.zeros(0)
+        out["bertscore_f1"] = best_per_sample(values, torch.tensor([i for _, _, i in pairs], dtype=torch.long),
+                                              len(preds))
+    if sentence_embeddings is not None:
+        unit = torch.nn.functional.normalize(sentence_embeddings.float(), dim=-1).cpu()
+        cand = torch.tensor([index[p] for group, p in zip(refs, preds) for _ in group], dtype=torch.long)
+        ref = torch.tensor([index[r] for group in refs for r in group], dtype=torch.long)
+        samples = torch.tensor([i for i, group in enumerate(refs) for _ in group], dtype=torch.long)
+        cosine = (unit[cand] * unit[ref]).sum(-1)
+        # Cosines can be negative: start from -inf, not 0, so the best reference is the true maximum.
+        best = torch.full((len(preds),), float("-inf"))
+        best.scatter_reduce_(0, samples, cosine, reduce="amax", include_self=True)
+        out["sbert"] = best.tolist()
+    return out
+
+
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """No "Loading weights" progress bar in the middle of an evaluation's output."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from geochange.errors import UserError
-from geochange.sample_data import ensure_sample_media
-from geochange.scenes import make_scene_pair, render_pair
+from geochange.sample.data import ensure_sample_media
+from geochange.sample.scenes import make_scene_pair, render_pair
 from geochange.video import write_image
 
 JAVA_MISSING = ("needs Java on the PATH: pycocoevalcap's PTB tokenizer and METEOR run on it (without Java the suite "

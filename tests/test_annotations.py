@@ -10,7 +10,7 @@ import pytest
 from geochange.annotations import (ChangeChatSample, Sample, describe_test_set, load_annotations, load_changechat,
                                    strip_placeholders)
 from geochange.changechat_format import CAPTION_PROMPT, COUNT_PROMPT
-from geochange.sample_data import (SAMPLE_CHANGECHAT_CAPTIONS, SAMPLE_CHANGECHAT_INSTRUCTIONS, SAMPLE_CHANGECHAT_ROOT,
+from geochange.sample.data import (SAMPLE_CHANGECHAT_CAPTIONS, SAMPLE_CHANGECHAT_INSTRUCTIONS, SAMPLE_CHANGECHAT_ROOT,
                                    SAMPLE_TRAIN, SAMPLE_VAL, SAMPLE_VIDEO_DIR)
 from geochange.video import read_video_frames, write_video
 

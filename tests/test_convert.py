@@ -13,9 +13,9 @@ import pytest
 import common
 from geochange.annotations import describe_test_set, load_annotations, load_changechat, source_note_path
 from geochange.convert import changechat_to_videos, videos_to_pairs
-from geochange.finetune import data_loader_workers
+from geochange.trainer import data_loader_workers
 from geochange.paths import minilm_dir
-from geochange.sample_data import SAMPLE_CHANGECHAT_CAPTIONS, SAMPLE_CHANGECHAT_INSTRUCTIONS, SAMPLE_CHANGECHAT_ROOT
+from geochange.sample.data import SAMPLE_CHANGECHAT_CAPTIONS, SAMPLE_CHANGECHAT_INSTRUCTIONS, SAMPLE_CHANGECHAT_ROOT
 from geochange.video import read_image, read_video_frames, write_image
 
 REPO = Path(__file__).resolve().parent.parent
@@ -146,8 +146,8 @@ def test_data_loader_workers_default_to_the_cores_on_a_gpu(monkeypatch, user_err
 def test_video_evaluation_scores_converted_captions_against_all_references(converted, tmp_path):
     from pycocoevalcap.bleu.bleu import Bleu
 
-    from geochange.evaluation import evaluate
-    from geochange.metrics import coco_normalise
+    from geochange.video_llm.evaluation import evaluate
+    from geochange.coco_metrics import coco_normalise
     from geochange.overrides import load_settings
     from geochange.results import read_jsonl
 

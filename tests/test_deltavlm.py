@@ -306,7 +306,7 @@ def test_batch_scores_every_task_and_resumes(predictor, scene_images, tmp_path, 
 
     from geochange.deltavlm import run
     from geochange.deltavlm import scoring
-    from geochange.metrics import PTB_TOKENIZER
+    from geochange.coco_metrics import PTB_TOKENIZER
 
     write_pair(tmp_path, "p1.png", scene_images)
     refs = ["a new building appeared", "one building was built", "a building now stands here",

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-import geochange.evaluation as evaluation
+import geochange.video_llm.evaluation as evaluation
 from geochange.annotations import load_annotations
 from geochange.errors import UserError
 from geochange.locks import lock_for_writing
-from geochange.modeling import load_processor
+from geochange.video_llm.modeling import load_processor
 from geochange.overrides import make_settings, settings_of
 from geochange.results import read_jsonl
-from geochange.sample_data import SAMPLE_VAL, SAMPLE_VIDEO_DIR, ensure_sample_media
+from geochange.sample.data import SAMPLE_VAL, SAMPLE_VIDEO_DIR, ensure_sample_media
 from geochange.video import read_video_frames
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,7 +75,7 @@ def test_pipeline_writes_results_and_the_tuned_model_beats_base(pipeline):
 
 
 def test_batched_and_unbatched_generation_agree(pipeline):
-    from geochange.runs import load_run_model
+    from geochange.video_llm.weights import load_run_model
 
     model = load_run_model(pipeline["run_dir"], "videollava")
     processor = load_processor(str(pipeline["run_dir"]))
@@ -212,7 +212,7 @@ def test_results_are_tied_to_the_model_weights_generation_and_test_set(tmp_path,
     import hashlib
     import shutil
 
-    from geochange.modeling import resolve_model_path
+    from geochange.video_llm.modeling import resolve_model_path
 
     ensure_sample_media()
     metrics = json.loads(evaluate_base(tmp_path).read_text())

@@ -11,16 +11,17 @@ import torch
 import transformers
 
 import common
-import geochange.finetune as finetune
-import geochange.runs as runs
-from geochange.adapters import load_adapter_verified, legacy_to_current_key
+import geochange.video_llm.finetune as finetune
+import geochange.video_llm.weights as weights
+from geochange.adapters import load_adapter_verified, renamed_key
 from geochange.errors import UserError
+from geochange.video_llm.families import VIDEO_LLAVA
 from geochange.locks import lock_for_writing
 from geochange.overrides import make_settings, settings_of
-from geochange.modeling import (load_model, load_processor, resolve_model_path, video_prompt,
+from geochange.video_llm.modeling import (load_model, load_processor, resolve_model_path, video_prompt,
                                 video_unused_parameter_names)
-from geochange.pruning import measure_sparsity
-from geochange.sample_data import SAMPLE_TRAIN, SAMPLE_VAL, ensure_sample_media
+from geochange.video_llm.pruning import measure_sparsity
+from geochange.sample.data import SAMPLE_TRAIN, SAMPLE_VAL, ensure_sample_media
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = {"videollava": REPO / "videollava_finetune.py", "llavanext": REPO / "llavanext_finetune.py"}
@@ -64,7 +65,7 @@ def train_script(family: str, output_dir: Path, **overrides) -> Path:
 def tiny_inputs(family: str):
     from geochange.video import read_video_frames
     from geochange.annotations import load_annotations
-    from geochange.sample_data import SAMPLE_VIDEO_DIR
+    from geochange.sample.data import SAMPLE_VIDEO_DIR
 
     processor = load_processor(resolve_model_path("tiny", family))
     sample = load_annotations(SAMPLE_VAL, SAMPLE_VIDEO_DIR, limit=1)[0]
@@ -102,8 +103,8 @@ def test_training_lowers_the_loss_and_the_adapter_reloads(tmp_path, family, over
         assert (run_dir / name).exists(), name
     # the adapter changes the model, and loading it twice gives the same logits
     inputs = tiny_inputs(family)
-    tuned = logits_of(runs.load_run_model(run_dir, family), inputs)
-    again = logits_of(runs.load_run_model(run_dir, family), inputs)
+    tuned = logits_of(weights.load_run_model(run_dir, family), inputs)
+    again = logits_of(weights.load_run_model(run_dir, family), inputs)
     base = logits_of(load_model(resolve_model_path("tiny", family), family, bits=expected_bits), inputs)
     assert torch.equal(tuned, again)
     assert (tuned - base).abs().max() > 1e-3
@@ -134,16 +135,16 @@ def test_adapter_that_matches_nothing_fails_loudly_and_legacy_names_are_remapped
         if "lora_B" in name:
             param.data.fill_(0.01)
     model.save_pretrained(tmp_path / "good")
-    weights = load_file(str(tmp_path / "good" / "adapter_model.safetensors"))
+    saved = load_file(str(tmp_path / "good" / "adapter_model.safetensors"))
     # transformers-4 layout: language_model.model.layers... instead of model.language_model.layers...
     legacy = {k.replace("base_model.model.model.language_model.", "base_model.model.language_model.model."): v
-              for k, v in weights.items()}
-    assert all(legacy_to_current_key(k) in weights for k in legacy)
-    for name, tensors in (("legacy", legacy), ("broken", {k.replace("layers", "blocks"): v for k, v in weights.items()})):
+              for k, v in saved.items()}
+    assert all(renamed_key(k, VIDEO_LLAVA.adapter_renames) in saved for k in legacy)
+    for name, tensors in (("legacy", legacy), ("broken", {k.replace("layers", "blocks"): v for k, v in saved.items()})):
         (tmp_path / name).mkdir()
         (tmp_path / name / "adapter_config.json").write_text((tmp_path / "good" / "adapter_config.json").read_text())
         save_file(tensors, str(tmp_path / name / "adapter_model.safetensors"))
-    loaded = load_adapter_verified(load_model(path, "videollava"), tmp_path / "legacy")
+    loaded = load_adapter_verified(load_model(path, "videollava"), tmp_path / "legacy", VIDEO_LLAVA.adapter_renames)
     assert any("lora_B" in n and torch.all(p == 0.01) for n, p in loaded.named_parameters())
     with pytest.raises(UserError, match=r"adapter_model.safetensors: 28 of 28 adapter weights found no parameter"):
         load_adapter_verified(load_model(path, "videollava"), tmp_path / "broken")
@@ -172,8 +173,13 @@ def test_interrupted_run_resumes_only_under_its_settings_and_alone(tmp_path, mon
     # other settings never resume into this run (LR is not in the directory name), and nothing is touched
     before = (run_dir / "run.json").read_text()
     with pytest.raises(UserError, match=rf"^{run_dir} holds a run with other settings \(LR, WARMUP_STEPS\); "
-                                        r"restore them to resume it, or set OVERWRITE=True"):
+                                        rf"restore them to resume it, set RUN_NAME={run_dir.name}_lr0.005_warmupsteps2 "
+                                        rf"\(or another OUTPUT_DIR than {tmp_path}\) for a new run beside it, or "
+                                        r"OVERWRITE=True to train it again \(deleting it\)$"):
         train_script("videollava", tmp_path, LR=5e-3, WARMUP_STEPS=2, **quick)
+    # settings that cannot change what trains may change on resume (they are not compared)
+    assert finetune.prepare_run_dir(settings("videollava", tmp_path, NUM_WORKERS=1, LOGGING_STEPS=3, **quick),
+                                    run_dir, main=False)
     # a second writer of the same run directory stops in one line while the first holds it
     with lock_for_writing(run_dir, "held by the test"):
         with pytest.raises(UserError, match=rf"the run directory {run_dir} is being written by another process "
@@ -187,28 +193,32 @@ def test_interrupted_run_resumes_only_under_its_settings_and_alone(tmp_path, mon
     assert [p["step"] for p in record["loss_curve"]] == [1, 2, 3, 4, 5, 6]
     assert record["settings"] == settings("videollava", tmp_path, **quick).as_dict()
     # merged weights for deployment behave like base + adapter
-    merged_dir = runs.merge_and_save(run_dir, "videollava")
+    merged_dir = weights.merge_and_save(run_dir, "videollava")
     inputs = tiny_inputs("videollava")
     merged = logits_of(load_model(str(merged_dir), "videollava"), inputs)
-    assert torch.allclose(merged, logits_of(runs.load_run_model(run_dir, "videollava"), inputs), atol=1e-4)
+    assert torch.allclose(merged, logits_of(weights.load_run_model(run_dir, "videollava"), inputs), atol=1e-4)
     # a finished run is not overwritten unless asked
-    with pytest.raises(UserError, match="already holds a finished run; set OVERWRITE=True"):
+    with pytest.raises(UserError, match=rf"already holds a finished run; set RUN_NAME={run_dir.name}_2 .*"
+                                        r"or OVERWRITE=True"):
         train_script("videollava", tmp_path, **quick)
+    # an ablation gets a directory of its own by name, beside the first run
+    other = train_script("videollava", tmp_path, RUN_NAME="ablation-seed7", SEED=7, MAX_STEPS=1)
+    assert other == tmp_path / "ablation-seed7" and json.loads((other / "run.json").read_text())["completed"]
 
 
 def test_full_finetune_and_pruned_runs(tmp_path, monkeypatch):
-    monkeypatch.setattr(runs, "CHECKPOINTS_DIR", tmp_path / "checkpoints")
+    monkeypatch.setattr(weights, "CHECKPOINTS_DIR", tmp_path / "checkpoints")
     run_dir = train_script("videollava", tmp_path, USE_LORA=False, MAX_STEPS=4, LR=1e-3)
     record = json.loads((run_dir / "run.json").read_text())
     assert record["mode"] == "FULL" and run_dir.name.endswith("_FULL_4steps") and (run_dir / "model.safetensors").exists()
     trained = load_model(str(run_dir), "videollava")
     frozen = {n for n, p in trained.named_parameters() if "tower" in n}
-    frozen |= set(video_unused_parameter_names(trained))
+    frozen |= set(video_unused_parameter_names(trained, "videollava"))
     assert record["trainable_parameters"] == record["total_parameters"] - sum(
         p.numel() for n, p in trained.named_parameters() if n in frozen)  # FREEZE_VISION
     inputs = tiny_inputs("videollava")
     base = logits_of(load_model(resolve_model_path("tiny", "videollava"), "videollava"), inputs)
-    assert (logits_of(runs.load_run_model(run_dir, "videollava"), inputs) - base).abs().max() > 1e-3
+    assert (logits_of(weights.load_run_model(run_dir, "videollava"), inputs) - base).abs().max() > 1e-3
 
     pruned = train_script("videollava", tmp_path, PRUNE=True, PRUNE_METHOD="attention", PRUNE_AMOUNT=0.25,
                           USE_QLORA=True, MAX_STEPS=2)
@@ -220,7 +230,7 @@ def test_full_finetune_and_pruned_runs(tmp_path, monkeypatch):
 
 
 def test_pruning_survives_full_finetuning_and_merging(tmp_path, monkeypatch):
-    monkeypatch.setattr(runs, "CHECKPOINTS_DIR", tmp_path / "checkpoints")
+    monkeypatch.setattr(weights, "CHECKPOINTS_DIR", tmp_path / "checkpoints")
     prune = dict(PRUNE=True, PRUNE_METHOD="magnitude", PRUNE_AMOUNT=0.25, MAX_STEPS=3)
     full = train_script("videollava", tmp_path, USE_LORA=False, LR=1e-3, **prune)
     record = json.loads((full / "run.json").read_text())
@@ -255,7 +265,7 @@ def test_full_finetuning_trains_only_what_the_video_path_reaches(tmp_path, famil
     assert any(tower in n for n in trainable)  # FREEZE_VISION=False: the video tower does train
     unused = {"videollava": "model.image_tower.embeddings.patch_embedding.weight",
               "llavanext": "model.image_newline"}[family]
-    assert unused in set(video_unused_parameter_names(model)) - trainable
+    assert unused in set(video_unused_parameter_names(model, family)) - trainable
 
 
 def test_one_seed_gives_one_lora_initialisation(tmp_path):
@@ -392,7 +402,7 @@ def test_two_process_full_finetune_and_overwrite(tmp_path, family):
     stale.write_text('{"id": "x", "true": "a", "generated": "b"}\n')
     again = torchrun(SCRIPTS[family].name, *settings, "OVERWRITE=True")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("OVERWRITE: removed the finished run") == 1 and not stale.exists()
+    assert again.stdout.count("OVERWRITE: removed the earlier run") == 1 and not stale.exists()
     record = json.loads((run_dir / "run.json").read_text())
     assert record["completed"] and record["global_step"] == 2 and record["world_size"] == 2 and record["mode"] == "FULL"
     assert record["resumed_from"] is None

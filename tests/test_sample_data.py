@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import geochange.changechat_format as cc
-import geochange.sample_data as sd
-from geochange.scenes import (CANVAS, CHANGE_KINDS, GRID_EDGES, LAYER, MARGIN, MIN_CELL_PIXELS, SIZE, Change,
+import geochange.sample.data as sd
+from geochange.sample.scenes import (CANVAS, CHANGE_KINDS, GRID_EDGES, LAYER, MARGIN, MIN_CELL_PIXELS, SIZE, Change,
                               ScenePair, make_scene_pair, render_pair)
 from geochange.video import read_video_frames
 

@@ -5,13 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-from geochange.adapters import legacy_to_current_key
-from geochange.modeling import (IGNORE_INDEX, VISION_MODULE_NAMES, VideoQACollator, count_parameters, encode_training_example, get_family,
-                                linear_counts, load_model, load_processor, model_part, plan_lengths,
-                                resolve_model_path, video_prompt, video_token_count)
-from geochange.tiny import TINY_MARKER, build_once
+from geochange.adapters import renamed_key
+from geochange.build_once import MARKER as TINY_MARKER
+from geochange.build_once import build_once
+from geochange.video_llm.families import FAMILIES as ENTRIES
+from geochange.video_llm.families import VISION_MODULE_NAMES, get_family
+from geochange.video_llm.modeling import (IGNORE_INDEX, VideoQACollator, count_parameters, encode_training_example,
+                                          linear_counts, load_model, load_processor, model_part, plan_lengths,
+                                          resolve_model_path, video_prompt, video_token_count)
 
-FAMILIES = ["videollava", "llavanext"]
+FAMILIES = list(ENTRIES)
 EXPECTED_CLASSES = {"videollava": ("VideoLlavaForConditionalGeneration", "VideoLlavaProcessor"),
                     "llavanext": ("LlavaNextVideoForConditionalGeneration", "LlavaNextVideoProcessor")}
 
@@ -156,7 +159,8 @@ def test_build_once_builds_under_its_seed_once_swaps_in_whole_and_rebuilds_a_new
     with pytest.raises(RuntimeError):
         build_once(target, 2, broken, seed=3, what="x")
     # The finished build stays, and nothing half-built is left beside it.
-    assert [p.name for p in tmp_path.iterdir()] == ["tiny-x"] and not (target / "half.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-x", "tiny-x.lock"]
+    assert not (target / "half.txt").exists()
     (target / TINY_MARKER).write_text("{damaged")
     build_once(target, 1, build, seed=3, what="x")
     assert len(builds) == 2 and json.loads((target / TINY_MARKER).read_text())["version"] == 1
@@ -164,12 +168,15 @@ def test_build_once_builds_under_its_seed_once_swaps_in_whole_and_rebuilds_a_new
     assert len(builds) == 3 and json.loads((target / TINY_MARKER).read_text())["version"] == 2
 
 
-def test_the_one_list_of_vision_parts_names_every_part_outside_the_language_model(tiny):
-    """VISION_MODULE_NAMES (quantisation skips, LoRA targets, pruning parts, adapter renames) covers the real classes."""
+def test_each_family_entry_names_every_part_outside_the_language_model(tiny):
+    """The entry's vision parts (quantisation skips, LoRA targets, pruning parts, adapter renames) are exactly the
+    real classes' parts beside the language model; their union serves code that sees only a model."""
     family, model, _ = tiny
+    entry = get_family(family)
     parts = {name for name, _ in model.model.named_children()} - {"language_model"}
-    assert parts and parts <= set(VISION_MODULE_NAMES)
-    assert ("vision_resampler" in parts) == (family == "llavanext")
+    assert parts == set(entry.vision_module_names) and parts <= set(VISION_MODULE_NAMES)
     for part in parts:  # an adapter saved with transformers-4 names finds each part under model.
-        assert legacy_to_current_key(f"base_model.model.{part}.linear_1.lora_A.weight") == \
+        assert renamed_key(f"base_model.model.{part}.linear_1.lora_A.weight", entry.adapter_renames) == \
             f"base_model.model.model.{part}.linear_1.lora_A.weight"
+    names = {name for name, _ in model.named_parameters()}
+    assert all(any(f".{m}" in n or n.startswith(m) for n in names) for m in entry.image_only_modules)

@@ -8,9 +8,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import geochange.video as video
-from geochange.video import (locate_image, pair_to_video, pairs_sheet_to_videos, read_image, read_image_pair,
-                             read_video_frames, sample_indices, write_image, write_video)
+import geochange.convert as convert
+from geochange.convert import SheetOptions, fit_pair, locate_image, pairs_sheet_to_videos
+from geochange.video import crop_to_even, read_image, read_video_frames, sample_indices, write_image, write_video
+
+
+def pair_to_video(path_a: Path, path_b: Path, out: Path) -> Path:
+    """Two image files -> a 2-frame clip, as the converters write one (odd sizes lose their last row/column)."""
+    return write_video([crop_to_even(read_image(path_a)), crop_to_even(read_image(path_b))], out)
 
 
 def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -97,17 +102,16 @@ def test_video_errors_name_the_file(tmp_path, user_error):
 # --------------------------------------------------------------------------- images
 
 def test_image_pairs(tmp_path, image_pair, scene_images, user_error):
-    before, after = read_image_pair(*image_pair)
+    before, after = read_image(image_pair[0]), read_image(image_pair[1])
     assert np.array_equal(before, scene_images[0]) and np.array_equal(after, scene_images[1])
-    small = write_image(scene_images[1][:128, :100], tmp_path / "small.png")
-    user_error(lambda: read_image_pair(image_pair[0], small), str(image_pair[0]), str(small), "256x256", "100x128",
-               "resize=True")
-    before, resized = read_image_pair(image_pair[0], small, resize=True)
-    assert resized.shape == before.shape == (256, 256, 3)
+    small = read_image(write_image(scene_images[1][:128, :100], tmp_path / "small.png"))
+    user_error(lambda: fit_pair(before, small, SheetOptions(resize=False)), "256x256", "100x128", "--strict")
+    fitted, resized, differed = fit_pair(before, small, SheetOptions())
+    assert resized.shape == fitted.shape == (256, 256, 3) and differed
     user_error(lambda: read_image(tmp_path / "missing.png"), str(tmp_path / "missing.png"), "does not exist")
     text = tmp_path / "notes.png"
     text.write_text("hello")
-    user_error(lambda: read_image_pair(image_pair[0], text), str(text), "not a readable image")
+    user_error(lambda: read_image(text), str(text), "not a readable image")
     gray = tmp_path / "gray.png"
     from PIL import Image
     Image.fromarray(np.full((10, 12), 50, np.uint8)).save(gray)
@@ -148,7 +152,7 @@ def test_csv_sheet_to_videos_resumes(tmp_path, pair_folder, scene_images, capsys
     again = pairs_sheet_to_videos(sheet, out, pair_folder)
     assert again == written and again[0].stat().st_mtime_ns == stamps[0] and written[1].exists()
     assert "2 of 3 videos already" in capsys.readouterr().out
-    assert video.main([str(sheet), str(out), str(pair_folder)]) == 0
+    assert convert.pairs_to_videos_main([str(sheet), str(out), str(pair_folder)]) == 0
 
 
 def test_xlsx_sheet_with_ids_and_absolute_paths(tmp_path, pair_folder):
@@ -185,9 +189,9 @@ def test_sheet_errors_name_sheet_and_row(tmp_path, pair_folder, user_error, caps
                str(pair_folder / "bad.png"))
     user_error(lambda: pairs_sheet_to_videos(tmp_path / "none.xlsx", tmp_path / "out"), "none.xlsx",
                "does not exist")
-    user_error(lambda: video.main(["only-one-arg"]), "usage")
-    user_error(lambda: video.main([str(sheet), "out", "--size", "12"]), "--size", "WIDTHxHEIGHT")
-    user_error(lambda: video.main([str(sheet), "out", "--bogus"]), "unknown option")
+    user_error(lambda: convert.pairs_to_videos_main(["only-one-arg"]), "usage")
+    user_error(lambda: convert.pairs_to_videos_main([str(sheet), "out", "--size", "12"]), "--size", "WIDTHxHEIGHT")
+    user_error(lambda: convert.pairs_to_videos_main([str(sheet), "out", "--bogus"]), "unknown option")
 
 
 def write_fmow_site(root: Path, scene_images, sizes: list[tuple[int, int]]) -> list[str]:
@@ -214,7 +218,7 @@ def test_geollava_sheet_as_released(tmp_path, scene_images, capsys, user_error):
                   "image2": [Path(paths[1]).name, Path(paths[0]).name], "timestamp2": ["2017-06-01", "2014-01-01"],
                   "image_path2": [paths[1], paths[0]]}).to_excel(sheet, index=False)
     out = tmp_path / "videos"
-    assert video.main([str(sheet), str(out), str(root)]) == 0
+    assert convert.pairs_to_videos_main([str(sheet), str(out), str(root)]) == 0
     names = sorted(p.name for p in out.iterdir())
     assert names == ["airport_hangar_0_0-airport_hangar_0_1.mp4", "airport_hangar_0_2-airport_hangar_0_0.mp4"]
     assert "2 of 2 pairs had images of different sizes" in capsys.readouterr().out
@@ -232,11 +236,11 @@ def test_geollava_sheet_as_released(tmp_path, scene_images, capsys, user_error):
     assert mean_abs_diff(large[0], expect_after) > 10
 
     # --size sets every video's size; --max-side 0 keeps the full size; --strict stops at a size difference.
-    sized = pairs_sheet_to_videos(sheet, tmp_path / "sized", root, video.SheetOptions(size=(128, 96)))
+    sized = pairs_sheet_to_videos(sheet, tmp_path / "sized", root, convert.SheetOptions(size=(128, 96)))
     assert all(read_video_frames(p).shape == (2, 96, 128, 3) for p in sized)
-    assert video.main([str(sheet), str(tmp_path / "full"), str(root), "--max-side", "0"]) == 0
+    assert convert.pairs_to_videos_main([str(sheet), str(tmp_path / "full"), str(root), "--max-side", "0"]) == 0
     assert read_video_frames(tmp_path / "full" / names[1]).shape == (2, 900, 1200, 3)
-    user_error(lambda: video.main([str(sheet), str(tmp_path / "strict"), str(root), "--strict"]), "row 0",
+    user_error(lambda: convert.pairs_to_videos_main([str(sheet), str(tmp_path / "strict"), str(root), "--strict"]), "row 0",
                "image sizes differ", "300x260 and 340x290")
 
     # A miss says where it looked.

@@ -8,7 +8,8 @@
     run.py         the steps of deltavlm_predict.py (inputs, loading, batch + scores + metrics files)
     training.py    the steps of deltavlm_finetune.py (settings, data, model, Trainer, epoch validation, the
                    released-layout checkpoint_best.pth, run.json)
-    benchmark.py   one real-size training step (random weights), for benchmarks/deltavlm_train_step.py
     scoring.py     the ChangeChat sub-task scores (yes/no, counting, 3x3 localization)
     tiny.py        the tiny offline twin (CHECKPOINT="tiny")
 """
+FAMILY_ID = "deltavlm"      # in results files, run.json and the demo's MODEL setting
+DISPLAY_NAME = "DeltaVLM"   # in tables and plots

@@ -20,7 +20,7 @@ import torch
 
 from ..adapters import load_adapter_verified
 from ..errors import UserError
-from ..modeling import quantization_config
+from ..devices import quantization_config
 from .checkpoint import CsrmCheck, check_csrm_initialisation, convert_lavis_state, ours_to_lavis
 from .model import CSRM, DeltaVLM, build_on_meta, own_parameter_shapes, trained_parameter_names
 

@@ -15,7 +15,7 @@ from ..metrics import MetricsReport
 from ..paths import ANNOTATIONS_DIR
 from ..results import format_metrics_table, read_jsonl, write_metrics
 from ..runs import RUN_FILE, read_run_file
-from ..sample_data import SAMPLE_CHANGECHAT_ROOT, ensure_sample_media
+from ..sample.data import SAMPLE_CHANGECHAT_ROOT, ensure_sample_media
 from .loading import load_deltavlm
 from .predictor import Decoding, Predictor, Prompting, answer_items, generation_settings, items_of
 from .scoring import score_records

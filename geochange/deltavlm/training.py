@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +27,14 @@ from ..devices import is_main_process
 from ..errors import UserError
 from ..fileio import atomic_path, atomic_write_text
 from ..locks import WriterLock, lock_for_writing
-from ..metrics import MetricsReport, java_available
+from ..coco_metrics import java_available
+from ..metrics import MetricsReport
 from ..paths import ANNOTATIONS_DIR
-from ..results import differing_settings, write_metrics
-from ..runs import data_files, library_versions, read_run_file, write_run_file
-from ..sample_data import SAMPLE_CHANGECHAT_ROOT, ensure_sample_media
+from ..results import write_metrics
+from ..runs import data_files, library_versions, resume_state, write_run_file
+from ..sample.data import SAMPLE_CHANGECHAT_ROOT, ensure_sample_media
+from ..trainer import check_training_settings, trainer_arguments
+from . import FAMILY_ID
 from .checkpoint import released_extras, released_layout_state
 from .inputs import (Prompting, build_prompt, encode_training_batch, normalise_answer, preprocess_image)
 from .loading import (CHECKPOINT_FILE, LLM_ADAPTER_DIR, base_configs, llm_adapter_beside, load_deltavlm,
@@ -90,14 +94,10 @@ def check_settings(cfg) -> Sources:
                                                               "choose one"),
         (cfg.TRAIN_VIT_BLOCKS >= 0, f"TRAIN_VIT_BLOCKS must be >= 0, not {cfg.TRAIN_VIT_BLOCKS}"),
         (cfg.LLM_LORA_R >= 0, f"LLM_LORA_R must be >= 0 (0 = Vicuna frozen), not {cfg.LLM_LORA_R}"),
-        (cfg.BATCH_SIZE >= 1, f"BATCH_SIZE must be >= 1, not {cfg.BATCH_SIZE}"),
-        (cfg.GRAD_ACCUM >= 1, f"GRAD_ACCUM must be >= 1, not {cfg.GRAD_ACCUM}"),
         (cfg.EPOCHS >= 1, f"EPOCHS must be >= 1, not {cfg.EPOCHS}"),
         (cfg.LR > 0, f"LR must be > 0, not {cfg.LR}"),
-        (cfg.WEIGHT_DECAY >= 0, f"WEIGHT_DECAY must be >= 0, not {cfg.WEIGHT_DECAY}"),
         (cfg.WARMUP_STEPS >= 0, f"WARMUP_STEPS must be >= 0, not {cfg.WARMUP_STEPS}"),
         (cfg.EARLY_STOP_EPOCHS >= 1, f"EARLY_STOP_EPOCHS must be >= 1, not {cfg.EARLY_STOP_EPOCHS}"),
-        (cfg.SAVE_STEPS >= 1, f"SAVE_STEPS must be >= 1, not {cfg.SAVE_STEPS}"),
         (cfg.VAL_BATCH_SIZE >= 1, f"VAL_BATCH_SIZE must be >= 1, not {cfg.VAL_BATCH_SIZE}"),
         (cfg.BEST_METRIC != "sm" or java_available(), "BEST_METRIC='sm' needs METEOR, which needs Java (not found); "
                                                       "install Java or use bleu4 / cider"),
@@ -105,6 +105,7 @@ def check_settings(cfg) -> Sources:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    check_training_settings(cfg)
     Decoding(cfg.VAL_NUM_BEAMS, cfg.VAL_MAX_NEW_TOKENS).check()
     for name in ("TRAIN_ANNOTATIONS", "VAL_ANNOTATIONS"):
         if not Path(getattr(cfg, name)).is_file():
@@ -206,18 +207,20 @@ def run_dir_of(cfg) -> Path:
 
 def prepare_run_dir(cfg) -> tuple[Path, bool, WriterLock | None]:
     """The run directory, whether this is a resume, and the lock that makes this process (rank 0 of a
-    torchrun) its one writer; a run written under other settings, or being written by another run, is refused."""
+    torchrun) its one writer; a finished run, or one written under other settings, stops with one line unless
+    OVERWRITE (rank 0 then deletes it), and so does a run being written by another process."""
     run_dir = run_dir_of(cfg)
-    record = read_run_file(run_dir)
-    if record is not None:
-        changed = differing_settings(record.get("settings", {}), cfg.as_dict())
-        if changed:
-            raise UserError(f"{run_dir} holds a run with other settings ({', '.join(changed)}); set RUN_NAME for a "
-                            "new run, or restore those settings to resume it")
-        if record.get("completed"):
-            raise UserError(f"{run_dir} holds a finished run; delete it or set RUN_NAME to train again")
     lock = lock_for_writing(run_dir, f"the run directory {run_dir}") if is_main_process() else None
-    return run_dir, record is not None and any(run_dir.glob("checkpoint-*")), lock
+    try:
+        state = resume_state(run_dir, cfg.as_dict(), overwrite=cfg.OVERWRITE)
+        if state == "replace" and is_main_process():
+            shutil.rmtree(run_dir)
+            print(f"OVERWRITE: removed the earlier run {run_dir}")
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return run_dir, state == "resume", lock
 
 
 # --------------------------------------------------------------------------- 4. the model
@@ -430,23 +433,12 @@ def make_trainer_class():
 
 
 def training_arguments(cfg, run_dir: Path):
-    from transformers import TrainingArguments
-
+    """The shared builder's arguments; the trained parameters stay fp32 while AMP runs the model under bf16/fp16
+    autocast (as released); validation is this recipe's own, at each epoch's end."""
     cuda = torch.cuda.is_available()
-    bf16 = cuda and torch.cuda.is_bf16_supported()
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")  # transformers 5 reads it from here
-    return TrainingArguments(
-        output_dir=str(run_dir), per_device_train_batch_size=cfg.BATCH_SIZE,
-        gradient_accumulation_steps=cfg.GRAD_ACCUM, num_train_epochs=cfg.EPOCHS, max_steps=cfg.MAX_STEPS,
-        learning_rate=cfg.LR, weight_decay=cfg.WEIGHT_DECAY, warmup_steps=cfg.WARMUP_STEPS,
-        lr_scheduler_type="cosine", optim="adamw_torch", max_grad_norm=1.0,
-        # The trained parameters stay fp32; AMP runs the vision side under bf16/fp16 autocast, as released.
-        bf16=bf16, fp16=cuda and not bf16,
-        logging_steps=cfg.LOGGING_STEPS, report_to=["tensorboard"], save_strategy="steps",
-        save_steps=cfg.SAVE_STEPS, save_total_limit=cfg.SAVE_TOTAL_LIMIT, eval_strategy="no",
-        remove_unused_columns=False, label_names=["labels"], dataloader_num_workers=cfg.NUM_WORKERS,
-        ddp_find_unused_parameters=False, seed=cfg.SEED, deepspeed=cfg.DEEPSPEED, use_cpu=not cuda,
-        save_only_model=False, disable_tqdm=False)
+    compute = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+    return trainer_arguments(cfg, run_dir, learning_rate=cfg.LR, compute=compute, gradient_checkpointing=False,
+                             eval_strategy="no", save_only_model=False)
 
 
 def make_trainer(cfg, model: DeltaVLM, tokenizers, examples: list[Example], val_items: list[Item], run_dir: Path,
@@ -466,7 +458,7 @@ def make_trainer(cfg, model: DeltaVLM, tokenizers, examples: list[Example], val_
 
 def start_record(cfg, sources: Sources, run_dir: Path, counts: dict[str, int], examples: list[Example],
                  val_items: list[Item], report) -> dict[str, Any]:
-    record = {"completed": False, "settings": cfg.as_dict(), "sources": dataclasses.asdict(sources),
+    record = {"completed": False, "family": FAMILY_ID, "settings": cfg.as_dict(), "sources": dataclasses.asdict(sources),
               "versions": library_versions(),
               "data": data_files(cfg, ("TRAIN_ANNOTATIONS", "VAL_ANNOTATIONS")),
               "num_train_examples": len(examples), "num_val_captions": len(val_items),

@@ -9,7 +9,6 @@ the settings, the run directory, the Trainer's arguments and the growing ``run.j
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -18,23 +17,23 @@ from typing import Any
 
 import torch
 
-from .annotations import Sample, load_annotations
-from .devices import is_main_process
-from .errors import UserError
+from ..annotations import Sample, load_annotations
+from ..devices import is_main_process
+from ..errors import UserError
+from ..locks import WriterLock, lock_for_writing
+from ..overrides import script_constants
+from ..results import remove_results
+from ..runs import data_files, library_versions, resume_state, write_run_file
+from ..sample.data import SAMPLE_VIDEO_DIR, ensure_sample_media
+from ..trainer import check_training_settings, trainer_arguments
+from ..video import read_video_frames
 from .evaluation import evaluate
-from .locks import WriterLock, lock_for_writing
-from .modeling import (VideoQACollator, count_parameters, encode_training_example, format_linear_counts, get_family,
-                       language_model_linear_names, linear_counts, load_model, lora_target_regex,
-                       model_label, plan_lengths, resolve_model_path, video_token_count, video_unused_parameter_names)
+from .families import get_family
+from .modeling import (VideoQACollator, count_parameters, encode_training_example, format_linear_counts,
+                       language_model_linear_names, linear_counts, load_model, lora_target_regex, model_label,
+                       plan_lengths, resolve_model_path, video_token_count, video_unused_parameter_names)
 from .pruning import apply_pruning_masks, measure_sparsity, pruning_masks, validate_prune_settings
-from .overrides import make_settings
-from .results import differing_settings, remove_results
-from .runs import MERGED_DIR, data_files, library_versions, merge_and_save, pruned_base, read_run_file, write_run_file
-from .sample_data import SAMPLE_VIDEO_DIR, ensure_sample_media
-from .video import read_video_frames
-
-# Settings that do not change what a run trains: a resume may change them.
-RESUME_MAY_CHANGE = ("OVERWRITE",)
+from .weights import MERGED_DIR, merge_and_save, pruned_base
 
 
 # ---------------------------------------------------------------- settings
@@ -117,12 +116,11 @@ def check_settings(cfg) -> None:
                             "(the weights are sharded); use stage 2 or LoRA")
     if cfg.PRECISION not in PRECISIONS:
         raise UserError(f"PRECISION must be one of {', '.join(PRECISIONS)}, not {cfg.PRECISION!r}")
+    check_training_settings(cfg)
     checks = [
         (cfg.LORA_R >= 1, f"LORA_R must be >= 1, not {cfg.LORA_R}"),
         (cfg.LORA_ALPHA > 0, f"LORA_ALPHA must be > 0, not {cfg.LORA_ALPHA}"),
         (0 <= cfg.LORA_DROPOUT < 1, f"LORA_DROPOUT must be in [0, 1), not {cfg.LORA_DROPOUT}"),
-        (cfg.BATCH_SIZE >= 1, f"BATCH_SIZE must be >= 1, not {cfg.BATCH_SIZE}"),
-        (cfg.GRAD_ACCUM >= 1, f"GRAD_ACCUM must be >= 1, not {cfg.GRAD_ACCUM}"),
         (cfg.EPOCHS > 0, f"EPOCHS must be > 0, not {cfg.EPOCHS}"),
         (cfg.LR is None or cfg.LR > 0, f"LR must be > 0 (or None for the mode's default), not {cfg.LR}"),
         (cfg.NUM_FRAMES >= 2, f"NUM_FRAMES must be >= 2 (a before and an after frame), not {cfg.NUM_FRAMES}"),
@@ -140,8 +138,10 @@ def check_settings(cfg) -> None:
 
 
 def run_name(cfg, family: str) -> str:
-    """``{prune}{pct}{model}_{data}_{LORA|QLORA|FULL}[_{4bit|8bit}][_r{r}_alpha{a}]_{E}epochs`` (GeoLLaVA's
-    scheme), ending ``_{N}steps`` instead when MAX_STEPS decides the length."""
+    """RUN_NAME, or by default ``{prune}{pct}{model}_{data}_{LORA|QLORA|FULL}[_{4bit|8bit}][_r{r}_alpha{a}]_{E}epochs``
+    (GeoLLaVA's scheme), ending ``_{N}steps`` instead when MAX_STEPS decides the length."""
+    if cfg.RUN_NAME:
+        return cfg.RUN_NAME
     mode = training_mode(cfg)
     parts = []
     prefix = f"{cfg.PRUNE_METHOD}{round(cfg.PRUNE_AMOUNT * 100):g}pct-" if cfg.PRUNE else ""
@@ -158,29 +158,18 @@ def run_name(cfg, family: str) -> str:
 
 def prepare_run_dir(cfg, run_dir: Path, *, main: bool = True) -> bool:
     """Whether this is a resume. A finished run, or one written under other settings, is never overwritten
-    or mixed with this one: it stops with one line, unless OVERWRITE.
+    or mixed with this one: it stops with one line naming the ways out (``runs.resume_state``), unless OVERWRITE.
 
     With OVERWRITE the main process (``main``) deletes that run and its evaluation results
     (``RESULTS_DIR/<run>.*`` and ``<run>_merged.*``); under torchrun the others call this after it,
     inside ``main_process_first``, and find the directory gone.
     """
-    record = read_run_file(run_dir)
-    now = {k: v for k, v in cfg.as_dict().items() if k not in RESUME_MAY_CHANGE}
-    written = {k: v for k, v in (record or {}).get("settings", {}).items() if k not in RESUME_MAY_CHANGE}
-    differing = differing_settings(written, now) if record is not None else []
-    finished = bool((record or {}).get("completed"))
-    if (finished or differing) and not cfg.OVERWRITE:
-        if differing:
-            raise UserError(f"{run_dir} holds a run with other settings ({', '.join(differing)}); restore them to "
-                            f"resume it, or set OVERWRITE=True to train it again")
-        raise UserError(f"{run_dir} already holds a finished run; set OVERWRITE=True to train it again "
-                        f"or change a setting (the directory name follows the settings)")
-    if (finished or differing) and main:
+    state = resume_state(run_dir, cfg.as_dict(), overwrite=cfg.OVERWRITE)
+    if state == "replace" and main and run_dir.exists():
         shutil.rmtree(run_dir)
         removed = remove_results(cfg.RESULTS_DIR, run_dir.name) + remove_results(cfg.RESULTS_DIR, f"{run_dir.name}_{MERGED_DIR}")
-        what = "finished" if finished else "earlier"
-        print(f"OVERWRITE: removed the {what} run {run_dir}" + (f" and {len(removed)} results files" if removed else ""))
-    return run_dir.exists() and any(run_dir.glob("checkpoint-*"))
+        print(f"OVERWRITE: removed the earlier run {run_dir}" + (f" and {len(removed)} results files" if removed else ""))
+    return state == "resume"
 
 
 # ---------------------------------------------------------------- data
@@ -234,7 +223,7 @@ def build_training_model(cfg, base_path: str, family: str):
                 param.requires_grad_(False)
         # What the video path never reaches gets no gradient, and DDP (find_unused_parameters=False)
         # stops at the second step over a trainable parameter without one.
-        for name in video_unused_parameter_names(model):
+        for name in video_unused_parameter_names(model, family):
             model.get_parameter(name).requires_grad_(False)
         return model, []
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -261,63 +250,13 @@ def pruning_mask_callback(model, masks: dict[str, torch.Tensor]):
 
 # ---------------------------------------------------------------- trainer
 
-def data_loader_workers(num_workers: int | None, cuda: bool) -> int:
-    """NUM_WORKERS, or when None: 0 on a CPU (the loader would compete with training for the same cores), else the
-    cores this process may use, shared among the processes of this node, one left for the training loop, at most 8.
-    Decoding a clip takes tens of ms even at 512 px, and a GPU step at batch 4 eats clips faster than one core reads."""
-    if num_workers is not None:
-        if num_workers < 0:
-            raise UserError(f"NUM_WORKERS must be >= 0 or None (the machine's cores on a GPU), not {num_workers}")
-        return num_workers
-    if not cuda:
-        return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(0, min(8, per_process - 1))
-
-
 def training_arguments(cfg, run_dir: Path):
-    from transformers import TrainingArguments
-
-    cuda = torch.cuda.is_available()
-    precision = device_precision(cfg)
+    """The shared builder's arguments, plus this recipe's validation loss every EVAL_STEPS."""
     has_val = cfg.VAL_ANNOTATIONS is not None and cfg.EVAL_STEPS > 0
-    # transformers 5 takes the TensorBoard folder from the environment only.
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
-    return TrainingArguments(
-        output_dir=str(run_dir),
-        per_device_train_batch_size=cfg.BATCH_SIZE,
-        per_device_eval_batch_size=cfg.BATCH_SIZE,
-        gradient_accumulation_steps=cfg.GRAD_ACCUM,
-        num_train_epochs=cfg.EPOCHS,
-        max_steps=cfg.MAX_STEPS,
-        learning_rate=learning_rate(cfg),
-        warmup_steps=cfg.WARMUP_STEPS,
-        lr_scheduler_type="cosine",
-        optim="adamw_torch",
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        bf16=precision.compute == "bf16",
-        fp16=precision.compute == "fp16",
-        gradient_checkpointing=cfg.GRADIENT_CHECKPOINTING,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        logging_steps=cfg.LOGGING_STEPS,
-        report_to=["tensorboard"],
-        save_strategy="steps",
-        save_steps=cfg.SAVE_STEPS,
-        save_total_limit=cfg.SAVE_TOTAL_LIMIT,
-        eval_strategy="steps" if has_val else "no",
-        eval_steps=cfg.EVAL_STEPS if has_val else None,
-        remove_unused_columns=False,
-        label_names=["labels"],
-        dataloader_num_workers=data_loader_workers(cfg.NUM_WORKERS, cuda),
-        ddp_find_unused_parameters=False,
-        seed=cfg.SEED,
-        deepspeed=cfg.DEEPSPEED,
-        # On a CPU-only machine the Trainer only sets up (gloo) DDP under torchrun through use_cpu.
-        use_cpu=not cuda,
-        disable_tqdm=False,
-    )
+    return trainer_arguments(cfg, run_dir, learning_rate=learning_rate(cfg), compute=device_precision(cfg).compute,
+                             gradient_checkpointing=cfg.GRADIENT_CHECKPOINTING,
+                             per_device_eval_batch_size=cfg.BATCH_SIZE,
+                             eval_strategy="steps" if has_val else "no", eval_steps=cfg.EVAL_STEPS if has_val else None)
 
 
 # ---------------------------------------------------------------- the steps
@@ -353,7 +292,7 @@ def open_run(cfg, family: str) -> FinetuneRun:
     """Step 2: the run directory, named from the settings. Only this process writes it (a second one stops
     with one line), a run written under other settings is refused, and an unfinished one resumes.
     Draws the sample clips and builds the tiny model on first use (the main process first)."""
-    get_family(family)
+    get_family(family)  # an unknown family stops here
     run_dir = Path(cfg.OUTPUT_DIR) / run_name(cfg, family)
     args = training_arguments(cfg, run_dir)
     main = args.process_index == 0
@@ -501,15 +440,14 @@ def save_run(run: FinetuneRun, trainer, processor) -> None:
 
 
 def evaluation_settings(run: FinetuneRun):
-    """The evaluation scripts' settings for this run: its validation set, on the device it trained on."""
+    """The family's evaluation script's own constants (as ``python <eval script> MODEL_PATH=<run>`` reads them),
+    with this run's model, validation set and clips, on the device it trained on."""
     cfg = run.cfg
-    return make_settings({
-        "MODEL_ID": cfg.MODEL_ID, "MODEL_PATH": str(run.run_dir), "VAL_ANNOTATIONS": cfg.VAL_ANNOTATIONS,
-        "SPLIT": cfg.VAL_SPLIT, "VIDEO_DIR": cfg.VIDEO_DIR, "NUM_FRAMES": cfg.NUM_FRAMES,
-        "BATCH_SIZE": cfg.EVAL_BATCH_SIZE, "MAX_NEW_TOKENS": cfg.MAX_NEW_TOKENS, "LOAD_IN_4BIT": False,
-        "DEVICE": str(run.args.device), "RESULTS_DIR": cfg.RESULTS_DIR, "LIMIT": None, "RUN_NAME": None,
-        "OVERWRITE": False, "SBERT_MODEL": None,
-    }, name="EvaluationSettings")
+    return script_constants(get_family(run.family).eval_script, MODEL_ID=cfg.MODEL_ID, MODEL_PATH=str(run.run_dir),
+                            VAL_ANNOTATIONS=cfg.VAL_ANNOTATIONS, SPLIT=cfg.VAL_SPLIT, VIDEO_DIR=cfg.VIDEO_DIR,
+                            NUM_FRAMES=cfg.NUM_FRAMES, BATCH_SIZE=cfg.EVAL_BATCH_SIZE,
+                            MAX_NEW_TOKENS=cfg.MAX_NEW_TOKENS, DEVICE=str(run.args.device),
+                            RESULTS_DIR=cfg.RESULTS_DIR)
 
 
 def evaluate_run(run: FinetuneRun) -> Path | None:

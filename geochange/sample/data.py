@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import changechat_format as cc
-from .errors import UserError, install_error_handler
-from .fileio import atomic_write_text
-from .paths import ANNOTATIONS_DIR, SAMPLE_DIR
+from .. import changechat_format as cc
+from ..errors import UserError, install_error_handler
+from ..fileio import atomic_write_text
+from ..paths import ANNOTATIONS_DIR, SAMPLE_DIR
 from .scenes import Change, make_scene_pair, render_pair
-from .video import write_image, write_video
+from ..video import write_image, write_video
 
 SAMPLE_TRAIN = ANNOTATIONS_DIR / "sample_train.json"
 SAMPLE_VAL = ANNOTATIONS_DIR / "sample_val.json"

@@ -17,19 +17,20 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .annotations import Sample, describe_test_set, load_annotations
-from .devices import pick_device
-from .errors import UserError
-from .fileio import file_sha256
-from .locks import WriterLock, lock_for_writing
-from .metrics import compute_metrics_report
+from ..annotations import Sample, describe_test_set, load_annotations
+from ..devices import pick_device
+from ..errors import UserError
+from ..fileio import file_sha256
+from ..locks import WriterLock, lock_for_writing
+from ..metrics import compute_metrics_report
+from ..results import (ResultsWriter, answers_at_token_limit, check_run_settings, format_metrics_table, read_jsonl,
+                       remove_results, write_metrics)
+from ..runs import RUN_FILE
+from ..sample.data import SAMPLE_VIDEO_DIR, ensure_sample_media
+from ..video import read_video_frames
 from .modeling import (format_linear_counts, linear_counts, load_model, load_processor, model_label,
                        resolve_model_path, video_prompt)
-from .results import (ResultsWriter, answers_at_token_limit, check_run_settings, format_metrics_table, read_jsonl,
-                      remove_results, write_metrics)
-from .runs import RUN_FILE, load_run_model, weights_fingerprint
-from .sample_data import SAMPLE_VIDEO_DIR, ensure_sample_media
-from .video import read_video_frames
+from .weights import load_run_model, weights_fingerprint
 
 
 def results_run_name(family: str, model_path: str, model_id: str) -> str:

@@ -39,8 +39,8 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from .errors import UserError
-from .modeling import VISION_MODULE_NAMES
+from ..errors import UserError
+from .families import VISION_MODULE_NAMES
 
 PRUNE_METHODS = ("magnitude", "attention", "channel")
 

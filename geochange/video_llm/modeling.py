@@ -1,4 +1,4 @@
-"""Model families, loading, prompts and the answer-only training encoding.
+"""Loading a video LLM (quantised or not), its parts and Linears, prompts and the answer-only training encoding.
 
 Both families share one recipe: the prompt comes from the processor's own chat
 template (``USER: <video>\\n{question} ASSISTANT:``), the same at training and
@@ -8,7 +8,6 @@ padding, the answer ids (and EOS) everywhere else.
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,47 +16,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from .devices import pick_device
-from .errors import UserError
+from ..devices import compute_dtype, is_quantised_linear, parameter_numel, pick_device, quantization_config
+from ..errors import UserError
+from .families import VISION_MODULE_NAMES, get_family
 from .tiny import ensure_tiny_checkpoint
 
 IGNORE_INDEX = -100
 
 
-@dataclass(frozen=True)
-class ModelFamily:
-    name: str  # short name used in run directories and results
-    model_class_name: str
-    default_model_id: str
-
-    @property
-    def model_class(self):
-        import transformers
-
-        return getattr(transformers, self.model_class_name)
-
-
-FAMILIES = {
-    "videollava": ModelFamily("videollava", "VideoLlavaForConditionalGeneration", "LanguageBind/Video-LLaVA-7B-hf"),
-    "llavanext": ModelFamily("llavanext", "LlavaNextVideoForConditionalGeneration", "llava-hf/LLaVA-NeXT-Video-7B-hf"),
-}
-# The VLMs' parts outside the language model: kept in full precision under QLoRA, never LoRA targets, pruned
-# only with PRUNE_VISION, and renamed as a whole by transformers 5 (adapters.py). The one list of them.
-VISION_MODULE_NAMES = ("vision_tower", "video_tower", "image_tower", "multi_modal_projector", "vision_resampler")
-# bitsandbytes' quantised Linear classes (peft's LoRA wrappers of them share the names, not the module).
-_QUANTISED_LINEARS = {"Linear4bit", "Linear8bitLt"}
-
-
-def get_family(name: str) -> ModelFamily:
-    if name not in FAMILIES:
-        raise UserError(f"unknown model family {name!r}; expected one of {sorted(FAMILIES)}")
-    return FAMILIES[name]
-
-
 def resolve_model_path(model_id: str, family: str) -> str:
     """``"tiny"`` -> the offline tiny checkpoint (built on first use); anything else unchanged."""
     if model_id == "tiny":
-        return str(ensure_tiny_checkpoint(family))
+        return str(ensure_tiny_checkpoint(get_family(family)))
     return model_id
 
 
@@ -68,17 +38,6 @@ def model_label(model_id: str, family: str) -> str:
     if model_id == get_family(family).default_model_id:
         return family
     return f"{family}-{Path(model_id).name}"
-
-
-def compute_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on GPUs that have it, fp16 on older GPUs, fp32 on the CPU (slow and inexact in half precision)."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def best_dtype() -> torch.dtype:
-    return compute_dtype(pick_device("auto"))
 
 
 def quantization_skip_patterns() -> list[str]:
@@ -93,22 +52,10 @@ def quantization_skip_patterns() -> list[str]:
     return [rf"(?:.*\.)?(?:{parts})", *VISION_MODULE_NAMES, "lm_head"]
 
 
-def quantization_config(bits: int | None):
+def video_quantization_config(bits: int | None):
     """bitsandbytes settings for QLoRA: 4-bit nf4 (double quantisation) or 8-bit; None = full precision.
-
-    Only the language model's Linears are quantised (see ``quantization_skip_patterns``).
-    """
-    if bits is None:
-        return None
-    from transformers import BitsAndBytesConfig
-
-    skip = quantization_skip_patterns()
-    if bits == 4:
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=best_dtype(), llm_int8_skip_modules=skip)
-    if bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-    raise UserError(f"quantisation bits must be 4 or 8, not {bits}")
+    Only the language model's Linears are quantised (see ``quantization_skip_patterns``)."""
+    return quantization_config(bits, quantization_skip_patterns())
 
 
 def load_processor(model_path: str):
@@ -135,9 +82,9 @@ def load_model(model_path: str, family: str, *, bits: int | None = None, dtype: 
     cls = get_family(family).model_class
     if device is None and bits is not None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    kwargs: dict[str, Any] = {"dtype": dtype or (compute_dtype(device) if device is not None else best_dtype())}
+    kwargs: dict[str, Any] = {"dtype": dtype or compute_dtype(device if device is not None else pick_device("auto"))}
     if bits is not None:
-        kwargs["quantization_config"] = quantization_config(bits)
+        kwargs["quantization_config"] = video_quantization_config(bits)
     if device is not None:
         kwargs["device_map"] = {"": device}
     try:
@@ -152,10 +99,6 @@ def model_part(module_name: str) -> str:
         if part in VISION_MODULE_NAMES or part in ("language_model", "lm_head"):
             return part
     return "other"
-
-
-def is_quantised_linear(module) -> bool:
-    return type(module).__name__ in _QUANTISED_LINEARS and type(module).__module__.startswith("bitsandbytes")
 
 
 def linear_counts(model) -> dict[str, dict[str, int]]:
@@ -175,12 +118,6 @@ def format_linear_counts(counts: dict[str, dict[str, int]], bits: int) -> str:
         f"{part} {c['quantised']}/{c['kept']}" for part, c in counts.items())
 
 
-def parameter_numel(param) -> int:
-    """The parameter's true number of values: a 4-bit ``Params4bit`` holds two per packed byte."""
-    quant_state = getattr(param, "quant_state", None)
-    return math.prod(quant_state.shape) if quant_state is not None else param.numel()
-
-
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts, 4-bit weights counted as the values they hold."""
     trainable = sum(parameter_numel(p) for p in model.parameters() if p.requires_grad)
@@ -192,7 +129,7 @@ def language_model_linear_names(model) -> list[str]:
     """Every Linear (incl. bitsandbytes' quantised Linears) of the language model, not lm_head/vision/projector."""
     names = []
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) and type(module).__name__ not in {"Linear4bit", "Linear8bitLt"}:
+        if not isinstance(module, torch.nn.Linear) and not is_quantised_linear(module):
             continue
         parts = name.split(".")
         if "language_model" not in parts or parts[-1] == "lm_head" or any(v in parts for v in VISION_MODULE_NAMES):
@@ -201,13 +138,14 @@ def language_model_linear_names(model) -> list[str]:
     return names
 
 
-def video_unused_parameter_names(model) -> list[str]:
+def video_unused_parameter_names(model, family: str) -> list[str]:
     """Parameters that a video-only forward pass never reaches, so they can get no gradient.
 
-    Video-LLaVA's ``image_tower`` and LLaVA-NeXT's ``image_newline`` serve images only; in each
-    vision tower the encoder layers after ``vision_feature_layer`` and ``post_layernorm`` (which
-    only feeds the pooled output) are computed but never used.
+    The family's ``image_only_modules`` (Video-LLaVA's ``image_tower``, LLaVA-NeXT's ``image_newline``) serve
+    images only; in each vision tower the encoder layers after ``vision_feature_layer`` and ``post_layernorm``
+    (which only feeds the pooled output) are computed but never used.
     """
+    image_only = set(get_family(family).image_only_modules)
     config = model.config
     feature_layers = config.vision_feature_layer
     feature_layers = feature_layers if isinstance(feature_layers, (list, tuple)) else [feature_layers]
@@ -217,7 +155,7 @@ def video_unused_parameter_names(model) -> list[str]:
     unused = []
     for name, _ in model.named_parameters():
         parts = name.split(".")
-        if "image_tower" in parts or "image_newline" in parts:
+        if image_only.intersection(parts):
             unused.append(name)
         elif any(part.endswith("_tower") for part in parts):
             layer = next((int(parts[i + 1]) for i in range(len(parts) - 1) if parts[i] == "layers"

@@ -1,0 +1,153 @@
+"""What a video model family is, in one entry each: Video-LLaVA and LLaVA-NeXT-Video.
+
+Everything else reads these entries (loading, quantisation skips, LoRA targets, pruning parts, adapter renames,
+the tiny twins, the 7B shapes of the memory check and the GPU check, the scripts, the results notebook, the
+tests); nothing else lists the families. Adding one: docs/add_a_model_family.md.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import UserError
+from .tiny import (TINY_IMAGE_SIZE, TINY_PATCH_SIZE, VICUNA_VIDEO_CHAT_TEMPLATE, tiny_size_kwargs, tiny_text_config,
+                   tiny_vision_config)
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    id: str                    # in run directories, results files, run.json and MODEL settings
+    display_name: str          # in tables and plots
+    model_class_name: str      # the transformers class
+    default_model_id: str      # the 7B checkpoint on the Hub (the scripts' MODEL_ID)
+    finetune_script: str
+    eval_script: str
+    # The parts outside the language model: kept in full precision under QLoRA, never LoRA targets, pruned only
+    # with PRUNE_VISION, and renamed as a whole by transformers 5 (see adapter_renames).
+    vision_module_names: tuple[str, ...]
+    # Parameters only images reach (a video's forward pass never does, so they get no gradient).
+    image_only_modules: tuple[str, ...]
+    build_tiny: Callable           # tokenizer -> (model, processor): the offline twin
+    real_size_config: Callable     # () -> the 7B model's config, as its config.json on the Hub describes it
+
+    @property
+    def model_class(self):
+        import transformers
+
+        return getattr(transformers, self.model_class_name)
+
+    @property
+    def adapter_renames(self) -> tuple[tuple[re.Pattern, str], ...]:
+        """transformers 4 -> 5 names (after PEFT's ``base_model.model.``) of adapters saved before the move of the
+        language model under ``model.language_model`` and of the vision parts under ``model.``."""
+        return ((re.compile(r"^language_model\.model\."), "model.language_model."),
+                (re.compile(r"^language_model\.lm_head\."), "lm_head."),
+                (re.compile(rf"^({'|'.join(self.vision_module_names)})\."), r"model.\1."))
+
+
+# ---------------------------------------------------------------- the 7B shapes (no download)
+
+def _llama_7b():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                       rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+
+
+def _clip_large(image_size: int):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                            image_size=image_size, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+
+
+# ---------------------------------------------------------------- Video-LLaVA
+
+def _videollava_7b():
+    from transformers import VideoLlavaConfig
+
+    return VideoLlavaConfig(vision_config=_clip_large(224), text_config=_llama_7b(), image_token_index=32000,
+                            video_token_index=32001, vision_feature_layer=-2, vision_feature_select_strategy="default",
+                            projector_hidden_act="gelu")
+
+
+def _videollava_tiny(tokenizer):
+    from transformers import (VideoLlavaConfig, VideoLlavaForConditionalGeneration, VideoLlavaImageProcessor,
+                              VideoLlavaProcessor, VideoLlavaVideoProcessor)
+
+    config = VideoLlavaConfig(
+        vision_config=tiny_vision_config(), text_config=tiny_text_config(tokenizer),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-2, vision_feature_select_strategy="default",
+    )
+    processor = VideoLlavaProcessor(
+        image_processor=VideoLlavaImageProcessor(**tiny_size_kwargs()),
+        video_processor=VideoLlavaVideoProcessor(**tiny_size_kwargs()),
+        tokenizer=tokenizer, patch_size=TINY_PATCH_SIZE, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=VICUNA_VIDEO_CHAT_TEMPLATE,
+    )
+    return VideoLlavaForConditionalGeneration(config), processor
+
+
+VIDEO_LLAVA = ModelFamily(
+    id="videollava", display_name="Video-LLaVA", model_class_name="VideoLlavaForConditionalGeneration",
+    default_model_id="LanguageBind/Video-LLaVA-7B-hf",
+    finetune_script="videollava_finetune.py", eval_script="videollava_test.py",
+    vision_module_names=("video_tower", "image_tower", "multi_modal_projector"), image_only_modules=("image_tower",),
+    build_tiny=_videollava_tiny, real_size_config=_videollava_7b)
+
+
+# ---------------------------------------------------------------- LLaVA-NeXT-Video
+
+def _llavanext_7b():
+    from transformers import LlavaNextVideoConfig
+
+    return LlavaNextVideoConfig(vision_config=_clip_large(336), text_config=_llama_7b(), image_token_index=32001,
+                                video_token_index=32000, vision_feature_layer=-2,
+                                vision_feature_select_strategy="default", spatial_pool_mode="average",
+                                spatial_pool_stride=2, image_grid_pinpoints=[[336, 672], [672, 336], [672, 672],
+                                                                             [1008, 336], [336, 1008]])
+
+
+def _llavanext_tiny(tokenizer):
+    from transformers import (LlavaNextImageProcessor, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration,
+                              LlavaNextVideoProcessor, LlavaNextVideoVideoProcessor)
+
+    grid = [[TINY_IMAGE_SIZE, TINY_IMAGE_SIZE], [TINY_IMAGE_SIZE, 2 * TINY_IMAGE_SIZE], [2 * TINY_IMAGE_SIZE, TINY_IMAGE_SIZE]]
+    config = LlavaNextVideoConfig(
+        vision_config=tiny_vision_config(), text_config=tiny_text_config(tokenizer),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-2, vision_feature_select_strategy="default",
+        image_grid_pinpoints=grid, spatial_pool_mode="average", spatial_pool_stride=2,
+    )
+    processor = LlavaNextVideoProcessor(
+        video_processor=LlavaNextVideoVideoProcessor(**tiny_size_kwargs()),
+        image_processor=LlavaNextImageProcessor(image_grid_pinpoints=grid, **tiny_size_kwargs()),
+        tokenizer=tokenizer, patch_size=TINY_PATCH_SIZE, vision_feature_select_strategy="default",
+        chat_template=VICUNA_VIDEO_CHAT_TEMPLATE,
+    )
+    return LlavaNextVideoForConditionalGeneration(config), processor
+
+
+LLAVA_NEXT_VIDEO = ModelFamily(
+    id="llavanext", display_name="LLaVA-NeXT-Video", model_class_name="LlavaNextVideoForConditionalGeneration",
+    default_model_id="llava-hf/LLaVA-NeXT-Video-7B-hf",
+    finetune_script="llavanext_finetune.py", eval_script="llavanext_eval.py",
+    vision_module_names=("vision_tower", "multi_modal_projector", "vision_resampler"),
+    image_only_modules=("image_newline",),
+    build_tiny=_llavanext_tiny, real_size_config=_llavanext_7b)
+
+
+FAMILIES: dict[str, ModelFamily] = {family.id: family for family in (VIDEO_LLAVA, LLAVA_NEXT_VIDEO)}
+# Every family's vision parts: what code that sees only a model (not its family) treats as outside the LLM.
+VISION_MODULE_NAMES = tuple(dict.fromkeys(name for f in FAMILIES.values() for name in f.vision_module_names))
+
+
+def get_family(name: str) -> ModelFamily:
+    if name not in FAMILIES:
+        raise UserError(f"unknown model family {name!r}; expected one of {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[name]
