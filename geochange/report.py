@@ -231,7 +231,8 @@ def example_figure(results_dir: str | Path, run: str, repo: str | Path, count: i
     video_dir = Path(metrics.get("settings", {}).get("VIDEO_DIR") or Path(repo) / "data" / "sample" / "videos")
     records = read_jsonl(answers)[:count]
     fig = plt.figure(figsize=(10, 6.4 * len(records)))
-    rows = fig.add_gridspec(len(records), 1, hspace=0.12)
+    rows = fig.add_gridspec(len(records), 1, hspace=0.1, left=0.02, right=0.98, top=1 - 0.3 / len(records),
+                            bottom=0.01)
     replaced = 0
     for row, record in zip(rows, records):
         cell = row.subgridspec(2, 2, height_ratios=[4.6, 1.4], wspace=0.03, hspace=0.02)

@@ -1,18 +1,53 @@
-"""Shared fixtures: the bundled sample media, small synthetic image pairs, a free port; the ``java`` marker."""
+"""Shared fixtures: the bundled sample media, small synthetic image pairs, a free port, scripts run in this process;
+the ``java`` marker; one torch thread per pytest-xdist worker."""
 from __future__ import annotations
 
 import json
+import os
+import runpy
 import shutil
 import socket
+import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
+# Every test runs offline, as CI and the README's quick-start do.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from geochange.errors import UserError
-from geochange.sample.data import ensure_sample_media
-from geochange.sample.scenes import make_scene_pair, render_pair
-from geochange.video import write_image
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from geochange.errors import UserError  # noqa: E402
+from geochange.sample.data import ensure_sample_media  # noqa: E402
+from geochange.sample.scenes import make_scene_pair, render_pair  # noqa: E402
+from geochange.video import write_image  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Workers share the cores: one thread each (and for the processes they start) instead of every worker's torch
+    # taking all of them, which on 2 cores made the suite slower than one worker. The tiny models lose nothing.
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+def run_script(script: str, *args: str) -> None:
+    """``python <script> ARGS...`` as a user runs it, in this process (no interpreter start); a ``UserError`` the
+    script raises reaches the caller (the one-line handler is the subprocess test's business)."""
+    saved = sys.argv
+    sys.argv = [str(REPO / script), *map(str, args)]
+    try:
+        runpy.run_path(str(REPO / script), run_name="__main__")
+    finally:
+        sys.argv = saved
+
+
+def script_args(**settings) -> list[str]:
+    """``NAME=VALUE`` arguments for ``run_script``."""
+    return [f"{name}={value}" for name, value in settings.items()]
 
 JAVA_MISSING = ("needs Java on the PATH: pycocoevalcap's PTB tokenizer and METEOR run on it (without Java the suite "
                 "falls back to its own normaliser and reports METEOR as missing, which other tests check)")
@@ -87,3 +122,36 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# Records of the sample's val file that the shared tiny runs validate and evaluate on.
+TINY_VAL_RECORDS = 4
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(sample_dir, tmp_path_factory) -> Path:
+    """A repo-shaped folder of tiny results, made once per session, as a user's runs leave them:
+    ``runs/<run>`` a short LoRA fine-tune of tiny Video-LLaVA (validation loss, evaluation after training),
+    ``results/`` its evaluation, the untuned tiny Video-LLaVA's and a tiny DeltaVLM's on the sample captions, and
+    the tiny Video-LLaVA's on those captions converted to videos (one test set for both families); ``val.json``."""
+    from geochange.convert import changechat_to_videos
+    from geochange.sample.data import SAMPLE_CHANGECHAT_CAPTIONS, SAMPLE_CHANGECHAT_ROOT, SAMPLE_VAL
+
+    root = tmp_path_factory.mktemp("repo")
+    results = root / "results"
+    val = root / "val.json"
+    val.write_text(json.dumps(json.loads(SAMPLE_VAL.read_text())[:TINY_VAL_RECORDS]))
+    run_script("videollava_finetune.py", *script_args(
+        MODEL_ID="tiny", OUTPUT_DIR=root / "runs", RESULTS_DIR=results, VAL_ANNOTATIONS=val, TRAIN_LIMIT=8,
+        MAX_STEPS=4, BATCH_SIZE=4, LR=1e-2, WARMUP_STEPS=0, LOGGING_STEPS=1, SAVE_STEPS=100, EVAL_STEPS=2,
+        GRADIENT_CHECKPOINTING=False, MAX_NEW_TOKENS=8, EVAL_BATCH_SIZE=4))
+    run_script("videollava_test.py", *script_args(MODEL_ID="tiny", MODEL_PATH="base", RESULTS_DIR=results,
+                                                   VAL_ANNOTATIONS=val, MAX_NEW_TOKENS=8, BATCH_SIZE=4))
+    converted = changechat_to_videos(SAMPLE_CHANGECHAT_CAPTIONS, SAMPLE_CHANGECHAT_ROOT, root / "converted")
+    run_script("videollava_test.py", *script_args(
+        MODEL_ID="tiny", VAL_ANNOTATIONS=converted, VIDEO_DIR=root / "converted" / "videos", BATCH_SIZE=4,
+        MAX_NEW_TOKENS=8, RESULTS_DIR=results, LIMIT=TINY_VAL_RECORDS, RUN_NAME="videollava-tiny_captions"))
+    run_script("deltavlm_predict.py", *script_args(
+        CHECKPOINT="tiny", TEST_ANNOTATIONS=SAMPLE_CHANGECHAT_CAPTIONS, LIMIT=TINY_VAL_RECORDS, NUM_BEAMS=1,
+        MAX_NEW_TOKENS=8, RESULTS_DIR=results))
+    return root

@@ -5,14 +5,13 @@ import hashlib
 import json
 import os
 import runpy
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_script
 
 import geochange.changechat_format as cc
 from geochange.deltavlm.checkpoint import CsrmCheck, check_csrm_initialisation, convert_lavis_state
@@ -20,6 +19,7 @@ from geochange.deltavlm.model import CSRM, build_on_meta, own_parameter_shapes, 
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "deltavlm_predict.py"
+pytestmark = pytest.mark.xdist_group("deltavlm")  # its module fixtures load the tiny twin once
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +47,6 @@ def predictor(loaded):
 
     model, tokenizers, _ = loaded
     return Predictor(model, tokenizers, torch.device("cpu"), Decoding(num_beams=1, max_new_tokens=6), Prompting())
-
-
-def run_script(*args: str, stdin: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=env, input=stdin, text=True,
-                          capture_output=True, timeout=timeout)
 
 
 def released_checkpoint_state(tiny) -> dict[str, torch.Tensor]:
@@ -391,10 +385,9 @@ def test_batch_scores_every_task_and_resumes(predictor, scene_images, tmp_path, 
 
 # --------------------------------------------------------------------------- the script
 
-def test_script_answers_a_bundled_pair_offline(tiny, sample_dir):
-    done = run_script("CHECKPOINT=tiny", "NUM_BEAMS=1", "MAX_NEW_TOKENS=6")
-    assert done.returncode == 0, done.stderr[-2000:]
-    out = done.stdout
+def test_script_answers_a_bundled_pair_offline(tiny, sample_dir, capsys):
+    run_script("deltavlm_predict.py", "CHECKPOINT=tiny", "NUM_BEAMS=1", "MAX_NEW_TOKENS=6")
+    out = capsys.readouterr().out
     assert "pair: " in out and "val_00002.png" in out
     assert "prompt: please briefly describe the changes in these two images" in out
     answer = [line for line in out.splitlines() if line.startswith("answer: ")]
@@ -403,7 +396,7 @@ def test_script_answers_a_bundled_pair_offline(tiny, sample_dir):
 
 
 @pytest.mark.parametrize("problem", ["missing", "not_an_image", "one_image"])
-def test_script_bad_images_give_one_line(problem, tmp_path, image_pair):
+def test_script_bad_images_give_one_line(problem, tmp_path, image_pair, user_error, capsys):
     before, after = image_pair
     if problem == "missing":
         args, expected = [f"IMAGE_A={tmp_path / 'nope.png'}", f"IMAGE_B={after}"], "does not exist"
@@ -413,20 +406,17 @@ def test_script_bad_images_give_one_line(problem, tmp_path, image_pair):
         args, expected = [f"IMAGE_A={before}", f"IMAGE_B={text}"], "is not a readable image"
     else:
         args, expected = [f"IMAGE_A={before}"], "set both IMAGE_A and IMAGE_B"
-    done = run_script("CHECKPOINT=tiny", *args)
-    assert done.returncode == 2
-    assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("error: ")
-    assert expected in done.stderr
+    user_error(lambda: run_script("deltavlm_predict.py", "CHECKPOINT=tiny", *args), expected)
+    assert "loaded on" not in capsys.readouterr().out  # the input is checked before the model loads
 
 
-def test_script_checkpoint_missing_keys_gives_one_line(tiny, tmp_path, sample_dir):
+def test_script_checkpoint_missing_keys_gives_one_line(tiny, tmp_path, sample_dir, user_error):
     state = released_checkpoint_state(tiny)
     del state["gate2.bias"]
     broken = tmp_path / "checkpoint_best.pth"
     torch.save({"model": state}, broken)
-    done = run_script(f"CHECKPOINT={broken}", f"VISION_QFORMER_BASE={tiny.base}", f"LLM_MODEL={tiny.llm}",
-                      f"BERT_MODEL={tiny.bert}", f"IMAGE_A={sample_dir / 'changechat/A/val_00000.png'}",
-                      f"IMAGE_B={sample_dir / 'changechat/B/val_00000.png'}")
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert len(done.stderr.strip().splitlines()) == 1
-    assert "lacks 1 trained parameters: gate2.bias (-> csrm.gate2.bias)" in done.stderr
+    user_error(lambda: run_script("deltavlm_predict.py", f"CHECKPOINT={broken}", f"VISION_QFORMER_BASE={tiny.base}",
+                                  f"LLM_MODEL={tiny.llm}", f"BERT_MODEL={tiny.bert}",
+                                  f"IMAGE_A={sample_dir / 'changechat/A/val_00000.png'}",
+                                  f"IMAGE_B={sample_dir / 'changechat/B/val_00000.png'}"),
+               "lacks 1 trained parameters: gate2.bias (-> csrm.gate2.bias)")

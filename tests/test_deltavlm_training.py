@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_script
 
 from geochange.annotations import ChangeChatSample
 from geochange.deltavlm import training as t
@@ -22,6 +23,8 @@ from geochange.errors import UserError
 from geochange.overrides import load_settings, make_settings, settings_of
 
 REPO = Path(__file__).resolve().parent.parent
+# Its module fixtures (tiny trainings) are made once: every test of this file on one pytest-xdist worker.
+pytestmark = pytest.mark.xdist_group("deltavlm_training")
 SCRIPT = REPO / "deltavlm_finetune.py"
 RELEASED_KEYS = Path(__file__).parent / "data" / "deltavlm_released_keys.json"
 CAPTIONS = REPO / "annotations" / "sample_changechat_captions.json"
@@ -176,6 +179,7 @@ def test_full_size_checkpoint_keys_are_the_released_ones():
     assert keys == released
 
 
+@pytest.mark.slow
 def test_the_predictor_answers_from_the_checkpoint_and_beats_the_untrained_twin(lora_run, one_thread):
     from geochange.deltavlm import run
     from geochange.deltavlm.predictor import answer_batch
@@ -198,12 +202,14 @@ def test_the_predictor_answers_from_the_checkpoint_and_beats_the_untrained_twin(
 
 # --------------------------------------------------------------------------- CSRM off, LoRA on
 
+@pytest.mark.slow
 def test_csrm_trains_only_when_in_the_forward(trained, lora_run):
     assert all(changed(trained[1], trained[2], "csrm.").values())
     _, before, model, record = lora_run
     assert not any(changed(before, model, "csrm.").values()) and "csrm" not in record["trainable_parameters"]
 
 
+@pytest.mark.slow
 def test_lora_trains_beside_a_frozen_vicuna_and_the_predictor_loads_it(lora_run):
     from geochange.deltavlm import run
 
@@ -227,6 +233,7 @@ def test_lora_trains_beside_a_frozen_vicuna_and_the_predictor_loads_it(lora_run)
 
 # --------------------------------------------------------------------------- resume, mixed settings
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_and_other_settings_are_refused(tmp_path, one_thread, sample_dir):
     from transformers import TrainerCallback
 
@@ -260,13 +267,6 @@ def test_an_interrupted_run_resumes_and_other_settings_are_refused(tmp_path, one
 
 # --------------------------------------------------------------------------- bad settings: one line, no model
 
-def run_script(*args: str, timeout: int = 120, extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           **(extra_env or {})}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=env, text=True, capture_output=True,
-                          timeout=timeout)
-
-
 @pytest.mark.parametrize("overrides, message", [
     (["BEST_METRIC=rouge"], "BEST_METRIC='rouge' is not one of bleu4, cider, sm"),
     (["TRAIN_VIT_BLOCKS=4"], "TRAIN_VIT_BLOCKS=4 but the ViT of"),
@@ -274,7 +274,8 @@ def run_script(*args: str, timeout: int = 120, extra_env: dict | None = None) ->
     (["TRAIN_ANNOTATIONS={missing_image}"], "missing.png"),
     (["VAL_ANNOTATIONS={levir}"], "no entry of split 'val' (the file holds: train 1)"),
 ])
-def test_bad_settings_stop_in_one_line_before_any_model(tmp_path, sample_dir, overrides, message):
+def test_bad_settings_stop_in_one_line_before_any_model(tmp_path, sample_dir, overrides, message, user_error,
+                                                       monkeypatch):
     record = {"id": "r1", "image": ["A/missing.png", "B/missing.png"],
               "conversations": [{"from": "human", "value": "what changed?"}, {"from": "gpt", "value": "a road"}]}
     missing_image = tmp_path / "train.json"
@@ -283,14 +284,15 @@ def test_bad_settings_stop_in_one_line_before_any_model(tmp_path, sample_dir, ov
     levir.write_text(json.dumps({"images": [{"filepath": "train", "filename": "x.png", "split": "train",
                                              "sentences": [{"raw": "a road was built ."}]}]}))
     args = [a.format(missing_image=missing_image, levir=levir) for a in overrides]
-    result = run_script("INIT=tiny", f"OUTPUT_DIR={tmp_path / 'runs'}", *args)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and lines[-1].startswith("error: ") and message in lines[-1], result.stderr[-800:]
-    assert "Loading weights" not in result.stderr + result.stdout and not (tmp_path / "runs").exists()
+    monkeypatch.setattr(t, "load_deltavlm", lambda *a, **k: pytest.fail("a model was loaded"))
+    user_error(lambda: run_script("deltavlm_finetune.py", "INIT=tiny", f"OUTPUT_DIR={tmp_path / 'runs'}", *args),
+               message)
+    assert not (tmp_path / "runs").exists()
 
 
 # --------------------------------------------------------------------------- DDP under torchrun
 
+@pytest.mark.slow
 def test_two_process_torchrun_keeps_the_replicas_identical(tmp_path, sample_dir, free_port):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port}",
                str(SCRIPT), *QUICK, f"OUTPUT_DIR={tmp_path}", "EPOCHS=1", "MAX_STEPS=3", "VAL_LIMIT=4",

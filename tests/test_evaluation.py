@@ -1,58 +1,65 @@
-"""Evaluation scripts, resume, batching, rescoring and Results.ipynb on the tiny pipeline."""
+"""Evaluation scripts, resume, batching and rescoring on the tiny pipeline."""
+import io
 import json
 import os
-import runpy
-import subprocess
-import sys
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
+from conftest import TINY_VAL_RECORDS, run_script, script_args
 
+import common
 import geochange.video_llm.evaluation as evaluation
 from geochange.annotations import load_annotations
 from geochange.errors import UserError
 from geochange.locks import lock_for_writing
-from geochange.video_llm.modeling import load_processor
-from geochange.overrides import make_settings, settings_of
+from geochange.overrides import script_constants
 from geochange.results import read_jsonl
 from geochange.sample.data import SAMPLE_VAL, SAMPLE_VIDEO_DIR, ensure_sample_media
 from geochange.video import read_video_frames
+from geochange.video_llm.modeling import load_processor
 
 REPO = Path(__file__).resolve().parent.parent
-# One thread: CPU reductions then add up in the same order on every run, so the tiny pipeline is reproducible.
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 VAL_LIMIT = 24
 
 
 def eval_settings(**overrides):
     """The settings ``videollava_test.py NAME=VALUE...`` builds, for the tiny model."""
-    scope = runpy.run_path(str(REPO / "videollava_test.py"), run_name="constants_only")
-    return make_settings(settings_of({**scope, "MODEL_ID": "tiny", **overrides}))
+    return script_constants("videollava_test.py", MODEL_ID="tiny", **overrides)
 
 
-def run_script(*args, cwd=REPO, timeout=600):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=ENV, timeout=timeout)
+def run_dir_of(tiny_repo: Path) -> Path:
+    (run_dir,) = [p for p in (tiny_repo / "runs").iterdir() if p.is_dir()]  # beside it: its .lock
+    return run_dir
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    """The README's main job at test size: tiny LoRA fine-tune, evaluation after training, and the base model."""
-    ensure_sample_media()
+def pipeline(sample_dir, tmp_path_factory):
+    """The README's main job at test size: a tiny LoRA fine-tune long enough to learn (150 steps), evaluation after
+    training, and the base model (one torch thread: CPU reductions then add up in the same order every run)."""
+    import torch
+
     root = tmp_path_factory.mktemp("pipeline")
     results = root / "results"
     val = root / "val.json"
     val.write_text(json.dumps(json.loads(Path(SAMPLE_VAL).read_text())[:VAL_LIMIT]))
-    train = run_script("videollava_finetune.py", "MODEL_ID=tiny", f"OUTPUT_DIR={root / 'runs'}", f"RESULTS_DIR={results}",
-                       f"VAL_ANNOTATIONS={val}", "MAX_STEPS=150", "EVAL_STEPS=0", "SAVE_STEPS=1000",
-                       "GRADIENT_CHECKPOINTING=False", "MAX_NEW_TOKENS=40")
-    assert train.returncode == 0, train.stderr[-3000:]
-    base = run_script("videollava_test.py", "MODEL_ID=tiny", "MODEL_PATH=base", f"RESULTS_DIR={results}",
-                      f"VAL_ANNOTATIONS={val}", "MAX_NEW_TOKENS=40")
-    assert base.returncode == 0, base.stderr[-3000:]
-    (run_dir,) = [p for p in (root / "runs").iterdir() if p.is_dir()]  # beside it: its .lock
-    return {"root": root, "results": results, "run_dir": run_dir, "val": val, "train_stdout": train.stdout}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    printed = io.StringIO()
+    try:
+        with redirect_stdout(printed):
+            run_script("videollava_finetune.py", *script_args(
+                MODEL_ID="tiny", OUTPUT_DIR=root / "runs", RESULTS_DIR=results, VAL_ANNOTATIONS=val, MAX_STEPS=150,
+                EVAL_STEPS=0, SAVE_STEPS=1000, GRADIENT_CHECKPOINTING=False, MAX_NEW_TOKENS=40))
+        run_script("videollava_test.py", *script_args(MODEL_ID="tiny", MODEL_PATH="base", RESULTS_DIR=results,
+                                                       VAL_ANNOTATIONS=val, MAX_NEW_TOKENS=40))
+    finally:
+        torch.set_num_threads(threads)
+    (run_dir,) = [p for p in (root / "runs").iterdir() if p.is_dir()]
+    return {"root": root, "results": results, "run_dir": run_dir, "val": val, "train_stdout": printed.getvalue()}
 
 
+@pytest.mark.slow
 def test_pipeline_writes_results_and_the_tuned_model_beats_base(pipeline):
     results, run = pipeline["results"], pipeline["run_dir"].name
     for name in (f"{run}.jsonl", f"{run}.metrics.json", f"{run}.csv", "videollava-tiny_base.jsonl",
@@ -74,12 +81,14 @@ def test_pipeline_writes_results_and_the_tuned_model_beats_base(pipeline):
     assert "ROUGE" in pipeline["train_stdout"] or "rouge1" in pipeline["train_stdout"]
 
 
-def test_batched_and_unbatched_generation_agree(pipeline):
+@pytest.mark.xdist_group("tiny_repo")
+def test_batched_and_unbatched_generation_agree(tiny_repo):
     from geochange.video_llm.weights import load_run_model
 
-    model = load_run_model(pipeline["run_dir"], "videollava")
-    processor = load_processor(str(pipeline["run_dir"]))
-    samples = load_annotations(pipeline["val"], SAMPLE_VIDEO_DIR)[:6]
+    run_dir = run_dir_of(tiny_repo)
+    model = load_run_model(run_dir, "videollava")
+    processor = load_processor(str(run_dir))
+    samples = load_annotations(SAMPLE_VAL, SAMPLE_VIDEO_DIR)[:6]
     frames = [read_video_frames(s.video, 2) for s in samples]
     # different question phrasings give prompts of different lengths, so the batch really is padded
     questions = [s.question for s in samples]
@@ -91,7 +100,8 @@ def test_batched_and_unbatched_generation_agree(pipeline):
     assert all(1 <= count <= 24 for count in counts)  # tokens generated before EOS
 
 
-def test_interrupted_evaluation_resumes_without_duplicates(pipeline, tmp_path, monkeypatch):
+@pytest.mark.xdist_group("tiny_repo")
+def test_interrupted_evaluation_resumes_without_duplicates(tiny_repo, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = evaluation.generate_answers
 
@@ -101,7 +111,9 @@ def test_interrupted_evaluation_resumes_without_duplicates(pipeline, tmp_path, m
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    settings = eval_settings(MODEL_PATH=str(pipeline["run_dir"]), VAL_ANNOTATIONS=str(pipeline["val"]), BATCH_SIZE=5,
+    val = tmp_path / "val.json"
+    val.write_text(json.dumps(json.loads(SAMPLE_VAL.read_text())[:VAL_LIMIT]))
+    settings = eval_settings(MODEL_PATH=str(run_dir_of(tiny_repo)), VAL_ANNOTATIONS=str(val), BATCH_SIZE=5,
                              MAX_NEW_TOKENS=8, RESULTS_DIR=str(tmp_path), RUN_NAME="resume")
     monkeypatch.setattr(evaluation, "generate_answers", crash_after_first_batch)
     with pytest.raises(KeyboardInterrupt):
@@ -135,8 +147,7 @@ def test_rescoring_a_geollava_results_file(tmp_path):
                 {"true": "a road now crosses the center.", "generated": "Answer: a new road crosses the middle."}]
     path = tmp_path / "geollava_results.json"
     path.write_text("".join(json.dumps(r) for r in original))  # back-to-back objects, as GeoLLaVA wrote them
-    run = run_script("common.py", "score", str(path))
-    assert run.returncode == 0, run.stderr
+    assert common.main(["score", str(path)]) == 0
     metrics = json.loads((tmp_path / "geollava_results.metrics.json").read_text())
     assert metrics["num_samples"] == 2 and 0 < metrics["metrics"]["rouge1"] < 1
     from rouge_score import rouge_scorer
@@ -147,54 +158,30 @@ def test_rescoring_a_geollava_results_file(tmp_path):
     assert (tmp_path / "geollava_results.csv").exists()
 
 
-def test_bad_input_gives_one_line_and_keeps_results(pipeline, tmp_path):
-    run = run_script("videollava_test.py", "MODEL_ID=tiny", "MODEL_PATH=runs/no_such_run", f"RESULTS_DIR={tmp_path}")
-    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
-        "error: MODEL_PATH runs/no_such_run does not exist (give a fine-tuning run directory or 'base')"]
+@pytest.mark.xdist_group("tiny_repo")
+def test_bad_input_gives_one_line_and_keeps_results(tiny_repo, tmp_path, user_error):
+    user_error(lambda: run_script("videollava_test.py", "MODEL_ID=tiny", "MODEL_PATH=runs/no_such_run",
+                                  f"RESULTS_DIR={tmp_path}"),
+               "MODEL_PATH runs/no_such_run does not exist (give a fine-tuning run directory or 'base')")
     not_json = tmp_path / "broken.json"
     not_json.write_text("this is not json")
-    run = run_script("common.py", "score", str(not_json))
-    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1 and str(not_json) in run.stderr
+    user_error(lambda: common.main(["score", str(not_json)]), str(not_json))
     no_answer = tmp_path / "val.json"
-    records = json.loads(pipeline["val"].read_text())[:2]
+    records = json.loads((tiny_repo / "val.json").read_text())[:2]
     records[1]["conversations"] = records[1]["conversations"][:1]
     no_answer.write_text(json.dumps(records))
-    results = pipeline["results"] / "videollava-tiny_base.jsonl"
+    results = tiny_repo / "results" / "videollava-tiny_base.jsonl"
     kept = results.read_text()
-    run = run_script("videollava_test.py", "MODEL_ID=tiny", "MODEL_PATH=base", f"VAL_ANNOTATIONS={no_answer}",
-                     f"RESULTS_DIR={pipeline['results']}")
-    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1
-    assert str(no_answer) in run.stderr and records[1]["id"] in run.stderr
+    user_error(lambda: run_script("videollava_test.py", "MODEL_ID=tiny", "MODEL_PATH=base",
+                                  f"VAL_ANNOTATIONS={no_answer}", f"RESULTS_DIR={tiny_repo / 'results'}"),
+               str(no_answer), records[1]["id"], "no answer")
     assert results.read_text() == kept
 
 
-def test_results_notebook_runs_on_the_tiny_pipeline(pipeline, tmp_path):
-    import shutil
-
-    import nbformat
-    from nbclient import NotebookClient
-
-    # the notebook reads results/ beside common.py: give it a repo-shaped folder
-    (tmp_path / "annotations").mkdir()
-    shutil.copy(REPO / "common.py", tmp_path)
-    shutil.copy(REPO / "annotations" / "geollava_paper_results.csv", tmp_path / "annotations")
-    shutil.copytree(pipeline["results"], tmp_path / "results")
-    os.symlink(REPO / "geochange", tmp_path / "geochange")
-    notebook = nbformat.read(REPO / "Results.ipynb", as_version=4)
-    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    text = "\n".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
-                     + str(o.get("data", {}).get("text/html", ""))
-                     for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
-    assert "Video-LLaVA" in text and pipeline["run_dir"].name in text and "videollava-tiny_base" in text
-    assert "No results yet" not in text.split("DeltaVLM")[0]
-    assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
-               for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
-
-
-def test_llavanext_eval_script_on_the_base_tiny_model(tmp_path):
-    run = run_script("llavanext_eval.py", "MODEL_ID=tiny", "MODEL_PATH=base", "LIMIT=4", "BATCH_SIZE=3",
-                     "MAX_NEW_TOKENS=6", f"RESULTS_DIR={tmp_path}")
-    assert run.returncode == 0, run.stderr[-2000:]
+def test_llavanext_eval_script_on_the_base_tiny_model(tmp_path, capsys):
+    run_script("llavanext_eval.py", "MODEL_ID=tiny", "MODEL_PATH=base", "LIMIT=4", "BATCH_SIZE=3", "MAX_NEW_TOKENS=6",
+               "DEVICE=cpu", f"RESULTS_DIR={tmp_path}")
+    assert "generating on cpu in float32" in capsys.readouterr().out
     records = read_jsonl(tmp_path / "llavanext-tiny_base.jsonl")
     assert len(records) == 4 and all(r["generated"] for r in records)
     metrics = json.loads((tmp_path / "llavanext-tiny_base.metrics.json").read_text())
@@ -258,17 +245,53 @@ def test_results_are_tied_to_the_model_weights_generation_and_test_set(tmp_path,
         evaluate_base(tmp_path, MODEL_PATH=str(model_dir), RUN_NAME=None)
 
 
-def test_evaluation_device_setting(tmp_path):
+def test_evaluation_device_setting(tmp_path, user_error):
     import torch
 
     model, _ = evaluation.load_eval_model("videollava", "base", "tiny", False, torch.device("cpu"))
     assert {p.device.type for p in model.parameters()} == {"cpu"} and model.dtype == torch.float32
     if not torch.cuda.is_available():
-        run = run_script("videollava_test.py", "MODEL_ID=tiny", "DEVICE=cuda", f"RESULTS_DIR={tmp_path}")
-        assert run.returncode == 2 and run.stderr.strip().splitlines() == [
-            "error: DEVICE='cuda' but no CUDA GPU is available"]
+        user_error(lambda: run_script("videollava_test.py", "MODEL_ID=tiny", "DEVICE=cuda", f"RESULTS_DIR={tmp_path}"),
+                   "DEVICE='cuda' but no CUDA GPU is available")
         assert not any(tmp_path.iterdir())  # stopped before loading or writing anything
-    run = run_script("llavanext_eval.py", "MODEL_ID=tiny", "DEVICE=cpu", "LIMIT=2", "MAX_NEW_TOKENS=3",
-                     f"RESULTS_DIR={tmp_path}")
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "generating on cpu in float32" in run.stdout
+
+
+@pytest.mark.xdist_group("tiny_repo")
+def test_video_evaluation_scores_converted_captions_against_all_references(tiny_repo):
+    import numpy as np
+    from pycocoevalcap.bleu.bleu import Bleu
+    from sentence_transformers import SentenceTransformer
+
+    from geochange.annotations import load_changechat
+    from geochange.coco_metrics import coco_normalise
+    from geochange.paths import minilm_dir
+    from geochange.sample.data import SAMPLE_CHANGECHAT_CAPTIONS, SAMPLE_CHANGECHAT_ROOT
+
+    # the shared tiny results hold the tiny Video-LLaVA on the sample captions converted to videos
+    records = read_jsonl(tiny_repo / "results" / "videollava-tiny_captions.jsonl")
+    references = {s.id: s.references for s in load_changechat(SAMPLE_CHANGECHAT_CAPTIONS, SAMPLE_CHANGECHAT_ROOT)}
+    assert len(records) == TINY_VAL_RECORDS
+    assert all(r["true"] == references[r["id"]] and len(r["true"]) == 5 for r in records)
+    summary = json.loads((tiny_repo / "results" / "videollava-tiny_captions.metrics.json").read_text())
+    tokens = {i: [coco_normalise(t) for t in r["true"]] for i, r in enumerate(records)}
+    if summary["coco_tokenizer"].startswith("PTB"):
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+        tokens = PTBTokenizer().tokenize({i: [{"caption": t} for t in r["true"]] for i, r in enumerate(records)})
+        generated = PTBTokenizer().tokenize({i: [{"caption": r["generated"]}] for i, r in enumerate(records)})
+    else:
+        generated = {i: [coco_normalise(r["generated"])] for i, r in enumerate(records)}
+    bleu, _ = Bleu(4).compute_score(tokens, {i: generated.get(i, [""]) for i in range(len(records))}, verbose=0)
+    assert summary["metrics"]["bleu1"] == pytest.approx(bleu[0], abs=1e-9)
+    # The sentence-embedding score, recomputed: best of the five references, above the first reference's alone.
+    encoder = SentenceTransformer(str(minilm_dir()), device="cpu")
+
+    def cosines(record) -> np.ndarray:
+        vectors = encoder.encode([record["generated"], *record["true"]], normalize_embeddings=True)
+        return vectors[1:] @ vectors[0]
+
+    best = np.mean([cosines(r).max() for r in records])
+    first_only = np.mean([cosines(r)[0] for r in records])
+    assert summary["metrics"]["sbert"] == pytest.approx(best, abs=1e-5) and best > first_only
+    assert summary["test_set"]["file"] == "sample_changechat_captions.json"
+    assert summary["test_set"]["split"] is None  # the sample names no splits: every record was used

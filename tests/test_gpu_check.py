@@ -11,6 +11,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the check builds the 7B models")
 def test_gpu_check_runs_on_the_cpu_with_the_tiny_models(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_script
 
 from geochange.errors import UserError
 from geochange.overrides import apply_overrides, parse_value, settings_of
@@ -63,13 +64,20 @@ def test_settings_of_lists_constants_only():
                                     "VIDEO_DIR": None}
 
 
-@pytest.mark.parametrize("script", ["videollava_finetune.py", "llavanext_eval.py"])
-def test_script_rejects_unknown_name_with_one_line(script):
-    run = subprocess.run([sys.executable, script, "LORA_RANK=4"], cwd=REPO, capture_output=True, text=True, timeout=120)
+def test_a_users_mistake_is_one_error_line_and_exit_status_2():
+    """The one subprocess test of the error handler: the line, the status, no traceback (every other error-path
+    test runs the scripts in-process and catches the UserError)."""
+    run = subprocess.run([sys.executable, "videollava_finetune.py", "LORA_RANK=4"], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: unknown setting 'LORA_RANK'; valid names:")
-    assert "MODEL_ID" in lines[0] and "Traceback" not in run.stderr
+    assert "MODEL_ID" in lines[0] and "Traceback" not in run.stderr and run.stdout == ""
+
+
+@pytest.mark.parametrize("script", ["llavanext_eval.py", "deltavlm_finetune.py", "deltavlm_predict.py"])
+def test_every_script_rejects_an_unknown_name(script, user_error):
+    user_error(lambda: run_script(script, "LORA_RANK=4"), "unknown setting 'LORA_RANK'; valid names:")
 
 
 def test_load_settings_gives_one_frozen_typed_value():

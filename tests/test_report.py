@@ -1,84 +1,41 @@
-"""The leaderboard and training curves of Results.ipynb (geochange/report.py) on tiny runs."""
+"""Results.ipynb's tables and figures (geochange/report.py) on the shared tiny results, and the notebook itself."""
 from __future__ import annotations
 
 import json
-import runpy
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import TINY_VAL_RECORDS
 
-from geochange.convert import changechat_to_videos
-from geochange.video_llm.evaluation import evaluate
-from geochange.overrides import make_settings, settings_of
+from geochange import report
+from geochange.metrics import METRIC_NAMES
 from geochange.paths import ANNOTATIONS_DIR
 from geochange.report import OURS, PUBLISHED, leaderboards, read_training_runs, settings_label, training_curves
-from geochange.sample.data import SAMPLE_CHANGECHAT_CAPTIONS, SAMPLE_CHANGECHAT_ROOT, SAMPLE_VAL
 
 REPO = Path(__file__).resolve().parent.parent
-LIMIT = 4
-
-
-def script_constants(name: str, **overrides) -> dict:
-    scope = {k: v for k, v in runpy.run_path(str(REPO / name), run_name="constants_only").items() if k.isupper()}
-    return {**scope, **overrides}
-
-
-def script_settings(name: str, **overrides):
-    """The settings value ``python <name> NAME=VALUE...`` builds."""
-    return make_settings(settings_of(script_constants(name, **overrides)))
-
-
-def train_script(name: str, **overrides) -> None:
-    """The fine-tuning script as a user runs it (in this process)."""
-    argv = [name] + [f"{k}={v}" for k, v in overrides.items()]
-    saved, sys.argv = sys.argv, argv
-    try:
-        runpy.run_path(str(REPO / name), run_name="__main__")
-    finally:
-        sys.argv = saved
-
-
-@pytest.fixture(scope="module")
-def tiny_repo(sample_dir, tmp_path_factory):
-    """A repo-shaped folder: a tiny Video-LLaVA and a tiny DeltaVLM on the sample captions (the video model on
-    their conversion to videos), and a short tiny fine-tune with a validation loss."""
-    from geochange.deltavlm import run
-
-    root = tmp_path_factory.mktemp("repo")
-    results = root / "results"
-    converted = changechat_to_videos(SAMPLE_CHANGECHAT_CAPTIONS, SAMPLE_CHANGECHAT_ROOT, root / "converted")
-    evaluate(script_settings("videollava_test.py", MODEL_ID="tiny", VAL_ANNOTATIONS=str(converted),
-                             VIDEO_DIR=str(root / "converted" / "videos"), BATCH_SIZE=4, MAX_NEW_TOKENS=8,
-                             RESULTS_DIR=str(results), LIMIT=LIMIT, SPLIT="test", SBERT_MODEL=None), "videollava")
-    cfg = script_settings("deltavlm_predict.py", CHECKPOINT="tiny", TEST_ANNOTATIONS=str(SAMPLE_CHANGECHAT_CAPTIONS),
-                          LIMIT=LIMIT, NUM_BEAMS=1, MAX_NEW_TOKENS=8, RESULTS_DIR=str(results))
-    run.run_batch(run.load_predictor(cfg), run.batch_items(cfg.TEST_ANNOTATIONS, None, LIMIT, cfg.SPLIT), cfg)
-    val = root / "val.json"
-    val.write_text(json.dumps(json.loads(SAMPLE_VAL.read_text())[:4]))
-    train_script("videollava_finetune.py", MODEL_ID="tiny", OUTPUT_DIR=root / "runs", TRAIN_LIMIT=8, MAX_STEPS=4,
-                 BATCH_SIZE=4, LR=1e-2, WARMUP_STEPS=0, LOGGING_STEPS=1, SAVE_STEPS=100, EVAL_STEPS=2,
-                 GRADIENT_CHECKPOINTING=False, EVAL_AFTER_TRAIN=False, VAL_ANNOTATIONS=val,
-                 NUM_WORKERS=2)  # as on a GPU
-    return root
+pytestmark = pytest.mark.xdist_group("tiny_repo")  # the shared tiny results are made once per worker
 
 
 def test_leaderboard_puts_the_video_model_and_deltavlm_side_by_side(tiny_repo):
     boards = leaderboards(tiny_repo / "results", tiny_repo, ANNOTATIONS_DIR / "paper_test_sets.csv")
-    assert len(boards) == 1  # the converted captions count as their source
-    board = boards[0]
-    assert board.test_set["file"] == "sample_changechat_captions.json" and board.test_set["split"] is None
-    assert list(board.table.family) == ["DeltaVLM", "Video-LLaVA"]  # metrics files in name order
-    assert list(board.table.samples) == [LIMIT, LIMIT]
-    # The same metrics, read back from each metrics file (DeltaVLM's under caption/).
+    assert [b.test_set["file"] for b in boards] == ["sample_changechat_captions.json", "val.json"]
+    captions, val = boards
+    # the converted captions count as their source: DeltaVLM and the video model on one board
+    assert captions.test_set["split"] is None
+    assert list(captions.table.family) == ["DeltaVLM", "Video-LLaVA"]  # metrics files in name order
+    assert list(captions.table.samples) == [TINY_VAL_RECORDS, TINY_VAL_RECORDS]
     files = {path.name: json.loads(path.read_text()) for path in (tiny_repo / "results").glob("*.metrics.json")}
-    video = next(f for f in files.values() if f.get("family") == "videollava")
+    video = files["videollava-tiny_captions.metrics.json"]
     delta = next(f for f in files.values() if f["model"].startswith("DeltaVLM"))
     for metric in ("bleu1", "bleu4", "rouge_l", "cider", "sbert", "rouge1"):
-        assert board.table[metric].tolist() == pytest.approx([delta["metrics"][f"caption/{metric}"],
-                                                              video["metrics"][metric]])
-        assert board.best[metric] == board.table[metric].idxmax()
-    assert set(board.table.source) == {OURS}  # the sample is no paper's test set
+        assert captions.table[metric].tolist() == pytest.approx([delta["metrics"][f"caption/{metric}"],
+                                                                 video["metrics"][metric]])
+        assert captions.best[metric] == captions.table[metric].idxmax()
+    assert set(captions.table.source) == {OURS}  # the sample is no paper's test set
+    # the fine-tuned run and the base model on the val records; every metric of the one list is a column
+    assert sorted(val.table.model) == sorted(["base", "LoRA r8, 8 pairs, lr 0.01, 4 steps"])
+    assert val.metrics == [m for m in METRIC_NAMES if m in val.table]
+    assert set(val.metrics) >= {"sacrebleu", "bleu2", "bleu3", "bertscore_f1"}
 
 
 def test_published_numbers_sit_beside_the_papers_test_set(tmp_path):
@@ -118,7 +75,37 @@ def test_training_curves_one_figure_per_family_labelled_by_settings(tiny_repo):
     assert list(lines[f"{label}: validation loss"].get_ydata()) == [p["eval_loss"] for p in run["eval_loss_curve"]]
 
 
-def test_results_notebook_shows_leaderboard_and_training_curves(tiny_repo, monkeypatch):
+def test_figures_draw_every_text_without_missing_glyph_warnings(tiny_repo, recwarn):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    cjk, bengali = "道路", "রাস্তা"  # 2 and 6 code points (Bengali vowel signs and virama are their own)
+    text, replaced = report.drawable(f"a road {cjk} {bengali} costs $5")
+    assert replaced == len(cjk) + len(bengali) == 8
+    assert text == f"a road {report.UNDRAWABLE * 2} {report.UNDRAWABLE * 6} costs \\$5"
+    runs = report.our_runs(tiny_repo / "results", tiny_repo)
+    (run,) = [r for r in runs.table.run if r.startswith("videollava-tiny_sample")]
+    records = [json.loads(line) for line in (tiny_repo / "results" / f"{run}.jsonl").read_text().splitlines()]
+    figure = report.example_figure(tiny_repo / "results", run, tiny_repo, count=2)
+    figure.canvas.draw()
+    before, after = figure.axes[0], figure.axes[1]
+    # before and after side by side, the same height, nearly touching, and large
+    b, a = before.get_position(), after.get_position()
+    assert b.y0 == pytest.approx(a.y0) and 0 <= a.x0 - b.x1 < 0.05 and b.width > 0.4
+    shown = figure.axes[2].texts[0].get_text()
+    assert shown.startswith("reference: ") and drawable_words(records[0]["generated"]) <= set(shown.split())
+    board = leaderboards(tiny_repo / "results", tiny_repo)[0]
+    report.leaderboard_chart(board).canvas.draw()
+    report.paper_chart(runs).canvas.draw()
+    assert not [w for w in recwarn.list if "Glyph" in str(w.message)]
+
+
+def drawable_words(text: str) -> set[str]:
+    return set(report.drawable(text)[0].split())
+
+
+@pytest.mark.slow
+def test_results_notebook_runs_in_place_with_no_stderr(tiny_repo, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
 
@@ -128,15 +115,22 @@ def test_results_notebook_shows_leaderboard_and_training_curves(tiny_repo, monke
     notebook = nbformat.read(REPO / "Results.ipynb", as_version=4)
     NotebookClient(notebook, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": str(REPO / "tests")}}).execute()
+    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
+    stderr = [o.get("text", "") for o in outputs if o.get("name") == "stderr" or o.get("output_type") == "error"]
+    assert stderr == []
     first = next(c for c in notebook.cells if c.cell_type == "code")
     assert not first.outputs  # no error, nothing printed
     leaderboard_cell = next(c for c in notebook.cells if c.cell_type == "code" and "leaderboards(" in c.source)
     html = "".join(o.get("data", {}).get("text/html", "") for o in leaderboard_cell.outputs)
     assert "sample_changechat_captions.json" in html and "Video-LLaVA base" in html and "DeltaVLM tiny" in html
     assert "font-weight: bold" in html
-    assert any("image/png" in o.get("data", {}) for o in leaderboard_cell.outputs)
+    assert sum("image/png" in o.get("data", {}) for o in leaderboard_cell.outputs) == 2  # a chart per board
     curves_cell = next(c for c in notebook.cells if c.cell_type == "code" and "training_curves(" in c.source)
     assert sum("image/png" in o.get("data", {}) for o in curves_cell.outputs) == 1
+    examples_cell = next(c for c in notebook.cells if c.cell_type == "code" and "example_figure(" in c.source)
+    assert sum("image/png" in o.get("data", {}) for o in examples_cell.outputs) == 2
+    text = "\n".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", "")) for o in outputs)
+    assert "No results yet" not in text and "No DeltaVLM results yet" not in text
 
 
 def test_results_notebook_markdown_renders():
