@@ -189,7 +189,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("bleu", "BLEU", True, _bleu, ("nltk.translate.bleu_score",)),
     Metric("sbert", "BERT (sbert)", True, None),
     Metric("bertscore_f1", "BERTScore F1", True, None),
-    Metric("sacrebleu", "sacreBLEU", False, _sacrebleu, ("sacrebleu",)),
+    Metric("sacrebleu", "sacreBLEU", False, _sacrebleu, ("sacrebleu", "sacrebleu.tokenizers.tokenizer_13a")),
     Metric("bleu1", "BLEU-1", False, _coco, _COCO_LIBS),
     Metric("bleu2", "BLEU-2", False, _coco, _COCO_LIBS),
     Metric("bleu3", "BLEU-3", False, _coco, _COCO_LIBS),

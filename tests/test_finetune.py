@@ -404,3 +404,65 @@ def test_two_process_full_finetune_and_overwrite(tmp_path, family):
     record = json.loads((run_dir / "run.json").read_text())
     assert record["completed"] and record["global_step"] == 2 and record["world_size"] == 2 and record["mode"] == "FULL"
     assert record["resumed_from"] is None
+
+
+@pytest.mark.parametrize("script", ["videollava_finetune.py", "llavanext_finetune.py", "deltavlm_finetune.py"])
+def test_every_training_setting_is_a_constant_that_reaches_the_trainer(tmp_path, script, user_error):
+    """LR_SCHEDULER, WEIGHT_DECAY, OPTIM and MAX_GRAD_NORM are the scripts' constants, built into the Trainer's
+    arguments by the one shared builder (both recipes), and recorded in run.json with every other constant."""
+    from geochange.deltavlm import training as deltavlm_training
+    from geochange.overrides import script_constants
+    from geochange.trainer import OPTIMISATION_SETTINGS, check_training_settings
+
+    chosen = {"LR_SCHEDULER": "constant_with_warmup", "WEIGHT_DECAY": 0.01, "OPTIM": "adamw_torch",
+              "MAX_GRAD_NORM": 0.5}
+    defaults = script_constants(script)
+    assert set(OPTIMISATION_SETTINGS) <= set(defaults.as_dict())
+    if script.startswith("deltavlm"):
+        cfg = deltavlm_training.resolve_recipe(script_constants(script, INIT="tiny", **chosen))
+        args = deltavlm_training.training_arguments(cfg, tmp_path)
+        assert (defaults.WEIGHT_DECAY, defaults.MAX_GRAD_NORM) == (0.05, 1.0)  # the released recipe
+    else:
+        cfg = script_constants(script, MODEL_ID="tiny", **chosen)
+        args = finetune.training_arguments(cfg, tmp_path)
+        assert (defaults.WEIGHT_DECAY, defaults.MAX_GRAD_NORM) == (0.0, 1.0)
+    assert (args.lr_scheduler_type.value, args.weight_decay, args.optim.value, args.max_grad_norm) == \
+        ("constant_with_warmup", 0.01, "adamw_torch", 0.5)
+    assert defaults.OPTIM == "adamw_torch_fused" and defaults.LR_SCHEDULER == "cosine"
+    user_error(lambda: check_training_settings(script_constants(script, OPTIM="adam")), "OPTIM='adam'")
+    user_error(lambda: check_training_settings(script_constants(script, LR_SCHEDULER="cosinus")), "LR_SCHEDULER")
+
+
+def test_a_resume_under_another_schedule_is_refused_and_harmless_settings_may_change(tmp_path):
+    from geochange.runs import resume_state, write_run_file
+
+    cfg = settings("videollava", tmp_path)
+    run_dir = tmp_path / finetune.run_name(cfg, "videollava")
+    run_dir.mkdir()
+    write_run_file(run_dir, {"completed": False, "settings": cfg.as_dict()})
+    assert resume_state(run_dir, cfg.as_dict(), overwrite=False) == "resume"
+    harmless = dict(cfg.as_dict(), NUM_WORKERS=3, LOGGING_STEPS=1, EVAL_BATCH_SIZE=2, SAVE_TOTAL_LIMIT=9)
+    assert resume_state(run_dir, harmless, overwrite=False) == "resume"
+    with pytest.raises(UserError, match=r"other settings \(LR_SCHEDULER, MAX_GRAD_NORM\); restore them to resume it, "
+                                        rf"set RUN_NAME={run_dir.name}_lrschedulerlinear_maxgradnorm0.5 "):
+        resume_state(run_dir, dict(cfg.as_dict(), LR_SCHEDULER="linear", MAX_GRAD_NORM=0.5), overwrite=False)
+    assert resume_state(run_dir, dict(cfg.as_dict(), LR_SCHEDULER="linear"), overwrite=True) == "replace"
+
+
+def test_evaluation_after_training_reads_the_evaluation_scripts_own_constants(tmp_path, monkeypatch):
+    """Not a copied list: every constant of the family's evaluation script, this run's model, data and device."""
+    from geochange.overrides import script_constants
+
+    for family in ("videollava", "llavanext"):
+        cfg = settings(family, tmp_path, VAL_ANNOTATIONS=str(SAMPLE_VAL), EVAL_BATCH_SIZE=3, MAX_NEW_TOKENS=9)
+        run = finetune.FinetuneRun(cfg, family, tmp_path / "run", finetune.training_arguments(cfg, tmp_path / "run"),
+                                   False, "unused", tmp_path, None)
+        evaluation = finetune.evaluation_settings(run)
+        script = script_constants(finetune.get_family(family).eval_script)
+        assert set(evaluation.as_dict()) == set(script.as_dict())
+        chosen = {"MODEL_PATH": str(tmp_path / "run"), "BATCH_SIZE": 3, "MAX_NEW_TOKENS": 9, "DEVICE": "cpu",
+                  "VAL_ANNOTATIONS": str(SAMPLE_VAL), "SPLIT": "val", "MODEL_ID": "tiny"}
+        assert {k: evaluation.as_dict()[k] for k in chosen} == chosen
+        untouched = set(script.as_dict()) - set(chosen) - {"RESULTS_DIR", "VIDEO_DIR", "NUM_FRAMES"}
+        assert {k: evaluation.as_dict()[k] for k in untouched} == {k: script.as_dict()[k] for k in untouched}
+        assert "SBERT_MODEL" in untouched and "LOAD_IN_4BIT" in untouched

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import re
 from contextlib import redirect_stdout
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +28,7 @@ PREDS = ["two new buildings appeared in the upper left",
          "neue gebäude im südwesten: zwei häuser",
          "The café roof is now grey."]
 EMPTY, PUNCTUATION = 3, 2
+REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.xdist_group("metrics")  # one METEOR Java start for the module
 
 
@@ -325,3 +327,33 @@ def test_a_new_metric_is_one_entry(monkeypatch):
     monkeypatch.setattr(M, "METRICS", M.METRICS + (M.Metric("words", "Words", True, words),))
     report = M.compute_metrics_report(["a road", "two new houses"], ["a new road", "houses"])
     assert report.per_sample["words"] == [3.0, 1.0] and report.metrics["words"] == 2.0
+
+
+@pytest.mark.java
+def test_no_library_is_first_imported_on_the_metrics_worker_thread():
+    """Two threads importing one module at once can deadlock (rouge_score -> nltk -> sklearn on the worker while
+    sentence_transformers -> sklearn imports here: _DeadlockError). Everything the worker needs is imported before
+    it starts; a fresh process records every first import and the thread it happened on."""
+    import json
+    import subprocess
+    import sys
+
+    code = """
+import json, sys, threading
+first = []
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        first.append((name, threading.current_thread().name))
+        return None
+sys.meta_path.insert(0, Watch())
+from geochange.metrics import compute_metrics_report
+report = compute_metrics_report(["a new road was built", ["two houses", "2 new houses"], "no change"],
+                                ["a road", "", "two new buildings appeared."])
+print(json.dumps({"off_main": sorted({n for n, t in first if t != "MainThread"}), "missing": report.missing,
+                  "total": len(first)}))
+"""
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    assert seen["total"] > 500  # the watch saw the libraries load (sklearn, nltk, sacrebleu, pycocoevalcap...)
+    assert seen["off_main"] == [] and seen["missing"] == {}
