@@ -20,6 +20,8 @@ TRAIN_SPLIT = "train"       # a file naming splits (converted LEVIR-CC): train o
 VAL_SPLIT = "val"           # ... and validate / evaluate on this one
 TRAIN_LIMIT = None          # use only the first N training pairs (None = all)
 NUM_FRAMES = 2              # frames sampled uniformly per clip: 2 = before/after
+SKIP_BAD_CLIPS = False      # every clip is opened before training: False = stop, listing the bad ones; True = leave
+                            # their records out (counted in run.json)
 MAX_LENGTH = 1024           # tokens per example; 2 frames expand to 288 pooled video tokens in the 7B model
 SHORTEN_ANSWERS = True      # an answer that does not fit is shortened (and counted); False = stop with an error
 # --- what to train: QLoRA wins over LoRA; neither = full fine-tuning

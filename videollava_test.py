@@ -15,6 +15,8 @@ VAL_ANNOTATIONS = "annotations/sample_val.json"
 SPLIT = "test"              # a file naming splits (converted LEVIR-CC): only this split (None = all records)
 VIDEO_DIR = None            # None = the bundled sample videos (generated on first use)
 NUM_FRAMES = 2
+SKIP_BAD_CLIPS = False      # every clip is opened first: False = stop, listing the bad ones; True = leave their
+                            # records out (counted in the metrics file)
 BATCH_SIZE = 8
 MAX_NEW_TOKENS = 350        # GeoLLaVA's evaluation generated up to 350 new tokens (greedy, stops at EOS)
 LOAD_IN_4BIT = False        # load the base in 4-bit nf4 (QLoRA runs always load as they were trained)

@@ -10,14 +10,19 @@ ChangeChat (bi-temporal) shapes, see ``load_changechat``.
 from __future__ import annotations
 
 import json
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from .changechat_format import CAPTION_PROMPT
 from .errors import UserError
 from .fileio import file_sha256
+from .video import probe_clip
 
 HUMAN_ROLES = ("human", "user")
 ANSWER_ROLES = ("gpt", "assistant")
@@ -187,12 +192,44 @@ def _shown(media: Path, folder: Path) -> str:
     return str(media.relative_to(folder)) if media.is_relative_to(folder) else str(media)
 
 
+class Samples(list):
+    """The samples of an annotation file; ``skipped`` describes the records left out for a bad clip
+    (``skip_bad_clips``), so that run.json and the metrics file can count them."""
+
+    def __init__(self, samples=(), skipped: list[str] | None = None):
+        super().__init__(samples)
+        self.skipped = list(skipped or [])
+
+
+def _check_clips(samples: list[Sample], path: Path, folder: Path, num_frames: int, skip_bad: bool) -> Samples:
+    """Every clip opened once (in parallel, with a progress bar on a large file): all bad ones in one error naming
+    the file and each record, before any model loads; or, with ``skip_bad``, left out and described."""
+    workers = max(1, min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        problems = list(tqdm(pool.map(lambda s: probe_clip(s.video, num_frames), samples), total=len(samples),
+                             desc=f"checking the clips of {path.name}", unit="clip", disable=len(samples) < 200,
+                             leave=False))
+    bad = [f"record {i} (id {s.id!r}): {_shown(s.video, folder)} {problem}"
+           for i, (s, problem) in enumerate(zip(samples, problems)) if problem]
+    if bad and not skip_bad:
+        listed = "\n  ".join(bad)
+        raise UserError(f"{path}: {len(bad)} of {len(samples)} clips cannot be used (under {folder}); fix or remove "
+                        f"them, or set SKIP_BAD_CLIPS=True to leave them out:\n  {listed}")
+    if bad:
+        print(f"SKIP_BAD_CLIPS: left out {len(bad)} of {len(samples)} records of {path} (bad clips): {bad[0]}"
+              + (f"; ... ({len(bad)} in all)" if len(bad) > 1 else ""))
+    return Samples([s for s, problem in zip(samples, problems) if not problem], bad)
+
+
 def load_annotations(path: str | Path, video_dir: str | Path | None = None, *, require_answer: bool = True,
-                     check_videos: bool = True, limit: int | None = None, split: str | None = None) -> list[Sample]:
-    """GeoLLaVA records as Samples, the first ``limit`` of them (all are checked, videos only for those kept).
+                     check_videos: bool = True, limit: int | None = None, split: str | None = None,
+                     num_frames: int = 2, skip_bad_clips: bool = False) -> Samples:
+    """GeoLLaVA records as Samples, the first ``limit`` of them (all are checked, clips only for those kept).
 
     ``video`` is resolved against ``video_dir`` (default: the JSON file's folder). ``split``: only the records
-    of that split when records carry ``"split"`` (see ``select_split``).
+    of that split when records carry ``"split"`` (see ``select_split``). ``check_videos``: every clip is opened
+    once (readable, at least ``num_frames`` frames, a decodable first frame); the bad ones stop the load in one
+    error, or are left out with ``skip_bad_clips`` (counted in ``Samples.skipped``).
     """
     path = Path(path)
     _check_limit(limit)
@@ -223,10 +260,8 @@ def load_annotations(path: str | Path, video_dir: str | Path | None = None, *, r
     if limit is not None:
         samples = samples[:limit]
     if check_videos:
-        missing = [f"record {i} (id {s.id!r}): {_shown(s.video, folder)}"
-                   for i, s in enumerate(samples) if not s.video.is_file()]
-        _report_missing(path, missing, len(samples), "video(s)", folder)
-    return samples
+        return _check_clips(samples, path, folder, num_frames, skip_bad_clips)
+    return Samples(samples)
 
 
 def _references(record: dict, where: str) -> list[str]:

@@ -137,7 +137,7 @@ def video_runs_table(runs: OurRuns):
     """The video models' runs in the GeoLLaVA paper's layout: its columns first (by its names), then the others."""
     video = runs.of(deltavlm=False).set_index(["family", "model", "run"])
     columns = [c for c in [*GEOLLAVA_COLUMNS, *METRIC_NAMES] if c in video]
-    return video[list(dict.fromkeys(columns)) + ["samples"]].rename(columns=GEOLLAVA_COLUMNS)
+    return video[list(dict.fromkeys(columns)) + ["samples"]].rename(columns={**METRIC_NAMES, **GEOLLAVA_COLUMNS})
 
 
 def comparability_tables(results_dir: str | Path):
@@ -147,7 +147,7 @@ def comparability_tables(results_dir: str | Path):
     marks = pd.DataFrame(comparability_rows(read_metrics_files(results_dir)))
     if marks.empty:
         return marks, marks
-    return (marks.pivot(index=["paper", "run"], columns="column", values="as_paper"),
+    return (marks.pivot(index=["paper", "run"], columns="column", values="as_paper").fillna(""),
             marks[marks.why != ""].set_index(["run", "column"])[["as_paper", "why"]])
 
 
@@ -230,29 +230,36 @@ def example_figure(results_dir: str | Path, run: str, repo: str | Path, count: i
     metrics = json.loads((results_dir / f"{run}.metrics.json").read_text(encoding="utf-8"))
     video_dir = Path(metrics.get("settings", {}).get("VIDEO_DIR") or Path(repo) / "data" / "sample" / "videos")
     records = read_jsonl(answers)[:count]
-    fig = plt.figure(figsize=(10, 6.4 * len(records)))
-    rows = fig.add_gridspec(len(records), 1, hspace=0.1, left=0.02, right=0.98, top=1 - 0.3 / len(records),
-                            bottom=0.01)
-    replaced = 0
-    for row, record in zip(rows, records):
-        cell = row.subgridspec(2, 2, height_ratios=[4.6, 1.4], wspace=0.03, hspace=0.02)
+    # Laid out in inches: two square images across the width with a small gap, the texts under them.
+    width, margin, gap, caption, spacing, heading = 10.0, 0.1, 0.08, 0.85, 0.45, 0.45
+    side = (width - 2 * margin - gap) / 2
+    height = heading + len(records) * (spacing + side + caption)
+    fig = plt.figure(figsize=(width, height))
+    replaced, top = 0, height - heading
+    for record in records:
+        top -= spacing
         video = video_dir / record["video"]
         frames = read_video_frames(video, 2) if video.is_file() else (None, None)
         for column, (frame, title) in enumerate(zip(frames, ("before", "after"))):
-            ax = fig.add_subplot(cell[0, column])
+            left = margin + column * (side + gap)
+            ax = fig.add_axes((left / width, (top - side) / height, side / width, side / height))
             if frame is not None:
                 ax.imshow(frame)
             ax.set_title(f"{title}: {record['video']}" if column == 0 else title, fontsize=11)
             ax.axis("off")
+        top -= side
         true = record["true"] if isinstance(record["true"], str) else " | ".join(record["true"])
         text, bad = drawable(f"reference: {true}\nanswer: {record['generated'] or '(empty)'}")
         replaced += bad
-        caption = fig.add_subplot(cell[1, :])
-        caption.axis("off")
-        wrapped = "\n".join(textwrap.fill(line, 110) for line in text.split("\n"))
-        caption.text(0, 1, wrapped, va="top", ha="left", fontsize=10, transform=caption.transAxes)
-    note = f" ({replaced} characters the font cannot draw shown as {UNDRAWABLE})" if replaced else ""
-    fig.suptitle(f"{run}{note}", fontsize=12, y=0.995)
+        wrapped = "\n".join(textwrap.fill(line, 115) for line in text.split("\n"))
+        caption_ax = fig.add_axes((margin / width, (top - caption) / height, (width - 2 * margin) / width,
+                                   caption / height))
+        caption_ax.axis("off")
+        caption_ax.text(0, 0.95, wrapped, va="top", ha="left", fontsize=10, transform=caption_ax.transAxes)
+        top -= caption
+    note = (f" ({replaced} character{'s' if replaced > 1 else ''} the font cannot draw shown as {UNDRAWABLE})"
+            if replaced else "")
+    fig.suptitle(f"{run}{note}", fontsize=12, y=1 - 0.1 / height, va="top")
     return fig
 
 
@@ -350,8 +357,11 @@ def leaderboards(results_dir: str | Path, repo: str | Path | None = None,
         table = pd.DataFrame(rows + published).set_index("label")
         metrics = [m for m in METRIC_NAMES if m in table and table[m].notna().any()]
         table = table[["source", "family", "model", "samples", *metrics]]
+        # Scores equal up to float noise (1e-17 against 3e-17) are ties: no best among tied runs.
+        table[metrics] = table[metrics].astype(float).round(9)
         ours = table[table.source == OURS]
-        best = {m: ours[m].idxmax() for m in metrics if ours[m].notna().any()}
+        best = {m: ours[m].idxmax() for m in metrics
+                if ours[m].notna().any() and (ours[m] == ours[m].max()).sum() == 1}
         boards.append(Leaderboard(test_set, test_set_title(test_set), table, best))
     return boards
 
@@ -368,34 +378,35 @@ def styled(board: Leaderboard):
 
 
 def leaderboard_chart(board: Leaderboard):
-    """The leaderboard as a heat map readable at a glance: a row per model, a column per metric, each cell its
-    value; colour runs from the column's lowest (light) to its highest (dark), our best per column boxed,
-    published rows labelled in italics."""
+    """The leaderboard as a heat map readable at a glance: a column per model (published ones in italics), a row
+    per metric, each cell its value; the colour runs along each row from its lowest value (light) to its highest
+    (dark), our best per metric boxed. Metrics down the side keep the figure narrow however many there are."""
     import matplotlib.pyplot as plt
     import numpy as np
 
     metrics = board.metrics
-    values = board.table[metrics].astype(float).to_numpy()
-    low, high = np.nanmin(values, axis=0), np.nanmax(values, axis=0)
-    shade = (values - low) / np.where(high > low, high - low, 1.0)
-    labels = [drawable(label)[0] for label in board.table.index]
-    fig, ax = plt.subplots(figsize=(1.05 * len(metrics) + 0.085 * max(map(len, labels)) + 1,
-                                    0.5 * len(labels) + 1.9))
+    values = board.table[metrics].astype(float).to_numpy().T  # [metric, model]
+    low, high = np.nanmin(values, axis=1, keepdims=True), np.nanmax(values, axis=1, keepdims=True)
+    shade = np.where(high > low, (values - low) / np.where(high > low, high - low, 1.0), 0.25)  # a tie: all light
+    labels = [textwrap.fill(drawable(label)[0], 24) for label in board.table.index]
+    fig, ax = plt.subplots(figsize=(1.8 + 1.75 * len(labels), 1.3 + 0.42 * len(metrics)))
     ax.imshow(np.ma.masked_invalid(shade), cmap="Greens", vmin=-0.15, vmax=1.25, aspect="auto")
-    for i, row in enumerate(values):
-        for j, value in enumerate(row):
-            if value == value:  # not NaN
-                ours_best = board.best.get(metrics[j]) == board.table.index[i]
-                ax.text(j, i, f"{value:.3f}", ha="center", va="center", fontsize=9,
-                        fontweight="bold" if ours_best else "normal", color="white" if shade[i, j] > 0.6 else "black")
-                if ours_best:
-                    ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", lw=1.5))
-    ax.set_xticks(range(len(metrics)), [METRIC_NAMES[m] for m in metrics], rotation=35, ha="right", fontsize=10)
-    ax.set_yticks(range(len(labels)), labels, fontsize=10)
-    for tick, source in zip(ax.get_yticklabels(), board.table.source):
+    for i, metric in enumerate(metrics):
+        for j, value in enumerate(values[i]):
+            if value != value:  # NaN: not reported for this model
+                continue
+            ours_best = board.best.get(metric) == board.table.index[j]
+            ax.text(j, i, f"{value:.3f}", ha="center", va="center", fontsize=11,
+                    fontweight="bold" if ours_best else "normal", color="white" if shade[i, j] > 0.6 else "black")
+            if ours_best:
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", lw=2))
+    ax.set_yticks(range(len(metrics)), [METRIC_NAMES[m] for m in metrics], fontsize=11)
+    ax.set_xticks(range(len(labels)), labels, fontsize=9)
+    ax.xaxis.tick_top()
+    for tick, source in zip(ax.get_xticklabels(), board.table.source):
         tick.set_fontstyle("italic" if source == PUBLISHED else "normal")
-    ax.set_title(f"{board.title}\ncolour: per column, light = lowest, dark = highest; boxed = our best "
-                 "(italic rows: published)", fontsize=11)
+    ax.set_xlabel(f"{board.title}\nper row: light = lowest, dark = highest; boxed = our best (italics: published)",
+                  fontsize=10)
     fig.tight_layout()
     return fig
 

@@ -26,7 +26,7 @@ from functools import lru_cache
 from typing import Iterator, Sequence
 
 from .errors import first_line
-from .paths import minilm_dir
+from .paths import local_or_hub, minilm_dir
 
 # all-MiniLM-L6-v2 has 6 layers; BERTScore uses the last one (bert-score has no tuned layer for it).
 DEFAULT_BERTSCORE_LAYERS = 6
@@ -74,8 +74,9 @@ def load_encoder(name: str, device: str) -> Encoder:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    model = AutoModel.from_pretrained(name, dtype=torch.float32).to(device).eval()
+    source = local_or_hub(name)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModel.from_pretrained(source, dtype=torch.float32).to(device).eval()
     return Encoder(name, model, tokenizer, torch.device(device), bertscore_max_length(tokenizer, model.config))
 
 
@@ -190,14 +191,16 @@ def bertscore_layers_for(model: str) -> int:
         return model2layers[model]
     from transformers import AutoConfig
 
-    return int(AutoConfig.from_pretrained(model).num_hidden_layers)
+    return int(AutoConfig.from_pretrained(local_or_hub(model)).num_hidden_layers)
 
 
 @lru_cache(maxsize=4)
 def sentence_model(model: str, device: str):
+    """A SentenceTransformer on ``device``, loaded once (a Hub id from the local cache, or after one short try of
+    the Hub: never a minute of the Hub client's retries offline)."""
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(model, device=device)
+    return SentenceTransformer(local_or_hub(model), device=device)
 
 
 def mean_pooling_pipeline(model) -> bool:
@@ -231,6 +234,7 @@ def load_embedding_model(key: str, model: str | None, layers: int | None, device
         raise OSError(f"a library is missing: {first_line(exc)}") from None
     except Exception as exc:  # offline with no local copy, no such folder, unknown architecture...
         raise OSError(f"model {name!r} could not be loaded: {first_line(exc)}") from None
+
 
 
 @lru_cache(maxsize=8)

@@ -1,11 +1,15 @@
 """The transformers Trainer as both training recipes use it (the video LLMs' and DeltaVLM's): its arguments from the
-scripts' constants, with one builder for both, and the checks of the settings every recipe shares."""
+scripts' constants, with one builder for both, the checks of the settings every recipe shares, and the checkpoint
+a rerun resumes from (the newest complete one: a run killed while saving leaves a torn one)."""
 from __future__ import annotations
 
+import json
 import os
+import re
+import zipfile
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 # The optimisation constants every training script has, and what they mean to the Trainer.
 OPTIMISATION_SETTINGS = ("LR_SCHEDULER", "WEIGHT_DECAY", "OPTIM", "MAX_GRAD_NORM")
@@ -95,3 +99,88 @@ def trainer_arguments(cfg, run_dir: Path, *, learning_rate: float, compute: str,
     )
     arguments.update(recipe)
     return TrainingArguments(**arguments)
+
+
+# ---------------------------------------------------------------- resuming from the newest complete checkpoint
+
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+TORN_PREFIX = "torn-"
+_MODEL_WEIGHTS = re.compile(r"\.(safetensors|bin)$")
+
+
+def _zip_problem(path: Path) -> str | None:
+    """torch.save writes a zip archive whose directory sits at its end: a file cut short has none."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.infolist()
+    except (OSError, zipfile.BadZipFile) as exc:
+        return f"{path.name} is cut short or damaged ({first_line(exc, 120)})"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()  # the header, checked against the file's length
+    except Exception as exc:  # safetensors' own error type: incomplete metadata, header too large...
+        return f"{path.name} is cut short or damaged ({first_line(exc, 120)})"
+    return None
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a Trainer checkpoint cannot be resumed from, or None when it is complete: its state, weights, optimizer,
+    scheduler and random states are there and readable (DeepSpeed's: the ``global_step*`` folder ``latest`` names)."""
+    state = folder / "trainer_state.json"
+    if not state.is_file():
+        return "it has no trainer_state.json"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"trainer_state.json is cut short or damaged ({first_line(exc, 120)})"
+    files = [p for p in folder.iterdir() if p.is_file()]
+    weights = [p for p in files if _MODEL_WEIGHTS.search(p.name) and p.name != "training_args.bin"]
+    deepspeed = folder / "latest"
+    if deepspeed.is_file():
+        engine = folder / deepspeed.read_text(encoding="utf-8").strip()
+        if not engine.is_dir():
+            return f"latest names {engine.name}, which is missing"
+        states = sorted(engine.glob("*.pt"))
+        if not states:
+            return f"{engine.name} holds no DeepSpeed states"
+        problems = [_zip_problem(p) for p in states]
+    else:
+        if not weights:
+            return "it holds no weights"
+        needed = [folder / "optimizer.pt", folder / "scheduler.pt"]
+        missing = [p.name for p in needed if not p.is_file()]
+        rng = [p for p in files if p.name.startswith("rng_state")]
+        if missing or not rng:
+            return f"it lacks {', '.join(missing + ([] if rng else ['rng_state*.pth']))}"
+        problems = [_zip_problem(p) for p in needed + rng]
+    problems += [_safetensors_problem(p) if p.suffix == ".safetensors" else _zip_problem(p) for p in weights]
+    return next((problem for problem in problems if problem), None)
+
+
+def newest_complete_checkpoint(run_dir: Path, *, main: bool) -> Path | None:
+    """The newest checkpoint of ``run_dir`` a rerun can resume from. A torn one (killed while saving) is skipped with
+    one line saying why and, by the main process, kept aside as ``torn-checkpoint-N`` (nothing is deleted); when every
+    checkpoint is torn the run starts over, and one line says so. Other processes call this after the main one."""
+    found = sorted((p for p in run_dir.glob("checkpoint-*") if p.is_dir() and CHECKPOINT.match(p.name)),
+                   key=lambda p: int(CHECKPOINT.match(p.name).group(1)), reverse=True)
+    for folder in found:
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        if main:
+            aside = folder.with_name(TORN_PREFIX + folder.name)
+            number = 1
+            while aside.exists():
+                number += 1
+                aside = folder.with_name(f"{TORN_PREFIX}{number}-{folder.name}")
+            folder.rename(aside)
+            print(f"skipping {folder.name}: {problem}; kept aside as {aside.name}")
+    if found and main:
+        print(f"every checkpoint in {run_dir} is torn (kept aside as {TORN_PREFIX}checkpoint-*); starting over")
+    return None

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from .errors import UserError
+from .errors import UserError, first_line
 from .fileio import atomic_path
 
 # Near-lossless: decoded frames stay within a few grey levels of the input (yuv420p chroma aside).
@@ -133,6 +134,52 @@ def read_video_frames(path: str | Path, num_frames: int = 2, *, backend: str = "
     except Exception as exc:  # PyAV's FFmpegError subclasses, or a broken stream mid-way
         reason = getattr(exc, "strerror", None) or exc  # FFmpeg errors repeat the file name in str(exc)
         raise UserError(f"cannot decode video {path}: {reason}") from None
+
+
+def probe_clip(path: str | Path, num_frames: int) -> str | None:
+    """Why a clip cannot give ``num_frames`` frames, or None: the container is opened once, its frames counted and
+    the first one decoded (milliseconds), so that a bad clip is found before any model loads, not hours into
+    training. Results are kept per file version (path, size, modification time)."""
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError:
+        return "does not exist"
+    if not path.is_file():
+        return "is not a file"
+    return _probe(str(path), stat.st_size, stat.st_mtime_ns, num_frames)
+
+
+@lru_cache(maxsize=65536)
+def _probe(path: str, size: int, mtime_ns: int, num_frames: int) -> str | None:
+    total = None
+    try:
+        import decord
+
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+        total = len(reader)
+        if total:
+            reader.get_batch([0])
+    except Exception:  # decord missing, or failing on this file: PyAV decides
+        total = None
+    if total is None:
+        import av
+
+        try:
+            with av.open(path) as container:
+                if not container.streams.video:
+                    return "has no video stream"
+                total = container.streams.video[0].frames
+                if next(container.decode(video=0), None) is None:
+                    return "has no decodable frame"
+            total = total or _count_frames(Path(path))
+        except Exception as exc:  # PyAV's FFmpegError subclasses: not a video, cut short, unknown codec
+            reason = getattr(exc, "strerror", None) or first_line(exc, 120)
+            return f"is not a readable video ({reason})"
+    if total < num_frames:
+        why = " (a before/after pair needs 2)" if total < 2 else ""
+        return f"has {total} frame(s), {num_frames} needed{why}"
+    return None
 
 
 # --------------------------------------------------------------------------- images

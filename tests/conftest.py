@@ -155,3 +155,23 @@ def tiny_repo(sample_dir, tmp_path_factory) -> Path:
         CHECKPOINT="tiny", TEST_ANNOTATIONS=SAMPLE_CHANGECHAT_CAPTIONS, LIMIT=TINY_VAL_RECORDS, NUM_BEAMS=1,
         MAX_NEW_TOKENS=8, RESULTS_DIR=results))
     return root
+
+
+@pytest.fixture
+def clips_with_two_bad_ones(tmp_path):
+    """A GeoLLaVA file of 6 sample records whose folder also holds a corrupt clip and a 1-frame clip."""
+    import shutil
+
+    from geochange.sample.data import SAMPLE_TRAIN, SAMPLE_VIDEO_DIR
+    from geochange.video import write_video
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    records = json.loads(SAMPLE_TRAIN.read_text())[:6]
+    for record in records:
+        shutil.copy(SAMPLE_VIDEO_DIR / record["video"], videos / record["video"])
+    (videos / records[2]["video"]).write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))  # corrupt container
+    write_video([np.zeros((32, 32, 3), np.uint8)], videos / records[4]["video"])           # one frame only
+    annotations = tmp_path / "train.json"
+    annotations.write_text(json.dumps(records))
+    return annotations, videos, records

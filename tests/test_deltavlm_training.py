@@ -351,3 +351,28 @@ def test_early_stop_and_the_best_checkpoint_follow_the_validation_score(tmp_path
     assert record["best_epoch"] == 2 and record["best_score"] == 0.7
     checkpoint = torch.load(run_dir / "checkpoint_best.pth", weights_only=True)
     assert checkpoint["epoch"] == 2 and checkpoint["scores"] == {"bleu4": 0.7}
+
+
+@pytest.mark.slow
+def test_a_torn_checkpoint_is_skipped_and_deltavlm_training_resumes_from_the_older_one(tmp_path, one_thread,
+                                                                                       sample_dir, capsys):
+    from transformers import TrainerCallback
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 7:
+                raise KeyboardInterrupt
+
+    cfg = settings(tmp_path, "EPOCHS=2", "VAL_LIMIT=2", "TRAIN_LIMIT=32", "SAVE_STEPS=2", "SAVE_TOTAL_LIMIT=5")
+    with pytest.raises(KeyboardInterrupt):
+        train_in_process(cfg, [Crash()])
+    run_dir = t.run_dir_of(cfg)
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    weights = run_dir / "checkpoint-6" / t.TRAINABLE_WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:100])
+    capsys.readouterr()
+    _, _, _, record = train_in_process(cfg)
+    out = capsys.readouterr().out
+    assert f"skipping checkpoint-6: {t.TRAINABLE_WEIGHTS} is cut short or damaged" in out
+    assert (run_dir / "torn-checkpoint-6").is_dir() and record["resumed_from"].endswith("checkpoint-4")
+    assert record["global_step"] == 8 and record["completed"]

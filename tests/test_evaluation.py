@@ -295,3 +295,16 @@ def test_video_evaluation_scores_converted_captions_against_all_references(tiny_
     assert summary["metrics"]["sbert"] == pytest.approx(best, abs=1e-5) and best > first_only
     assert summary["test_set"]["file"] == "sample_changechat_captions.json"
     assert summary["test_set"]["split"] is None  # the sample names no splits: every record was used
+
+
+def test_bad_clips_are_listed_before_the_model_loads_or_left_out_and_counted_in_the_metrics(
+        tmp_path, clips_with_two_bad_ones, monkeypatch, user_error):
+    annotations, videos, _ = clips_with_two_bad_ones
+    settings = dict(VAL_ANNOTATIONS=str(annotations), VIDEO_DIR=str(videos), MAX_NEW_TOKENS=2, BATCH_SIZE=4,
+                    RESULTS_DIR=str(tmp_path / "results"), SBERT_MODEL=None)
+    real_load = evaluation.load_eval_model
+    monkeypatch.setattr(evaluation, "load_eval_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    user_error(lambda: evaluation.evaluate(eval_settings(**settings), "videollava"), "2 of 6 clips cannot be used")
+    monkeypatch.setattr(evaluation, "load_eval_model", real_load)
+    metrics = json.loads(evaluation.evaluate(eval_settings(SKIP_BAD_CLIPS=True, **settings), "videollava").read_text())
+    assert metrics["num_samples"] == 4 and metrics["bad_clips_skipped"] == 2

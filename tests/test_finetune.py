@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -466,3 +467,109 @@ def test_evaluation_after_training_reads_the_evaluation_scripts_own_constants(tm
         untouched = set(script.as_dict()) - set(chosen) - {"RESULTS_DIR", "VIDEO_DIR", "NUM_FRAMES"}
         assert {k: evaluation.as_dict()[k] for k in untouched} == {k: script.as_dict()[k] for k in untouched}
         assert "SBERT_MODEL" in untouched and "LOAD_IN_4BIT" in untouched
+
+
+def crash_at(monkeypatch, step: int):
+    """The Trainer dies (as a killed job) when it reaches optimiser step ``step``."""
+    steps = {"n": 0}
+    real_step = transformers.Trainer.training_step
+
+    def crashing(self, *args, **kwargs):
+        steps["n"] += 1
+        if steps["n"] == step:
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.Trainer, "training_step", crashing)
+    return lambda: monkeypatch.setattr(transformers.Trainer, "training_step", real_step)
+
+
+def test_a_torn_checkpoint_is_skipped_kept_aside_and_the_run_resumes_from_the_older_one(tmp_path, monkeypatch, capsys):
+    quick = dict(MAX_STEPS=6, SAVE_STEPS=2, SAVE_TOTAL_LIMIT=5)
+    restore = crash_at(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        train_script("videollava", tmp_path, **quick)
+    restore()
+    run_dir = tmp_path / finetune.run_name(settings("videollava", tmp_path, **quick), "videollava")
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    weights = run_dir / "checkpoint-4" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # killed while writing its weights
+    capsys.readouterr()
+    train_script("videollava", tmp_path, **quick)
+    out = capsys.readouterr().out
+    assert "skipping checkpoint-4: adapter_model.safetensors is cut short or damaged" in out
+    assert "kept aside as torn-checkpoint-4" in out and (run_dir / "torn-checkpoint-4").is_dir()
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["completed"] and record["resumed_from"].endswith("checkpoint-2") and record["global_step"] == 6
+
+
+def test_a_run_whose_every_checkpoint_is_torn_starts_over(tmp_path, monkeypatch, capsys):
+    quick = dict(MAX_STEPS=4, SAVE_STEPS=2, SAVE_TOTAL_LIMIT=5)
+    restore = crash_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        train_script("videollava", tmp_path, **quick)
+    restore()
+    run_dir = tmp_path / finetune.run_name(settings("videollava", tmp_path, **quick), "videollava")
+    (run_dir / "checkpoint-2" / "trainer_state.json").unlink()  # killed before its state was written
+    capsys.readouterr()
+    train_script("videollava", tmp_path, **quick)
+    out = capsys.readouterr().out
+    assert "skipping checkpoint-2: it has no trainer_state.json" in out and "is torn" in out and "starting over" in out
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["completed"] and record["resumed_from"] is None and record["global_step"] == 4
+    assert [p["step"] for p in record["loss_curve"]] == [1, 2, 3, 4]
+
+
+def test_checkpoint_problems_name_what_is_missing_or_cut_short(tmp_path):
+    from geochange.trainer import checkpoint_problem
+
+    def checkpoint(**damage) -> Path:
+        folder = tmp_path / f"checkpoint-{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        (folder / "trainer_state.json").write_text('{"global_step": 2}')
+        for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+            torch.save({"x": torch.zeros(3)}, folder / name)
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.zeros(4)}, str(folder / "model.safetensors"))
+        for name, action in damage.items():
+            path = folder / name.replace("__", ".")
+            if action == "delete":
+                path.unlink()
+            else:
+                path.write_bytes(path.read_bytes()[:-10])
+        return folder
+
+    assert checkpoint_problem(checkpoint()) is None
+    assert checkpoint_problem(checkpoint(trainer_state__json="delete")) == "it has no trainer_state.json"
+    assert "trainer_state.json is cut short" in checkpoint_problem(checkpoint(trainer_state__json="cut"))
+    assert "optimizer.pt is cut short" in checkpoint_problem(checkpoint(optimizer__pt="cut"))
+    assert checkpoint_problem(checkpoint(scheduler__pt="delete")) == "it lacks scheduler.pt"
+    assert checkpoint_problem(checkpoint(rng_state__pth="delete")) == "it lacks rng_state*.pth"
+    assert "model.safetensors is cut short" in checkpoint_problem(checkpoint(model__safetensors="cut"))
+    assert checkpoint_problem(checkpoint(model__safetensors="delete")) == "it holds no weights"
+    # DeepSpeed's layout: ``latest`` names the folder of its states
+    folder = checkpoint(optimizer__pt="delete", scheduler__pt="delete", model__safetensors="delete")
+    (folder / "latest").write_text("global_step2")
+    assert checkpoint_problem(folder) == "latest names global_step2, which is missing"
+    (folder / "global_step2").mkdir()
+    torch.save({"x": 1}, folder / "global_step2" / "mp_rank_00_model_states.pt")
+    assert checkpoint_problem(folder) is None
+
+
+def test_bad_clips_are_all_listed_before_any_model_loads_or_left_out_and_counted(tmp_path, clips_with_two_bad_ones,
+                                                                                monkeypatch, user_error):
+    annotations, videos, records = clips_with_two_bad_ones
+    loaded = []
+    real_load = finetune.load_model
+    monkeypatch.setattr(finetune, "load_model", lambda *a, **k: loaded.append(1) or real_load(*a, **k))
+    common_settings = dict(TRAIN_ANNOTATIONS=str(annotations), VIDEO_DIR=str(videos), VAL_ANNOTATIONS=None,
+                           TRAIN_LIMIT=None, MAX_STEPS=1, BATCH_SIZE=2)
+    message = user_error(lambda: train_script("videollava", tmp_path / "runs", **common_settings),
+                         str(annotations), "2 of 6 clips cannot be used", "SKIP_BAD_CLIPS=True",
+                         f"record 2 (id {records[2]['id']!r}): {records[2]['video']} is not a readable video",
+                         f"record 4 (id {records[4]['id']!r}): {records[4]['video']} has 1 frame(s), 2 needed")
+    assert message.count("\n  record") == 2 and loaded == []  # both listed, and no model was loaded
+    run_dir = train_script("videollava", tmp_path / "runs", SKIP_BAD_CLIPS=True, **common_settings)
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["completed"] and record["num_train"] == 4 and record["bad_clips_skipped"] == {"train": 2, "val": 0}

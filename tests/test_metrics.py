@@ -357,3 +357,49 @@ print(json.dumps({"off_main": sorted({n for n, t in first if t != "MainThread"})
     seen = json.loads(run.stdout.strip().splitlines()[-1])
     assert seen["total"] > 500  # the watch saw the libraries load (sklearn, nltk, sacrebleu, pycocoevalcap...)
     assert seen["off_main"] == [] and seen["missing"] == {}
+
+
+@pytest.fixture
+def silent_hub(monkeypatch):
+    """A Hub endpoint that accepts connections and never answers (a network that drops packets), with the offline
+    flags unset: the case that cost every evaluation ~65 s of the Hub client's retries."""
+    import socket
+    import threading
+
+    import huggingface_hub.constants
+
+    from geochange import paths
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    held = []
+    threading.Thread(target=lambda: [held.append(server.accept()) for _ in range(8)], daemon=True).start()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+    paths.hub_unreachable.cache_clear()
+    E.sbert_with_fallback.cache_clear()
+    yield
+    paths.hub_unreachable.cache_clear()
+    E.sbert_with_fallback.cache_clear()
+    server.close()
+
+
+def test_offline_without_the_flag_costs_one_short_try_of_the_hub_not_a_minute(silent_hub, minilm, capsys):
+    import time
+
+    from geochange.paths import HUB_PROBE_SECONDS, local_or_hub
+
+    started = time.monotonic()
+    with pytest.raises(OSError, match=r"not in the local Hugging Face cache, and the Hub at http://127\.0\.0\.1:\d+ "
+                                      r"did not answer within 4 s"):
+        local_or_hub(E.GEOLLAVA_SBERT_MODEL)
+    assert time.monotonic() - started < HUB_PROBE_SECONDS + 3
+    # the sbert model falls back at once (the Hub was tried once for the process), and the line says why
+    E.sentence_model(minilm, "cpu")  # the fallback itself loaded first: what is timed below is the waiting
+    started = time.monotonic()
+    name, reason = E.sbert_with_fallback(E.GEOLLAVA_SBERT_MODEL, "cpu")
+    assert time.monotonic() - started < 3 and name == minilm and "did not answer within" in reason
+    assert "did not answer within" in capsys.readouterr().err
+    assert local_or_hub(minilm) == minilm  # a local folder never touches the network

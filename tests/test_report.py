@@ -30,7 +30,11 @@ def test_leaderboard_puts_the_video_model_and_deltavlm_side_by_side(tiny_repo):
     for metric in ("bleu1", "bleu4", "rouge_l", "cider", "sbert", "rouge1"):
         assert captions.table[metric].tolist() == pytest.approx([delta["metrics"][f"caption/{metric}"],
                                                                  video["metrics"][metric]])
-        assert captions.best[metric] == captions.table[metric].idxmax()
+        column = captions.table[metric]
+        if (column == column.max()).sum() == 1:
+            assert captions.best[metric] == column.idxmax()
+        else:  # a tie (0.0 against 0.0, up to float noise) has no best
+            assert metric not in captions.best
     assert set(captions.table.source) == {OURS}  # the sample is no paper's test set
     # the fine-tuned run and the base model on the val records; every metric of the one list is a column
     assert sorted(val.table.model) == sorted(["base", "LoRA r8, 8 pairs, lr 0.01, 4 steps"])

@@ -20,6 +20,7 @@ import torch
 
 from ..adapters import load_adapter_verified
 from ..errors import UserError
+from ..paths import hub_offline, hub_unreachable, local_or_hub
 from ..devices import quantization_config
 from .checkpoint import CsrmCheck, check_csrm_initialisation, convert_lavis_state, ours_to_lavis
 from .model import CSRM, DeltaVLM, build_on_meta, own_parameter_shapes, trained_parameter_names
@@ -41,11 +42,20 @@ def listed(names: list[str]) -> str:
 
 
 def _hub_file(repo: str, filename: str, what: str) -> Path:
+    """One file of a Hub repo: from the local cache, or downloaded once the Hub has answered one short try."""
     from huggingface_hub import hf_hub_download
 
     try:
+        return Path(hf_hub_download(repo, filename, local_files_only=True))
+    except Exception:  # not cached: the Hub decides below
+        pass
+    unreachable = "HF_HUB_OFFLINE is set" if hub_offline() else hub_unreachable()
+    if unreachable:
+        raise UserError(f"{what} {repo!r}: {filename} is not in the local Hugging Face cache and {unreachable}; "
+                        f"download it first: huggingface-cli download {repo} {filename}")
+    try:
         return Path(hf_hub_download(repo, filename))
-    except Exception as exc:  # offline and not cached, no such repo/file, no network
+    except Exception as exc:  # no such repo/file, gated, the network failed mid-way
         reason = str(exc).splitlines()[0][:200]
         raise UserError(f"{what} {repo!r}: cannot get {filename} ({type(exc).__name__}: {reason}); download it "
                         f"first: huggingface-cli download {repo} {filename}") from None
@@ -174,7 +184,7 @@ def load_qformer_tokenizer(bert_model: str, vocab_size: int):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(bert_model, truncation_side="left")
+        tokenizer = AutoTokenizer.from_pretrained(local_or_hub(bert_model), truncation_side="left")
     except Exception as exc:
         raise UserError(f"BERT_MODEL {bert_model!r}: cannot load its tokenizer ({str(exc).splitlines()[0][:200]}); "
                         "download: huggingface-cli download google-bert/bert-base-uncased") from None
@@ -189,7 +199,7 @@ def load_llm_tokenizer(llm_model: str):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(llm_model)
+        tokenizer = AutoTokenizer.from_pretrained(local_or_hub(llm_model))
     except Exception as exc:
         raise UserError(f"LLM_MODEL {llm_model!r}: cannot load its tokenizer ({str(exc).splitlines()[0][:200]}); "
                         f"download: huggingface-cli download {VICUNA_7B_ID}") from None
@@ -211,7 +221,7 @@ def load_llm(llm_model: str, device: torch.device, vocab: int, bits: int | None 
         kwargs["device_map"] = {"": device.index if device.type == "cuda" and device.index is not None else
                                 str(device)}
     try:
-        llm = AutoModelForCausalLM.from_pretrained(llm_model, **kwargs)
+        llm = AutoModelForCausalLM.from_pretrained(local_or_hub(llm_model), **kwargs)
     except Exception as exc:
         raise UserError(f"LLM_MODEL {llm_model!r}: cannot load ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:200]}); "
@@ -327,7 +337,7 @@ def load_deltavlm(checkpoint: str | None, *, base: str, llm_model: str, bert_mod
     lavis_state = load_lavis_state(checkpoint_path) if checkpoint_path is not None else None
     vision_config, qformer_config, num_query_tokens = base_configs(base)
     try:
-        llm_hidden = AutoConfig.from_pretrained(llm_model).hidden_size
+        llm_hidden = AutoConfig.from_pretrained(local_or_hub(llm_model)).hidden_size
     except Exception as exc:
         raise UserError(f"LLM_MODEL {llm_model!r}: cannot read its config ({str(exc).splitlines()[0][:200]}); "
                         f"download: huggingface-cli download {VICUNA_7B_ID}") from None

@@ -29,11 +29,11 @@ from ..fileio import atomic_path, atomic_write_text
 from ..locks import WriterLock, lock_for_writing
 from ..coco_metrics import java_available
 from ..metrics import MetricsReport
-from ..paths import ANNOTATIONS_DIR
+from ..paths import ANNOTATIONS_DIR, local_or_hub
 from ..results import write_metrics
 from ..runs import data_files, library_versions, resume_state, write_run_file
 from ..sample.data import SAMPLE_CHANGECHAT_ROOT, ensure_sample_media
-from ..trainer import check_training_settings, trainer_arguments
+from ..trainer import check_training_settings, newest_complete_checkpoint, trainer_arguments
 from . import FAMILY_ID
 from .checkpoint import released_extras, released_layout_state
 from .inputs import (Prompting, build_prompt, encode_training_batch, normalise_answer, preprocess_image)
@@ -306,7 +306,7 @@ def starting_extras(model: DeltaVLM, sources: Sources) -> dict[str, torch.Tensor
     carried = load_lavis_state(Path(sources.init)) if sources.init is not None else None
     from transformers import AutoConfig
 
-    return released_extras(model.qformer.config, AutoConfig.from_pretrained(sources.llm), carried)
+    return released_extras(model.qformer.config, AutoConfig.from_pretrained(local_or_hub(sources.llm)), carried)
 
 
 # --------------------------------------------------------------------------- 6. validation each epoch
@@ -480,14 +480,16 @@ def replica_checksum(model: DeltaVLM) -> str:
 
 
 def train(trainer, run_dir: Path, resuming: bool) -> str | None:
-    """Train (an existing run resumes from its newest checkpoint); returns the checkpoint resumed from."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last = get_last_checkpoint(str(run_dir)) if resuming else None
+    """Train (an existing run resumes from its newest complete checkpoint; torn ones are set aside); returns the
+    checkpoint resumed from."""
+    last = None
+    if resuming:
+        with trainer.args.main_process_first(desc="checkpoints"):
+            last = newest_complete_checkpoint(run_dir, main=trainer.args.process_index == 0)
     if last and trainer.args.process_index == 0:
         print(f"resuming from {last}")
-    trainer.train(resume_from_checkpoint=last)
-    return last
+    trainer.train(resume_from_checkpoint=str(last) if last else None)
+    return str(last) if last else None
 
 
 def finish(trainer, record: dict[str, Any], run_dir: Path, started: float, resumed_from: str | None) -> dict:

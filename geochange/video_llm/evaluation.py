@@ -110,7 +110,8 @@ def load_test_samples(cfg) -> list[Sample]:
     if cfg.VIDEO_DIR is None:
         ensure_sample_media()
     return load_annotations(cfg.VAL_ANNOTATIONS, SAMPLE_VIDEO_DIR if cfg.VIDEO_DIR is None else cfg.VIDEO_DIR,
-                            limit=cfg.LIMIT, split=cfg.SPLIT)
+                            limit=cfg.LIMIT, split=cfg.SPLIT, num_frames=cfg.NUM_FRAMES,
+                            skip_bad_clips=cfg.SKIP_BAD_CLIPS)
 
 
 @dataclass
@@ -194,6 +195,7 @@ def score_results(results: ResultsFile, samples: list[Sample]) -> Path:
                                  extra={"family": results.family, "model_path": cfg.MODEL_PATH,
                                         "identity": results.identity,
                                         "test_set": describe_test_set(cfg.VAL_ANNOTATIONS, cfg.SPLIT),
+                                        "bad_clips_skipped": len(getattr(samples, "skipped", [])),
                                         **answers_at_token_limit(records, cfg.MAX_NEW_TOKENS)})
     print(format_metrics_table(report.metrics, report.missing))
     print(f"metrics: {metrics_path}")

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..annotations import Sample, load_annotations
+from ..annotations import Sample, Samples, load_annotations
 from ..devices import is_main_process
 from ..errors import UserError
 from ..locks import WriterLock, lock_for_writing
@@ -25,7 +25,7 @@ from ..overrides import script_constants
 from ..results import remove_results
 from ..runs import data_files, library_versions, resume_state, write_run_file
 from ..sample.data import SAMPLE_VIDEO_DIR, ensure_sample_media
-from ..trainer import check_training_settings, trainer_arguments
+from ..trainer import check_training_settings, newest_complete_checkpoint, trainer_arguments
 from ..video import read_video_frames
 from .evaluation import evaluate
 from .families import get_family
@@ -323,9 +323,12 @@ def open_run(cfg, family: str) -> FinetuneRun:
 def load_samples(run: FinetuneRun) -> tuple[list[Sample], list[Sample]]:
     """Step 3: the training and validation pairs (every clip checked), and what is about to be trained."""
     cfg = run.cfg
-    train_samples = load_annotations(cfg.TRAIN_ANNOTATIONS, run.video_dir, limit=cfg.TRAIN_LIMIT, split=cfg.TRAIN_SPLIT)
-    val_samples = (load_annotations(cfg.VAL_ANNOTATIONS, run.video_dir, split=cfg.VAL_SPLIT)
-                   if cfg.VAL_ANNOTATIONS else [])
+    clips = {"num_frames": cfg.NUM_FRAMES, "skip_bad_clips": cfg.SKIP_BAD_CLIPS}
+    train_samples = load_annotations(cfg.TRAIN_ANNOTATIONS, run.video_dir, limit=cfg.TRAIN_LIMIT, split=cfg.TRAIN_SPLIT,
+                                     **clips)
+    val_samples = (load_annotations(cfg.VAL_ANNOTATIONS, run.video_dir, split=cfg.VAL_SPLIT, **clips)
+                   if cfg.VAL_ANNOTATIONS else Samples())
+    run.record["bad_clips_skipped"] = {"train": len(train_samples.skipped), "val": len(val_samples.skipped)}
     if run.main:
         bits = quant_bits(cfg)
         what = {"QLORA": f"QLoRA ({bits}-bit{' nf4' if bits == 4 else ''} base, LoRA r={cfg.LORA_R} alpha={cfg.LORA_ALPHA:g})",
@@ -396,7 +399,6 @@ def train(run: FinetuneRun, model, processor, train_set: VideoQADataset, val_set
     """Step 7: run.json written (not yet completed), then the transformers Trainer, resuming from the run
     directory's newest checkpoint; returns the Trainer."""
     from transformers import Trainer
-    from transformers.trainer_utils import get_last_checkpoint
 
     cfg = run.cfg
     callbacks = []
@@ -407,9 +409,12 @@ def train(run: FinetuneRun, model, processor, train_set: VideoQADataset, val_set
         write_run_file(run.run_dir, run.record)
     trainer = Trainer(model=model, args=run.args, train_dataset=train_set, eval_dataset=val_set,
                       data_collator=VideoQACollator(processor.tokenizer.pad_token_id), callbacks=callbacks)
-    last = get_last_checkpoint(str(run.run_dir))
-    run.record["resumed_from"] = last
-    trainer.train(resume_from_checkpoint=last)
+    with run.args.main_process_first(desc="checkpoints"):  # the main process sets torn checkpoints aside first
+        last = newest_complete_checkpoint(run.run_dir, main=run.main)
+    if last is not None and run.main:
+        print(f"resuming from {last}")
+    run.record["resumed_from"] = str(last) if last else None
+    trainer.train(resume_from_checkpoint=str(last) if last else None)
     return trainer
 
 
@@ -445,7 +450,8 @@ def evaluation_settings(run: FinetuneRun):
     cfg = run.cfg
     return script_constants(get_family(run.family).eval_script, MODEL_ID=cfg.MODEL_ID, MODEL_PATH=str(run.run_dir),
                             VAL_ANNOTATIONS=cfg.VAL_ANNOTATIONS, SPLIT=cfg.VAL_SPLIT, VIDEO_DIR=cfg.VIDEO_DIR,
-                            NUM_FRAMES=cfg.NUM_FRAMES, BATCH_SIZE=cfg.EVAL_BATCH_SIZE,
+                            NUM_FRAMES=cfg.NUM_FRAMES, SKIP_BAD_CLIPS=cfg.SKIP_BAD_CLIPS,
+                            BATCH_SIZE=cfg.EVAL_BATCH_SIZE,
                             MAX_NEW_TOKENS=cfg.MAX_NEW_TOKENS, DEVICE=str(run.args.device),
                             RESULTS_DIR=cfg.RESULTS_DIR)
 

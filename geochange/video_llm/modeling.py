@@ -18,6 +18,7 @@ import torch
 
 from ..devices import compute_dtype, is_quantised_linear, parameter_numel, pick_device, quantization_config
 from ..errors import UserError
+from ..paths import local_or_hub
 from .families import VISION_MODULE_NAMES, get_family
 from .tiny import ensure_tiny_checkpoint
 
@@ -62,7 +63,7 @@ def load_processor(model_path: str):
     from transformers import AutoProcessor
 
     try:
-        processor = AutoProcessor.from_pretrained(model_path)
+        processor = AutoProcessor.from_pretrained(local_or_hub(model_path))
     except OSError as exc:
         raise UserError(f"cannot load a processor from {model_path!r}: {str(exc).splitlines()[0]}") from None
     # Left padding: batched generation appends new tokens at the right end of every row.
@@ -88,7 +89,7 @@ def load_model(model_path: str, family: str, *, bits: int | None = None, dtype: 
     if device is not None:
         kwargs["device_map"] = {"": device}
     try:
-        return cls.from_pretrained(model_path, **kwargs)
+        return cls.from_pretrained(local_or_hub(model_path), **kwargs)
     except OSError as exc:
         raise UserError(f"cannot load a {family} model from {model_path!r}: {str(exc).splitlines()[0]}") from None
 
