@@ -7,6 +7,7 @@ import json
 import os
 import re
 import zipfile
+from functools import lru_cache
 from pathlib import Path
 
 from .errors import UserError, first_line
@@ -99,6 +100,43 @@ def trainer_arguments(cfg, run_dir: Path, *, learning_rate: float, compute: str,
     )
     arguments.update(recipe)
     return TrainingArguments(**arguments)
+
+
+# ---------------------------------------------------------------- the Trainer both recipes run
+
+@lru_cache(maxsize=1)
+def suite_trainer_class():
+    """transformers' Trainer, with DDP sharing its gradient buckets with the gradients (``gradient_as_bucket_view``:
+    one copy of the gradients per process instead of two; the Trainer exposes no setting for it)."""
+    from transformers import Trainer
+
+    class SuiteTrainer(Trainer):
+        def _build_accelerator_args(self, **kwargs):
+            args = super()._build_accelerator_args(**kwargs)
+            for handler in args.get("kwargs_handlers", []):
+                if type(handler).__name__ == "DistributedDataParallelKwargs":
+                    handler.gradient_as_bucket_view = True
+            return args
+
+    return SuiteTrainer
+
+
+def engine_of(trainer) -> dict:
+    """How the run actually trained, for run.json: processes, DDP or DeepSpeed (stage), the optimizer (fused?)."""
+    args = trainer.args
+    wrapped = trainer.model_wrapped
+    engine = {"world_size": args.world_size, "wrapper": type(wrapped).__name__}
+    if type(wrapped).__name__ == "DistributedDataParallel":
+        engine["gradient_as_bucket_view"] = bool(wrapped.gradient_as_bucket_view)
+    if args.deepspeed:
+        engine["deepspeed"] = {"config": str(args.deepspeed),
+                               "zero_stage": int(args.hf_deepspeed_config.config["zero_optimization"].get("stage", 0))}
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    engine["optimizer"] = type(optimizer).__name__
+    defaults = getattr(optimizer, "defaults", {})
+    if "fused" in defaults:
+        engine["fused"] = bool(defaults["fused"])
+    return engine
 
 
 # ---------------------------------------------------------------- resuming from the newest complete checkpoint

@@ -21,7 +21,7 @@ import torch
 from ..adapters import load_adapter_verified
 from ..errors import UserError
 from ..paths import hub_offline, hub_unreachable, local_or_hub
-from ..devices import quantization_config
+from ..devices import compute_dtype, quantization_config
 from .checkpoint import CsrmCheck, check_csrm_initialisation, convert_lavis_state, ours_to_lavis
 from .model import CSRM, DeltaVLM, build_on_meta, own_parameter_shapes, trained_parameter_names
 
@@ -210,12 +210,23 @@ def load_llm_tokenizer(llm_model: str):
     return tokenizer
 
 
+def frozen_llm_dtype(device: torch.device, bits: int | None) -> torch.dtype:
+    """The frozen LLM's dtype: the compute dtype of its GPU (bf16 where the GPU has it, as the training's autocast;
+    fp16 weights under bf16 autocast carried fp16 gradients across the vision->LLM boundary with no loss scaling,
+    and autocast kept bf16 copies of all 7B weights, ~13 GB); fp16 for int8, whose matmuls take fp16; fp32 on a CPU
+    (fp16 with a 4-bit LLM, as bitsandbytes' CPU kernels take it)."""
+    if bits == 8:
+        return torch.float16
+    if device.type == "cuda":
+        return compute_dtype(device)
+    return torch.float16 if bits else torch.float32
+
+
 def load_llm(llm_model: str, device: torch.device, vocab: int, bits: int | None = None):
     """The frozen LLM: full precision, or quantised to ``bits`` (8 or 4, bitsandbytes)."""
     from transformers import AutoModelForCausalLM
 
-    # fp16 as released on the GPU (and for int8, whose matmuls take fp16 inputs); fp32 on the CPU.
-    kwargs: dict = {"dtype": torch.float16 if device.type == "cuda" or bits else torch.float32}
+    kwargs: dict = {"dtype": frozen_llm_dtype(device, bits)}
     if bits:
         kwargs["quantization_config"] = quantization_config(bits)
         kwargs["device_map"] = {"": device.index if device.type == "cuda" and device.index is not None else

@@ -24,6 +24,7 @@ import torch
 
 from ..annotations import load_changechat
 from ..devices import is_main_process
+from ..engines import deepspeed_plan, start_deepspeed
 from ..errors import UserError
 from ..fileio import atomic_path, atomic_write_text
 from ..locks import WriterLock, lock_for_writing
@@ -33,7 +34,8 @@ from ..paths import ANNOTATIONS_DIR, local_or_hub
 from ..results import write_metrics
 from ..runs import data_files, library_versions, resume_state, write_run_file
 from ..sample.data import SAMPLE_CHANGECHAT_ROOT, ensure_sample_media
-from ..trainer import check_training_settings, newest_complete_checkpoint, trainer_arguments
+from ..trainer import (check_training_settings, engine_of, newest_complete_checkpoint, suite_trainer_class,
+                       trainer_arguments)
 from . import FAMILY_ID
 from .checkpoint import released_extras, released_layout_state
 from .inputs import (Prompting, build_prompt, encode_training_batch, normalise_answer, preprocess_image)
@@ -110,6 +112,12 @@ def check_settings(cfg) -> Sources:
     for name in ("TRAIN_ANNOTATIONS", "VAL_ANNOTATIONS"):
         if not Path(getattr(cfg, name)).is_file():
             raise UserError(f"{name}: annotation file {getattr(cfg, name)} does not exist")
+    plan = deepspeed_plan(cfg.DEEPSPEED)
+    if plan is not None and plan.stage == 3:
+        raise UserError(f"DEEPSPEED={cfg.DEEPSPEED}: DeltaVLM trains with ZeRO-2 (configs/deepspeed/zero2.json), which "
+                        "shards the optimizer states and gradients of the 253 M parameters it trains; ZeRO-3 would "
+                        "partition the frozen Vicuna as well, and each process's epoch validation generates on its own "
+                        "share of the captions, which ZeRO-3 cannot do (every process takes part in every forward pass)")
     sources = training_sources(cfg)
     depth = base_configs(sources.base)[0].num_hidden_layers  # config.json only: no weights yet
     if cfg.TRAIN_VIT_BLOCKS > depth:
@@ -262,7 +270,9 @@ def _zero_key_bias_gradient(bias: torch.nn.Parameter) -> None:
     keep = torch.ones_like(bias)
     third = bias.shape[0] // 3
     keep[third:2 * third] = 0
-    bias.register_hook(lambda grad: grad * keep.to(grad.device))
+    # in the gradient's own dtype: a bf16 gradient (DeepSpeed, bf16 autocast) times an fp32 mask would change its
+    # type, which autograd refuses ("hook has changed the type of value")
+    bias.register_hook(lambda grad: grad * keep.to(device=grad.device, dtype=grad.dtype))
 
 
 def choose_trainable(model: DeltaVLM, cfg) -> dict[str, int]:
@@ -403,9 +413,8 @@ def make_validation_callback():
 
 def make_trainer_class():
     from safetensors.torch import load_file, save_file
-    from transformers import Trainer
 
-    class DeltaVLMTrainer(Trainer):
+    class DeltaVLMTrainer(suite_trainer_class()):
         """Checkpoints hold the trainable parameters only (not the frozen 7B LLM)."""
 
         def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -444,6 +453,7 @@ def training_arguments(cfg, run_dir: Path):
 def make_trainer(cfg, model: DeltaVLM, tokenizers, examples: list[Example], val_items: list[Item], run_dir: Path,
                  sources: Sources, callbacks: list | None = None):
     """The Trainer with the epoch-end validation attached."""
+    start_deepspeed(deepspeed_plan(cfg.DEEPSPEED))
     args = training_arguments(cfg, run_dir)
     trainer = make_trainer_class()(model=model, args=args, train_dataset=PairDataset(examples, model.image_size),
                                    data_collator=PairCollator(tokenizers), callbacks=list(callbacks or []))
@@ -507,7 +517,7 @@ def finish(trainer, record: dict[str, Any], run_dir: Path, started: float, resum
     record.update({"completed": True, "seconds": round(time.time() - started, 1),
                    "global_step": trainer.state.global_step, "world_size": world, "resumed_from": resumed_from,
                    "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
-                   "validation_curve": validation, "best_epoch": best and best["epoch"],
+                   "validation_curve": validation, "best_epoch": best and best["epoch"], "engine": engine_of(trainer),
                    "best_score": best and best["score"], "replica_checksums": checksums})
     if rank == 0:
         write_run_file(run_dir, record)

@@ -8,7 +8,6 @@ the settings, the run directory, the Trainer's arguments and the growing ``run.j
 """
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -18,14 +17,16 @@ from typing import Any
 import torch
 
 from ..annotations import Sample, Samples, load_annotations
-from ..devices import is_main_process
+from ..devices import is_main_process, process_device
+from ..engines import deepspeed_plan, one_process_per_gpu, outside_zero3, start_deepspeed
 from ..errors import UserError
 from ..locks import WriterLock, lock_for_writing
 from ..overrides import script_constants
 from ..results import remove_results
 from ..runs import data_files, library_versions, resume_state, write_run_file
 from ..sample.data import SAMPLE_VIDEO_DIR, ensure_sample_media
-from ..trainer import check_training_settings, newest_complete_checkpoint, trainer_arguments
+from ..trainer import (check_training_settings, engine_of, newest_complete_checkpoint, suite_trainer_class,
+                       trainer_arguments)
 from ..video import read_video_frames
 from .evaluation import evaluate
 from .families import get_family
@@ -96,24 +97,29 @@ def device_precision(cfg) -> TrainingPrecision:
     return training_precision(cfg, cuda=cuda, cuda_bf16=cuda and torch.cuda.is_bf16_supported())
 
 
-def deepspeed_stage(cfg) -> int | None:
-    """The ZeRO stage of the DEEPSPEED config file (None without one)."""
-    if cfg.DEEPSPEED is None:
-        return None
-    try:
-        config = json.loads(Path(cfg.DEEPSPEED).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"DEEPSPEED: cannot read the config {cfg.DEEPSPEED} ({exc})") from None
-    return int(config.get("zero_optimization", {}).get("stage", 0))
+def check_engine(cfg) -> None:
+    """The combinations of DEEPSPEED, training mode and pruning that cannot work stop here, in one line, before any
+    model loads: QLoRA under ZeRO-3 (its 4/8-bit weights cannot be partitioned), and pruning masks under any ZeRO
+    stage with full fine-tuning (the masks would zero the model's weights while DeepSpeed's fp32 master copies,
+    which its optimizer updates, keep the pruned values: they come back after the first step)."""
+    plan = deepspeed_plan(cfg.DEEPSPEED)
+    if plan is None:
+        return
+    mode = training_mode(cfg)
+    if mode == "QLORA" and plan.stage == 3:
+        raise UserError(f"USE_QLORA with ZeRO-3 ({cfg.DEEPSPEED}) cannot work: quantised weights are not partitioned; "
+                        "use configs/deepspeed/zero2.json, or LoRA (USE_QLORA=False) with ZeRO-3")
+    if cfg.PRUNE and mode == "FULL":
+        raise UserError(f"PRUNE with full fine-tuning under DeepSpeed ({cfg.DEEPSPEED}, ZeRO-{plan.stage}) cannot keep "
+                        "the pruned weights at zero (DeepSpeed's fp32 master weights bring them back after the first "
+                        "step); train LoRA on the pruned base (USE_LORA=True), or without DEEPSPEED")
 
 
 def check_settings(cfg) -> None:
     """Step 1: every check that needs no model; bad settings stop here, before anything is loaded."""
     if cfg.PRUNE:
         validate_prune_settings(cfg.PRUNE_METHOD, cfg.PRUNE_AMOUNT)
-        if training_mode(cfg) == "FULL" and deepspeed_stage(cfg) == 3:
-            raise UserError("PRUNE with full fine-tuning cannot keep its pruning masks under ZeRO stage 3 "
-                            "(the weights are sharded); use stage 2 or LoRA")
+    check_engine(cfg)
     if cfg.PRECISION not in PRECISIONS:
         raise UserError(f"PRECISION must be one of {', '.join(PRECISIONS)}, not {cfg.PRECISION!r}")
     check_training_settings(cfg)
@@ -215,7 +221,10 @@ def build_training_model(cfg, base_path: str, family: str):
 
     set_seed(cfg.SEED)
     mode = training_mode(cfg)
-    model = load_model(base_path, family, bits=quant_bits(cfg), dtype=device_precision(cfg).weights)
+    # Each process loads straight onto its own GPU (not all onto the CPU, then moved); under DeepSpeed the engine
+    # places (and ZeRO-3 partitions) the weights.
+    device = process_device() if torch.cuda.is_available() and cfg.DEEPSPEED is None else None
+    model = load_model(base_path, family, bits=quant_bits(cfg), dtype=device_precision(cfg).weights, device=device)
     if mode == "FULL":
         for name, param in model.named_parameters():
             tower = any(part.endswith("_tower") for part in name.split("."))
@@ -242,6 +251,12 @@ def pruning_mask_callback(model, masks: dict[str, torch.Tensor]):
     from transformers import TrainerCallback
 
     class KeepPruned(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            # Each mask moves to its weight's device once, not every step (6.5 GB host->device per step at 7B).
+            params = dict(model.named_parameters())
+            for name in masks:
+                masks[name] = masks[name].to(params[name].device)
+
         def on_step_end(self, args, state, control, **kwargs):
             apply_pruning_masks(model, masks)
 
@@ -294,8 +309,12 @@ def open_run(cfg, family: str) -> FinetuneRun:
     Draws the sample clips and builds the tiny model on first use (the main process first)."""
     get_family(family)  # an unknown family stops here
     run_dir = Path(cfg.OUTPUT_DIR) / run_name(cfg, family)
+    start_deepspeed(deepspeed_plan(cfg.DEEPSPEED))
     args = training_arguments(cfg, run_dir)
     main = args.process_index == 0
+    note = one_process_per_gpu(args)
+    if note and main:
+        print(note)
     lock = lock_for_writing(run_dir, f"the run directory {run_dir}") if main else None
     try:
         with args.main_process_first(desc="run directory"):  # only the main process clears it (OVERWRITE)
@@ -366,7 +385,8 @@ def prune_base(run: FinetuneRun) -> str:
     base_path = run.model_path
     if run.cfg.PRUNE:
         with run.args.main_process_first(desc="pruning"):
-            base_path, sparsity = pruned_base(run.model_path, run.family, run.cfg)
+            with outside_zero3(run.args):  # the main process alone loads the whole model to prune it
+                base_path, sparsity = pruned_base(run.model_path, run.family, run.cfg)
         if run.main:
             print("measured sparsity: " + ", ".join(f"{k} {v:.2%}" for k, v in sparsity.items()))
     run.record["sparsity"] = sparsity
@@ -398,8 +418,6 @@ def build_model(run: FinetuneRun, base_path: str):
 def train(run: FinetuneRun, model, processor, train_set: VideoQADataset, val_set: VideoQADataset | None):
     """Step 7: run.json written (not yet completed), then the transformers Trainer, resuming from the run
     directory's newest checkpoint; returns the Trainer."""
-    from transformers import Trainer
-
     cfg = run.cfg
     callbacks = []
     if cfg.PRUNE and training_mode(cfg) == "FULL":  # keep the pruned weights at zero through training
@@ -407,8 +425,9 @@ def train(run: FinetuneRun, model, processor, train_set: VideoQADataset, val_set
     run.run_dir.mkdir(parents=True, exist_ok=True)
     if run.main:
         write_run_file(run.run_dir, run.record)
-    trainer = Trainer(model=model, args=run.args, train_dataset=train_set, eval_dataset=val_set,
-                      data_collator=VideoQACollator(processor.tokenizer.pad_token_id), callbacks=callbacks)
+    trainer = suite_trainer_class()(model=model, args=run.args, train_dataset=train_set, eval_dataset=val_set,
+                                    data_collator=VideoQACollator(processor.tokenizer.pad_token_id),
+                                    callbacks=callbacks)
     with run.args.main_process_first(desc="checkpoints"):  # the main process sets torn checkpoints aside first
         last = newest_complete_checkpoint(run.run_dir, main=run.main)
     if last is not None and run.main:
@@ -433,13 +452,15 @@ def save_run(run: FinetuneRun, trainer, processor) -> None:
             "eval_loss_curve": [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h],
             # Full fine-tuning: the trained weights; LoRA leaves the base untouched (see sparsity_after_merging).
             "sparsity_after_training": measure_sparsity(trainer.model, cfg.PRUNE_VISION) if full_pruned else None,
+            "engine": engine_of(trainer),
         })
         write_run_file(run.run_dir, run.record)
         curve = run.record["loss_curve"]
         if curve:
             print(f"loss {curve[0]['loss']:.3f} -> {curve[-1]['loss']:.3f} over {trainer.state.global_step} steps")
         if cfg.MERGE_AND_SAVE and training_mode(cfg) != "FULL":
-            merge_and_save(run.run_dir, run.family)
+            with outside_zero3(run.args):  # rank 0 alone loads the base and the adapter
+                merge_and_save(run.run_dir, run.family)
     if run.args.world_size > 1:
         torch.distributed.barrier()
 
@@ -462,4 +483,5 @@ def evaluate_run(run: FinetuneRun) -> Path | None:
     cfg = run.cfg
     if not (cfg.EVAL_AFTER_TRAIN and run.main and cfg.VAL_ANNOTATIONS):
         return None
-    return evaluate(evaluation_settings(run), run.family)
+    with outside_zero3(run.args):  # rank 0 alone loads the trained model
+        return evaluate(evaluation_settings(run), run.family)

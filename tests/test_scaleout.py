@@ -1,0 +1,213 @@
+"""Outgrowing one GPU: DeepSpeed ZeRO-2/3 and several processes or nodes (gloo on this CPU), the combinations that
+cannot work, and one process per GPU."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import run_script
+
+from geochange.engines import one_process_per_gpu
+
+REPO = Path(__file__).resolve().parent.parent
+ZERO2, ZERO3, ZERO3_OFFLOAD = (f"configs/deepspeed/{name}.json" for name in ("zero2", "zero3", "zero3_offload"))
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+TINY = ["MODEL_ID=tiny", "TRAIN_LIMIT=8", "BATCH_SIZE=2", "EVAL_STEPS=0", "GRADIENT_CHECKPOINTING=False",
+        "MAX_NEW_TOKENS=4", "LOGGING_STEPS=1"]
+
+
+def launch(free_port: int, script: str, *settings: str, processes: int = 2) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+               f"--master_port={free_port}", script, *settings]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=ENV, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def val4(tmp_path_factory) -> Path:
+    from geochange.sample.data import SAMPLE_VAL, ensure_sample_media
+
+    ensure_sample_media()
+    path = tmp_path_factory.mktemp("val") / "val4.json"
+    path.write_text(json.dumps(json.loads(SAMPLE_VAL.read_text())[:4]))
+    return path
+
+
+# ---------------------------------------------------------------- combinations that cannot work: one line, no model
+
+@pytest.mark.parametrize("script, settings, message", [
+    ("videollava_finetune.py", ["USE_QLORA=True", f"DEEPSPEED={ZERO3}"], "USE_QLORA with ZeRO-3"),
+    ("llavanext_finetune.py", ["USE_LORA=False", "PRUNE=True", f"DEEPSPEED={ZERO2}"],
+     "PRUNE with full fine-tuning under DeepSpeed"),
+    ("deltavlm_finetune.py", ["INIT=tiny", f"DEEPSPEED={ZERO3}"], "DeltaVLM trains with ZeRO-2"),
+    ("videollava_finetune.py", ["DEEPSPEED=configs/deepspeed/zero4.json"], "no config file configs/deepspeed/zero4.json"),
+])
+def test_combinations_that_cannot_work_stop_in_one_line_before_any_model(script, settings, message, tmp_path,
+                                                                         user_error, monkeypatch):
+    import geochange.video_llm.finetune as finetune
+    from geochange.deltavlm import training
+
+    monkeypatch.setattr(finetune, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(training, "load_deltavlm", lambda *a, **k: pytest.fail("a model was loaded"))
+    user_error(lambda: run_script(script, "MODEL_ID=tiny" if "INIT=tiny" not in settings else "TRAIN_LIMIT=4",
+                                  *settings, f"OUTPUT_DIR={tmp_path}"), message)
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_offload_config_without_its_own_optimizer_is_refused(tmp_path, user_error):
+    from geochange.engines import deepspeed_plan
+
+    config = json.loads((REPO / ZERO3_OFFLOAD).read_text())
+    plan = deepspeed_plan(str(REPO / ZERO3_OFFLOAD))
+    assert (plan.stage, plan.offload_optimizer, plan.offload_params, plan.has_optimizer) == (3, True, True, True)
+    del config["optimizer"]
+    (tmp_path / "offload.json").write_text(json.dumps(config))
+    user_error(lambda: deepspeed_plan(str(tmp_path / "offload.json")), "offloads to the CPU but names no optimizer")
+    (tmp_path / "broken.json").write_text("{stage: 3")
+    user_error(lambda: deepspeed_plan(str(tmp_path / "broken.json")), "is not a JSON config")
+    assert deepspeed_plan(str(REPO / ZERO2)).stage == 2 and deepspeed_plan(None) is None
+
+
+def test_several_gpus_without_a_launcher_train_on_one_never_dataparallel():
+    args = SimpleNamespace(world_size=1, n_gpu=4, _n_gpu=4)
+    note = one_process_per_gpu(args)
+    assert args._n_gpu == 1  # the Trainer wraps nn.DataParallel when n_gpu > 1: it now sees one GPU
+    assert "4 GPUs visible but one process" in note and "torchrun --nproc_per_node 4" in note
+    assert one_process_per_gpu(SimpleNamespace(world_size=2, n_gpu=1, _n_gpu=1)) is None  # under torchrun: fine
+    assert one_process_per_gpu(SimpleNamespace(world_size=1, n_gpu=1, _n_gpu=1)) is None
+
+
+# ---------------------------------------------------------------- ZeRO-3 and ZeRO-2 runs, 2 processes (gloo)
+
+@pytest.mark.slow
+def test_zero3_full_finetuning_then_evaluation_after_training(tmp_path, free_port, val4):
+    """Everything after training works under ZeRO-3: the weights are gathered and saved whole, and rank 0 loads
+    them for the evaluation outside ZeRO-3 (where it would wait for the others forever)."""
+    from safetensors.torch import load_file
+
+    run = launch(free_port, "videollava_finetune.py", *TINY, "USE_LORA=False", f"DEEPSPEED={ZERO3}", "MAX_STEPS=2",
+                 "LR=1e-3", f"VAL_ANNOTATIONS={val4}", f"OUTPUT_DIR={tmp_path / 'runs'}",
+                 f"RESULTS_DIR={tmp_path / 'results'}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["completed"] and record["world_size"] == 2 and record["mode"] == "FULL"
+    assert record["engine"]["deepspeed"] == {"config": ZERO3, "zero_stage": 3}
+    # parameter counts under ZeRO-3 use the partitioned parameters' true sizes
+    saved = load_file(str(run_dir / "model.safetensors"))
+    assert record["total_parameters"] == sum(t.numel() for t in saved.values()) > 0
+    assert 0 < record["trainable_parameters"] < record["total_parameters"]
+    metrics = json.loads((tmp_path / "results" / f"{run_dir.name}.metrics.json").read_text())
+    assert metrics["num_samples"] == 4 and "rouge1" in metrics["metrics"]
+
+
+@pytest.mark.slow
+def test_zero3_lora_with_merge_and_evaluation_the_merged_weights_are_base_plus_ba(tmp_path, free_port, val4):
+    from safetensors.torch import load_file
+
+    from geochange.video_llm.modeling import load_model, resolve_model_path
+
+    run = launch(free_port, "llavanext_finetune.py", *TINY, f"DEEPSPEED={ZERO3}", "MAX_STEPS=2", "LR=1e-2",
+                 "MERGE_AND_SAVE=True", f"VAL_ANNOTATIONS={val4}", f"OUTPUT_DIR={tmp_path / 'runs'}",
+                 f"RESULTS_DIR={tmp_path / 'results'}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    assert json.loads((tmp_path / "results" / f"{run_dir.name}.metrics.json").read_text())["num_samples"] == 4
+    adapter = load_file(str(run_dir / "adapter_model.safetensors"))
+    # the models as from_pretrained names their parameters (the files on disk may use older key names)
+    merged = {n: p.detach() for n, p in load_model(str(run_dir / "merged"), "llavanext").named_parameters()}
+    base = {n: p.detach() for n, p in load_model(resolve_model_path("tiny", "llavanext"), "llavanext").named_parameters()}
+    config = json.loads((run_dir / "adapter_config.json").read_text())
+    scaling = config["lora_alpha"] / config["r"]
+    lora_a = {k.split(".lora_A")[0].removeprefix("base_model.model."): v for k, v in adapter.items() if ".lora_A." in k}
+    assert len(lora_a) == 14
+    for module, a in lora_a.items():
+        b = adapter[f"base_model.model.{module}.lora_B.weight"]
+        assert b.abs().max() > 0  # trained: LoRA's B starts at zero
+        expected = base[f"{module}.weight"] + scaling * (b @ a)
+        torch.testing.assert_close(merged[f"{module}.weight"], expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_zero2_deltavlm_training_writes_the_released_layout_and_keeps_replicas_identical(tmp_path, free_port,
+                                                                                        sample_dir):
+    from geochange.deltavlm.tiny import ensure_tiny_deltavlm
+
+    run = launch(free_port, "deltavlm_finetune.py", "INIT=tiny", f"DEEPSPEED={ZERO2}", f"OUTPUT_DIR={tmp_path}",
+                 "TRAIN_LIMIT=32", "VAL_LIMIT=4", "BATCH_SIZE=4", "VAL_NUM_BEAMS=1", "VAL_MAX_NEW_TOKENS=8",
+                 "EPOCHS=1", "MAX_STEPS=3", "RUN_NAME=zero2")
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads((tmp_path / "zero2" / "run.json").read_text())
+    assert record["world_size"] == 2 and record["engine"]["deepspeed"]["zero_stage"] == 2
+    first, second = record["replica_checksums"]
+    assert first == second  # both processes hold the same trained weights
+    saved = torch.load(tmp_path / "zero2" / "checkpoint_best.pth", weights_only=True)["model"]
+    released = torch.load(ensure_tiny_deltavlm().checkpoint, weights_only=True)["model"]
+    assert set(saved) == set(released)
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in released.items()}
+
+
+@pytest.mark.slow
+def test_a_zero3_step_equals_the_same_step_without_deepspeed(tmp_path):
+    """Same seed, fp32, one process: DeepSpeed's partitioned update lands on the same weights as the Trainer's own."""
+    from geochange.video_llm.modeling import load_model, resolve_model_path
+
+    same = ["MODEL_ID=tiny", "USE_LORA=False", "TRAIN_LIMIT=8", "BATCH_SIZE=2", "MAX_STEPS=2", "LR=1e-3",
+            "WARMUP_STEPS=0", "EVAL_STEPS=0", "EVAL_AFTER_TRAIN=False", "GRADIENT_CHECKPOINTING=False",
+            "VAL_ANNOTATIONS=None"]
+    deepspeed = subprocess.run([sys.executable, "videollava_finetune.py", *same, f"DEEPSPEED={ZERO3}",
+                                f"OUTPUT_DIR={tmp_path / 'zero3'}"], cwd=REPO, capture_output=True, text=True,
+                               env=ENV, timeout=600)
+    assert deepspeed.returncode == 0, deepspeed.stderr[-3000:]
+    run_script("videollava_finetune.py", *same, f"OUTPUT_DIR={tmp_path / 'plain'}")
+    def weights(folder: Path) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in load_model(str(folder), "videollava").named_parameters()}
+
+    (with_zero3,) = [p.parent for p in (tmp_path / "zero3").glob("*/model.safetensors")]
+    (plain,) = [p.parent for p in (tmp_path / "plain").glob("*/model.safetensors")]
+    with_zero3, plain = weights(with_zero3), weights(plain)
+    base = weights(Path(resolve_model_path("tiny", "videollava")))
+    assert set(with_zero3) == set(plain)
+    moved = 0
+    for name, weight in plain.items():
+        torch.testing.assert_close(with_zero3[name], weight, rtol=0, atol=1e-5)
+        moved += int((weight - base[name]).abs().max() > 1e-4)
+    # the two steps changed every trained tensor of the language model and projector (25; the towers are frozen),
+    # and identically with and without DeepSpeed
+    assert moved == 25
+
+
+# ---------------------------------------------------------------- several nodes
+
+@pytest.mark.slow
+def test_two_launchers_as_two_nodes_train_one_run_and_overwrite_it_once(tmp_path, free_port):
+    """Two torchrun launchers (one process each) meet at a c10d rendezvous on 127.0.0.1, as two machines would,
+    and train one run in a shared run directory; a rerun with OVERWRITE=True deletes it once (rank 0)."""
+    settings = [*TINY, "MAX_STEPS=2", "LR=3e-3", "EVAL_AFTER_TRAIN=False", f"OUTPUT_DIR={tmp_path / 'runs'}",
+                f"RESULTS_DIR={tmp_path / 'results'}"]
+
+    def two_nodes(*extra: str) -> list[subprocess.CompletedProcess]:
+        launchers = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+                                       "--nproc_per_node=1", "--rdzv_backend=c10d",
+                                       f"--rdzv_endpoint=127.0.0.1:{free_port}", f"--rdzv_id=test{len(extra)}",
+                                       "videollava_finetune.py", *settings, *extra],
+                                      cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                     for _ in range(2)]
+        return [subprocess.CompletedProcess(p.args, p.wait(timeout=600), *p.communicate()) for p in launchers]
+
+    for node in two_nodes():
+        assert node.returncode == 0, node.stderr[-3000:]
+    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["completed"] and record["world_size"] == 2 and record["global_step"] == 2
+    assert record["engine"]["wrapper"] == "DistributedDataParallel"
+    assert record["engine"]["gradient_as_bucket_view"] is True and record["engine"]["fused"] is True
+    nodes = two_nodes("OVERWRITE=True")
+    assert all(node.returncode == 0 for node in nodes), [n.stderr[-2000:] for n in nodes]
+    assert sum(node.stdout.count("OVERWRITE: removed the earlier run") for node in nodes) == 1
+    assert json.loads((run_dir / "run.json").read_text())["completed"]
