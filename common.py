@@ -13,6 +13,7 @@ Command line:
                                           # LEVIR-CC / ChangeChat -> 2-frame videos + GeoLLaVA JSON (all references)
     python common.py videos-to-pairs ANNOTATIONS VIDEO_DIR OUT_DIR [--split NAME]
                                           # GeoLLaVA videos + JSON -> A/, B/ images + ChangeChat JSON (DeltaVLM)
+    python common.py memory-table         # estimated GB per device, each 7B model x each training mode
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from geochange.overrides import load_settings
 from geochange.results import main as score_main
 from geochange.sample.data import main as sample_data_main
 from geochange.video_llm import evaluation, finetune
+from geochange.video_llm.memory import memory_table_main
 from geochange.video_llm.modeling import load_processor
 
 __all__ = ["chat", "deltavlm", "deltavlm_training", "evaluation", "finetune", "load_processor", "load_settings",
@@ -35,7 +37,8 @@ __all__ = ["chat", "deltavlm", "deltavlm_training", "evaluation", "finetune", "l
 
 USAGE = __doc__.split("Command line:")[1]
 COMMANDS = {"score": score_main, "sample-data": sample_data_main, "pairs-to-videos": pairs_to_videos_main,
-            "changechat-to-videos": changechat_to_videos_main, "videos-to-pairs": videos_to_pairs_main}
+            "changechat-to-videos": changechat_to_videos_main, "videos-to-pairs": videos_to_pairs_main,
+            "memory-table": memory_table_main}
 
 
 def main(argv: list[str]) -> int:

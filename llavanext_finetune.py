@@ -52,7 +52,8 @@ GRADIENT_CHECKPOINTING = True
 PRECISION = "auto"          # compute: "auto" = bf16 on GPUs with it, fp16 on older GPUs, fp32 on CPU; or "bf16",
                             # "fp16", "fp32". Full fine-tuning keeps fp32 weights (master copy) whatever this says
 NUM_WORKERS = None          # data-loader workers; None = the machine's cores (at most 8) on a GPU, 0 on a CPU
-DEEPSPEED = None            # path to a DeepSpeed config JSON (e.g. ZeRO-2, see README), None = plain DDP
+DEEPSPEED = None            # configs/deepspeed/zero2.json, zero3.json or zero3_offload.json (README); None = DDP
+MEMORY_CHECK = True         # estimate the memory per device from the config before loading; too much = stop
 SEED = 42
 # --- bookkeeping
 OUTPUT_DIR = "runs"
@@ -77,19 +78,21 @@ if __name__ == "__main__":
     finetune.check_settings(cfg)
     # 2. the run directory, named from the settings: one writer, resumed only under the same settings
     with finetune.open_run(cfg, family="llavanext") as run:
-        # 3. the before/after clips with their questions and answers (every clip checked)
+        # 3. the memory it needs per device, from the config alone, against what the device has free
+        finetune.check_memory(run)
+        # 4. the before/after clips with their questions and answers (every clip opened once)
         train_samples, val_samples = finetune.load_samples(run)
-        # 4. the processor's chat template makes the prompts; the loss falls on the answer only
+        # 5. the processor's chat template makes the prompts; the loss falls on the answer only
         processor = load_processor(run.model_path)
         train_set, val_set = finetune.encode_samples(run, processor, train_samples, val_samples)
-        # 5. pruning (PRUNE) on the full-precision weights, saved once as the base to train
+        # 6. pruning (PRUNE) on the full-precision weights, saved once as the base to train
         base_path = finetune.prune_base(run)
-        # 6. the model: quantised for QLoRA, LoRA on every Linear of the language model (or all of it)
+        # 7. the model: quantised for QLoRA, LoRA on every Linear of the language model (or all of it)
         model = finetune.build_model(run, base_path)
-        # 7. train, resuming from the newest checkpoint of this run
+        # 8. train, resuming from the newest complete checkpoint of this run
         trainer = finetune.train(run, model, processor, train_set, val_set)
-        # 8. save the adapter (or weights), the processor and run.json (merged weights with MERGE_AND_SAVE)
+        # 9. save the adapter (or weights), the processor and run.json (merged weights with MERGE_AND_SAVE)
         finetune.save_run(run, trainer, processor)
         del trainer, model  # the training memory is freed before evaluation
-        # 9. evaluate on VAL_ANNOTATIONS (EVAL_AFTER_TRAIN), as llavanext_eval.py would
+        # 10. evaluate on VAL_ANNOTATIONS (EVAL_AFTER_TRAIN), as llavanext_eval.py would
         finetune.evaluate_run(run)

@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from geochange.deltavlm.inputs import IGNORE_INDEX  # noqa: E402
+from geochange.deltavlm.loading import frozen_llm_dtype  # noqa: E402
 from geochange.deltavlm.model import DeltaVLM, full_size_configs  # noqa: E402
 from geochange.deltavlm.tiny import ensure_tiny_deltavlm  # noqa: E402
 from geochange.deltavlm.training import Sources, adapt_llm, build_model, choose_trainable  # noqa: E402
@@ -61,14 +62,15 @@ def _quantise_linears(llm, bits: int) -> None:
 
 
 def real_size_model(use_csrm: bool, bits: int | None) -> DeltaVLM:
-    """DeltaVLM at InstructBLIP-Vicuna-7B's shapes on the GPU: the vision side fp32, Vicuna fp16 (or quantised)."""
+    """DeltaVLM at InstructBLIP-Vicuna-7B's shapes on the GPU: the vision side fp32, Vicuna in the dtype training
+    loads it in (``frozen_llm_dtype``: bf16 on bf16 GPUs) or quantised."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     device = torch.device("cuda")
     with device:
         model = DeltaVLM(*full_size_configs(), use_csrm=use_csrm)
     default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float16)
+    torch.set_default_dtype(frozen_llm_dtype(device, bits))
     try:
         with device:
             llm = LlamaForCausalLM(LlamaConfig(**VICUNA_7B))
@@ -128,6 +130,7 @@ def one_training_step(cfg, *, use_csrm: bool, gradient_checkpointing: bool, lora
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
     result = {"step_s": seconds, "loss": loss.item(), "trainable": sum(counts.values()),
+              "llm_dtype": str(next(model.language_model.parameters()).dtype).removeprefix("torch."),
               "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if real_size else None}
     del model, optimizer, batch
     if real_size:

@@ -7,10 +7,13 @@ The 7B models are built from configs written below (random weights, nothing down
 once to CHECKPOINTS_DIR, then loaded through ``load_model`` / ``build_training_model`` exactly as a
 fine-tuning run loads them (quantisation, skip modules, precision, LoRA). For each family and mode it
 reports, per phase (load, train, generate): where every parameter lives and its dtype, quantised
-Linears per part, peak GPU memory, training step time, tokens/s, MFU (6·N·tokens / time / the GPU's
-peak bf16 FLOP/s) and greedy generation samples/s with identical prompts. Writes JSON and a markdown
-table to OUT_DIR. Without CUDA it runs the same code on the tiny models and says so: those figures
-are not GPU figures.
+Linears per part, peak GPU memory (allocated and reserved, GiB) beside the memory check's estimate,
+training step time, tokens/s, MFU (model FLOPs / time / the GPU's peak bf16 FLOP/s: for LoRA/QLoRA the
+frozen weights get no weight gradient, 4·N per token; full fine-tuning 6·N; attention's T² terms; the
+vision tower that runs, forward only; Video-LLaVA's image tower never runs) and greedy generation
+samples/s with identical prompts. With 2+ GPUs it also times one ZeRO-3 full fine-tuning step (torchrun,
+configs/deepspeed/zero3.json). Writes JSON and a markdown table to OUT_DIR. Without CUDA it runs the same
+code on the tiny models and says so: those figures are not GPU figures. Offline (HF_HUB_OFFLINE=1).
 """
 FAMILIES = ("videollava", "llavanext")
 MODES = ("LORA", "QLORA4", "QLORA8")  # LoRA on a bf16 base, QLoRA on a 4-bit nf4 / 8-bit base
@@ -21,6 +24,7 @@ TRAIN_STEPS = 3             # timed optimiser steps per batch size (after one wa
 GENERATE_BATCHES = (1, 16)
 NEW_TOKENS = 32             # greedy tokens per sample, forced (min_new_tokens) so every batch does equal work
 OUT_DIR = "benchmarks/results"
+ZERO3_STEPS = 3             # with 2+ GPUs: optimiser steps of the ZeRO-3 full fine-tuning run (torchrun, all GPUs)
 DELTAVLM = True             # also one DeltaVLM training step (the paper's setting; benchmarks/deltavlm_train_step.py
 DELTAVLM_BATCH = 12         # has every setting) at InstructBLIP-Vicuna-7B shapes, and its peak memory
 METRICS = True              # also where the embedding metrics (BERTScore, sbert) run: on the GPU when there is one
@@ -33,6 +37,8 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12,
 
 import gc  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
@@ -41,6 +47,7 @@ from pathlib import Path  # noqa: E402
 
 _REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(_REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights: nothing to download, no Hub retries to wait for
 
 import torch  # noqa: E402
 
@@ -52,6 +59,7 @@ from geochange.overrides import load_settings, make_settings, script_constants  
 from geochange.paths import CHECKPOINTS_DIR  # noqa: E402
 from geochange.video_llm.families import get_family  # noqa: E402
 from geochange.video_llm.finetune import build_training_model, device_precision  # noqa: E402
+from geochange.video_llm.memory import Setup, estimate, parameter_counts  # noqa: E402
 from geochange.video_llm.modeling import count_parameters, linear_counts, resolve_model_path  # noqa: E402
 
 
@@ -85,8 +93,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def peak_gb(device: torch.device) -> float | None:
-    return round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if device.type == "cuda" else None
+GIB = 2 ** 30
+
+
+def peak_gib(device: torch.device) -> dict | None:
+    """The peak memory since the last reset, allocated by tensors and reserved by the caching allocator (GiB)."""
+    if device.type != "cuda":
+        return None
+    return {"allocated": round(torch.cuda.max_memory_allocated(device) / GIB, 2),
+            "reserved": round(torch.cuda.max_memory_reserved(device) / GIB, 2)}
 
 
 def reset_peak(device: torch.device) -> None:
@@ -120,7 +135,40 @@ def batch_of(model, family: str, batch: int, length: int, device, dtype, *, labe
     return inputs
 
 
-def train_figures(model, family, cfg, device, peak_flops) -> list[dict]:
+def matmul_params(model, family: str) -> tuple[int, int]:
+    """(language model + lm_head, the vision tower a video runs through) weights that take part in matmuls."""
+    image_only = set(get_family(family).image_only_modules)
+    language, tower = 0, 0
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if weight is None or not (isinstance(module, torch.nn.Linear) or type(module).__name__.startswith("Linear")):
+            continue
+        parts = name.split(".")
+        size = int(weight.numel()) if not hasattr(weight, "quant_state") or weight.quant_state is None else \
+            int(torch.Size(weight.quant_state.shape).numel())
+        if ("language_model" in parts or parts[-1] == "lm_head") and "lora_" not in name:
+            language += size
+        elif any(p.endswith("_tower") for p in parts) and not image_only.intersection(parts):
+            tower += size
+    return language, tower
+
+
+def model_flops(model, family: str, mode: str, batch: int, tokens: int) -> float:
+    """FLOPs of one training step, as the model computes them: the language model forward 2·N per token, backward
+    2·N for the activations plus 2·N for the weight gradients only when the weights train (full fine-tuning);
+    attention 4·L·T²·h forward, twice that backward; the vision tower forward only (it is frozen), over its
+    frames' patches. LoRA's own small matmuls and the projector are left out."""
+    config = model.config
+    language, tower = matmul_params(model, family)
+    per_token = (6 if mode == "FULL" else 4) * language
+    text = config.text_config
+    attention = 3 * 4 * text.num_hidden_layers * tokens * tokens * text.hidden_size
+    vision = config.vision_config
+    patches = NUM_FRAMES * ((vision.image_size // vision.patch_size) ** 2 + 1)
+    return batch * (per_token * tokens + attention + 2 * tower * patches)
+
+
+def train_figures(model, family, mode, cfg, device, peak_flops) -> list[dict]:
     precision = device_precision(cfg)
     autocast = (torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision.compute])
                 if precision.compute != "fp32" else nullcontext())
@@ -128,8 +176,10 @@ def train_figures(model, family, cfg, device, peak_flops) -> list[dict]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as the Trainer
         model.enable_input_require_grads()
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    total = count_parameters(model)[1]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # the optimizer the Trainer builds from OPTIM (adamw_torch_fused): fused where the device has it
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=device.type == "cuda")
+    counts = parameter_counts(model.config, family, cfg.LORA_R)
     rows = []
     for batch in TRAIN_BATCHES:
         inputs = batch_of(model, family, batch, MAX_LENGTH, device, torch.float32, labels=True)
@@ -150,9 +200,15 @@ def train_figures(model, family, cfg, device, peak_flops) -> list[dict]:
         synchronize(device)
         seconds = (time.perf_counter() - started) / TRAIN_STEPS
         tokens_per_s = batch * MAX_LENGTH / seconds
+        flops = model_flops(model, family, "FULL" if mode == "FULL" else "LORA", batch, MAX_LENGTH)
+        setup = Setup("QLORA" if mode.startswith("QLORA") else mode, bits={"QLORA4": 4, "QLORA8": 8}.get(mode),
+                      batch_size=batch, max_length=MAX_LENGTH, checkpointing=cfg.GRADIENT_CHECKPOINTING,
+                      gpu=device.type == "cuda")
         rows.append({"batch": batch, "step_s": round(seconds, 3), "tokens_per_s": round(tokens_per_s, 1),
-                     "mfu": round(6 * total * tokens_per_s / peak_flops, 3) if peak_flops else None,
-                     "peak_gb": peak_gb(device)})
+                     "model_tflops_per_step": round(flops / 1e12, 2),
+                     "mfu": round(flops / seconds / peak_flops, 3) if peak_flops else None,
+                     "peak_gib": peak_gib(device),
+                     "memory_check_estimate_gib": round(estimate(counts, setup).total / GIB, 2)})
     return rows
 
 
@@ -172,7 +228,7 @@ def generate_figures(model, family, device) -> list[dict]:
         seconds = time.perf_counter() - started
         new = output[:, inputs["input_ids"].shape[1]:]
         rows.append({"batch": batch, "samples_per_s": round(batch / seconds, 2), "seconds": round(seconds, 2),
-                     "identical_rows": bool((new == new[:1]).all()), "peak_gb": peak_gb(device)})
+                     "identical_rows": bool((new == new[:1]).all()), "peak_gib": peak_gib(device)})
     return rows
 
 
@@ -189,8 +245,8 @@ def check(family: str, mode: str, path: str, device: torch.device, peak_flops) -
     result = {"family": family, "mode": mode, "load": {
         "seconds": round(time.perf_counter() - started, 1), "placement": placement(model),
         "quantised_linears": linear_counts(model), "parameters": count_parameters(model)[1],
-        "trainable": count_parameters(model)[0], "peak_gb": peak_gb(device)}}
-    result["train"] = train_figures(model, family, cfg, device, peak_flops)
+        "trainable": count_parameters(model)[0], "peak_gib": peak_gib(device)}}
+    result["train"] = train_figures(model, family, mode, cfg, device, peak_flops)
     result["train_placement"] = placement(model)
     result["generate"] = generate_figures(model, family, device)
     del model
@@ -200,12 +256,17 @@ def check(family: str, mode: str, path: str, device: torch.device, peak_flops) -
     return result
 
 
+def gib(peak: dict | None) -> str:
+    return f"{peak['allocated']} / {peak['reserved']}" if peak else "n/a"
+
+
 def markdown(report: dict) -> str:
     lines = [f"GPU check on **{report['device']}**" + ("" if report["gpu"] else
              " - NOT GPU figures: the tiny models on a CPU, proving only that the code runs"), "",
-             "| family | mode | params | quantised / kept Linears (LM; vision+projector) | batch | step s | tokens/s | MFU | "
-             "train peak GB | gen batch | samples/s | identical | gen peak GB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| family | mode | params | quantised / kept Linears (LM; vision+projector) | batch | step s | tokens/s | "
+             "model TFLOP/step | MFU | train peak GiB (alloc. / reserved) | memory check GiB | gen batch | samples/s | "
+             "identical | gen peak GiB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["results"]:
         counts = r["load"]["quantised_linears"]
         lm = counts.get("language_model", {"quantised": 0, "kept": 0})
@@ -215,19 +276,43 @@ def markdown(report: dict) -> str:
         for train, gen in zip(r["train"], r["generate"]):
             mfu = f"{train['mfu']:.1%}" if train["mfu"] is not None else "n/a"
             lines.append(f"| {r['family']} | {r['mode']} | {r['load']['parameters'] / 1e6:,.1f}M | {quant} | "
-                         f"{train['batch']} | {train['step_s']} | {train['tokens_per_s']} | {mfu} | "
-                         f"{train['peak_gb'] or 'n/a'} | {gen['batch']} | {gen['samples_per_s']} | "
-                         f"{gen['identical_rows']} | {gen['peak_gb'] or 'n/a'} |")
+                         f"{train['batch']} | {train['step_s']} | {train['tokens_per_s']} | "
+                         f"{train['model_tflops_per_step']} | {mfu} | {gib(train['peak_gib'])} | "
+                         f"{train['memory_check_estimate_gib']} | {gen['batch']} | {gen['samples_per_s']} | "
+                         f"{gen['identical_rows']} | {gib(gen['peak_gib'])} |")
+    if report.get("zero3"):
+        z = report["zero3"]
+        lines += ["", f"ZeRO-3 full fine-tuning of Video-LLaVA-7B on {z['gpus']} GPUs (torchrun, "
+                      f"configs/deepspeed/zero3.json): " + (f"{z['step_s']:.2f} s per step, peak {z['peak_gib']} GiB on "
+                                                            "rank 0" if z.get("step_s") else z.get("error", "failed"))]
     if report.get("deltavlm"):
         d = report["deltavlm"]
         peak = f"{d['peak_gib']:.1f} GiB" if d.get("peak_gib") is not None else "n/a"
-        lines += ["", f"DeltaVLM, one training step (CSRM, Vicuna frozen, batch {d['batch']}): {d['step_s']:.2f} s, "
-                      f"peak {peak}, {d['trainable']:,} trainable parameters"]
+        lines += ["", f"DeltaVLM, one training step (CSRM, Vicuna frozen in {d.get('llm_dtype', '?')}, batch "
+                      f"{d['batch']}): {d['step_s']:.2f} s, peak {peak}, {d['trainable']:,} trainable parameters"]
     if report.get("metrics"):
         lines += ["", f"Embedding metrics (BERTScore, sbert) ran on: {report['metrics']['device']}"]
     lines += ["", f"Targets (H100): LoRA MFU >= {TARGET_LORA_MFU:.0%}; QLoRA 4-bit peak <= {TARGET_QLORA4_PEAK_GB:g} GB "
-              "at batch 1. MFU = 6·N·tokens/s / peak bf16 FLOP/s (N = all parameters)."]
+              "at batch 1. MFU = model FLOPs per step / step time / peak bf16 FLOP/s (LoRA/QLoRA: 4·N per token for "
+              "the frozen language model, full: 6·N; attention's T² terms; the vision tower's forward)."]
     return "\n".join(lines) + "\n"
+
+
+def zero3_step(gpus: int, checkpoint: str, out_dir: Path) -> dict:
+    """One ZeRO-3 full fine-tuning run of the 7B Video-LLaVA over every GPU (ZERO3_STEPS steps, torchrun), its time
+    per step and rank 0's peak memory, as the fine-tuning script itself records them."""
+    run_dir = out_dir / "zero3"
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}",
+               str(_REPO / "videollava_finetune.py"), f"MODEL_ID={checkpoint}", "USE_LORA=False",
+               "DEEPSPEED=configs/deepspeed/zero3.json", f"MAX_STEPS={ZERO3_STEPS}", "BATCH_SIZE=1", "EVAL_STEPS=0",
+               "EVAL_AFTER_TRAIN=False", "SAVE_STEPS=100000", f"OUTPUT_DIR={run_dir}", "RUN_NAME=zero3",
+               "OVERWRITE=True", "TRAIN_LIMIT=64", "LOGGING_STEPS=1"]
+    done = subprocess.run(command, cwd=_REPO, capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        return {"gpus": gpus, "error": done.stderr.strip().splitlines()[-1][:300] if done.stderr.strip() else "failed"}
+    record = json.loads((run_dir / "zero3" / "run.json").read_text())
+    return {"gpus": gpus, "step_s": record["seconds"] / max(1, record["global_step"]),
+            "peak_gib": record.get("engine", {}).get("peak_memory_gib"), "engine": record.get("engine")}
 
 
 if __name__ == "__main__":
@@ -247,6 +332,9 @@ if __name__ == "__main__":
             print(json.dumps(results[-1]), flush=True)
     report = {"device": name, "gpu": gpu, "peak_bf16_flops": peak, "settings": settings.as_dict(), "results": results,
               "torch": torch.__version__}
+    if gpu and torch.cuda.device_count() >= 2 and "videollava" in settings.FAMILIES:
+        print(f"ZeRO-3 full fine-tuning step on {torch.cuda.device_count()} GPUs ...", flush=True)
+        report["zero3"] = zero3_step(torch.cuda.device_count(), real_checkpoint("videollava"), Path(settings.OUT_DIR))
     if settings.DELTAVLM:
         print("DeltaVLM training step ...", flush=True)
         step = one_training_step(make_settings({"BATCH_SIZE": settings.DELTAVLM_BATCH, "PROMPT_TOKENS": 24,

@@ -122,7 +122,10 @@ def suite_trainer_class():
 
 
 def engine_of(trainer) -> dict:
-    """How the run actually trained, for run.json: processes, DDP or DeepSpeed (stage), the optimizer (fused?)."""
+    """How the run actually trained, for run.json: processes, DDP or DeepSpeed (stage), the optimizer (fused?), and
+    this process's peak GPU memory (GiB, allocated and reserved)."""
+    import torch
+
     args = trainer.args
     wrapped = trainer.model_wrapped
     engine = {"world_size": args.world_size, "wrapper": type(wrapped).__name__}
@@ -136,6 +139,9 @@ def engine_of(trainer) -> dict:
     defaults = getattr(optimizer, "defaults", {})
     if "fused" in defaults:
         engine["fused"] = bool(defaults["fused"])
+    if args.device.type == "cuda":
+        engine["peak_memory_gib"] = {"allocated": round(torch.cuda.max_memory_allocated(args.device) / 2 ** 30, 2),
+                                     "reserved": round(torch.cuda.max_memory_reserved(args.device) / 2 ** 30, 2)}
     return engine
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import runpy
 import shutil
 from pathlib import Path
 
@@ -14,7 +13,6 @@ import common
 from geochange.annotations import describe_test_set, load_annotations, load_changechat, source_note_path
 from geochange.convert import changechat_to_videos, videos_to_pairs
 from geochange.trainer import data_loader_workers
-from geochange.paths import minilm_dir
 from geochange.sample.data import SAMPLE_CHANGECHAT_CAPTIONS, SAMPLE_CHANGECHAT_INSTRUCTIONS, SAMPLE_CHANGECHAT_ROOT
 from geochange.video import read_image, read_video_frames, write_image
 

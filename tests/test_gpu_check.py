@@ -31,7 +31,27 @@ def test_gpu_check_runs_on_the_cpu_with_the_tiny_models(tmp_path):
     assert load["placement"]["cpu uint8"] == 81920 and sum(load["placement"].values()) == load["parameters"]
     (train,) = result["train"]
     assert train["batch"] == 1 and train["tokens_per_s"] == pytest.approx(192 / train["step_s"], rel=0.01)
-    assert train["mfu"] is None and train["peak_gb"] is None
+    assert train["mfu"] is None and train["peak_gib"] is None
+    # model FLOPs, as the MFU counts them: 4 per frozen language-model weight and token (LoRA / QLoRA), the vision
+    # tower forward only, attention's T^2 terms
+    from geochange.video_llm.modeling import load_model, resolve_model_path
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check
+
+    model = load_model(resolve_model_path("tiny", "videollava"), "videollava")
+    language, tower = gpu_check.matmul_params(model, "videollava")
+    text = model.config.text_config
+    assert language == sum(m.weight.numel() for n, m in model.named_modules()
+                           if isinstance(m, torch.nn.Linear) and (".language_model." in n or n == "lm_head"))
+    assert tower == sum(m.weight.numel() for n, m in model.named_modules()
+                        if isinstance(m, torch.nn.Linear) and ".video_tower." in n)  # not the image tower
+    patches = 2 * ((64 // 8) ** 2 + 1)
+    expected = 4 * language * 192 + 12 * text.num_hidden_layers * 192 ** 2 * text.hidden_size + 2 * tower * patches
+    assert train["model_tflops_per_step"] == round(expected / 1e12, 2)
+    assert gpu_check.model_flops(model, "videollava", "LORA", 1, 192) == expected
+    assert gpu_check.model_flops(model, "videollava", "FULL", 1, 192) == expected + 2 * language * 192
+    assert train["memory_check_estimate_gib"] > 0
     (generate,) = result["generate"]
     assert generate["batch"] == 3 and generate["identical_rows"] is True
     # the DeltaVLM training step ran (tiny twin) and the embedding metrics stayed where the models are: the CPU here

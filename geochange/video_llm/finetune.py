@@ -30,6 +30,7 @@ from ..trainer import (check_training_settings, engine_of, newest_complete_check
 from ..video import read_video_frames
 from .evaluation import evaluate
 from .families import get_family
+from .memory import GB, Setup, estimate, free_memory, model_config, parameter_counts, ways_out
 from .modeling import (VideoQACollator, count_parameters, encode_training_example, format_linear_counts,
                        language_model_linear_names, linear_counts, load_model, lora_target_regex, model_label,
                        plan_lengths, resolve_model_path, video_token_count, video_unused_parameter_names)
@@ -176,6 +177,35 @@ def prepare_run_dir(cfg, run_dir: Path, *, main: bool = True) -> bool:
         removed = remove_results(cfg.RESULTS_DIR, run_dir.name) + remove_results(cfg.RESULTS_DIR, f"{run_dir.name}_{MERGED_DIR}")
         print(f"OVERWRITE: removed the earlier run {run_dir}" + (f" and {len(removed)} results files" if removed else ""))
     return state == "resume"
+
+
+def check_memory(run: "FinetuneRun") -> None:
+    """Step 3: the memory this run needs per device, estimated from the model's config alone (no weight loads),
+    printed, and compared with what the device has free: too much stops here in one line that names the ways out
+    (MEMORY_CHECK=False trains anyway). Recorded in run.json."""
+    cfg = run.cfg
+    counts = parameter_counts(model_config(run.model_path), run.family, cfg.LORA_R)
+    plan = deepspeed_plan(cfg.DEEPSPEED)
+    setup = Setup(mode=training_mode(cfg), bits=quant_bits(cfg), freeze_vision=cfg.FREEZE_VISION,
+                  zero_stage=plan.stage if plan else None, offload_optimizer=bool(plan and plan.offload_optimizer),
+                  offload_params=bool(plan and plan.offload_params), world_size=run.args.world_size,
+                  fused_optimizer="fused" in cfg.OPTIM, batch_size=cfg.BATCH_SIZE, max_length=cfg.MAX_LENGTH,
+                  num_frames=cfg.NUM_FRAMES, checkpointing=cfg.GRADIENT_CHECKPOINTING,
+                  gpu=run.args.device.type == "cuda")
+    need = estimate(counts, setup)
+    available, where = free_memory(run.args.device)
+    engine = f", ZeRO-{plan.stage} over {setup.world_size}" if plan else ""
+    what = f"{training_mode(cfg)}{f' {setup.bits}-bit' if setup.bits else ''}{engine} of {counts.total / 1e9:.2f} B"
+    run.record["memory_estimate"] = {"setup": what, "needed_gb": round(need.total / GB, 2),
+                                     "available_gb": round(available / GB, 2), "parts_gb": {
+                                         k: round(getattr(need, k) / GB, 2) for k in
+                                         ("weights", "gradients", "optimizer", "temporaries", "activations")}}
+    if run.main:
+        print(f"memory check ({what} parameters): {need.line()}; {available / GB:.1f} GB {where}")
+    if cfg.MEMORY_CHECK and need.total > available:
+        raise UserError(f"memory check: {what} parameters needs about {need.total / GB:.1f} GB per device but "
+                        f"{available / GB:.1f} GB are {where}; ways out: {ways_out(counts, setup, available)}; or "
+                        "MEMORY_CHECK=False to try anyway")
 
 
 # ---------------------------------------------------------------- data
