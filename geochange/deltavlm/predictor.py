@@ -48,7 +48,9 @@ class Predictor:
         return build_prompt(question, history, self.prompting)
 
     @torch.no_grad()
-    def answer(self, pairs: list[tuple[np.ndarray, np.ndarray]], prompts: list[str]) -> list[str]:
+    def answer(self, pairs: list[tuple[np.ndarray, np.ndarray]], prompts: list[str], streamer=None) -> list[str]:
+        """The answers to ``prompts`` about ``pairs``; ``streamer`` (transformers' streamer, greedy decoding only)
+        receives the tokens as they come."""
         size = self.model.image_size
         before = torch.stack([preprocess_image(a, size) for a, _ in pairs]).to(self.device)
         after = torch.stack([preprocess_image(b, size) for _, b in pairs]).to(self.device)
@@ -62,7 +64,7 @@ class Predictor:
                                          max_new_tokens=d.max_new_tokens, min_new_tokens=d.min_new_tokens,
                                          repetition_penalty=d.repetition_penalty, length_penalty=d.length_penalty,
                                          bos_token_id=llm.bos_token_id, eos_token_id=llm.eos_token_id,
-                                         pad_token_id=llm.pad_token_id)
+                                         pad_token_id=llm.pad_token_id, streamer=streamer)
         return decode_answers(output, llm)
 
 

@@ -176,9 +176,15 @@ def lora_target_regex(model) -> str:
 
 # ---------------------------------------------------------------- prompts and encoding
 
-def video_prompt(processor, question: str) -> str:
-    """The generation prompt, from the processor's own chat template."""
-    conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+def video_prompt(processor, question: str, history: list[tuple[str, str]] | tuple = ()) -> str:
+    """The generation prompt, from the processor's own chat template: the clip with the first question, then the
+    earlier (question, answer) turns of ``history`` as user and assistant messages, then ``question``."""
+    conversation = []
+    for question_before, answer in history:
+        conversation += [{"role": "user", "content": [{"type": "text", "text": question_before}]},
+                         {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+    conversation.append({"role": "user", "content": [{"type": "text", "text": question}]})
+    conversation[0]["content"].insert(0, {"type": "video"})  # the clip once, in the first user message
     return processor.apply_chat_template(conversation, add_generation_prompt=True)
 
 

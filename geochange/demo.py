@@ -1,0 +1,353 @@
+"""The browser chat of ``demo.py``: a before/after pair, any model this suite trains, a multi-turn conversation.
+
+The page's logic, apart from the page: what a model receives (its own multi-turn format: DeltaVLM's dialogue layout
+as its predictor builds it, the video models' chat template with the earlier turns), the inputs checked (one clear
+notice for a file that is not an image, a missing image, an empty message; images of different sizes resized, and
+said so), answers streamed token by token (greedy decoding; beam search answers whole), and quick scores of a
+caption against a bundled pair's references (the per-sample lexical metrics of ``METRICS``).
+"""
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from . import changechat_format as cc
+from .deltavlm import DISPLAY_NAME as DELTAVLM_NAME
+from .deltavlm import FAMILY_ID as DELTAVLM_ID
+from .deltavlm import run as deltavlm_run
+from .devices import pick_device
+from .errors import UserError, first_line
+from .metrics import METRIC_NAMES, METRICS, Texts
+from .overrides import script_constants
+from .sample.data import SAMPLE_CHANGECHAT_CAPTIONS, SAMPLE_CHANGECHAT_ROOT, ensure_sample_media
+from .video import read_image, read_video_frames, resize_image
+from .video_llm.evaluation import load_eval_model
+from .video_llm.families import FAMILIES, get_family
+from .video_llm.modeling import video_prompt
+
+MODELS = (DELTAVLM_ID, *FAMILIES)
+# One click asks these (ChangeChat's question types).
+QUICK_QUESTIONS = {"caption": cc.CAPTION_PROMPT, "changed?": cc.YESNO_PROMPT, "how many?": cc.COUNT_PROMPT,
+                   "where?": cc.LOCALIZATION_PROMPT}
+# Bundled sample pairs offered as examples (with changes to talk about).
+EXAMPLE_PAIRS = ("val_00002", "val_00005", "val_00007", "val_00011")
+
+
+# ----------------------------------------------------------------------------------------------- the inputs
+
+@dataclass
+class Pair:
+    """The before/after images (RGB arrays of one size) and what the page should say about them."""
+    before: np.ndarray
+    after: np.ndarray
+    notes: list[str]
+
+
+def load_pair(before: str | None, after: str | None, video: str | None = None) -> Pair:
+    """The pair to talk about: two image files, or a clip whose first and last frames are the pair. A missing image,
+    a file that is not an image, a clip that cannot serve two frames: UserError, one line for the page."""
+    if video and not (before or after):
+        frames = read_video_frames(video, 2)
+        return Pair(frames[0], frames[-1], [f"the first and last frames of {Path(video).name}"])
+    if not before or not after:
+        missing = " and ".join(name for name, path in (("before", before), ("after", after)) if not path)
+        raise UserError(f"upload the {missing} image (or a 2-frame clip) first")
+    first, second = read_image(before), read_image(after)
+    notes = []
+    if first.shape != second.shape:
+        notes.append(f"the images differ in size: the after image ({second.shape[1]}x{second.shape[0]}) was resized "
+                     f"to the before image's {first.shape[1]}x{first.shape[0]}")
+        second = resize_image(second, (first.shape[1], first.shape[0]))
+    return Pair(first, second, notes)
+
+
+def check_question(question: str | None) -> str:
+    question = (question or "").strip()
+    if not question:
+        raise UserError("type a question (or click one of the questions below the box)")
+    return question
+
+
+# ----------------------------------------------------------------------------------------------- the models
+
+def _stream(generate, streamer) -> Iterator[str]:
+    """Run ``generate()`` in a thread and yield the text as ``streamer`` receives it (partial answers); returns when
+    generation ends, re-raising its error."""
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            generate()
+        except BaseException as exc:  # noqa: BLE001 - handed to the page below
+            failure.append(exc)
+            streamer.end()
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    text = ""
+    for piece in streamer:
+        text += piece
+        yield text
+    thread.join()
+    if failure:
+        raise failure[0]
+
+
+class DeltaVLMChat:
+    """DeltaVLM through its predictor: the dialogue laid out as its predictor (and its training) lays it out."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.predictor = deltavlm_run.load_predictor(cfg)
+        self.device = self.predictor.device
+        self.checkpoint = str(cfg.CHECKPOINT)
+
+    @property
+    def description(self) -> str:
+        return f"{DELTAVLM_NAME}, checkpoint {self.checkpoint}, on {self.device}"
+
+    def prompt(self, question: str, history: list[tuple[str, str]]) -> str:
+        return self.predictor.prompt(question, history)
+
+    def stream(self, pair: Pair, prompt: str, max_new_tokens: int, num_beams: int) -> Iterator[str]:
+        from dataclasses import replace
+
+        from transformers import TextIteratorStreamer
+
+        self.predictor.decoding = replace(self.predictor.decoding, max_new_tokens=int(max_new_tokens),
+                                          num_beams=int(num_beams))
+        images = [(pair.before, pair.after)]
+        if num_beams > 1:  # beam search cannot stream: the answer comes whole
+            yield self.predictor.answer(images, [prompt])[0]
+            return
+        answers: list[str] = []
+        streamer = TextIteratorStreamer(self.predictor.tokenizers.llm, skip_prompt=True, skip_special_tokens=True)
+        partial = ""
+        for partial in _stream(lambda: answers.extend(self.predictor.answer(images, [prompt], streamer)), streamer):
+            yield partial.strip()
+        yield answers[0] if answers else partial.strip()  # the predictor's own decoding (cut at </s>)
+
+
+class VideoChat:
+    """A video LLM (base, tiny or a fine-tuning run) on the pair as a clip: its chat template with the earlier turns."""
+
+    def __init__(self, family: str, model_path: str, model_id: str, device):
+        self.family = get_family(family)
+        self.model, self.processor = load_eval_model(family, model_path, model_id, False, device)
+        self.model.eval()
+        self.device = next(self.model.parameters()).device
+        self.checkpoint = model_id if model_path == "base" else model_path
+
+    @property
+    def description(self) -> str:
+        return f"{self.family.display_name}, {self.checkpoint}, on {self.device}"
+
+    def prompt(self, question: str, history: list[tuple[str, str]]) -> str:
+        return video_prompt(self.processor, question, history)
+
+    def stream(self, pair: Pair, prompt: str, max_new_tokens: int, num_beams: int) -> Iterator[str]:
+        import torch
+        from transformers import TextIteratorStreamer
+
+        frames = np.stack([pair.before, pair.after])
+        inputs = self.processor(text=[prompt], videos=[frames], return_tensors="pt")
+        inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(self.model.dtype)
+        tokenizer = self.processor.tokenizer
+        settings = dict(do_sample=False, num_beams=int(num_beams), max_new_tokens=int(max_new_tokens),
+                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        if num_beams > 1:
+            with torch.inference_mode():
+                output = self.model.generate(**inputs, **settings)
+            yield tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+            return
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+        def generate() -> None:
+            with torch.inference_mode():
+                self.model.generate(**inputs, **settings, streamer=streamer)
+
+        partial = ""
+        for partial in _stream(generate, streamer):
+            yield partial.strip()
+        yield partial.strip()
+
+
+def load_chat(cfg):
+    """The model ``MODEL`` / ``MODEL_PATH`` name, loaded once for the page."""
+    if cfg.MODEL not in MODELS:
+        raise UserError(f"MODEL={cfg.MODEL!r} is not one of {', '.join(MODELS)}")
+    device = pick_device(cfg.DEVICE)
+    if cfg.MODEL == DELTAVLM_ID:
+        predict = script_constants("deltavlm_predict.py")  # its defaults: the released checkpoint and parts
+        checkpoint = predict.CHECKPOINT if cfg.MODEL_PATH == "base" else cfg.MODEL_PATH
+        return DeltaVLMChat(script_constants("deltavlm_predict.py", CHECKPOINT=checkpoint, DEVICE=str(device),
+                                             NUM_BEAMS=cfg.NUM_BEAMS, MAX_NEW_TOKENS=cfg.MAX_NEW_TOKENS))
+    family = get_family(cfg.MODEL)
+    if cfg.MODEL_PATH == "tiny":
+        return VideoChat(family.id, "base", "tiny", device)
+    if cfg.MODEL_PATH == "base":
+        return VideoChat(family.id, "base", family.default_model_id, device)
+    if not Path(cfg.MODEL_PATH).is_dir():
+        raise UserError(f"MODEL_PATH {cfg.MODEL_PATH} is not a fine-tuning run directory (nor 'base' or 'tiny')")
+    return VideoChat(family.id, cfg.MODEL_PATH, family.default_model_id, device)
+
+
+# ----------------------------------------------------------------------------------------------- scores and examples
+
+def quick_scores(references: list[str], answer: str) -> dict[str, float]:
+    """The per-sample lexical metrics of ``METRICS`` (ROUGE, BLEU) of one answer against its references, by their
+    table names: instant, no model or Java."""
+    texts = Texts([list(references)], [answer])
+    scores: dict[str, float] = {}
+    done = set()
+    for metric in METRICS:
+        if not metric.per_sample or metric.compute is None or metric.compute in done:
+            continue
+        done.add(metric.compute)
+        for key, values in metric.compute(texts).items():
+            scores[METRIC_NAMES[key]] = round(float(values[0]), 3)
+    return scores
+
+
+def example_pairs() -> list[tuple[str, str, list[str]]]:
+    """The bundled sample pairs offered on the page: (before, after, reference captions)."""
+    ensure_sample_media()
+    records = {Path(r["image_A"]).stem: r for r in json.loads(SAMPLE_CHANGECHAT_CAPTIONS.read_text(encoding="utf-8"))}
+    pairs = []
+    for name in EXAMPLE_PAIRS:
+        record = records.get(name)
+        if record is not None:
+            pairs.append((str(SAMPLE_CHANGECHAT_ROOT / record["image_A"]), str(SAMPLE_CHANGECHAT_ROOT / record["image_B"]),
+                          record["captions"]))
+    return pairs
+
+
+def references_for(before: str | None, examples: list[tuple[str, str, list[str]]]) -> list[str]:
+    """The reference captions of a bundled example pair (by its before image's name), else none."""
+    if not before:
+        return []
+    name = Path(before).name
+    return next((refs for first, _, refs in examples if Path(first).name == name), [])
+
+
+# ----------------------------------------------------------------------------------------------- one turn
+
+@dataclass
+class Turn:
+    """What the page shows after a step of a turn: the chat messages, the notice line, and the history."""
+    chat: list[dict]
+    notice: str
+    history: list[tuple[str, str]]
+
+
+def answer_turn(chat, question: str | None, before: str | None, after: str | None, video: str | None,
+                history: list[tuple[str, str]], max_new_tokens: int, num_beams: int, session: str,
+                examples: list[tuple[str, str, list[str]]], log=print) -> Iterator[Turn]:
+    """One question answered about the pair, streamed: the question and the growing answer appear in the chat, the
+    history keeps the finished turn. A mistake in the input is a notice on the page, nothing else changes."""
+    messages = [m for q, a in history for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+    try:
+        question = check_question(question)
+        pair = load_pair(before, after, video)
+    except UserError as exc:
+        yield Turn(messages, f"**{exc}**", history)
+        return
+    prompt = chat.prompt(question, history)
+    log(f"[{session}] model input: {json.dumps(prompt)}")
+    notes = "; ".join(pair.notes)
+    messages = messages + [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
+    answer = ""
+    try:
+        for answer in chat.stream(pair, prompt, max_new_tokens, num_beams):
+            messages[-1] = {"role": "assistant", "content": answer}
+            yield Turn(list(messages), notes, history)
+    except Exception as exc:  # a model failure is a notice too; the server keeps serving
+        log(f"[{session}] failed: {type(exc).__name__}: {first_line(exc)}")
+        yield Turn(messages[:-2], f"**the model failed: {first_line(exc, 200)}**", history)
+        return
+    log(f"[{session}] answer: {json.dumps(answer)}")
+    history = history + [(question, answer)]
+    references = references_for(before, examples) if question == cc.CAPTION_PROMPT else []
+    scored = quick_scores(references, answer) if references else {}
+    if scored:
+        notes = "; ".join(filter(None, [notes, "against the pair's reference captions: " +
+                                       ", ".join(f"{name} {value:.3f}" for name, value in scored.items())]))
+    yield Turn(messages, notes, history)
+
+
+# ----------------------------------------------------------------------------------------------- the page
+
+class PairImage:
+    """gradio's Image, handing the page's logic the uploaded file's path as it is: a file that is not an image then
+    gets this suite's one-line notice instead of gradio's generic error."""
+
+    def __new__(cls, **kwargs):
+        import gradio as gr
+
+        class _PathImage(gr.Image):
+            @classmethod
+            def get_block_name(cls) -> str:
+                return "image"  # drawn by gradio's own image component
+
+            def preprocess(self, payload):
+                return None if payload is None else payload.path
+
+        return _PathImage(type="filepath", **kwargs)
+
+
+def build_page(chat, cfg):
+    """The Blocks page: the pair (two images or a clip), the chat, the question box and buttons, the examples and
+    the one-click questions, what answers, and the generation settings; one conversation per browser tab (gradio
+    state), one generation at a time (the queue)."""
+    import gradio as gr
+
+    examples = example_pairs()
+    with gr.Blocks(title="geollava-suite: chat about a change") as page:
+        gr.Markdown(f"## Chat about what changed\nAnswering: **{chat.description}**", elem_id="model")
+        history = gr.State([])
+        with gr.Row():
+            before = PairImage(label="before", elem_id="before", height=320)
+            after = PairImage(label="after", elem_id="after", height=320)
+        video = gr.Video(label="or a 2-frame clip (before, after)", elem_id="clip", height=160)
+        chatbot = gr.Chatbot(label="conversation", elem_id="chat", height=360)
+        notice = gr.Markdown("", elem_id="notice")
+        with gr.Row():
+            message = gr.Textbox(label="your question", elem_id="message", lines=2, scale=5,
+                                 placeholder="e.g. " + cc.CAPTION_PROMPT)
+            send = gr.Button("Send", elem_id="send", variant="primary", scale=1)
+            clear = gr.Button("New conversation", elem_id="clear", scale=1)
+        with gr.Row():
+            quick = [gr.Button(label, size="sm", elem_id=f"ask-{label.strip('?').replace(' ', '-')}")
+                     for label in QUICK_QUESTIONS]
+        gr.Examples([[first, second] for first, second, _ in examples], inputs=[before, after],
+                    label="bundled sample pairs (click one)")
+        with gr.Accordion("generation settings", open=False):
+            max_new_tokens = gr.Slider(1, 512, value=cfg.MAX_NEW_TOKENS, step=1, label="MAX_NEW_TOKENS")
+            num_beams = gr.Slider(1, 8, value=cfg.NUM_BEAMS, step=1, label="NUM_BEAMS (1 streams the answer)")
+
+        def respond(question, first, second, clip, turns, tokens, beams, request=None):
+            session = getattr(request, "session_hash", None) or "local"
+            for turn in answer_turn(chat, question, first, second, clip, turns, tokens, beams, session, examples):
+                yield turn.chat, turn.notice, turn.history, ""
+
+        respond.__annotations__["request"] = gr.Request  # gradio passes the request (the tab's session) by type
+
+        def forget():
+            return [], "", []
+
+        inputs = [message, before, after, video, history, max_new_tokens, num_beams]
+        outputs = [chatbot, notice, history, message]
+        send.click(respond, inputs, outputs)
+        message.submit(respond, inputs, outputs)
+        clear.click(forget, None, [chatbot, notice, history])
+        for component in (before, after, video):  # a new pair starts a new conversation
+            component.change(forget, None, [chatbot, notice, history])
+        for button, question in zip(quick, QUICK_QUESTIONS.values()):
+            button.click(lambda q=question: q, None, message)
+    return page.queue(default_concurrency_limit=1)  # one generation at a time on the one model; the rest wait
