@@ -96,20 +96,26 @@ def test_file_level_errors(tmp_path, write_json, user_error):
 def test_missing_videos_are_listed_with_a_count(write_json, videos, user_error):
     records = [record(f"r{i}", f"v{i}.mp4") for i in range(8)] + [record("ok", "a.mp4")]
     path = write_json(records)
-    message = user_error(lambda: load_annotations(path, videos), str(path), f"8 of 9 video(s) missing under {videos}",
-                         "record 0 (id 'r0'): v0.mp4", "record 4 (id 'r4'): v4.mp4", "; ...")
-    assert "v5.mp4" not in message
+    message = user_error(lambda: load_annotations(path, videos), str(path), f"8 of 9 clips cannot be used (under {videos})",
+                         "SKIP_BAD_CLIPS=True")
+    # every one listed, one line each under the message's first line
+    assert message.splitlines()[1:] == [f"  record {i} (id 'r{i}'): v{i}.mp4 does not exist" for i in range(8)]
     assert len(load_annotations(path, videos, check_videos=False)) == 9
+    kept = load_annotations(path, videos, skip_bad_clips=True)
+    assert [s.id for s in kept] == ["ok"] and len(kept.skipped) == 8
     # Only the videos of the records kept by ``limit`` need to exist.
     assert [s.id for s in load_annotations(write_json([record("ok", "a.mp4")] + records[:2]), videos, limit=1)] == \
         ["ok"]
 
 
-def test_a_one_frame_video_fails_when_read(write_json, tmp_path, user_error):
+def test_a_one_frame_clip_is_found_when_the_annotations_load(write_json, tmp_path, user_error):
     import numpy as np
 
     single = write_video([np.zeros((16, 16, 3), np.uint8)], tmp_path / "single.mp4")
-    sample = load_annotations(write_json([record("s", "single.mp4")]), tmp_path)[0]
+    path = write_json([record("s", "single.mp4")])
+    user_error(lambda: load_annotations(path, tmp_path), str(path), "1 of 1 clips cannot be used",
+               "record 0 (id 's'): single.mp4 has 1 frame(s), 2 needed (a before/after pair needs 2)")
+    sample = load_annotations(path, tmp_path, num_frames=1)[0]  # one frame is all a 1-frame setting asks
     user_error(lambda: read_video_frames(sample.video, 2), str(single), "1 frame(s)", "num_frames=2")
 
 

@@ -329,6 +329,7 @@ def test_a_new_metric_is_one_entry(monkeypatch):
     assert report.per_sample["words"] == [3.0, 1.0] and report.metrics["words"] == 2.0
 
 
+@pytest.mark.slow
 @pytest.mark.java
 def test_no_library_is_first_imported_on_the_metrics_worker_thread():
     """Two threads importing one module at once can deadlock (rouge_score -> nltk -> sklearn on the worker while

@@ -184,7 +184,8 @@ def check_memory(run: "FinetuneRun") -> None:
     printed, and compared with what the device has free: too much stops here in one line that names the ways out
     (MEMORY_CHECK=False trains anyway). Recorded in run.json."""
     cfg = run.cfg
-    counts = parameter_counts(model_config(run.model_path), run.family, cfg.LORA_R)
+    with outside_zero3(run.args):  # a model built on the meta device, not partitioned
+        counts = parameter_counts(model_config(run.model_path), run.family, cfg.LORA_R)
     plan = deepspeed_plan(cfg.DEEPSPEED)
     setup = Setup(mode=training_mode(cfg), bits=quant_bits(cfg), freeze_vision=cfg.FREEZE_VISION,
                   zero_stage=plan.stage if plan else None, offload_optimizer=bool(plan and plan.offload_optimizer),

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from ..errors import UserError, first_line
 from ..paths import local_or_hub
-from .families import VISION_MODULE_NAMES, get_family
+from .families import FAMILIES, VISION_MODULE_NAMES, get_family
 
 GB = 1e9
 # 4-bit nf4 with double quantisation: half a byte a value, plus one absmax per 64 values (8-bit, itself quantised).
@@ -229,8 +229,6 @@ TABLE_SETUPS = (("full fine-tuning, 1 GPU", Setup("FULL")),
 
 def memory_table() -> str:
     """Markdown: estimated GB per device for every family's 7B model in every mode of TABLE_SETUPS."""
-    from .families import FAMILIES
-
     counts = {family.id: parameter_counts(family.real_size_config(), family.id, 8) for family in FAMILIES.values()}
     lines = ["| mode | " + " | ".join(f"{f.display_name} ({counts[f.id].total / 1e9:.2f} B)"
                                      for f in FAMILIES.values()) + " |",
