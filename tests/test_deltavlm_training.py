@@ -54,9 +54,10 @@ def train_in_process(cfg, callbacks=()):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, one_thread, sample_dir):
-    """The paper's setting on the tiny twin (CSRM in the forward, Vicuna frozen): 2 epochs of 8 steps on the
-    instruction answers of 16 sample pairs, validated on 12 captions."""
-    return train_in_process(settings(tmp_path_factory.mktemp("runs"), "EPOCHS=2"))
+    """The paper's setting on the tiny twin (CSRM in the forward, Vicuna frozen): 2 epochs of 4 steps on the
+    instruction answers of 8 sample pairs, validated on 8 captions."""
+    return train_in_process(settings(tmp_path_factory.mktemp("runs"), "EPOCHS=2", "TRAIN_LIMIT=32", "VAL_LIMIT=8",
+                                     "VAL_BATCH_SIZE=8"))
 
 
 @pytest.fixture(scope="module")
@@ -118,11 +119,11 @@ def test_best_metric_scores():
 def test_loss_falls_and_validation_runs_each_epoch(trained):
     run_dir, _, _, record = trained
     losses = [point["loss"] for point in record["loss_curve"]]
-    assert len(losses) == 16 and sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
+    assert len(losses) == 8 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     assert [v["epoch"] for v in record["validation_curve"]] == [1, 2]
     for epoch in (1, 2):
         results = (run_dir / "validation" / f"epoch{epoch:03d}.jsonl").read_text().splitlines()
-        assert len(results) == 12 and all(json.loads(line)["task"] == "caption" for line in results)
+        assert len(results) == 8 and all(json.loads(line)["task"] == "caption" for line in results)
         metrics = json.loads((run_dir / "validation" / f"epoch{epoch:03d}.metrics.json").read_text())
         assert metrics["score"] == pytest.approx(metrics["metrics"]["bleu4"])
     best = max(record["validation_curve"], key=lambda v: v["score"])
@@ -306,6 +307,7 @@ def test_training_continues_from_a_deltavlm_checkpoint(tmp_path, one_thread, sam
 
 
 @pytest.mark.parametrize("quantised", ["LOAD_LLM_IN_8BIT=True", "LOAD_LLM_IN_4BIT=True"])
+@pytest.mark.slow
 def test_a_quantised_vicuna_trains_the_vision_side_and_lora(tmp_path, one_thread, sample_dir, quantised):
     """bitsandbytes on the CPU: the frozen LLM quantised, the gradient still reaches the queries (and LoRA)."""
     run_dir, before, model, record = train_in_process(settings(tmp_path, quantised, "LLM_LORA_R=4", "EPOCHS=1",

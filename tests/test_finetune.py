@@ -81,7 +81,7 @@ def logits_of(model, inputs) -> torch.Tensor:
 @pytest.mark.parametrize("family,overrides,mode", [
     pytest.param("videollava", {}, "LORA", marks=pytest.mark.slow),  # the shared tiny runs train it too
     ("llavanext", {}, "LORA"),
-    ("videollava", {"USE_QLORA": True}, "QLORA"),
+    pytest.param("videollava", {"USE_QLORA": True}, "QLORA", marks=pytest.mark.slow),
     pytest.param("videollava", {"USE_QLORA": True, "USE_8BIT": True}, "QLORA", marks=pytest.mark.slow),
 ])
 def test_training_lowers_the_loss_and_the_adapter_reloads(tmp_path, family, overrides, mode):
@@ -149,6 +149,7 @@ def test_adapter_that_matches_nothing_fails_loudly_and_legacy_names_are_remapped
         load_adapter_verified(load_model(path, "videollava"), tmp_path / "broken")
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_only_under_its_settings_and_alone(tmp_path, monkeypatch):
     quick = dict(MAX_STEPS=6, SAVE_STEPS=3, SAVE_TOTAL_LIMIT=5)
     steps = {"n": 0}
@@ -205,6 +206,7 @@ def test_interrupted_run_resumes_only_under_its_settings_and_alone(tmp_path, mon
     assert other == tmp_path / "ablation-seed7" and json.loads((other / "run.json").read_text())["completed"]
 
 
+@pytest.mark.slow
 def test_full_finetune_and_pruned_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(weights, "CHECKPOINTS_DIR", tmp_path / "checkpoints")
     run_dir = train_script("videollava", tmp_path, USE_LORA=False, MAX_STEPS=4, LR=1e-3)
@@ -228,6 +230,7 @@ def test_full_finetune_and_pruned_runs(tmp_path, monkeypatch):
     assert (tmp_path / "checkpoints" / "pruned").exists()
 
 
+@pytest.mark.slow
 def test_pruning_survives_full_finetuning_and_merging(tmp_path, monkeypatch):
     monkeypatch.setattr(weights, "CHECKPOINTS_DIR", tmp_path / "checkpoints")
     prune = dict(PRUNE=True, PRUNE_METHOD="magnitude", PRUNE_AMOUNT=0.25, MAX_STEPS=3)
@@ -435,6 +438,7 @@ def crash_at(monkeypatch, step: int):
     return lambda: monkeypatch.setattr(transformers.Trainer, "training_step", real_step)
 
 
+@pytest.mark.slow
 def test_a_torn_checkpoint_is_skipped_kept_aside_and_the_run_resumes_from_the_older_one(tmp_path, monkeypatch, capsys):
     quick = dict(MAX_STEPS=6, SAVE_STEPS=2, SAVE_TOTAL_LIMIT=5)
     restore = crash_at(monkeypatch, 5)
@@ -454,6 +458,7 @@ def test_a_torn_checkpoint_is_skipped_kept_aside_and_the_run_resumes_from_the_ol
     assert record["completed"] and record["resumed_from"].endswith("checkpoint-2") and record["global_step"] == 6
 
 
+@pytest.mark.slow
 def test_a_run_whose_every_checkpoint_is_torn_starts_over(tmp_path, monkeypatch, capsys):
     quick = dict(MAX_STEPS=4, SAVE_STEPS=2, SAVE_TOTAL_LIMIT=5)
     restore = crash_at(monkeypatch, 3)
