@@ -283,22 +283,15 @@ def answer_turn(chat, question: str | None, before: str | None, after: str | Non
 
 # ----------------------------------------------------------------------------------------------- the page
 
-class PairImage:
+def pair_image(**kwargs):
     """gradio's Image, handing the page's logic the uploaded file's path as it is: a file that is not an image then
-    gets this suite's one-line notice instead of gradio's generic error."""
+    gets this suite's one-line notice instead of gradio's generic error. (Set on the instance: a subclass of a gradio
+    component makes gradio write a .pyi file beside this module.)"""
+    import gradio as gr
 
-    def __new__(cls, **kwargs):
-        import gradio as gr
-
-        class _PathImage(gr.Image):
-            @classmethod
-            def get_block_name(cls) -> str:
-                return "image"  # drawn by gradio's own image component
-
-            def preprocess(self, payload):
-                return None if payload is None else payload.path
-
-        return _PathImage(type="filepath", **kwargs)
+    image = gr.Image(type="filepath", **kwargs)
+    image.preprocess = lambda payload: None if payload is None else payload.path
+    return image
 
 
 def build_page(chat, cfg):
@@ -312,8 +305,8 @@ def build_page(chat, cfg):
         gr.Markdown(f"## Chat about what changed\nAnswering: **{chat.description}**", elem_id="model")
         history = gr.State([])
         with gr.Row():
-            before = PairImage(label="before", elem_id="before", height=320)
-            after = PairImage(label="after", elem_id="after", height=320)
+            before = pair_image(label="before", elem_id="before", height=320)
+            after = pair_image(label="after", elem_id="after", height=320)
         video = gr.Video(label="or a 2-frame clip (before, after)", elem_id="clip", height=160)
         chatbot = gr.Chatbot(label="conversation", elem_id="chat", height=360)
         notice = gr.Markdown("", elem_id="notice")
