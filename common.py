@@ -24,7 +24,6 @@ from geochange.convert import changechat_to_videos_main, pairs_to_videos_main, v
 from geochange.deltavlm import run as deltavlm
 from geochange.deltavlm import training as deltavlm_training
 from geochange.deltavlm.predictor import chat, read_pair
-from geochange.devices import process_device
 from geochange.errors import UserError, install_error_handler
 from geochange.overrides import load_settings
 from geochange.results import main as score_main
@@ -34,7 +33,7 @@ from geochange.video_llm.memory import memory_table_main
 from geochange.video_llm.modeling import load_processor
 
 __all__ = ["chat", "deltavlm", "deltavlm_training", "demo", "evaluation", "finetune", "load_processor",
-           "load_settings", "main", "process_device", "read_pair"]
+           "load_settings", "main", "read_pair"]
 
 USAGE = __doc__.split("Command line:")[1]
 COMMANDS = {"score": score_main, "sample-data": sample_data_main, "pairs-to-videos": pairs_to_videos_main,

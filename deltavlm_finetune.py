@@ -67,7 +67,7 @@ if __name__ == "__main__":
     import time
 
     from common import deltavlm_training as t
-    from common import load_settings, process_device
+    from common import load_settings
 
     started = time.time()
     # 1. settings: the recipe's defaults, then every check that needs no model
@@ -77,8 +77,8 @@ if __name__ == "__main__":
     examples, val_items = t.load_data(cfg)
     # 3. the run directory: one writer; resume the same settings, refuse different ones
     run_dir, resuming, writer_lock = t.prepare_run_dir(cfg)
-    # 4. the model: InstructBLIP base + fresh CSRM (or a DeltaVLM checkpoint), Vicuna frozen or with LoRA
-    model, tokenizers, report = t.build_model(cfg, sources, process_device())
+    # 4. the model, on this process's GPU: InstructBLIP + fresh CSRM (or a DeltaVLM checkpoint), Vicuna frozen or LoRA
+    model, tokenizers, report = t.build_model(cfg, sources)
     # 5. what trains: the last ViT blocks, ln_vision, Q-Former, queries, projection, CSRM (+ LoRA)
     counts = t.choose_trainable(model, cfg)
     # 6. run.json: settings, versions, data hashes, trainable parameters per part

@@ -20,7 +20,6 @@ from . import changechat_format as cc
 from .deltavlm import DISPLAY_NAME as DELTAVLM_NAME
 from .deltavlm import FAMILY_ID as DELTAVLM_ID
 from .deltavlm import run as deltavlm_run
-from .devices import pick_device
 from .errors import UserError, first_line
 from .metrics import METRIC_NAMES, METRICS, Texts
 from .overrides import script_constants
@@ -136,7 +135,7 @@ class DeltaVLMChat:
 class VideoChat:
     """A video LLM (base, tiny or a fine-tuning run) on the pair as a clip: its chat template with the earlier turns."""
 
-    def __init__(self, family: str, model_path: str, model_id: str, device):
+    def __init__(self, family: str, model_path: str, model_id: str, device: str):
         self.family = get_family(family)
         self.model, self.processor = load_eval_model(family, model_path, model_id, False, device)
         self.model.eval()
@@ -182,20 +181,19 @@ def load_chat(cfg):
     """The model ``MODEL`` / ``MODEL_PATH`` name, loaded once for the page."""
     if cfg.MODEL not in MODELS:
         raise UserError(f"MODEL={cfg.MODEL!r} is not one of {', '.join(MODELS)}")
-    device = pick_device(cfg.DEVICE)
     if cfg.MODEL == DELTAVLM_ID:
         predict = script_constants("deltavlm_predict.py")  # its defaults: the released checkpoint and parts
         checkpoint = predict.CHECKPOINT if cfg.MODEL_PATH == "base" else cfg.MODEL_PATH
-        return DeltaVLMChat(script_constants("deltavlm_predict.py", CHECKPOINT=checkpoint, DEVICE=str(device),
+        return DeltaVLMChat(script_constants("deltavlm_predict.py", CHECKPOINT=checkpoint, DEVICE=cfg.DEVICE,
                                              NUM_BEAMS=cfg.NUM_BEAMS, MAX_NEW_TOKENS=cfg.MAX_NEW_TOKENS))
     family = get_family(cfg.MODEL)
     if cfg.MODEL_PATH == "tiny":
-        return VideoChat(family.id, "base", "tiny", device)
+        return VideoChat(family.id, "base", "tiny", cfg.DEVICE)
     if cfg.MODEL_PATH == "base":
-        return VideoChat(family.id, "base", family.default_model_id, device)
+        return VideoChat(family.id, "base", family.default_model_id, cfg.DEVICE)
     if not Path(cfg.MODEL_PATH).is_dir():
         raise UserError(f"MODEL_PATH {cfg.MODEL_PATH} is not a fine-tuning run directory (nor 'base' or 'tiny')")
-    return VideoChat(family.id, cfg.MODEL_PATH, family.default_model_id, device)
+    return VideoChat(family.id, cfg.MODEL_PATH, family.default_model_id, cfg.DEVICE)
 
 
 # ----------------------------------------------------------------------------------------------- scores and examples

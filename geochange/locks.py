@@ -1,4 +1,6 @@
-"""One writer per output: an OS lock on a ``.lock`` file beside a run directory or a results file.
+"""Processes taking turns on an output: an OS lock on a ``.lock`` file beside a run directory, a results file or a
+generated model folder. A writer holds it for its whole run (a second writer stops); a first-use build holds it
+briefly (the others wait, then use what was built).
 
 The lock is ``fcntl.flock`` on an open file, so the OS drops it when the process ends, however it
 ends: a killed run never leaves its output locked. The ``.lock`` file itself may stay; it is only
@@ -7,10 +9,16 @@ a handle (it names the last holder's pid, for the message a second writer gets).
 from __future__ import annotations
 
 import fcntl
+import json
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
+
+import torch
 
 from .errors import UserError
 
@@ -73,3 +81,45 @@ def wait_for_lock(target: str | Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+# The version marker of a finished build (a tiny offline twin of a model family): written last, in a staging
+# folder that is swapped in whole, so an interrupted build is never used.
+MARKER = "tiny.json"
+
+
+def _is_current(marker: Path, version: int) -> bool:
+    try:
+        return json.loads(marker.read_text()).get("version") == version
+    except (OSError, json.JSONDecodeError):
+        return False  # missing, or a damaged marker: a damaged build, rebuilt
+
+
+def build_once(target: Path, version: int, build: Callable[[Path], None], *, seed: int, what: str) -> Path:
+    """``build(staging)`` fills a staging folder beside ``target`` under ``torch.manual_seed(seed)`` (the caller's
+    random state is kept), a ``tiny.json`` marker records ``version``, and the folder is swapped in whole. A folder
+    whose marker holds ``version`` is returned as it is; any other (older builder, damaged marker) is rebuilt.
+    Processes building the same folder at once take turns (a lock beside it): the first builds, the others use it.
+    """
+    marker = target / MARKER
+    if _is_current(marker, version):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with wait_for_lock(target):
+        if _is_current(marker, version):  # built by another process while this one waited
+            return target
+        print(f"building the tiny offline {what} in {target} (once)")
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        rng_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            build(staging)
+            (staging / MARKER).write_text(json.dumps({"version": version, "seed": seed}))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        finally:
+            torch.random.set_rng_state(rng_state)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    return target

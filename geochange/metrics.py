@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from .coco_metrics import CocoTokens, coco_scores, coco_tokenize, meteor_score
+from .coco_metrics import CocoTokens, coco_scores, coco_tokenize, java_available, meteor_score
 from .devices import pick_device
 from .errors import UserError, first_line
 from .text_embeddings import GEOLLAVA_SBERT_MODEL, embedding_scores, load_embedding_model, sbert_with_fallback
@@ -201,6 +201,12 @@ METRICS: tuple[Metric, ...] = (
 METRIC_KEYS = tuple(metric.key for metric in METRICS)
 METRIC_NAMES = {metric.key: metric.name for metric in METRICS}
 PER_SAMPLE = tuple(metric.key for metric in METRICS if metric.per_sample)
+
+
+def meteor_available() -> bool:
+    """Whether this machine can compute METEOR (pycocoevalcap runs its jar with Java); a setting that ranks by it
+    is refused up front where it cannot."""
+    return java_available()
 
 
 def metric_groups() -> dict[Callable, tuple[Metric, ...]]:

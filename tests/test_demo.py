@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import geochange.changechat_format as cc
@@ -170,7 +169,7 @@ def ask(page, server: Server, question: str, answers_before: int) -> str:
     while len(server.lines("answer")) <= answers_before:
         assert time.monotonic() < deadline and server.process.poll() is None, server.text()[-3000:]
         time.sleep(0.3)
-    page.wait_for_function(f"document.querySelectorAll('#chat [data-testid=bot]').length >= 1")
+    page.wait_for_function("document.querySelectorAll('#chat [data-testid=bot]').length >= 1")
     return server.lines("answer")[-1]
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from geochange.adapters import renamed_key
-from geochange.build_once import MARKER as TINY_MARKER
-from geochange.build_once import build_once
+from geochange.locks import MARKER as TINY_MARKER
+from geochange.locks import build_once
 from geochange.video_llm.families import FAMILIES as ENTRIES
 from geochange.video_llm.families import VISION_MODULE_NAMES, get_family
 from geochange.video_llm.modeling import (IGNORE_INDEX, VideoQACollator, count_parameters, encode_training_example,

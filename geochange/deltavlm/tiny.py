@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..paths import CHECKPOINTS_DIR, minilm_dir
-from ..build_once import build_once
+from ..locks import build_once
 from .checkpoint import released_extras, released_layout_state
 from .loading import CHECKPOINT_FILE, LLM_EOS, LLM_PAD
 from .model import DeltaVLM, trained_parameter_names

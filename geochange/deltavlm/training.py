@@ -23,13 +23,12 @@ from typing import Any
 import torch
 
 from ..annotations import load_changechat
-from ..devices import is_main_process
+from ..devices import is_main_process, process_device
 from ..engines import deepspeed_plan, start_deepspeed
 from ..errors import UserError
 from ..fileio import atomic_path, atomic_write_text
 from ..locks import WriterLock, lock_for_writing
-from ..coco_metrics import java_available
-from ..metrics import MetricsReport
+from ..metrics import MetricsReport, meteor_available
 from ..paths import ANNOTATIONS_DIR, local_or_hub
 from ..results import write_metrics
 from ..runs import data_files, library_versions, resume_state, write_run_file
@@ -101,7 +100,7 @@ def check_settings(cfg) -> Sources:
         (cfg.WARMUP_STEPS >= 0, f"WARMUP_STEPS must be >= 0, not {cfg.WARMUP_STEPS}"),
         (cfg.EARLY_STOP_EPOCHS >= 1, f"EARLY_STOP_EPOCHS must be >= 1, not {cfg.EARLY_STOP_EPOCHS}"),
         (cfg.VAL_BATCH_SIZE >= 1, f"VAL_BATCH_SIZE must be >= 1, not {cfg.VAL_BATCH_SIZE}"),
-        (cfg.BEST_METRIC != "sm" or java_available(), "BEST_METRIC='sm' needs METEOR, which needs Java (not found); "
+        (cfg.BEST_METRIC != "sm" or meteor_available(), "BEST_METRIC='sm' needs METEOR, which needs Java (not found); "
                                                       "install Java or use bleu4 / cider"),
     ]
     for ok, message in checks:
@@ -233,10 +232,12 @@ def prepare_run_dir(cfg) -> tuple[Path, bool, WriterLock | None]:
 
 # --------------------------------------------------------------------------- 4. the model
 
-def build_model(cfg, sources: Sources, device: torch.device):
-    """The model to train (base + fresh CSRM, or a DeltaVLM checkpoint), its tokenizers and the load report."""
+def build_model(cfg, sources: Sources, device: torch.device | None = None):
+    """The model to train (base + fresh CSRM, or a DeltaVLM checkpoint), its tokenizers and the load report; on
+    ``device``, by default this process's own (its local GPU under torchrun, else the CPU)."""
     from transformers import set_seed
 
+    device = device or process_device()
     set_seed(cfg.SEED)  # the fresh CSRM (and LoRA) initialisation is reproducible
     model, tokenizers, report = load_deltavlm(sources.init, base=sources.base, llm_model=sources.llm,
                                               bert_model=sources.bert, device=device,

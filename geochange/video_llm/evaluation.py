@@ -82,10 +82,10 @@ def generate_answers(model, processor, frames_batch: list, questions: list[str],
 
 
 def load_eval_model(family: str, model_path: str, model_id: str, load_in_4bit: bool,
-                    device: torch.device | None = None):
+                    device: str | torch.device = "auto"):
     """(model, processor) for ``model_path`` = 'base' (the untuned MODEL_ID) or a run directory, placed on
-    ``device`` (default: the GPU when there is one) in its compute dtype."""
-    device = device or pick_device("auto")
+    ``device`` (a ``DEVICE`` name; ``auto`` = the GPU when there is one) in its compute dtype."""
+    device = pick_device(str(device))
     if model_path == "base":
         path = resolve_model_path(model_id, family)
         return load_model(path, family, bits=4 if load_in_4bit else None, device=device), load_processor(path)

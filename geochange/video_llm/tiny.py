@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..build_once import build_once
+from ..locks import build_once
 from ..paths import CHECKPOINTS_DIR, minilm_dir
 
 # Bump when a builder changes, so stale tiny checkpoints are rebuilt.
