@@ -51,7 +51,9 @@ def hub_unreachable() -> str | None:
     except urllib.error.HTTPError:
         return None  # it answered
     except (OSError, ValueError) as exc:  # no route, refused, timed out, no DNS
-        return f"the Hub at {endpoint} did not answer within {HUB_PROBE_SECONDS:g} s ({first_line(exc, 120)})"
+        timed_out = isinstance(exc, TimeoutError) or isinstance(getattr(exc, "reason", None), TimeoutError)
+        what = f"did not answer within {HUB_PROBE_SECONDS:g} s" if timed_out else "cannot be reached"
+        return f"the Hub at {endpoint} {what} ({first_line(exc, 120)})"
     return None
 
 

@@ -404,3 +404,26 @@ def test_offline_without_the_flag_costs_one_short_try_of_the_hub_not_a_minute(si
     assert time.monotonic() - started < 3 and name == minilm and "did not answer within" in reason
     assert "did not answer within" in capsys.readouterr().err
     assert local_or_hub(minilm) == minilm  # a local folder never touches the network
+
+
+def test_a_hub_that_refuses_is_named_unreachable_not_slow(monkeypatch):
+    import socket
+    import time
+
+    import huggingface_hub.constants
+
+    from geochange import paths
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there: the connection is refused at once
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    paths.hub_unreachable.cache_clear()
+    try:
+        started = time.monotonic()
+        reason = paths.hub_unreachable()
+        assert time.monotonic() - started < 2
+        assert reason.startswith(f"the Hub at http://127.0.0.1:{port} cannot be reached (") and "refused" in reason
+    finally:
+        paths.hub_unreachable.cache_clear()
