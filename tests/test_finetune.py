@@ -438,14 +438,19 @@ def crash_at(monkeypatch, step: int):
     return lambda: monkeypatch.setattr(transformers.Trainer, "training_step", real_step)
 
 
-@pytest.mark.slow
-def test_a_torn_checkpoint_is_skipped_kept_aside_and_the_run_resumes_from_the_older_one(tmp_path, monkeypatch, capsys):
-    quick = dict(MAX_STEPS=6, SAVE_STEPS=2, SAVE_TOTAL_LIMIT=5)
-    restore = crash_at(monkeypatch, 5)
+def run_killed_at(step: int, tmp_path, monkeypatch, quick: dict):
+    """A tiny Video-LLaVA run interrupted at training step ``step``; its run directory."""
+    restore = crash_at(monkeypatch, step)
     with pytest.raises(KeyboardInterrupt):
         train_script("videollava", tmp_path, **quick)
     restore()
-    run_dir = tmp_path / finetune.run_name(settings("videollava", tmp_path, **quick), "videollava")
+    return tmp_path / finetune.run_name(settings("videollava", tmp_path, **quick), "videollava")
+
+
+@pytest.mark.slow
+def test_a_torn_checkpoint_is_skipped_kept_aside_and_the_run_resumes_from_the_older_one(tmp_path, monkeypatch, capsys):
+    quick = dict(MAX_STEPS=6, SAVE_STEPS=2, SAVE_TOTAL_LIMIT=5)
+    run_dir = run_killed_at(5, tmp_path, monkeypatch, quick)
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     weights = run_dir / "checkpoint-4" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # killed while writing its weights
@@ -461,11 +466,7 @@ def test_a_torn_checkpoint_is_skipped_kept_aside_and_the_run_resumes_from_the_ol
 @pytest.mark.slow
 def test_a_run_whose_every_checkpoint_is_torn_starts_over(tmp_path, monkeypatch, capsys):
     quick = dict(MAX_STEPS=4, SAVE_STEPS=2, SAVE_TOTAL_LIMIT=5)
-    restore = crash_at(monkeypatch, 3)
-    with pytest.raises(KeyboardInterrupt):
-        train_script("videollava", tmp_path, **quick)
-    restore()
-    run_dir = tmp_path / finetune.run_name(settings("videollava", tmp_path, **quick), "videollava")
+    run_dir = run_killed_at(3, tmp_path, monkeypatch, quick)
     (run_dir / "checkpoint-2" / "trainer_state.json").unlink()  # killed before its state was written
     capsys.readouterr()
     train_script("videollava", tmp_path, **quick)
