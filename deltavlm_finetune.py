@@ -76,7 +76,7 @@ if __name__ == "__main__":
     # 2. data: every answer turn of the training records, the validation captions (images checked)
     examples, val_items = t.load_data(cfg)
     # 3. the run directory: one writer; resume the same settings, refuse different ones
-    run_dir, resuming, writer_lock = t.prepare_run_dir(cfg)
+    run_dir, writer_lock = t.prepare_run_dir(cfg)
     # 4. the model, on this process's GPU: InstructBLIP + fresh CSRM (or a DeltaVLM checkpoint), Vicuna frozen or LoRA
     model, tokenizers, report = t.build_model(cfg, sources)
     # 5. what trains: the last ViT blocks, ln_vision, Q-Former, queries, projection, CSRM (+ LoRA)
@@ -90,6 +90,6 @@ if __name__ == "__main__":
         print(f"training {sum(counts.values()):,} parameters ({', '.join(f'{k} {v:,}' for k, v in counts.items())}) "
               f"on {len(examples)} answers, validating on {len(val_items)} captions -> {run_dir}")
     # 8. train (resuming from the newest checkpoint of this run)
-    resumed_from = t.train(trainer, run_dir, resuming)
+    resumed_from = t.train(trainer, run_dir)
     # 9. run.json completed: loss and validation curves, best epoch, replica checksums
     t.finish(trainer, record, run_dir, started, resumed_from)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -21,7 +21,7 @@ from .deltavlm import DISPLAY_NAME as DELTAVLM_NAME
 from .deltavlm import FAMILY_ID as DELTAVLM_ID
 from .deltavlm import run as deltavlm_run
 from .errors import UserError, first_line
-from .metrics import METRIC_NAMES, METRICS, Texts
+from .metrics import METRIC_NAMES, Texts, metric_groups
 from .overrides import script_constants
 from .sample.data import SAMPLE_CHANGECHAT_CAPTIONS, SAMPLE_CHANGECHAT_ROOT, ensure_sample_media
 from .video import read_image, read_video_frames, resize_image
@@ -114,8 +114,6 @@ class DeltaVLMChat:
         return self.predictor.prompt(question, history)
 
     def stream(self, pair: Pair, prompt: str, max_new_tokens: int, num_beams: int) -> Iterator[str]:
-        from dataclasses import replace
-
         from transformers import TextIteratorStreamer
 
         self.predictor.decoding = replace(self.predictor.decoding, max_new_tokens=int(max_new_tokens),
@@ -203,13 +201,10 @@ def quick_scores(references: list[str], answer: str) -> dict[str, float]:
     table names: instant, no model or Java."""
     texts = Texts([list(references)], [answer])
     scores: dict[str, float] = {}
-    done = set()
-    for metric in METRICS:
-        if not metric.per_sample or metric.compute is None or metric.compute in done:
-            continue
-        done.add(metric.compute)
-        for key, values in metric.compute(texts).items():
-            scores[METRIC_NAMES[key]] = round(float(values[0]), 3)
+    for compute, metrics in metric_groups().items():
+        if all(metric.per_sample for metric in metrics):
+            for key, values in compute(texts).items():
+                scores[METRIC_NAMES[key]] = round(float(values[0]), 3)
     return scores
 
 

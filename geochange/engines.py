@@ -46,9 +46,9 @@ def deepspeed_plan(path: str | None) -> DeepSpeedPlan | None:
     except (OSError, ValueError) as exc:
         raise UserError(f"DEEPSPEED: {path} is not a JSON config ({first_line(exc, 160)})") from None
     zero = config.get("zero_optimization", {}) if isinstance(config, dict) else {}
-    stage = int(zero.get("stage", 0))
-    if stage not in (0, 1, 2, 3):
-        raise UserError(f"DEEPSPEED: {path} asks for ZeRO stage {stage}; DeepSpeed has stages 0-3")
+    stage = zero.get("stage", 0)
+    if not isinstance(stage, int) or stage not in (0, 1, 2, 3):
+        raise UserError(f"DEEPSPEED: {path} asks for ZeRO stage {stage!r}; DeepSpeed has stages 0-3")
     try:
         import deepspeed  # noqa: F401
     except ImportError as exc:

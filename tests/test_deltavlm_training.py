@@ -39,7 +39,7 @@ def train_in_process(cfg, callbacks=()):
     """The script's steps 1-9, keeping the model; returns (run_dir, weights before, model, record)."""
     sources = t.check_settings(cfg)
     examples, val_items = t.load_data(cfg)
-    run_dir, resuming, writer_lock = t.prepare_run_dir(cfg)
+    run_dir, writer_lock = t.prepare_run_dir(cfg)
     with writer_lock:  # released here even when the run is interrupted, as the OS does for a killed process
         model, tokenizers, report = t.build_model(cfg, sources, torch.device("cpu"))
         counts = t.choose_trainable(model, cfg)
@@ -47,7 +47,7 @@ def train_in_process(cfg, callbacks=()):
         record = t.start_record(cfg, sources, run_dir, counts, examples, val_items, report)
         trainer = t.make_trainer(cfg, model, tokenizers, examples, val_items, run_dir, sources,
                                  callbacks=list(callbacks))
-        resumed_from = t.train(trainer, run_dir, resuming)
+        resumed_from = t.train(trainer, run_dir)
         record = t.finish(trainer, record, run_dir, 0.0, resumed_from)
     return run_dir, before, model, record
 
@@ -246,7 +246,7 @@ def test_an_interrupted_run_resumes_and_other_settings_are_refused(tmp_path, one
     assert (t.run_dir_of(cfg) / "checkpoint-4").is_dir()
     with pytest.raises(UserError, match=r"other settings \(LR\)"):
         t.prepare_run_dir(settings(tmp_path, "EPOCHS=1", "VAL_LIMIT=2", "LR=0.5"))
-    _, _, holder = t.prepare_run_dir(cfg)  # a second writer of the same run stops in one line
+    _, holder = t.prepare_run_dir(cfg)  # a second writer of the same run stops in one line
     with holder, pytest.raises(UserError, match="is being written by another process"):
         t.prepare_run_dir(cfg)
     _, _, resumed, record = train_in_process(cfg)
@@ -261,6 +261,41 @@ def test_an_interrupted_run_resumes_and_other_settings_are_refused(tmp_path, one
     for name, parameter in resumed.named_parameters():
         if parameter.requires_grad:
             torch.testing.assert_close(parameter, theirs[name], rtol=1e-4, atol=1e-6)
+
+
+def test_a_later_rank_meets_the_checkpoint_barrier_even_when_rank_0_has_begun_the_run(tmp_path, monkeypatch):
+    """Under torchrun, rank 1 may look at the run directory after rank 0 has written run.json: it must still take
+    the same path as rank 0 through ``train``, or one waits at a barrier the other never reaches."""
+    from contextlib import contextmanager
+
+    from geochange.runs import write_run_file
+
+    cfg = settings(tmp_path, "EPOCHS=1")
+    run_dir, lock = t.prepare_run_dir(cfg)  # rank 0: a new run; it starts writing
+    write_run_file(run_dir, {"completed": False, "settings": cfg.as_dict()})
+    monkeypatch.setenv("RANK", "1")
+    assert t.prepare_run_dir(cfg) == (run_dir, None)  # rank 1, later: no lock, no error, nothing removed
+    assert (run_dir / "run.json").is_file()
+    lock.release()
+
+    entered, resumed = [], []
+
+    class Args:
+        process_index = 1
+
+        @contextmanager
+        def main_process_first(self, desc: str):
+            entered.append(desc)
+            yield
+
+    class Trainer:
+        args = Args()
+
+        def train(self, resume_from_checkpoint=None):
+            resumed.append(resume_from_checkpoint)
+
+    assert t.train(Trainer(), run_dir) is None
+    assert entered == ["checkpoints"] and resumed == [None]  # every rank at the barrier; nothing to resume yet
 
 
 # --------------------------------------------------------------------------- bad settings: one line, no model

@@ -70,6 +70,10 @@ def test_an_offload_config_without_its_own_optimizer_is_refused(tmp_path, user_e
     user_error(lambda: deepspeed_plan(str(tmp_path / "offload.json")), "offloads to the CPU but names no optimizer")
     (tmp_path / "broken.json").write_text("{stage: 3")
     user_error(lambda: deepspeed_plan(str(tmp_path / "broken.json")), "is not a JSON config")
+    for stage in (4, "auto"):
+        (tmp_path / "stage.json").write_text(json.dumps({"zero_optimization": {"stage": stage}}))
+        user_error(lambda: deepspeed_plan(str(tmp_path / "stage.json")), f"asks for ZeRO stage {stage!r}; DeepSpeed "
+                                                                           "has stages 0-3")
     assert deepspeed_plan(str(REPO / ZERO2)).stage == 2 and deepspeed_plan(None) is None
 
 

@@ -212,10 +212,11 @@ def run_dir_of(cfg) -> Path:
     return Path(cfg.OUTPUT_DIR) / name
 
 
-def prepare_run_dir(cfg) -> tuple[Path, bool, WriterLock | None]:
-    """The run directory, whether this is a resume, and the lock that makes this process (rank 0 of a
-    torchrun) its one writer; a finished run, or one written under other settings, stops with one line unless
-    OVERWRITE (rank 0 then deletes it), and so does a run being written by another process."""
+def prepare_run_dir(cfg) -> tuple[Path, WriterLock | None]:
+    """The run directory and the lock that makes this process (rank 0 of a torchrun) its one writer; a finished
+    run, or one written under other settings, stops with one line unless OVERWRITE (rank 0 then deletes it), and so
+    does a run being written by another process. Whether the run resumes is decided by its checkpoints, in
+    ``train`` (the other ranks may look at the directory after rank 0 has begun writing it)."""
     run_dir = run_dir_of(cfg)
     lock = lock_for_writing(run_dir, f"the run directory {run_dir}") if is_main_process() else None
     try:
@@ -227,7 +228,7 @@ def prepare_run_dir(cfg) -> tuple[Path, bool, WriterLock | None]:
         if lock is not None:
             lock.release()
         raise
-    return run_dir, state == "resume", lock
+    return run_dir, lock
 
 
 # --------------------------------------------------------------------------- 4. the model
@@ -490,13 +491,12 @@ def replica_checksum(model: DeltaVLM) -> str:
     return digest.hexdigest()
 
 
-def train(trainer, run_dir: Path, resuming: bool) -> str | None:
+def train(trainer, run_dir: Path) -> str | None:
     """Train (an existing run resumes from its newest complete checkpoint; torn ones are set aside); returns the
     checkpoint resumed from."""
-    last = None
-    if resuming:
-        with trainer.args.main_process_first(desc="checkpoints"):
-            last = newest_complete_checkpoint(run_dir, main=trainer.args.process_index == 0)
+    # Every rank enters (the block holds a barrier): rank 0 sets torn checkpoints aside, then all pick the same one.
+    with trainer.args.main_process_first(desc="checkpoints"):
+        last = newest_complete_checkpoint(run_dir, main=trainer.args.process_index == 0)
     if last and trainer.args.process_index == 0:
         print(f"resuming from {last}")
     trainer.train(resume_from_checkpoint=str(last) if last else None)
