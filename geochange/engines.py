@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import os
 import socket
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import ContextManager, Iterable, Iterator
 
 from .devices import is_distributed_launch
 from .errors import UserError, first_line
@@ -104,6 +104,35 @@ def outside_zero3(args) -> Iterator[None]:
         yield
     finally:
         hf_deepspeed.set_hf_deepspeed_config(config)
+
+
+def size_buckets(args, hidden_size: int) -> None:
+    """Fill a DeepSpeed config's ``auto`` bucket sizes from ``hidden_size``, as transformers fills them from a model's
+    ``config.hidden_size`` (a model without a transformers config, like DeltaVLM, gets them from its LLM's width)."""
+    config = getattr(args, "hf_deepspeed_config", None)
+    if config is None:
+        return
+    config.fill_only("zero_optimization.reduce_bucket_size", hidden_size * hidden_size)
+    config.fill_only("zero_optimization.stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size))
+    config.fill_only("zero_optimization.stage3_param_persistence_threshold", 10 * hidden_size)
+
+
+def zero3_enabled() -> bool:
+    """Whether this run's weights are partitioned across the processes (a ZeRO-3 config is alive)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    return hf_deepspeed.is_deepspeed_zero3_enabled()
+
+
+def gathered(parameters: Iterable) -> ContextManager:
+    """Inside this block ``parameters`` hold their whole values on every process (under ZeRO-3 each holds a shard
+    between forward passes): to read them outside a forward pass, e.g. to save or hash them. Every process must
+    enter it (a collective gather); without ZeRO-3 it does nothing."""
+    if not zero3_enabled():
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(parameters), modifier_rank=None)
 
 
 def one_process_per_gpu(args) -> str | None:

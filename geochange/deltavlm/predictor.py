@@ -38,10 +38,14 @@ class Decoding:
 class Predictor:
     """A loaded DeltaVLM with its tokenizers: ``answer(pairs, prompts)``."""
 
-    def __init__(self, model, tokenizers, device: torch.device, decoding: Decoding, prompting: Prompting):
+    def __init__(self, model, tokenizers, device: torch.device, decoding: Decoding, prompting: Prompting,
+                 synced_gpus: bool = False):
         decoding.check()
         self.model, self.tokenizers, self.device = model, tokenizers, device
         self.decoding, self.prompting = decoding, prompting
+        # Under ZeRO-3 every process takes part in every forward pass: one that has finished its answers keeps
+        # stepping until all have.
+        self.synced_gpus = synced_gpus
 
     def prompt(self, question: str, history: list[tuple[str, str]] | tuple = ()) -> str:
         """The text both the Q-Former and the LLM read for ``question`` after ``history``."""
@@ -64,7 +68,8 @@ class Predictor:
                                          max_new_tokens=d.max_new_tokens, min_new_tokens=d.min_new_tokens,
                                          repetition_penalty=d.repetition_penalty, length_penalty=d.length_penalty,
                                          bos_token_id=llm.bos_token_id, eos_token_id=llm.eos_token_id,
-                                         pad_token_id=llm.pad_token_id, streamer=streamer)
+                                         pad_token_id=llm.pad_token_id, streamer=streamer,
+                                         synced_gpus=self.synced_gpus)
         return decode_answers(output, llm)
 
 

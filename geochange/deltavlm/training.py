@@ -24,7 +24,7 @@ import torch
 
 from ..annotations import load_changechat
 from ..devices import is_main_process, process_device
-from ..engines import deepspeed_plan, start_deepspeed
+from ..engines import deepspeed_plan, gathered, outside_zero3, size_buckets, start_deepspeed, zero3_enabled
 from ..errors import UserError
 from ..fileio import atomic_path, atomic_write_text
 from ..locks import WriterLock, lock_for_writing
@@ -112,11 +112,10 @@ def check_settings(cfg) -> Sources:
         if not Path(getattr(cfg, name)).is_file():
             raise UserError(f"{name}: annotation file {getattr(cfg, name)} does not exist")
     plan = deepspeed_plan(cfg.DEEPSPEED)
-    if plan is not None and plan.stage == 3:
-        raise UserError(f"DEEPSPEED={cfg.DEEPSPEED}: DeltaVLM trains with ZeRO-2 (configs/deepspeed/zero2.json), which "
-                        "shards the optimizer states and gradients of the 253 M parameters it trains; ZeRO-3 would "
-                        "partition the frozen Vicuna as well, and each process's epoch validation generates on its own "
-                        "share of the captions, which ZeRO-3 cannot do (every process takes part in every forward pass)")
+    if plan is not None and plan.stage == 3 and (cfg.LOAD_LLM_IN_8BIT or cfg.LOAD_LLM_IN_4BIT):
+        raise UserError(f"DEEPSPEED={cfg.DEEPSPEED} with a quantised Vicuna (LOAD_LLM_IN_8BIT / LOAD_LLM_IN_4BIT): "
+                        "ZeRO-3 cannot partition quantised weights; use configs/deepspeed/zero2.json, or ZeRO-3 with "
+                        "Vicuna in 16 bits (it is partitioned across the GPUs)")
     sources = training_sources(cfg)
     depth = base_configs(sources.base)[0].num_hidden_layers  # config.json only: no weights yet
     if cfg.TRAIN_VIT_BLOCKS > depth:
@@ -298,13 +297,17 @@ def choose_trainable(model: DeltaVLM, cfg) -> dict[str, int]:
 
 # --------------------------------------------------------------------------- 5. the released-layout checkpoint
 
+def checkpoint_names(model: DeltaVLM, cfg) -> list[str]:
+    """The parameters ``checkpoint_best.pth`` holds: the released key set, and any ViT block trained beyond it."""
+    return sorted(set(trained_parameter_names(model)) | set(trained_parameter_names(model, cfg.TRAIN_VIT_BLOCKS)))
+
+
 def save_best_checkpoint(model: DeltaVLM, cfg, run_dir: Path, extras: dict[str, torch.Tensor], epoch: int,
                          scores: dict[str, float]) -> Path:
     """``<run>/checkpoint_best.pth`` in DeltaVLM's LAVIS layout: the released key set (trained parameters and
     the unused extras), plus any ViT block trained beyond the released two; the LoRA adapter beside it."""
     parameters = dict(model.named_parameters())
-    names = sorted(set(trained_parameter_names(model)) | set(trained_parameter_names(model, cfg.TRAIN_VIT_BLOCKS)))
-    state = released_layout_state({name: parameters[name] for name in names}, extras)
+    state = released_layout_state({name: parameters[name] for name in checkpoint_names(model, cfg)}, extras)
     target = run_dir / CHECKPOINT_FILE
     with atomic_path(target) as temporary:
         torch.save({"model": state, "epoch": epoch, "scores": scores, "config": {"settings": cfg.as_dict()}},
@@ -336,22 +339,33 @@ def _world() -> tuple[int, int]:
 
 
 def validate(predictor: Predictor, items: list[Item], batch_size: int, run_dir: Path, epoch: int, settings: dict,
-             best_metric: str) -> tuple[float, dict[str, float]]:
+             best_metric: str, args) -> tuple[float, dict[str, float]]:
     """Caption the val pairs with the predictor's own code (each process a share), score them with the suite's
-    caption metrics on process 0, write the results like the predictor's batch mode; (score, metrics) everywhere."""
+    caption metrics on process 0, write the results like the predictor's batch mode; (score, metrics) everywhere.
+    ``args``: the run's TrainingArguments (process 0 loads its text-embedding models outside ZeRO-3)."""
     started = time.time()
     rank, world = _world()
     mine = items[rank::world]
-    records = [r for i in range(0, len(mine), batch_size) for r in answer_batch(predictor, mine[i:i + batch_size])]
+    batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    if zero3_enabled():
+        # every process takes part in every forward pass: as many batches each (a spare one answers items[0],
+        # unrecorded)
+        batches += [[]] * (math.ceil(math.ceil(len(items) / world) / batch_size) - len(batches))
+    records = []
+    with gathered([predictor.model.query_tokens]):  # read outside the model's forward (it generates)
+        for batch in batches:
+            answered = answer_batch(predictor, batch or items[:1])
+            records += answered if batch else []
     if world > 1:
-        gathered: list = [None] * world
-        torch.distributed.all_gather_object(gathered, records)
-        records = [r for part in gathered for r in part]
+        shares: list = [None] * world
+        torch.distributed.all_gather_object(shares, records)
+        records = [r for share in shares for r in share]
     outcome: list = [None]
     if rank == 0:
         order = {item.id: k for k, item in enumerate(items)}
         records.sort(key=lambda r: order[r["id"]])
-        result = score_records(records)["caption"]
+        with outside_zero3(args):
+            result = score_records(records)["caption"]
         metrics = result.metrics
         score = caption_score(metrics, best_metric)
         stem = run_dir / VALIDATION_DIR / f"epoch{epoch:03d}"
@@ -387,15 +401,18 @@ def make_validation_callback():
             model.eval()
             try:
                 score, metrics = validate(self.predictor, self.items, self.cfg.VAL_BATCH_SIZE, self.run_dir, epoch,
-                                          self.cfg.as_dict(), self.cfg.BEST_METRIC)
+                                          self.cfg.as_dict(), self.cfg.BEST_METRIC, args)
             finally:
                 model.train()
             earlier = self.history(state)
             best = max((h["val_score"] for h in earlier), default=None)
             self.trainer.log({"val_score": score, "val_epoch": epoch, **{f"val_{k}": v for k, v in metrics.items()}})
             if best is None or score > best:
+                names = set(checkpoint_names(model, self.cfg))
+                with gathered(p for n, p in model.named_parameters() if n in names or p.requires_grad):
+                    if args.process_index == 0:
+                        save_best_checkpoint(model, self.cfg, self.run_dir, self.extras, epoch, metrics)
                 if args.process_index == 0:
-                    save_best_checkpoint(model, self.cfg, self.run_dir, self.extras, epoch, metrics)
                     print(f"epoch {epoch}: validation {self.cfg.BEST_METRIC} {score:.4f} (best so far) -> "
                           f"{self.run_dir / CHECKPOINT_FILE}")
             else:
@@ -425,7 +442,11 @@ def make_trainer_class():
             output_dir = output_dir or self.args.output_dir
             os.makedirs(output_dir, exist_ok=True)
             model = self.accelerator.unwrap_model(self.model)
-            save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+            trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+            if state_dict is None:
+                state_dict = dict(model.named_parameters())
+            # (under ZeRO-3 the Trainer hands over the whole model gathered; the parameters themselves are shards)
+            save_file({n: state_dict[n].detach().cpu().contiguous() for n in trainable},
                       os.path.join(output_dir, TRAINABLE_WEIGHTS))
 
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -457,10 +478,11 @@ def make_trainer(cfg, model: DeltaVLM, tokenizers, examples: list[Example], val_
     """The Trainer with the epoch-end validation attached."""
     start_deepspeed(deepspeed_plan(cfg.DEEPSPEED))
     args = training_arguments(cfg, run_dir)
+    size_buckets(args, model.language_model.config.hidden_size)
     trainer = make_trainer_class()(model=model, args=args, train_dataset=PairDataset(examples, model.image_size),
                                    data_collator=PairCollator(tokenizers), callbacks=list(callbacks or []))
     predictor = Predictor(model, tokenizers, args.device, Decoding(cfg.VAL_NUM_BEAMS, cfg.VAL_MAX_NEW_TOKENS),
-                          prompting_of(cfg))
+                          prompting_of(cfg), synced_gpus=zero3_enabled())
     trainer.add_callback(make_validation_callback()(trainer, predictor, val_items, cfg, run_dir,
                                                     starting_extras(model, sources)))
     return trainer
@@ -484,8 +506,9 @@ def start_record(cfg, sources: Sources, run_dir: Path, counts: dict[str, int], e
 def replica_checksum(model: DeltaVLM) -> str:
     """A hash of every trainable parameter: equal on all processes when DDP kept them in sync."""
     digest = hashlib.sha256()
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
+    trainable = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
+    with gathered(parameter for _, parameter in trainable):  # under ZeRO-3: the whole values, not this shard
+        for name, parameter in trainable:
             digest.update(name.encode())
             digest.update(parameter.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()
