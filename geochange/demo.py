@@ -329,11 +329,14 @@ def build_page(chat, cfg):
 
         inputs = [message, before, after, video, history, max_new_tokens, num_beams]
         outputs = [chatbot, notice, history, message]
-        send.click(respond, inputs, outputs)
-        message.submit(respond, inputs, outputs)
-        clear.click(forget, None, [chatbot, notice, history])
+        # one queue for answering and forgetting, served in order: a new pair's reset cannot land after (and wipe)
+        # the answer or notice of a question sent once the pair was shown
+        in_order = {"concurrency_id": "conversation"}
+        send.click(respond, inputs, outputs, **in_order)
+        message.submit(respond, inputs, outputs, **in_order)
+        clear.click(forget, None, [chatbot, notice, history], **in_order)
         for component in (before, after, video):  # a new pair starts a new conversation
-            component.change(forget, None, [chatbot, notice, history])
+            component.change(forget, None, [chatbot, notice, history], **in_order)
         for button, question in zip(quick, QUICK_QUESTIONS.values()):
             button.click(lambda q=question: q, None, message)
     return page.queue(default_concurrency_limit=1)  # one generation at a time on the one model; the rest wait

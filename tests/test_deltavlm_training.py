@@ -357,7 +357,7 @@ def test_early_stop_and_the_best_checkpoint_follow_the_validation_score(tmp_path
                                                                        monkeypatch):
     scores = iter([0.5, 0.7, 0.6, 0.65, 0.9])  # best at epoch 2; two epochs without improvement -> stop after 4
 
-    def scripted(predictor, items, batch_size, run_dir, epoch, settings, best_metric):
+    def scripted(predictor, items, batch_size, run_dir, epoch, settings, best_metric, args):
         score = next(scores)
         return score, {"bleu4": score}
 

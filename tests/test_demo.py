@@ -225,8 +225,7 @@ def chat_about_a_pair_in_the_browser(tmp_path: Path, free_port: int, model: str,
             other.wait_for_selector("#send")
             not_an_image = tmp_path / "notes.png"
             not_an_image.write_text("this is not an image")
-            other.locator("#before input[type=file]").set_input_files(str(not_an_image))
-            other.locator("#after input[type=file]").set_input_files(str(after))
+            upload_pair(other, not_an_image, after)  # the page shows a broken picture for the text file
             other.locator("#message textarea").fill("What changed?")
             other.locator("#send").click()
             other.wait_for_function("document.querySelector('#notice').innerText.includes('not a readable image')")
