@@ -54,6 +54,16 @@ def data_loader_workers(num_workers: int | None, cuda: bool) -> int:
     return max(0, min(8, per_process - 1))
 
 
+def checkpointing_arguments(arguments_class, enabled: bool) -> dict:
+    """Activation checkpointing under the name this transformers knows: ``activation_checkpointing`` (5.x renamed
+    it; the old name still works but warns on every run) or ``gradient_checkpointing``."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(arguments_class)}
+    name = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
+
+
 def trainer_arguments(cfg, run_dir: Path, *, learning_rate: float, compute: str, gradient_checkpointing: bool,
                       **recipe):
     """``TrainingArguments`` from a training script's constants: batch, accumulation, length (EPOCHS, MAX_STEPS),
@@ -80,8 +90,7 @@ def trainer_arguments(cfg, run_dir: Path, *, learning_rate: float, compute: str,
         max_grad_norm=cfg.MAX_GRAD_NORM,
         bf16=compute == "bf16",
         fp16=compute == "fp16",
-        gradient_checkpointing=gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+        **checkpointing_arguments(TrainingArguments, gradient_checkpointing),
         logging_steps=cfg.LOGGING_STEPS,
         report_to=["tensorboard"],
         save_strategy="steps",

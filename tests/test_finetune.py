@@ -330,6 +330,27 @@ def test_full_finetuning_at_a_small_lr_updates_every_weight_under_bf16_autocast(
     assert changed_fraction({n: w.to(torch.bfloat16) for n, w in base.items()}, {n: p.detach() for n, p in bf16.items()}) < 0.8
 
 
+@pytest.mark.slow
+def test_gradient_checkpointing_reaches_the_language_model_layers_during_training(tmp_path, monkeypatch):
+    """GRADIENT_CHECKPOINTING=True (the scripts' default: 7B activations do not fit otherwise) makes every decoder
+    layer recompute its activations in the backward pass, non-reentrant (LoRA's frozen inputs need no grad)."""
+    seen = []
+    original = transformers.Trainer.training_step
+
+    def recording_step(self, model, *args, **kwargs):
+        layers = [m for n, m in model.named_modules() if n.endswith(tuple(f"language_model.layers.{i}" for i in
+                                                                              range(64)))]
+        seen.append([(m.gradient_checkpointing, m._gradient_checkpointing_func.keywords.get("use_reentrant"))
+                     for m in layers if hasattr(m, "_gradient_checkpointing_func")] + [len(layers)])
+        return original(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.Trainer, "training_step", recording_step)
+    train_script("videollava", tmp_path, GRADIENT_CHECKPOINTING=True, MAX_STEPS=1, TRAIN_LIMIT=4)
+    (step,) = seen
+    *flags, layer_count = step
+    assert layer_count == 2 and flags == [(True, False)] * layer_count
+
+
 @pytest.mark.parametrize("overrides,message", [
     ({"PRUNE": True, "PRUNE_METHOD": "random"}, "random"),
     ({"PRUNE": True, "PRUNE_AMOUNT": 1.0}, "PRUNE_AMOUNT"),

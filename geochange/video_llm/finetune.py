@@ -195,8 +195,9 @@ def check_memory(run: "FinetuneRun") -> None:
                   gpu=run.args.device.type == "cuda")
     need = estimate(counts, setup)
     available, where = free_memory(run.args.device)
-    engine = f", ZeRO-{plan.stage} over {setup.world_size}" if plan else ""
-    what = f"{training_mode(cfg)}{f' {setup.bits}-bit' if setup.bits else ''}{engine} of {counts.total / 1e9:.2f} B"
+    engine = f", ZeRO-{plan.stage} over {setup.world_size} processes" if plan else ""
+    size = f"{counts.total / 1e9:.2f} B" if counts.total >= 1e8 else f"{counts.total / 1e6:.1f} M"  # tiny: 4.2 M
+    what = f"{training_mode(cfg)}{f' {setup.bits}-bit' if setup.bits else ''}{engine}, {size}"
     run.record["memory_estimate"] = {"setup": what, "needed_gb": round(need.total / GB, 2),
                                      "available_gb": round(available / GB, 2), "parts_gb": {
                                          k: round(getattr(need, k) / GB, 2) for k in
