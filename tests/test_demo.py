@@ -190,8 +190,7 @@ def save_small_screenshot(page, path: Path) -> None:
     shot.quantize(colors=64).save(path, optimize=True)
 
 
-def chat_about_a_pair_in_the_browser(tmp_path: Path, free_port: int, model: str, screenshot: Path | None = None,
-                                      second_tab: bool = True):
+def chat_about_a_pair_in_the_browser(tmp_path: Path, free_port: int, model: str, screenshot: Path | None = None):
     from playwright.sync_api import sync_playwright
 
     before, after = SAMPLE_CHANGECHAT_ROOT / "A" / "val_00002.png", SAMPLE_CHANGECHAT_ROOT / "B" / "val_00002.png"
@@ -220,23 +219,22 @@ def chat_about_a_pair_in_the_browser(tmp_path: Path, free_port: int, model: str,
             assert earlier not in session_prompts[0]
             if screenshot is not None:
                 save_small_screenshot(page, screenshot)
-            if second_tab:
-                # a second tab: its own conversation; a file that is not an image is a notice there
-                other = context.new_page()
-                other.goto(server.url)
-                other.wait_for_selector("#send")
-                not_an_image = tmp_path / "notes.png"
-                not_an_image.write_text("this is not an image")
-                upload_pair(other, not_an_image, after)  # the page shows a broken picture for the text file
-                other.locator("#message textarea").fill("What changed?")
-                other.locator("#send").click()
-                other.wait_for_function("document.querySelector('#notice').innerText.includes('not a readable image')")
-                assert other.locator("#chat [data-testid=bot]").count() == 0
-                # the first tab still gets answers, with its own history (the other tab's attempt is not in it)
-                third = ask(page, server, "Where?", 2)
-                prompts = server.lines("model input")
-                assert third and len(prompts) == 3 and "how many new buildings" in prompts[2].lower()
-                assert page.locator("#chat [data-testid=bot]").count() == 3
+            # a second tab: its own conversation; a file that is not an image is a notice there
+            other = context.new_page()
+            other.goto(server.url)
+            other.wait_for_selector("#send")
+            not_an_image = tmp_path / "notes.png"
+            not_an_image.write_text("this is not an image")
+            upload_pair(other, not_an_image, after)  # the page shows a broken picture for the text file
+            other.locator("#message textarea").fill("What changed?")
+            other.locator("#send").click()
+            other.wait_for_function("document.querySelector('#notice').innerText.includes('not a readable image')")
+            assert other.locator("#chat [data-testid=bot]").count() == 0
+            # the first tab still gets answers, with its own history (the other tab's attempt is not in it)
+            third = ask(page, server, "Where?", 2)
+            prompts = server.lines("model input")
+            assert third and len(prompts) == 3 and "how many new buildings" in prompts[2].lower()
+            assert page.locator("#chat [data-testid=bot]").count() == 3
             browser.close()
     finally:
         server.stop()
@@ -252,4 +250,4 @@ def test_a_conversation_with_the_tiny_deltavlm_in_the_browser(tmp_path, free_por
 
 @pytest.mark.slow
 def test_a_conversation_with_the_tiny_video_llava_in_the_browser(tmp_path, free_port, sample_dir):
-    chat_about_a_pair_in_the_browser(tmp_path, free_port, "videollava", second_tab=False)  # tabs: tested above
+    chat_about_a_pair_in_the_browser(tmp_path, free_port, "videollava")

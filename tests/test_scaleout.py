@@ -112,17 +112,17 @@ def test_zero3_full_finetuning_then_evaluation_after_training(tmp_path, free_por
 
 
 @pytest.mark.slow
-def test_zero3_lora_with_merge_the_merged_weights_are_base_plus_ba(tmp_path, free_port):
+def test_zero3_lora_with_merge_and_evaluation_the_merged_weights_are_base_plus_ba(tmp_path, free_port, val4):
     from safetensors.torch import load_file
 
     from geochange.video_llm.modeling import load_model, resolve_model_path
 
-    # evaluation after ZeRO-3 training has its own test (full fine-tuning, above); here the merge alone
     run = launch(free_port, "llavanext_finetune.py", *TINY, f"DEEPSPEED={ZERO3}", "MAX_STEPS=2", "LR=1e-2",
-                 "MERGE_AND_SAVE=True", "EVAL_AFTER_TRAIN=False", f"OUTPUT_DIR={tmp_path / 'runs'}")
+                 "MERGE_AND_SAVE=True", f"VAL_ANNOTATIONS={val4}", f"OUTPUT_DIR={tmp_path / 'runs'}",
+                 f"RESULTS_DIR={tmp_path / 'results'}")
     assert run.returncode == 0, run.stderr[-3000:]
     (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
-    assert json.loads((run_dir / "run.json").read_text())["completed"]
+    assert json.loads((tmp_path / "results" / f"{run_dir.name}.metrics.json").read_text())["num_samples"] == 4
     adapter = load_file(str(run_dir / "adapter_model.safetensors"))
     # the models as from_pretrained names their parameters (the files on disk may use older key names)
     merged = {n: p.detach() for n, p in load_model(str(run_dir / "merged"), "llavanext").named_parameters()}
