@@ -18,8 +18,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from .errors import UserError
 
 
@@ -109,6 +107,8 @@ def build_once(target: Path, version: int, build: Callable[[Path], None], *, see
             return target
         print(f"building the tiny offline {what} in {target} (once)")
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        import torch  # here, not at the top: the results notebook reads this package without loading torch
+
         rng_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         try:

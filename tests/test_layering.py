@@ -148,3 +148,15 @@ def test_readme_layout_names_every_module_in_layer_order():
     late = [f"{name} imports {dep}" for name in listed for dep in sorted(top[name])
             if dep in position and position[dep] > position[name]]
     assert late == [], "the README's layout table is not in layer order: " + "; ".join(late)
+
+
+def test_the_results_notebook_reads_the_package_without_loading_torch():
+    """Results.ipynb imports geochange.report: reading result files needs neither torch nor transformers (seconds
+    of start-up each), so nothing report imports loads them at its top."""
+    import subprocess
+    import sys
+
+    code = "import sys, geochange.report; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    run = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "[]"
