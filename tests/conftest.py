@@ -53,8 +53,15 @@ JAVA_MISSING = ("needs Java on the PATH: pycocoevalcap's PTB tokenizer and METEO
                 "falls back to its own normaliser and reports METEOR as missing, which other tests check)")
 
 
+# The multi-process tests take a minute each: started first, they run beside the many short tests instead of leaving
+# one pytest-xdist worker to finish the last of them alone (xdist hands tests out in collection order).
+LONGEST_FIRST = ("test_scaleout.py",)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``@pytest.mark.java`` skip, with the reason, where no ``java`` is on the PATH."""
+    """The multi-process test file first (modules stay whole, so module fixtures are built once). Tests marked
+    ``@pytest.mark.java`` skip, with the reason, where no ``java`` is on the PATH."""
+    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)
     if shutil.which("java") is None:
         for item in items:
             if item.get_closest_marker("java"):
