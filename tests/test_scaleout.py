@@ -22,10 +22,11 @@ TINY = ["MODEL_ID=tiny", "TRAIN_LIMIT=8", "BATCH_SIZE=2", "EVAL_STEPS=0", "GRADI
         "MAX_NEW_TOKENS=4", "LOGGING_STEPS=1"]
 
 
-def launch(free_port: int, script: str, *settings: str, processes: int = 2) -> subprocess.CompletedProcess:
+def launch(free_port: int, script: str, *settings: str, processes: int = 2,
+           env: dict | None = None) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
                f"--master_port={free_port}", script, *settings]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=ENV, timeout=600)
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**ENV, **(env or {})}, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -113,20 +114,28 @@ def test_zero3_full_finetuning_then_evaluation_after_training(tmp_path, free_por
 
 @pytest.mark.slow
 def test_zero3_lora_with_merge_and_evaluation_the_merged_weights_are_base_plus_ba(tmp_path, free_port, val4):
+    """Also a fresh clone's first run: the tiny model is built (main process first) while the ZeRO-3 config is alive;
+    built inside zero.Init on one process it would wait for the others, who wait for it."""
     from safetensors.torch import load_file
 
     from geochange.video_llm.modeling import load_model, resolve_model_path
+    from geochange.video_llm.tiny import tiny_checkpoint_dir
 
+    fresh = tmp_path / "checkpoints"
     run = launch(free_port, "llavanext_finetune.py", *TINY, f"DEEPSPEED={ZERO3}", "MAX_STEPS=2", "LR=1e-2",
                  "MERGE_AND_SAVE=True", f"VAL_ANNOTATIONS={val4}", f"OUTPUT_DIR={tmp_path / 'runs'}",
-                 f"RESULTS_DIR={tmp_path / 'results'}")
+                 f"RESULTS_DIR={tmp_path / 'results'}", env={"GEOLLAVA_CHECKPOINTS_DIR": str(fresh)})
     assert run.returncode == 0, run.stderr[-3000:]
+    built = fresh / tiny_checkpoint_dir("llavanext").name
+    assert json.loads((built / "tiny.json").read_text())["seed"] >= 0  # built by this run, whole
     (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
     assert json.loads((tmp_path / "results" / f"{run_dir.name}.metrics.json").read_text())["num_samples"] == 4
     adapter = load_file(str(run_dir / "adapter_model.safetensors"))
     # the models as from_pretrained names their parameters (the files on disk may use older key names)
     merged = {n: p.detach() for n, p in load_model(str(run_dir / "merged"), "llavanext").named_parameters()}
-    base = {n: p.detach() for n, p in load_model(resolve_model_path("tiny", "llavanext"), "llavanext").named_parameters()}
+    base = {n: p.detach() for n, p in load_model(str(built), "llavanext").named_parameters()}
+    repo_tiny = load_model(resolve_model_path("tiny", "llavanext"), "llavanext")
+    assert all(torch.equal(base[n], p) for n, p in repo_tiny.named_parameters())  # the same seeded build
     config = json.loads((run_dir / "adapter_config.json").read_text())
     scaling = config["lora_alpha"] / config["r"]
     lora_a = {k.split(".lora_A")[0].removeprefix("base_model.model."): v for k, v in adapter.items() if ".lora_A." in k}

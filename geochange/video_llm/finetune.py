@@ -351,7 +351,9 @@ def open_run(cfg, family: str) -> FinetuneRun:
     try:
         with args.main_process_first(desc="run directory"):  # only the main process clears it (OVERWRITE)
             resuming = prepare_run_dir(cfg, run_dir, main=main)
-        with args.main_process_first(desc="sample data and tiny model"):
+        # outside ZeRO-3: building the tiny model on the main process alone must not start zero.Init's collectives
+        # (the others wait at the barrier: a hang on a fresh clone)
+        with args.main_process_first(desc="sample data and tiny model"), outside_zero3(args):
             if cfg.VIDEO_DIR is None:
                 ensure_sample_media()
             model_path = resolve_model_path(cfg.MODEL_ID, family)
