@@ -237,3 +237,18 @@ def newest_complete_checkpoint(run_dir: Path, *, main: bool) -> Path | None:
     if found and main:
         print(f"every checkpoint in {run_dir} is torn (kept aside as {TORN_PREFIX}checkpoint-*); starting over")
     return None
+
+
+def train_from_newest_checkpoint(trainer, run_dir: Path) -> str | None:
+    """``trainer.train()``, resuming from the newest complete checkpoint of ``run_dir`` (torn ones set aside);
+    returns the checkpoint resumed from, or None for a fresh start."""
+    main = trainer.args.process_index == 0
+    # Every process enters (the block holds a barrier): the main one sets torn checkpoints aside, then all pick the
+    # same one.
+    with trainer.args.main_process_first(desc="checkpoints"):
+        last = newest_complete_checkpoint(run_dir, main=main)
+    resumed_from = str(last) if last else None
+    if resumed_from and main:
+        print(f"resuming from {resumed_from}")
+    trainer.train(resume_from_checkpoint=resumed_from)
+    return resumed_from

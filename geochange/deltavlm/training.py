@@ -33,7 +33,7 @@ from ..paths import ANNOTATIONS_DIR, local_or_hub
 from ..results import write_metrics
 from ..runs import data_files, library_versions, resume_state, write_run_file
 from ..sample.data import SAMPLE_CHANGECHAT_ROOT, ensure_sample_media
-from ..trainer import (check_training_settings, engine_of, newest_complete_checkpoint, suite_trainer_class,
+from ..trainer import (check_training_settings, engine_of, suite_trainer_class, train_from_newest_checkpoint,
                        trainer_arguments)
 from . import FAMILY_ID
 from .checkpoint import released_extras, released_layout_state
@@ -517,13 +517,7 @@ def replica_checksum(model: DeltaVLM) -> str:
 def train(trainer, run_dir: Path) -> str | None:
     """Train (an existing run resumes from its newest complete checkpoint; torn ones are set aside); returns the
     checkpoint resumed from."""
-    # Every rank enters (the block holds a barrier): rank 0 sets torn checkpoints aside, then all pick the same one.
-    with trainer.args.main_process_first(desc="checkpoints"):
-        last = newest_complete_checkpoint(run_dir, main=trainer.args.process_index == 0)
-    if last and trainer.args.process_index == 0:
-        print(f"resuming from {last}")
-    trainer.train(resume_from_checkpoint=str(last) if last else None)
-    return str(last) if last else None
+    return train_from_newest_checkpoint(trainer, run_dir)
 
 
 def finish(trainer, record: dict[str, Any], run_dir: Path, started: float, resumed_from: str | None) -> dict:

@@ -18,14 +18,14 @@ import torch
 
 from ..annotations import Sample, Samples, load_annotations
 from ..devices import is_main_process, process_device
-from ..engines import deepspeed_plan, one_process_per_gpu, outside_zero3, start_deepspeed
+from ..engines import DeepSpeedPlan, deepspeed_plan, one_process_per_gpu, outside_zero3, start_deepspeed
 from ..errors import UserError
 from ..locks import WriterLock, lock_for_writing
 from ..overrides import script_constants
 from ..results import remove_results
 from ..runs import data_files, library_versions, resume_state, write_run_file
 from ..sample.data import SAMPLE_VIDEO_DIR, ensure_sample_media
-from ..trainer import (check_training_settings, engine_of, newest_complete_checkpoint, suite_trainer_class,
+from ..trainer import (check_training_settings, engine_of, suite_trainer_class, train_from_newest_checkpoint,
                        trainer_arguments)
 from ..video import read_video_frames
 from .evaluation import evaluate
@@ -186,7 +186,7 @@ def check_memory(run: "FinetuneRun") -> None:
     cfg = run.cfg
     with outside_zero3(run.args):  # a model built on the meta device, not partitioned
         counts = parameter_counts(model_config(run.model_path), run.family, cfg.LORA_R)
-    plan = deepspeed_plan(cfg.DEEPSPEED)
+    plan = run.plan
     setup = Setup(mode=training_mode(cfg), bits=quant_bits(cfg), freeze_vision=cfg.FREEZE_VISION,
                   zero_stage=plan.stage if plan else None, offload_optimizer=bool(plan and plan.offload_optimizer),
                   offload_params=bool(plan and plan.offload_params), world_size=run.args.world_size,
@@ -320,6 +320,7 @@ class FinetuneRun:
     model_path: str            # the base weights (MODEL_ID resolved; the tiny model built on first use)
     video_dir: Path
     lock: WriterLock | None    # held by the main process only: torchrun's ranks of one run are one writer
+    plan: DeepSpeedPlan | None = None  # the DEEPSPEED config as read once (None: DDP or one process)
     record: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
 
@@ -341,7 +342,8 @@ def open_run(cfg, family: str) -> FinetuneRun:
     Draws the sample clips and builds the tiny model on first use (the main process first)."""
     get_family(family)  # an unknown family stops here
     run_dir = Path(cfg.OUTPUT_DIR) / run_name(cfg, family)
-    start_deepspeed(deepspeed_plan(cfg.DEEPSPEED))
+    plan = deepspeed_plan(cfg.DEEPSPEED)
+    start_deepspeed(plan)
     args = training_arguments(cfg, run_dir)
     main = args.process_index == 0
     note = one_process_per_gpu(args)
@@ -362,7 +364,7 @@ def open_run(cfg, family: str) -> FinetuneRun:
             lock.release()
         raise
     video_dir = SAMPLE_VIDEO_DIR if cfg.VIDEO_DIR is None else Path(cfg.VIDEO_DIR)
-    run = FinetuneRun(cfg, family, run_dir, args, resuming, model_path, video_dir, lock)
+    run = FinetuneRun(cfg, family, run_dir, args, resuming, model_path, video_dir, lock, plan)
     run.record = {
         "completed": False, "family": family, "mode": training_mode(cfg), "quant_bits": quant_bits(cfg),
         "base_model": cfg.MODEL_ID, "base_path": model_path, "learning_rate": learning_rate(cfg),
@@ -462,12 +464,7 @@ def train(run: FinetuneRun, model, processor, train_set: VideoQADataset, val_set
     trainer = suite_trainer_class()(model=model, args=run.args, train_dataset=train_set, eval_dataset=val_set,
                                     data_collator=VideoQACollator(processor.tokenizer.pad_token_id),
                                     callbacks=callbacks)
-    with run.args.main_process_first(desc="checkpoints"):  # the main process sets torn checkpoints aside first
-        last = newest_complete_checkpoint(run.run_dir, main=run.main)
-    if last is not None and run.main:
-        print(f"resuming from {last}")
-    run.record["resumed_from"] = str(last) if last else None
-    trainer.train(resume_from_checkpoint=str(last) if last else None)
+    run.record["resumed_from"] = train_from_newest_checkpoint(trainer, run.run_dir)
     return trainer
 
 
