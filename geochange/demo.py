@@ -25,7 +25,7 @@ from .metrics import METRIC_NAMES, Texts, metric_groups
 from .overrides import script_constants
 from .sample.data import SAMPLE_CHANGECHAT_CAPTIONS, SAMPLE_CHANGECHAT_ROOT, ensure_sample_media
 from .video import read_image, read_video_frames, resize_image
-from .video_llm.evaluation import load_eval_model
+from .video_llm.evaluation import load_eval_model, model_inputs
 from .video_llm.families import FAMILIES, get_family
 from .video_llm.modeling import video_prompt
 
@@ -151,10 +151,7 @@ class VideoChat:
         import torch
         from transformers import TextIteratorStreamer
 
-        frames = np.stack([pair.before, pair.after])
-        inputs = self.processor(text=[prompt], videos=[frames], return_tensors="pt")
-        inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-        inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(self.model.dtype)
+        inputs = model_inputs(self.model, self.processor, [prompt], [np.stack([pair.before, pair.after])])
         tokenizer = self.processor.tokenizer
         settings = dict(do_sample=False, num_beams=int(num_beams), max_new_tokens=int(max_new_tokens),
                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)

@@ -58,18 +58,24 @@ def results_identity(*, family: str, model_path: str, model_id: str, val_annotat
     }
 
 
-@torch.inference_mode()
-def generate_answers(model, processor, frames_batch: list, questions: list[str],
-                     max_new_tokens: int) -> tuple[list[str], list[int]]:
-    """Greedy answers for one batch, and how many tokens each one generated before EOS (``max_new_tokens`` = it
-    was cut at the limit); decodes only the tokens after each prompt."""
-    prompts = [video_prompt(processor, q) for q in questions]
+def model_inputs(model, processor, prompts: list[str], frames_batch: list) -> dict:
+    """The processor's tensors for ``prompts`` about the clips of ``frames_batch`` (padded on the left), on the
+    model's device, the clips in its compute dtype."""
     inputs = processor(text=prompts, videos=frames_batch, padding=True, return_tensors="pt")
     device = next(model.parameters()).device
     inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in inputs.items()}
     if "pixel_values_videos" in inputs:
         # model.dtype is the compute dtype, also for 4-bit models whose packed weights are uint8
         inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(model.dtype)
+    return inputs
+
+
+@torch.inference_mode()
+def generate_answers(model, processor, frames_batch: list, questions: list[str],
+                     max_new_tokens: int) -> tuple[list[str], list[int]]:
+    """Greedy answers for one batch, and how many tokens each one generated before EOS (``max_new_tokens`` = it
+    was cut at the limit); decodes only the tokens after each prompt."""
+    inputs = model_inputs(model, processor, [video_prompt(processor, q) for q in questions], frames_batch)
     tokenizer = processor.tokenizer
     output = model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
