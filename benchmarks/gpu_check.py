@@ -52,7 +52,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights: nothing to downl
 import torch  # noqa: E402
 
 from deltavlm_train_step import one_training_step  # noqa: E402
-from geochange.devices import parameter_numel  # noqa: E402
+from geochange.devices import parameter_numel, peak_memory_gib  # noqa: E402
 from geochange.fileio import atomic_write_text  # noqa: E402
 from geochange.metrics import compute_metrics_report  # noqa: E402
 from geochange.overrides import load_settings, make_settings, script_constants  # noqa: E402
@@ -96,14 +96,6 @@ def synchronize(device: torch.device) -> None:
 GIB = 2 ** 30
 
 
-def peak_gib(device: torch.device) -> dict | None:
-    """The peak memory since the last reset, allocated by tensors and reserved by the caching allocator (GiB)."""
-    if device.type != "cuda":
-        return None
-    return {"allocated": round(torch.cuda.max_memory_allocated(device) / GIB, 2),
-            "reserved": round(torch.cuda.max_memory_reserved(device) / GIB, 2)}
-
-
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -144,8 +136,7 @@ def matmul_params(model, family: str) -> tuple[int, int]:
         if weight is None or not (isinstance(module, torch.nn.Linear) or type(module).__name__.startswith("Linear")):
             continue
         parts = name.split(".")
-        size = int(weight.numel()) if not hasattr(weight, "quant_state") or weight.quant_state is None else \
-            int(torch.Size(weight.quant_state.shape).numel())
+        size = parameter_numel(weight)  # a 4-bit weight's true count, not its packed bytes
         if ("language_model" in parts or parts[-1] == "lm_head") and "lora_" not in name:
             language += size
         elif any(p.endswith("_tower") for p in parts) and not image_only.intersection(parts):
@@ -207,7 +198,7 @@ def train_figures(model, family, mode, cfg, device, peak_flops) -> list[dict]:
         rows.append({"batch": batch, "step_s": round(seconds, 3), "tokens_per_s": round(tokens_per_s, 1),
                      "model_tflops_per_step": round(flops / 1e12, 2),
                      "mfu": round(flops / seconds / peak_flops, 3) if peak_flops else None,
-                     "peak_gib": peak_gib(device),
+                     "peak_gib": peak_memory_gib(device),
                      "memory_check_estimate_gib": round(estimate(counts, setup).total / GIB, 2)})
     return rows
 
@@ -228,7 +219,7 @@ def generate_figures(model, family, device) -> list[dict]:
         seconds = time.perf_counter() - started
         new = output[:, inputs["input_ids"].shape[1]:]
         rows.append({"batch": batch, "samples_per_s": round(batch / seconds, 2), "seconds": round(seconds, 2),
-                     "identical_rows": bool((new == new[:1]).all()), "peak_gib": peak_gib(device)})
+                     "identical_rows": bool((new == new[:1]).all()), "peak_gib": peak_memory_gib(device)})
     return rows
 
 
@@ -245,7 +236,7 @@ def check(family: str, mode: str, path: str, device: torch.device, peak_flops) -
     result = {"family": family, "mode": mode, "load": {
         "seconds": round(time.perf_counter() - started, 1), "placement": placement(model),
         "quantised_linears": linear_counts(model), "parameters": count_parameters(model)[1],
-        "trainable": count_parameters(model)[0], "peak_gib": peak_gib(device)}}
+        "trainable": count_parameters(model)[0], "peak_gib": peak_memory_gib(device)}}
     result["train"] = train_figures(model, family, mode, cfg, device, peak_flops)
     result["train_placement"] = placement(model)
     result["generate"] = generate_figures(model, family, device)

@@ -84,3 +84,14 @@ def parameter_numel(param) -> int:
     if quant_state is not None:
         return math.prod(quant_state.shape)
     return int(getattr(param, "ds_numel", 0)) or param.numel()
+
+
+def peak_memory_gib(device) -> dict | None:
+    """The peak GPU memory of this process on ``device`` since the last reset, allocated by tensors and reserved by
+    the caching allocator (GiB); None off the GPU."""
+    if device.type != "cuda":
+        return None
+    import torch
+
+    return {"allocated": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2),
+            "reserved": round(torch.cuda.max_memory_reserved(device) / 2 ** 30, 2)}

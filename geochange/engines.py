@@ -1,6 +1,7 @@
 """How training spreads over devices, on engines that exist: one process per GPU under torchrun / accelerate (never
 ``nn.DataParallel``), DeepSpeed ZeRO-2/3 from a config file (``configs/deepspeed/``), and the ZeRO-3 switch that
-post-training loads (evaluation, merging, a first-time prune) must step outside of.
+post-training loads (evaluation, merging, a first-time prune) must step outside of; and, for run.json, the engine a
+run actually trained on.
 
 DeepSpeed keeps its config alive in transformers once a run's ``TrainingArguments`` exist: every
 ``from_pretrained`` then enters ``zero.Init`` and partitions the weights across the processes, which must all take
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ContextManager, Iterable, Iterator
 
-from .devices import is_distributed_launch
+from .devices import is_distributed_launch, peak_memory_gib
 from .errors import UserError, first_line
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
@@ -145,3 +146,24 @@ def one_process_per_gpu(args) -> str | None:
     args._n_gpu = 1  # what the Trainer reads to decide on DataParallel
     return (f"note: {gpus} GPUs visible but one process: training on one GPU. To train on all {gpus}: "
             f"torchrun --nproc_per_node {gpus} <script> ... (or accelerate launch --num_processes {gpus} ...)")
+
+
+def engine_of(trainer) -> dict:
+    """How the run actually trained, for run.json: processes, DDP or DeepSpeed (stage), the optimizer (fused?), and
+    this process's peak GPU memory (GiB, allocated and reserved)."""
+    args = trainer.args
+    wrapped = trainer.model_wrapped
+    engine = {"world_size": args.world_size, "wrapper": type(wrapped).__name__}
+    if type(wrapped).__name__ == "DistributedDataParallel":
+        engine["gradient_as_bucket_view"] = bool(wrapped.gradient_as_bucket_view)
+    if args.deepspeed:
+        engine["deepspeed"] = {"config": str(args.deepspeed),
+                               "zero_stage": int(args.hf_deepspeed_config.config["zero_optimization"].get("stage", 0))}
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    engine["optimizer"] = type(optimizer).__name__
+    defaults = getattr(optimizer, "defaults", {})
+    if "fused" in defaults:
+        engine["fused"] = bool(defaults["fused"])
+    if args.device.type == "cuda":
+        engine["peak_memory_gib"] = peak_memory_gib(args.device)
+    return engine

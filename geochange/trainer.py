@@ -130,30 +130,6 @@ def suite_trainer_class():
     return SuiteTrainer
 
 
-def engine_of(trainer) -> dict:
-    """How the run actually trained, for run.json: processes, DDP or DeepSpeed (stage), the optimizer (fused?), and
-    this process's peak GPU memory (GiB, allocated and reserved)."""
-    import torch
-
-    args = trainer.args
-    wrapped = trainer.model_wrapped
-    engine = {"world_size": args.world_size, "wrapper": type(wrapped).__name__}
-    if type(wrapped).__name__ == "DistributedDataParallel":
-        engine["gradient_as_bucket_view"] = bool(wrapped.gradient_as_bucket_view)
-    if args.deepspeed:
-        engine["deepspeed"] = {"config": str(args.deepspeed),
-                               "zero_stage": int(args.hf_deepspeed_config.config["zero_optimization"].get("stage", 0))}
-    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
-    engine["optimizer"] = type(optimizer).__name__
-    defaults = getattr(optimizer, "defaults", {})
-    if "fused" in defaults:
-        engine["fused"] = bool(defaults["fused"])
-    if args.device.type == "cuda":
-        engine["peak_memory_gib"] = {"allocated": round(torch.cuda.max_memory_allocated(args.device) / 2 ** 30, 2),
-                                     "reserved": round(torch.cuda.max_memory_reserved(args.device) / 2 ** 30, 2)}
-    return engine
-
-
 # ---------------------------------------------------------------- resuming from the newest complete checkpoint
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")

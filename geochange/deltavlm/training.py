@@ -24,7 +24,8 @@ import torch
 
 from ..annotations import load_changechat
 from ..devices import is_main_process, process_device
-from ..engines import deepspeed_plan, gathered, outside_zero3, size_buckets, start_deepspeed, zero3_enabled
+from ..engines import (deepspeed_plan, engine_of, gathered, outside_zero3, size_buckets, start_deepspeed,
+                       zero3_enabled)
 from ..errors import UserError
 from ..fileio import atomic_path, atomic_write_text
 from ..locks import WriterLock, lock_for_writing
@@ -33,8 +34,7 @@ from ..paths import ANNOTATIONS_DIR, local_or_hub
 from ..results import write_metrics
 from ..runs import data_files, library_versions, resume_state, write_run_file
 from ..sample.data import SAMPLE_CHANGECHAT_ROOT, ensure_sample_media
-from ..trainer import (check_training_settings, engine_of, suite_trainer_class, train_from_newest_checkpoint,
-                       trainer_arguments)
+from ..trainer import check_training_settings, suite_trainer_class, train_from_newest_checkpoint, trainer_arguments
 from . import FAMILY_ID
 from .checkpoint import released_extras, released_layout_state
 from .inputs import (Prompting, build_prompt, encode_training_batch, normalise_answer, preprocess_image)

@@ -18,15 +18,14 @@ import torch
 
 from ..annotations import Sample, Samples, load_annotations
 from ..devices import is_main_process, process_device
-from ..engines import DeepSpeedPlan, deepspeed_plan, one_process_per_gpu, outside_zero3, start_deepspeed
+from ..engines import DeepSpeedPlan, deepspeed_plan, engine_of, one_process_per_gpu, outside_zero3, start_deepspeed
 from ..errors import UserError
 from ..locks import WriterLock, lock_for_writing
 from ..overrides import script_constants
 from ..results import remove_results
 from ..runs import data_files, library_versions, resume_state, write_run_file
 from ..sample.data import SAMPLE_VIDEO_DIR, ensure_sample_media
-from ..trainer import (check_training_settings, engine_of, suite_trainer_class, train_from_newest_checkpoint,
-                       trainer_arguments)
+from ..trainer import check_training_settings, suite_trainer_class, train_from_newest_checkpoint, trainer_arguments
 from ..video import read_video_frames
 from .evaluation import evaluate
 from .families import get_family
