@@ -336,8 +336,9 @@ def test_no_library_is_first_imported_on_the_metrics_worker_thread():
     sentence_transformers -> sklearn imports here: _DeadlockError). Everything the worker needs is imported before
     it starts; a fresh process records every first import and the thread it happened on."""
     import json
-    import subprocess
     import sys
+
+    from conftest import run_command
 
     code = """
 import json, sys, threading
@@ -353,7 +354,7 @@ report = compute_metrics_report(["a new road was built", ["two houses", "2 new h
 print(json.dumps({"off_main": sorted({n for n, t in first if t != "MainThread"}), "missing": report.missing,
                   "total": len(first)}))
 """
-    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    run = run_command([sys.executable, "-c", code])
     assert run.returncode == 0, run.stderr[-2000:]
     seen = json.loads(run.stdout.strip().splitlines()[-1])
     assert seen["total"] > 500  # the watch saw the libraries load (sklearn, nltk, sacrebleu, pycocoevalcap...)
