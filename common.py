@@ -5,7 +5,8 @@ scripts exactly what their ``__main__`` steps call (``from common import finetun
 load_settings``), and is the one command line for the data and scoring tools.
 
 Command line:
-    python common.py score FILE...        # rescore results files (ours or GeoLLaVA's)
+    python common.py score FILE... [--pred KEY] [--refs KEY[,KEY...]] [--id KEY]
+                                          # rescore results files: ours, GeoLLaVA's or any tool's (JSON, JSONL, CSV)
     python common.py sample-data          # regenerate the bundled sample data
     python common.py pairs-to-videos SHEET OUT_DIR [IMAGE_ROOT] [--size WxH] [--max-side N] [--strict]
                                           # fMoW image pairs (GeoLLaVA's pairs sheet) -> 2-frame videos
