@@ -1,8 +1,10 @@
-"""Sharded answering (geochange/sharding.py): the dealing of items to processes, and two processes under torchrun
-whose answers all reach the one writer, once each."""
+"""Sharded answering (geochange/sharding.py): the dealing of items to processes, two processes under torchrun whose
+answers all reach the one writer, once each; and the sharded evaluations (video models, DeltaVLM's batch mode) equal
+to one process's, record for record."""
 from __future__ import annotations
 
 import json
+import shutil
 import textwrap
 
 import pytest
@@ -69,3 +71,58 @@ def test_two_processes_answer_their_shares_and_rank_0_writes_them_all_once(tmp_p
     assert {r["rank"] for r in records} == {0, 1}
     expected = {rank: sorted(share_of(list(range(7)), Shard(rank, 2), cost=lambda i: i % 3)) for rank in (0, 1)}
     assert {rank: sorted(r["id"] for r in records if r["rank"] == rank) for rank in (0, 1)} == expected
+
+
+RUN_SCRIPTS = """
+import json, runpy, sys
+import torch.distributed as dist
+
+# several scripts in one launch (one interpreter start), in one process group that outlives each of them, as the
+# training's outlives the evaluation after it
+dist.init_process_group("gloo")
+for argv in json.loads(sys.argv[1]):
+    sys.argv = argv
+    runpy.run_path(argv[0], run_name="__main__")
+"""
+
+
+def by_id(path) -> dict:
+    return {record["id"]: record for record in map(json.loads, path.read_text().splitlines())}
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("tiny_repo")  # its one-process evaluations are the reference
+def test_sharded_evaluations_equal_one_process_record_for_record_and_a_killed_run_resumes(tiny_repo, tmp_path,
+                                                                                         free_port):
+    from geochange.sample.data import SAMPLE_CHANGECHAT_CAPTIONS
+
+    reference = tiny_repo / "results"
+    video = ["videollava_test.py", "MODEL_ID=tiny", "MODEL_PATH=base", f"VAL_ANNOTATIONS={tiny_repo / 'val.json'}",
+             "MAX_NEW_TOKENS=8", "BATCH_SIZE=1"]
+    # A sharded run killed mid-way left one record and part of the next (a killed writer's cut line): the rerun
+    # answers the other three, two on one process and one on the other (which takes its last step with nothing).
+    killed = tmp_path / "video"
+    killed.mkdir()
+    for suffix in (".jsonl", ".settings.json"):
+        shutil.copy(reference / f"videollava-tiny_base{suffix}", killed)
+    lines = (killed / "videollava-tiny_base.jsonl").read_text().splitlines(keepends=True)
+    (killed / "videollava-tiny_base.jsonl").write_text(lines[0] + lines[1][:25])
+    runs = [[*video, f"RESULTS_DIR={killed}"],
+            ["deltavlm_predict.py", "CHECKPOINT=tiny", f"TEST_ANNOTATIONS={SAMPLE_CHANGECHAT_CAPTIONS}", "LIMIT=4",
+             "NUM_BEAMS=1", "MAX_NEW_TOKENS=8", "BATCH_SIZE=1", f"RESULTS_DIR={tmp_path / 'deltavlm'}"]]
+    script = tmp_path / "run_scripts.py"
+    script.write_text(RUN_SCRIPTS)
+    run = torchrun(free_port, str(script), json.dumps(runs), env={"PYTHONPATH": str(REPO)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout
+    # each process answered on its own, and rank 0 scored each file once
+    assert "process 1 of 2: generating on cpu" in out and "process 1 of 2: loaded on cpu" in out
+    assert "evaluating videollava-tiny_base: 3 of 4 samples to go on 2 processes" in out  # the killed run's rest
+    assert "dropped an incomplete last line" in run.stderr
+    for folder, name in (("video", "videollava-tiny_base"), ("deltavlm", "deltavlm-tiny_sample_changechat_captions")):
+        sharded = tmp_path / folder / f"{name}.jsonl"
+        assert out.count(f"metrics: {sharded.with_suffix('.metrics.json')}") == 1
+        assert by_id(sharded) == by_id(reference / f"{name}.jsonl"), folder  # record for record, once each
+        ours, theirs = (json.loads((path / f"{name}.metrics.json").read_text()) for path in (sharded.parent, reference))
+        assert ours["processes"] == 2 and ours["num_samples"] == theirs["num_samples"] == 4
+        assert ours["metrics"] == pytest.approx(theirs["metrics"], abs=1e-9)
