@@ -106,6 +106,11 @@ class ResultsWriter:
         self.done_ids |= seen
 
 
+def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> None:
+    """A whole results file at once (a validation's answers), written atomically: one JSON object per line."""
+    atomic_write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+
+
 RESULTS_SUFFIXES = (".jsonl", ".settings.json", ".metrics.json", ".csv")
 
 

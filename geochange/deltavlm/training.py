@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import shutil
@@ -27,12 +26,12 @@ from ..devices import is_main_process, process_device
 from ..engines import (deepspeed_plan, engine_of, gathered, outside_zero3, size_buckets, start_deepspeed,
                        zero3_enabled)
 from ..errors import UserError
-from ..fileio import atomic_path, atomic_write_text
+from ..fileio import atomic_path
 from ..locks import WriterLock, lock_for_writing
-from ..metrics import MetricsReport, meteor_available
+from ..metrics import SM, MetricsReport, meteor_available, with_sm
 from ..paths import ANNOTATIONS_DIR, local_or_hub
-from ..results import write_metrics
-from ..runs import data_files, library_versions, resume_state, write_run_file
+from ..results import write_jsonl, write_metrics
+from ..runs import VALIDATION_DIR, data_files, library_versions, resume_state, write_run_file
 from ..sample.data import SAMPLE_CHANGECHAT_ROOT, ensure_sample_media
 from ..trainer import check_training_settings, suite_trainer_class, train_from_newest_checkpoint, trainer_arguments
 from . import FAMILY_ID
@@ -45,10 +44,8 @@ from .predictor import Decoding, Item, Predictor, answer_batch, items_of, read_p
 from .scoring import score_records
 from .tiny import ensure_tiny_deltavlm
 
-BEST_METRICS = ("bleu4", "cider", "sm")
-SM_PARTS = ("bleu4", "meteor", "rouge_l", "cider")   # "sm": their mean, as DeltaVLM's tables report S_m
+BEST_METRICS = ("bleu4", "cider", SM)  # sm: the mean of BLEU-4, METEOR, ROUGE-L, CIDEr (metrics.SM_PARTS)
 TRAINABLE_WEIGHTS = "trainable.safetensors"           # what a Trainer checkpoint holds of the model
-VALIDATION_DIR = "validation"
 # The released recipe, and the tiny twin's (its random weights need bigger steps to learn in minutes).
 PAPER_RECIPE = {"LR": 1e-5, "WARMUP_STEPS": 1000, "EPOCHS": 50}
 TINY_RECIPE = {"LR": 2e-3, "WARMUP_STEPS": 5, "EPOCHS": 4}
@@ -327,9 +324,7 @@ def starting_extras(model: DeltaVLM, sources: Sources) -> dict[str, torch.Tensor
 # --------------------------------------------------------------------------- 6. validation each epoch
 
 def caption_score(metrics: dict[str, float], best_metric: str) -> float:
-    if best_metric == "sm":
-        return sum(metrics[k] for k in SM_PARTS) / len(SM_PARTS)
-    return metrics[best_metric]
+    return with_sm(metrics)[best_metric]
 
 
 def _world() -> tuple[int, int]:
@@ -370,8 +365,7 @@ def validate(predictor: Predictor, items: list[Item], batch_size: int, run_dir: 
         score = caption_score(metrics, best_metric)
         stem = run_dir / VALIDATION_DIR / f"epoch{epoch:03d}"
         stem.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(stem.parent / f"{stem.name}.jsonl",
-                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        write_jsonl(stem.parent / f"{stem.name}.jsonl", records)
         write_metrics(stem, records, MetricsReport(metrics, result.missing, result.models),
                       model=f"DeltaVLM run {run_dir.name}, epoch {epoch}", settings=settings,
                       seconds=round(time.time() - started, 2),
