@@ -29,6 +29,38 @@ def test_items_are_dealt_longest_first_so_every_process_gets_as_many_long_ones()
             assert steps_needed(total, 2, Shard(0, world)) == -(-largest // 2)
 
 
+def test_each_process_answers_on_its_own_gpu(monkeypatch):
+    import torch
+
+    from geochange.sharding import shard_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert shard_device(Shard(3, 8), "auto") == torch.device("cuda", 3)  # under torchrun: its local GPU
+    assert shard_device(Shard(3, 8), "cpu") == torch.device("cpu")  # a device named is a device used
+    assert shard_device(Shard(), "auto") == torch.device("cuda")  # one process: the first GPU, as before
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert shard_device(Shard(3, 8), "auto") == torch.device("cpu")
+
+
+def test_in_step_every_process_takes_part_in_every_step_and_spare_answers_are_dropped(monkeypatch):
+    import geochange.sharding as sharding
+
+    monkeypatch.setattr(sharding, "gather_at_main", lambda shard, records: None)  # rank 1's view of the gather
+    calls, written = [], []
+
+    def answer(batch):
+        calls.append(list(batch))
+        return [{"id": i} for i in batch]
+
+    # rank 1 of 2 holds 2 of 5 items: its third step answers the spare first item, which is never written
+    answer_in_shards(Shard(1, 2), list(range(5)), 1, answer, written.extend, in_step=True)
+    assert calls == [[1], [3], [0]] and written == []  # only rank 0 writes
+    calls.clear()
+    answer_in_shards(Shard(1, 2), list(range(5)), 1, answer, written.extend)
+    assert calls == [[1], [3]]  # without in_step a process with nothing left only joins the gather
+
+
 def test_one_process_answers_everything_and_writes_each_batch():
     written = []
     answer_in_shards(Shard(), list(range(7)), 3, lambda batch: [{"id": i, "x": i * i} for i in batch], written.append)

@@ -33,6 +33,7 @@ from ..paths import ANNOTATIONS_DIR, local_or_hub
 from ..results import write_jsonl, write_metrics
 from ..runs import VALIDATION_DIR, data_files, library_versions, resume_state, write_run_file
 from ..sample.data import SAMPLE_CHANGECHAT_ROOT, ensure_sample_media
+from ..sharding import answer_in_shards, from_main, start_shards
 from ..trainer import check_training_settings, suite_trainer_class, train_from_newest_checkpoint, trainer_arguments
 from . import FAMILY_ID
 from .checkpoint import released_extras, released_layout_state
@@ -339,24 +340,15 @@ def validate(predictor: Predictor, items: list[Item], batch_size: int, run_dir: 
     caption metrics on process 0, write the results like the predictor's batch mode; (score, metrics) everywhere.
     ``args``: the run's TrainingArguments (process 0 loads its text-embedding models outside ZeRO-3)."""
     started = time.time()
-    rank, world = _world()
-    mine = items[rank::world]
-    batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
-    if zero3_enabled():
-        # every process takes part in every forward pass: as many batches each (a spare one answers items[0],
-        # unrecorded)
-        batches += [[]] * (math.ceil(math.ceil(len(items) / world) / batch_size) - len(batches))
-    records = []
+    shard = start_shards()  # the training's process group
+    records: list = []
     with gathered([predictor.model.query_tokens]):  # read outside the model's forward (it generates)
-        for batch in batches:
-            answered = answer_batch(predictor, batch or items[:1])
-            records += answered if batch else []
-    if world > 1:
-        shares: list = [None] * world
-        torch.distributed.all_gather_object(shares, records)
-        records = [r for share in shares for r in share]
-    outcome: list = [None]
-    if rank == 0:
+        # each process a share, gathered at process 0 after every batch; under ZeRO-3 every process takes part in
+        # every forward pass (one with nothing left answers a spare pair, unrecorded)
+        answer_in_shards(shard, items, batch_size, lambda batch: answer_batch(predictor, batch), records.extend,
+                         desc="validation", in_step=zero3_enabled())
+    outcome = None
+    if shard.main:
         order = {item.id: k for k, item in enumerate(items)}
         records.sort(key=lambda r: order[r["id"]])
         with outside_zero3(args):
@@ -370,10 +362,8 @@ def validate(predictor: Predictor, items: list[Item], batch_size: int, run_dir: 
                       model=f"DeltaVLM run {run_dir.name}, epoch {epoch}", settings=settings,
                       seconds=round(time.time() - started, 2),
                       extra={"epoch": epoch, "best_metric": best_metric, "score": score})
-        outcome = [(score, metrics)]
-    if world > 1:
-        torch.distributed.broadcast_object_list(outcome, src=0)
-    return outcome[0]
+        outcome = (score, metrics)
+    return from_main(shard, outcome)
 
 
 def make_validation_callback():
