@@ -243,19 +243,22 @@ def _meteor():
 def _meteor_corpus_score(meteor, gts: dict[int, list[str]], res: dict[int, list[str]]) -> float:
     """pycocoevalcap's ``Meteor.compute_score`` with the SCORE lines streamed instead of one round trip each.
 
-    The same lines in the same order reach the same Java program (a ``SCORE ||| refs ||| hypothesis`` line per
-    sample, then ``EVAL ||| stats...``), so the score is the same; a writer thread keeps both pipes moving.
+    The same lines reach the same Java program (a ``SCORE ||| refs ||| hypothesis`` line per sample, then
+    ``EVAL ||| stats...`` with every sample's statistics in order), so the score is the same; a writer thread keeps
+    both pipes moving. A line that repeats (the same references and hypothesis) is sent once: its statistics are
+    the same, and EVAL still gets one per sample.
     """
     lines = []
     for i in gts:
         hypothesis = res[i][0].replace("|||", "").replace("  ", " ")
         lines.append(" ||| ".join(("SCORE", " ||| ".join(gts[i]), hypothesis)) + "\n")
+    distinct = list(dict.fromkeys(lines))
     process = meteor.meteor_p
     failure: list[BaseException] = []
 
     def write() -> None:
         try:
-            process.stdin.write("".join(lines).encode())
+            process.stdin.write("".join(distinct).encode())
             process.stdin.flush()
         except OSError as exc:
             failure.append(exc)
@@ -263,11 +266,11 @@ def _meteor_corpus_score(meteor, gts: dict[int, list[str]], res: dict[int, list[
     with meteor.lock:
         writer = threading.Thread(target=write, daemon=True)
         writer.start()
-        stats = [process.stdout.readline().decode().strip() for _ in lines]
+        stats = {line: process.stdout.readline().decode().strip() for line in distinct}
         writer.join()
-        if failure or not all(stats):
+        if failure or not all(stats.values()):
             raise OSError(f"METEOR stopped answering ({failure[0] if failure else 'empty statistics line'})")
-        process.stdin.write(("EVAL ||| " + " ||| ".join(stats) + "\n").encode())
+        process.stdin.write(("EVAL ||| " + " ||| ".join(stats[line] for line in lines) + "\n").encode())
         process.stdin.flush()
         for _ in lines:  # the per-sample scores, then the corpus score
             process.stdout.readline()

@@ -499,3 +499,30 @@ def test_embedding_batches_are_the_tokenizers_padded_batches(minilm, generated_c
         expected = encoder.tokenizer([texts[k].strip() for k in chosen], padding=True, truncation=True,
                                      max_length=encoder.max_length, return_tensors="pt")
         assert set(inputs) == set(expected) and all(torch.equal(inputs[key], expected[key]) for key in inputs)
+
+
+@pytest.mark.java
+def test_meteor_sends_a_repeated_line_once_and_scores_as_pycocoevalcap(generated_captions, reference_meteor):
+    refs, preds = generated_captions
+    refs, preds = refs + refs[10:40], preds + preds[10:40]  # 30 samples again: lines that repeat
+    gts = {i: [C.coco_normalise(r) for r in group] for i, group in enumerate(refs)}
+    res = {i: [C.coco_normalise(p)] for i, p in enumerate(preds)}
+    sent = []
+    stdin = reference_meteor.meteor_p.stdin
+
+    class Recording:
+        def write(self, data):
+            sent.append(data)
+            return stdin.write(data)
+
+        def flush(self):
+            stdin.flush()
+
+    reference_meteor.meteor_p.stdin = Recording()
+    try:
+        ours = C.meteor_score(C.CocoTokens(gts, res, "normalised"))
+    finally:
+        reference_meteor.meteor_p.stdin = stdin
+    scored = b"".join(sent).decode().count("SCORE |||")
+    assert scored < len(preds) - 29  # each repeated line sent once
+    assert ours == pytest.approx(reference_meteor.compute_score(gts, res)[0], abs=1e-12)
