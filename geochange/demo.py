@@ -399,8 +399,8 @@ def build_page(chat, cfg):
                 gr.Examples([[first, second] for first, second, _ in examples], inputs=[before, after],
                             label="start here: click a bundled sample pair (or upload your own above)",
                             elem_id="examples")
-                video = as_upload(gr.Video(label="or a 2-frame clip (before, after)", sources=["upload"],
-                                           elem_id="clip", height=140))
+                with gr.Accordion("or a 2-frame clip (before, after)", open=False):
+                    video = as_upload(gr.Video(label="2-frame clip", sources=["upload"], elem_id="clip", height=140))
             with gr.Column(scale=1, min_width=400):  # the conversation
                 chatbot = gr.Chatbot(label="conversation", elem_id="chat", height=400)
                 notice = gr.Markdown("", elem_id="notice")
@@ -411,8 +411,8 @@ def build_page(chat, cfg):
                         send = gr.Button("Send", elem_id="send", variant="primary")
                         clear = gr.Button("New conversation", elem_id="clear", size="sm")
                 with gr.Row():
-                    quick = [gr.Button(label, size="sm", elem_id=f"ask-{label.strip('?').replace(' ', '-')}")
-                             for label in QUICK_QUESTIONS]
+                    quick = [gr.Button(label, size="sm", min_width=80,
+                                       elem_id=f"ask-{label.strip('?').replace(' ', '-')}") for label in QUICK_QUESTIONS]
                 with gr.Accordion("generation settings", open=False):
                     max_new_tokens = gr.Slider(1, 512, value=cfg.MAX_NEW_TOKENS, step=1, label="MAX_NEW_TOKENS")
                     num_beams = gr.Slider(1, 8, value=cfg.NUM_BEAMS, step=1, label="NUM_BEAMS (1 streams the answer)")

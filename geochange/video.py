@@ -1,7 +1,6 @@
 """Before/after pairs as 2-frame H.264 videos (the GeoLLaVA input format), reading them back, and images."""
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -205,14 +204,12 @@ def _probe(path: str, size: int, mtime_ns: int, num_frames: int) -> str | None:
 # --------------------------------------------------------------------------- images
 
 def _open_image(path: Path) -> Image.Image:
-    """The image, its header read and its pixels not yet decoded (PIL decodes lazily). Whoever wants to know the size
-    first checks it itself: PIL's decompression-bomb warning is not printed."""
+    """The image, its header read and its pixels not yet decoded (PIL decodes lazily). (Past PIL's own limit, 89
+    megapixels, PIL warns once; not silenced here: ``warnings.catch_warnings`` is not safe in a threaded server.)"""
     if not path.is_file():
         raise UserError(f"image {path} does not exist")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(path)
+        return Image.open(path)
     except Image.DecompressionBombError:  # past twice PIL's own limit: not opened at all
         raise UserError(f"{path} has more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels: too large to "
                         f"open") from None

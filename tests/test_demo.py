@@ -402,3 +402,38 @@ def test_a_conversation_with_the_tiny_deltavlm_in_the_browser(tmp_path, free_por
 @pytest.mark.slow
 def test_a_conversation_with_the_tiny_video_llava_in_the_browser(tmp_path, free_port, sample_dir):
     chat_about_a_pair_in_the_browser(tmp_path, free_port, "videollava")
+
+
+@pytest.mark.slow
+def test_what_a_newcomer_and_an_untrusted_upload_see_in_the_browser(tmp_path, free_port, sample_dir):
+    """The page (with a stand-in model) on a laptop's screen: the sample pairs above the fold, beside the chat, not
+    under it; images from a file or the clipboard, no webcam; a huge upload refused at once, named as the user
+    named it."""
+    from playwright.sync_api import sync_playwright
+
+    settings = demo_settings(MAX_NEW_TOKENS=8, NUM_BEAMS=1, MAX_IMAGE_PIXELS=40_000_000)
+    page = demo.build_page(FakeChat(), settings)
+    page.launch(server_name="127.0.0.1", server_port=free_port, prevent_thread_lock=True, quiet=True)
+    huge = png_claiming(tmp_path / "my huge field.png", 12000, 12000)
+    try:
+        with sync_playwright() as playwright:
+            browser, context = browser_page(playwright, width=1280)
+            tab = context.new_page()
+            tab.set_viewport_size({"width": 1280, "height": 800})
+            tab.goto(f"http://127.0.0.1:{free_port}")
+            tab.wait_for_selector("#send")
+            examples, chat = tab.locator("#examples").bounding_box(), tab.locator("#chat").bounding_box()
+            assert examples["y"] + 200 < 800, examples  # the label and the first pairs on the first screen
+            assert examples["y"] < chat["y"] + chat["height"] and examples["x"] + examples["width"] <= chat["x"]
+            for name in ("before", "after"):
+                sources = {tab.locator(f"#{name} button").nth(i).get_attribute("aria-label") or ""
+                           for i in range(tab.locator(f"#{name} button").count())}
+                assert {"Upload file", "Paste from clipboard"} <= sources
+                assert not [s for s in sources if "camera" in s.lower() or "webcam" in s.lower()], sources
+            tab.locator("#after input[type=file]").set_input_files(str(huge))
+            tab.wait_for_function("document.querySelector('#notice').innerText.includes('megapixels')")
+            notice = tab.locator("#notice").inner_text()
+            assert notice.startswith("my huge field.png is 12000x12000 (144 megapixels)") and "/" not in notice
+            browser.close()
+    finally:
+        page.close()
