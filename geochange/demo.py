@@ -402,7 +402,7 @@ def build_page(chat, cfg):
                 with gr.Accordion("or a 2-frame clip (before, after)", open=False):
                     video = as_upload(gr.Video(label="2-frame clip", sources=["upload"], elem_id="clip", height=140))
             with gr.Column(scale=1, min_width=400):  # the conversation
-                chatbot = gr.Chatbot(label="conversation", elem_id="chat", height=400)
+                chatbot = gr.Chatbot(label="conversation", elem_id="chat", height=480)
                 notice = gr.Markdown("", elem_id="notice")
                 with gr.Row():
                     message = gr.Textbox(label="your question", elem_id="message", lines=2, scale=4,
@@ -440,6 +440,7 @@ def build_page(chat, cfg):
         send.click(respond, inputs, outputs, **in_order)
         message.submit(respond, inputs, outputs, **in_order)
         clear.click(forget, None, [chatbot, notice, history], **in_order)
+        chatbot.clear(forget, None, [chatbot, notice, history], **in_order)  # the chat's own bin forgets it too
         for component in (before, after, video):
             component.change(new_pair, [before, after, video], [chatbot, notice, history], **in_order)
         for button, question in zip(quick, QUICK_QUESTIONS.values()):

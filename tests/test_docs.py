@@ -12,7 +12,7 @@ from geochange.overrides import script_constants
 
 REPO = Path(__file__).resolve().parent.parent
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-FENCE = re.compile(r"^```.*?^```", re.S | re.M)
+FENCE = re.compile(r"^ *```.*?^ *```", re.S | re.M)
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 # Pages another branch is writing, linked before they land: issue 23's docs/scenes.md (branch i23). Once a page
 # exists its entry must go (the link test fails until it does), so a broken link cannot hide here.
