@@ -20,7 +20,7 @@ BANDS = None                # None = each raster's red, green, blue by colour in
                             # e.g. 4,3,2 for Sentinel-2, or one band (grey)
 GSD = None                  # metres per pixel to resample both dates to (None = BEFORE's own pixel size)
 STRETCH_PERCENTILES = (2.0, 98.0)  # per band, these percentiles of both dates become 0 and 255 (the same for both
-                            # dates, so a change is never a contrast change); None = 8-bit values as they are
+                            # dates, so a change is never a contrast change); () = 8-bit values as they are
 # --- the tiles
 TILE_SIZE = 256             # grid pixels per tile side: the model's input (256 px at 0.5 m, as LEVIR-CC)
 OVERLAP = 0                 # pixels neighbouring tiles share (the last row and column always overlap inward)

@@ -78,7 +78,7 @@ def open_scene(cfg) -> RasterPair:
     before, after = scene_paths(cfg)
     pair = open_pair(before, after, bands=cfg.BANDS, gsd=cfg.GSD, percentiles=cfg.STRETCH_PERCENTILES)
     stretch = pair.stretch
-    if stretch.percentiles is not None:
+    if stretch.percentiles:
         print(f"stretch: {stretch.percentiles[0]:g}-{stretch.percentiles[1]:g} % of both dates per band -> 0-255 "
               f"(R {stretch.low[0]:g}-{stretch.high[0]:g}, G {stretch.low[1]:g}-{stretch.high[1]:g}, "
               f"B {stretch.low[2]:g}-{stretch.high[2]:g})")

@@ -213,7 +213,7 @@ def write_overview(path: Path, pair: RasterPair, records: list[dict], *, title: 
     figure.subplots_adjust(left=0.01, right=0.99, top=1 - 0.75 / (height_inches + 1.6),
                            bottom=0.55 / (height_inches + 1.6), wspace=0.03)
     with atomic_path(path) as temporary:
-        figure.savefig(temporary, format="png")
+        figure.savefig(temporary, format="png", pil_kwargs={"compress_level": 1})  # fast; a few MB at most
     return path
 
 
@@ -227,7 +227,7 @@ def _draw_tile_state(ax, rectangle, record: dict, box: tuple[float, float, float
     ax.add_patch(rectangle((col - 0.5, row - 0.5), width, height, fill=changed, facecolor="red", alpha=0.35 if
                            changed else 1.0, edgecolor="0.35", linewidth=0.4))
     for category, colour in (("road", "orange"), ("building", "deepskyblue")):
-        for label in record["parsed"].get(f"{category}_cells") or ():
+        for label in (record["parsed"] or {}).get(f"{category}_cells") or ():
             cell = cell_window(Window(col, row, width, height), label)
             ax.add_patch(rectangle((cell.col_off - 0.5, cell.row_off - 0.5), cell.width, cell.height,
                                    facecolor=colour, alpha=0.45, edgecolor="none"))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
-from rasterio.transform import Affine
+from rasterio.transform import Affine, rowcol
 from rasterio.crs import CRS
 from rasterio.enums import ColorInterp, Resampling
 from rasterio.errors import CRSError, NotGeoreferencedWarning, RasterioError
@@ -45,6 +45,10 @@ PIXEL_CRS = CRS.from_epsg(3857)
 SAMPLE_SIDE = 1024
 # Colour interpretations that make the default bands, in order.
 RGB = (ColorInterp.red, ColorInterp.green, ColorInterp.blue)
+
+
+def _units(crs: CRS) -> str:
+    return crs.linear_units if crs.is_projected else "degree"
 
 
 def _short(crs: CRS | None) -> str:
@@ -77,9 +81,8 @@ class Grid:
     def describe(self) -> str:
         if not self.georeferenced:
             return f"{self.width} x {self.height} px in pixel coordinates"
-        units = self.crs.linear_units if self.crs.is_projected else "degree"
         x, y = self.pixel_size
-        size = f"{x:g} {units}" if math.isclose(x, y) else f"{x:g} x {y:g} {units}"
+        size = f"{x:g} {_units(self.crs)}" if math.isclose(x, y) else f"{x:g} x {y:g} {_units(self.crs)}"
         return f"{self.width} x {self.height} px of {size} in {_short(self.crs)}"
 
 
@@ -99,11 +102,12 @@ class Raster:
         return f"{self.setting} ({self.path.name})"
 
     def describe(self) -> str:
-        x, y = abs(self.transform.a), abs(self.transform.e)
-        units = (self.crs.linear_units if self.crs.is_projected else "degree") if self.crs else "px"
+        where = "no georeferencing"
+        if self.crs is not None:
+            where = (f"{_short(self.crs)}, pixels of {abs(self.transform.a):g} x {abs(self.transform.e):g} "
+                     f"{_units(self.crs)}")
         return (f"{self.label}: {self.dataset.width} x {self.dataset.height} px, {self.dataset.count} band(s) of "
-                f"{self.dataset.dtypes[0]}, bands {','.join(map(str, self.bands))} as RGB, "
-                f"{_short(self.crs)}, pixels of {x:g} x {y:g} {units}")
+                f"{self.dataset.dtypes[0]}, bands {','.join(map(str, self.bands))} as RGB, {where}")
 
 
 def open_raster(setting: str, path: str | Path) -> rasterio.DatasetReader:
@@ -142,7 +146,7 @@ def _crs_of(setting: str, path: Path, dataset) -> CRS | None:
                         f".prj (or .aux.xml) with the CRS beside it")
     try:
         transform_bounds(crs, WGS84, *dataset.bounds)
-    except (CRSError, RasterioError) as exc:
+    except Exception as exc:  # noqa: BLE001 - PROJ's refusal comes as rasterio's private CPLE_* errors
         raise UserError(f"{setting}={path}: unknown CRS {_short(crs)!r}: it cannot be placed on the earth "
                         f"({first_line(exc, 120)})") from None
     return crs
@@ -212,12 +216,14 @@ class Stretch:
 def fit_stretch(samples: list[tuple[np.ndarray, np.ndarray]], percentiles: tuple[float, float] | None,
                 dtypes: list[str]) -> Stretch:
     """The stretch from samples (``(values (3, h, w), valid (h, w))`` of each date): per band, the ``percentiles``
-    of the valid values of all dates together. ``percentiles=None``: 8-bit values as they are."""
-    if percentiles is None:
+    of the valid values of all dates together. ``percentiles`` None or ``()``: 8-bit values as they are."""
+    if not percentiles:
         if any(dtype != "uint8" for dtype in dtypes):
-            raise UserError(f"STRETCH_PERCENTILES=None keeps values as they are, which needs 8-bit rasters; these are "
+            raise UserError(f"STRETCH_PERCENTILES={percentiles}: values as they are needs 8-bit rasters; these are "
                             f"{' and '.join(sorted(set(dtypes)))}: give percentiles, e.g. (2, 98)")
         return Stretch(None, (0.0, 0.0, 0.0), (255.0, 255.0, 255.0))
+    if len(percentiles) != 2:
+        raise UserError(f"STRETCH_PERCENTILES={tuple(percentiles)}: expected two percentiles, e.g. (2, 98)")
     low_pct, high_pct = (float(p) for p in percentiles)
     if not 0 <= low_pct < high_pct <= 100:
         raise UserError(f"STRETCH_PERCENTILES={tuple(percentiles)}: expected two percentiles, 0 <= low < high <= 100")
@@ -278,7 +284,7 @@ def common_grid(before: Raster, after: Raster, gsd: float | None) -> Grid:
             raise UserError(f"GSD={gsd}: metres per pixel must be > 0")
         if not before.crs.is_projected or before.crs.linear_units_factor[1] != 1.0:
             raise UserError(f"GSD={gsd} metres needs BEFORE in a projected CRS in metres; {before.label} is in "
-                            f"{_short(before.crs)} ({before.crs.linear_units if before.crs.is_projected else 'degrees'})")
+                            f"{_short(before.crs)} ({_units(before.crs)})")
         x, y = abs(transform.a), abs(transform.e)
         width, height = math.floor(width * x / gsd + 1e-6), math.floor(height * y / gsd + 1e-6)
         transform = transform * Affine.scale(gsd / x, gsd / y)
@@ -318,9 +324,10 @@ class RasterPair:
             read.append((pixels[:3], pixels[3] > 0))
         return read
 
-    def sample(self, side: int = SAMPLE_SIDE) -> list[tuple[np.ndarray, np.ndarray]]:
-        """A decimated read of both dates over the whole grid, at most ``side`` pixels on the longer side (nearest
-        neighbour: real values, not averages, which would squeeze the stretch's tails)."""
+    def sample(self, side: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """A decimated read of both dates over the whole grid, at most ``side`` (default ``SAMPLE_SIDE``) pixels on
+        the longer side (nearest neighbour: real values, not averages, which would squeeze the stretch's tails)."""
+        side = side or SAMPLE_SIDE
         scale = min(1.0, side / max(self.grid.width, self.grid.height))
         shape = (max(1, round(self.grid.height * scale)), max(1, round(self.grid.width * scale)))
         read = []
@@ -389,11 +396,15 @@ def describe_pair(pair: RasterPair) -> list[str]:
             lines.append(f"{after.label} is resampled from {after.dataset.width} x {after.dataset.height} px onto "
                          f"BEFORE's {grid.width} x {grid.height} px ({RESAMPLING.name})")
         return lines
-    if after.crs != grid.crs or not _same_pixels(after.transform, grid.transform):
+    pixels = f"{grid.pixel_size[0]:g} {_units(grid.crs)} pixels"
+    if after.crs != grid.crs:
         lines.append(f"{after.label} is reprojected onto BEFORE's grid ({_short(after.crs)} -> {_short(grid.crs)}, "
-                     f"{abs(after.transform.a):g} -> {grid.pixel_size[0]:g} pixels, {RESAMPLING.name})")
+                     f"{abs(after.transform.a):g} {_units(after.crs)} -> {pixels}, {RESAMPLING.name})")
+    elif not _same_pixels(after.transform, grid.transform):
+        lines.append(f"{after.label} is resampled onto BEFORE's grid ({abs(after.transform.a):g} -> {pixels}, "
+                     f"{RESAMPLING.name})")
     if not _same_pixels(before.transform, grid.transform):
-        lines.append(f"{before.label} is resampled to {grid.pixel_size[0]:g} pixels ({RESAMPLING.name})")
+        lines.append(f"{before.label} is resampled to {pixels} ({RESAMPLING.name})")
     lines.append(f"the overlap of the two dates: {grid.describe()}")
     return lines
 
@@ -403,5 +414,5 @@ def _same_pixels(transform: Affine, grid: Affine) -> bool:
     apart), so the warper only copies them."""
     if not all(math.isclose(getattr(transform, k), getattr(grid, k), rel_tol=1e-9, abs_tol=1e-12) for k in "abde"):
         return False
-    col, row = ~grid * (transform.c, transform.f)
+    row, col = rowcol(grid, transform.c, transform.f, op=float)
     return abs(col - round(col)) < 1e-6 and abs(row - round(row)) < 1e-6

@@ -19,7 +19,7 @@ import numpy as np
 import rasterio
 from rasterio.enums import ColorInterp, Resampling
 from rasterio.features import geometry_mask
-from rasterio.transform import from_origin
+from rasterio.transform import from_origin, xy
 from rasterio.warp import calculate_default_transform, reproject
 
 from ..fileio import atomic_path
@@ -66,10 +66,13 @@ def mosaic(which: int) -> np.ndarray:
 def _strip_mask(transform, side: int) -> np.ndarray:
     """True outside the earlier date's satellite strip (the two cut corners)."""
     top_left, bottom_right = CUT_CORNERS["top-left"], CUT_CORNERS["bottom-right"]
-    corners = [[(0, 0), (top_left, 0), (0, top_left)],
-               [(side, side), (side - bottom_right, side), (side, side - bottom_right)]]
-    shapes = [{"type": "Polygon", "coordinates": [[transform * point for point in corner + corner[:1]]]}
-              for corner in corners]
+    corners = [[(0, 0), (0, top_left), (top_left, 0)],  # (row, col) of each triangle's corners
+               [(side, side), (side, side - bottom_right), (side - bottom_right, side)]]
+    shapes = []
+    for corner in corners:
+        rows, cols = zip(*(corner + corner[:1]))
+        xs, ys = xy(transform, rows, cols, offset="ul")
+        shapes.append({"type": "Polygon", "coordinates": [list(zip(xs, ys))]})
     return geometry_mask(shapes, out_shape=(side, side), transform=transform, invert=True)
 
 
