@@ -19,6 +19,8 @@ AFTER = None                # the later date, in any CRS and pixel size (reproje
 BANDS = None                # None = each raster's red, green, blue by colour interpretation, else bands 1,2,3;
                             # e.g. 4,3,2 for Sentinel-2, or one band (grey)
 GSD = None                  # metres per pixel to resample both dates to (None = BEFORE's own pixel size)
+RESAMPLING = "nearest"      # how GDAL's warper resamples: nearest (gdalwarp's default: real values, sharp, fastest);
+                            # bilinear / cubic: smoother, ~4x slower on masked rasters; average: for a much coarser GSD
 STRETCH_PERCENTILES = (2.0, 98.0)  # per band, these percentiles of both dates become 0 and 255 (the same for both
                             # dates, so a change is never a contrast change); () = 8-bit values as they are
 # --- the tiles

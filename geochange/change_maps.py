@@ -76,7 +76,8 @@ def open_scene(cfg) -> RasterPair:
     """Step 1b: both dates opened, checked and put on one grid (one line per reprojection or resampling), the
     stretch fitted from a decimated read of both; a ``with`` block closes them."""
     before, after = scene_paths(cfg)
-    pair = open_pair(before, after, bands=cfg.BANDS, gsd=cfg.GSD, percentiles=cfg.STRETCH_PERCENTILES)
+    pair = open_pair(before, after, bands=cfg.BANDS, gsd=cfg.GSD, percentiles=cfg.STRETCH_PERCENTILES,
+                     resampling=cfg.RESAMPLING)
     stretch = pair.stretch
     if stretch.percentiles:
         print(f"stretch: {stretch.percentiles[0]:g}-{stretch.percentiles[1]:g} % of both dates per band -> 0-255 "
@@ -134,6 +135,7 @@ def run_identity(cfg, pair: RasterPair, questions: dict[str, str]) -> dict[str, 
         "grid": {"crs": grid.crs.to_string() if grid.crs else None, "transform": list(grid.transform)[:6],
                  "width": grid.width, "height": grid.height},
         "bands": {"before": list(pair.before.bands), "after": list(pair.after.bands)},
+        "resampling": pair.resampling.name,
         "stretch": dataclasses.asdict(stretch),
         "tiles": {"tile_size": cfg.TILE_SIZE, "overlap": cfg.OVERLAP, "max_nodata": cfg.MAX_NODATA},
         "model": model_identity(cfg), "questions": questions,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +36,9 @@ from rasterio.windows import from_bounds
 from .errors import UserError, first_line
 
 WGS84 = CRS.from_epsg(4326)
-# Bilinear: the usual choice for continuous imagery (nearest leaves jagged edges along a rotation; cubic overshoots
-# at the sharp edges of roofs and roads).
-RESAMPLING = Resampling.bilinear
+# The warper's resampling methods (GDAL's; ``nearest`` is gdalwarp's default).
+RESAMPLINGS = ("nearest", "bilinear", "cubic", "cubic_spline", "lanczos", "average", "mode", "min", "max", "med",
+               "q1", "q3", "sum", "rms")
 # Pixel coordinates (no georeferencing) still go through the warper, which needs a CRS: any planar one serves, and
 # it is never shown.
 PIXEL_CRS = CRS.from_epsg(3857)
@@ -152,6 +153,13 @@ def _crs_of(setting: str, path: Path, dataset) -> CRS | None:
     return crs
 
 
+def parse_resampling(name: str) -> Resampling:
+    """``RESAMPLING`` as rasterio's Resampling."""
+    if name not in RESAMPLINGS:
+        raise UserError(f"RESAMPLING={name!r} is not one of the warper's methods: {', '.join(RESAMPLINGS)}")
+    return Resampling[name]
+
+
 def parse_bands(value) -> tuple[int, ...] | None:
     """``BANDS`` as band numbers: None (the default), ``(4, 3, 2)``, ``"4,3,2"`` or one band ``2`` (grey)."""
     if value is None:
@@ -204,13 +212,27 @@ class Stretch:
     low: tuple[float, float, float]
     high: tuple[float, float, float]
 
+    def scale(self, values: np.ndarray, band: int) -> np.ndarray:
+        """Values of one band -> uint8: (v - low) * 255 / (high - low), rounded, clipped to 0..255."""
+        low, high = self.low[band], self.high[band]
+        return np.rint(np.clip((values.astype(np.float32) - low) * (255.0 / (high - low)), 0, 255)).astype(np.uint8)
+
     def apply(self, values: np.ndarray, valid: np.ndarray) -> np.ndarray:
         """(3, h, w) raster values -> (h, w, 3) uint8 RGB; pixels not ``valid`` are black."""
-        low = np.asarray(self.low, np.float32)[:, None, None]
-        span = np.asarray(self.high, np.float32)[:, None, None] - low
-        scaled = np.clip((values.astype(np.float32) - low) * (255.0 / span), 0, 255)
-        scaled[:, ~valid] = 0
-        return np.ascontiguousarray(np.rint(scaled).astype(np.uint8).transpose(1, 2, 0))
+        picture = np.empty((*values.shape[1:], 3), np.uint8)
+        for band in range(3):
+            if values.dtype in (np.uint8, np.uint16):  # every value of the type looked up: a table is faster
+                picture[..., band] = _table(self, band, values.dtype.str)[values[band]]
+            else:
+                picture[..., band] = self.scale(values[band], band)
+        picture[~valid] = 0
+        return picture
+
+
+@lru_cache(maxsize=16)
+def _table(stretch: Stretch, band: int, dtype: str) -> np.ndarray:
+    """``stretch.scale`` of every value an 8- or 16-bit band can hold."""
+    return stretch.scale(np.arange(np.iinfo(np.dtype(dtype)).max + 1), band)
 
 
 def fit_stretch(samples: list[tuple[np.ndarray, np.ndarray]], percentiles: tuple[float, float] | None,
@@ -244,7 +266,8 @@ def _overlap(before: Raster, after: Raster) -> tuple[float, float, float, float]
     left, bottom, right, top = max(b_left, a_left), max(b_bottom, a_bottom), min(b_right, a_right), min(b_top, a_top)
     if left >= right or bottom >= top:
         raise UserError(f"{before.label} and {after.label} do not overlap: in {_short(before.crs)} BEFORE covers "
-                        f"{_fmt_bounds(before.dataset.bounds)}, AFTER {_fmt_bounds((a_left, a_bottom, a_right, a_top))}")
+                        f"{_fmt_bounds(before.dataset.bounds)}, AFTER "
+                        f"{_fmt_bounds((a_left, a_bottom, a_right, a_top))}")
     return left, bottom, right, top
 
 
@@ -295,46 +318,49 @@ class RasterPair:
     """Both dates open on one grid: ``read(window)`` gives each date's values and valid pixels there. A ``with``
     block (or ``close()``) closes the files."""
 
-    def __init__(self, before: Raster, after: Raster, grid: Grid):
-        self.before, self.after, self.grid = before, after, grid
+    def __init__(self, before: Raster, after: Raster, grid: Grid, resampling: Resampling = Resampling.nearest):
+        self.before, self.after, self.grid, self.resampling = before, after, grid, resampling
         self.stretch: Stretch | None = None
-        self._readers = [self._warped(date) for date in (before, after)]
+        self._readers = [self._warped(date, grid, resampling) for date in (before, after)]
 
-    def _warped(self, date: Raster) -> tuple[WarpedVRT, int]:
-        """The date seen through GDAL's warper on the grid, and the band of the VRT that says where data is."""
-        grid = self.grid
+    def _warped(self, date: Raster, grid: Grid, resampling: Resampling) -> tuple[WarpedVRT, int]:
+        """The date seen through GDAL's warper on ``grid``, and the band of the VRT that says where data is."""
         source = ({} if date.crs is not None else
-                  {"src_crs": PIXEL_CRS, "src_transform": Affine.scale(grid.width / date.dataset.width,
-                                                                       grid.height / date.dataset.height)})
+                  {"src_crs": PIXEL_CRS, "src_transform": Affine.scale(self.grid.width / date.dataset.width,
+                                                                       self.grid.height / date.dataset.height)})
         interp = list(date.dataset.colorinterp)
         has_alpha = ColorInterp.alpha in interp
         vrt = WarpedVRT(date.dataset, crs=grid.crs or PIXEL_CRS, transform=grid.transform, width=grid.width,
-                        height=grid.height, resampling=RESAMPLING, add_alpha=not has_alpha, **source)
+                        height=grid.height, resampling=resampling, add_alpha=not has_alpha, **source)
         return vrt, (interp.index(ColorInterp.alpha) + 1 if has_alpha else vrt.count)
 
-    def read(self, window: Window | None = None, out_shape: tuple[int, int] | None = None
-             ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per date, ``(values (3, h, w) in the raster's type, valid (h, w) bool)`` over ``window`` of the grid
-        (default: all of it, which only a decimated read with ``out_shape`` should ask for)."""
-        window = window or Window(0, 0, self.grid.width, self.grid.height)
-        shape = out_shape or (int(window.height), int(window.width))
+    @staticmethod
+    def _read(readers, dates: tuple[Raster, Raster], window: Window | None) -> list[tuple[np.ndarray, np.ndarray]]:
         read = []
-        for (vrt, alpha), date in zip(self._readers, (self.before, self.after)):
-            pixels = vrt.read([*date.bands, alpha], window=window, out_shape=(4, *shape), resampling=RESAMPLING)
+        for (vrt, alpha), date in zip(readers, dates):
+            pixels = vrt.read([*date.bands, alpha], window=window)
             read.append((pixels[:3], pixels[3] > 0))
         return read
 
+    def read(self, window: Window) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per date, ``(values (3, h, w) in the raster's type, valid (h, w) bool)`` over ``window`` of the grid."""
+        return self._read(self._readers, (self.before, self.after), window)
+
     def sample(self, side: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
-        """A decimated read of both dates over the whole grid, at most ``side`` (default ``SAMPLE_SIDE``) pixels on
-        the longer side (nearest neighbour: real values, not averages, which would squeeze the stretch's tails)."""
+        """Both dates over the whole grid at most ``side`` (default ``SAMPLE_SIDE``) pixels on the longer side: the
+        warper samples each source onto a coarser grid of the same ground (GDAL reads a source's overviews where it
+        has them), nearest neighbour: real values, not averages, which would squeeze the stretch's tails."""
         side = side or SAMPLE_SIDE
-        scale = min(1.0, side / max(self.grid.width, self.grid.height))
-        shape = (max(1, round(self.grid.height * scale)), max(1, round(self.grid.width * scale)))
-        read = []
-        for (vrt, alpha), date in zip(self._readers, (self.before, self.after)):
-            pixels = vrt.read([*date.bands, alpha], out_shape=(4, *shape), resampling=Resampling.nearest)
-            read.append((pixels[:3], pixels[3] > 0))
-        return read
+        grid = self.grid
+        scale = max(1.0, max(grid.width, grid.height) / side)
+        width, height = max(1, round(grid.width / scale)), max(1, round(grid.height / scale))
+        coarse = Grid(grid.crs, grid.transform * Affine.scale(grid.width / width, grid.height / height), width, height)
+        readers = [self._warped(date, coarse, Resampling.nearest) for date in (self.before, self.after)]
+        try:
+            return self._read(readers, (self.before, self.after), None)
+        finally:
+            for vrt, _ in readers:
+                vrt.close()
 
     def fit_stretch(self, percentiles: tuple[float, float] | None) -> Stretch:
         self.stretch = fit_stretch(self.sample(), percentiles,
@@ -355,10 +381,11 @@ class RasterPair:
 
 
 def open_pair(before: str | Path, after: str | Path, *, bands=None, gsd: float | None = None,
-              percentiles: tuple[float, float] | None = (2.0, 98.0), say=print) -> RasterPair:
-    """Both dates opened, checked and put on one grid, the stretch fitted; ``say`` gets one line per thing done to
-    the data (a reprojection, a resampling, pixel coordinates)."""
-    wanted = parse_bands(bands)
+              percentiles: tuple[float, float] | None = (2.0, 98.0), resampling: str = "nearest",
+              say=print) -> RasterPair:
+    """Both dates opened, checked and put on one grid (warped with ``resampling``), the stretch fitted; ``say`` gets
+    one line per thing done to the data (a reprojection, a resampling, pixel coordinates)."""
+    wanted, method = parse_bands(bands), parse_resampling(resampling)
     first = open_date("BEFORE", before, wanted)
     try:
         second = open_date("AFTER", after, wanted)
@@ -371,7 +398,7 @@ def open_pair(before: str | Path, after: str | Path, *, bands=None, gsd: float |
             raise UserError(f"{plain.label} has no georeferencing but the other date has: give both with a CRS "
                             f"(GeoTIFF, or a world file and .prj), or neither (pixel coordinates)")
         grid = common_grid(first, second, gsd)
-        pair = RasterPair(first, second, grid)
+        pair = RasterPair(first, second, grid, method)
     except BaseException:
         first.dataset.close()
         second.dataset.close()
@@ -388,23 +415,23 @@ def open_pair(before: str | Path, after: str | Path, *, bands=None, gsd: float |
 
 def describe_pair(pair: RasterPair) -> list[str]:
     """What was opened and what is done to it to share one grid, a line each."""
-    before, after, grid = pair.before, pair.after, pair.grid
+    before, after, grid, method = pair.before, pair.after, pair.grid, pair.resampling.name
     lines = [before.describe(), after.describe()]
     if not grid.georeferenced:
         lines.append("neither date is georeferenced: tiles and the picture are in pixel coordinates, no GeoJSON")
         if (after.dataset.width, after.dataset.height) != (grid.width, grid.height):
             lines.append(f"{after.label} is resampled from {after.dataset.width} x {after.dataset.height} px onto "
-                         f"BEFORE's {grid.width} x {grid.height} px ({RESAMPLING.name})")
+                         f"BEFORE's {grid.width} x {grid.height} px ({method})")
         return lines
     pixels = f"{grid.pixel_size[0]:g} {_units(grid.crs)} pixels"
     if after.crs != grid.crs:
         lines.append(f"{after.label} is reprojected onto BEFORE's grid ({_short(after.crs)} -> {_short(grid.crs)}, "
-                     f"{abs(after.transform.a):g} {_units(after.crs)} -> {pixels}, {RESAMPLING.name})")
+                     f"{abs(after.transform.a):g} {_units(after.crs)} -> {pixels}, {method})")
     elif not _same_pixels(after.transform, grid.transform):
         lines.append(f"{after.label} is resampled onto BEFORE's grid ({abs(after.transform.a):g} -> {pixels}, "
-                     f"{RESAMPLING.name})")
+                     f"{method})")
     if not _same_pixels(before.transform, grid.transform):
-        lines.append(f"{before.label} is resampled to {pixels} ({RESAMPLING.name})")
+        lines.append(f"{before.label} is resampled to {pixels} ({method})")
     lines.append(f"the overlap of the two dates: {grid.describe()}")
     return lines
 

@@ -82,7 +82,7 @@ def read_tile(pair: RasterPair, tile: Tile, max_nodata: float) -> TileImages:
     worst = max(1.0 - before_valid.mean(), 1.0 - after_valid.mean())
     if worst > max_nodata or not valid.any():
         return TileImages(tile, None, None, round(nodata, 4), NODATA)
-    if not before[:, before_valid].any() or not after[:, after_valid].any():
+    if not (before.any(axis=0) & before_valid).any() or not (after.any(axis=0) & after_valid).any():
         return TileImages(tile, None, None, round(nodata, 4), ALL_ZERO)
     return TileImages(tile, pair.stretch.apply(before, valid), pair.stretch.apply(after, valid), round(nodata, 4))
 

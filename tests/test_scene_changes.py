@@ -109,27 +109,32 @@ def test_the_after_in_another_crs_and_pixel_size_is_reprojected_onto_the_before_
     after_data, after_transform = warped(bands16[0][:, :, :200], transform, "EPSG:3857", 0.8)
     after = write_raster(tmp_path / "after.tif", after_data, crs="EPSG:3857", transform=after_transform, nodata=0)
     said = []
-    with open_pair(before, after, say=said.append) as pair:
+    with open_pair(before, after, resampling="bilinear", say=said.append) as pair:
         grid = pair.grid
-        assert any("AFTER (after.tif) is reprojected onto BEFORE's grid (EPSG:3857 -> EPSG:32632" in line
-                   for line in said)
+        assert "AFTER (after.tif) is reprojected onto BEFORE's grid (EPSG:3857 -> EPSG:32632, 0.8 metre -> 0.5 " \
+               "metre pixels, bilinear)" in said
         # the grid: the before's own pixels, from its corner, as far as rasterio's bounds of the after reach
         with rasterio.open(after) as dataset:
             after_right = transform_bounds("EPSG:3857", UTM32, *dataset.bounds, densify_pts=21)[2]
         assert (grid.crs, grid.transform) == (CRS.from_string(UTM32), transform)
         assert (grid.width, grid.height) == (math.floor((after_right - ORIGIN[0]) / 0.5), 256)
         assert 200 <= grid.width < 256
-        # the after's pixels sit where the before's are: no shift by a pixel fits them better
+        # the after's pixels sit where the before's are: no shift by a pixel fits them better (bilinear, and the
+        # default nearest neighbour, which gives the after's own values, never blends)
         (b, b_valid), (a, a_valid) = pair.read(Window(0, 0, 190, 256))
+        with open_pair(before, after, say=lambda line: None) as nearest:
+            (_, _), (a_nearest, _) = nearest.read(Window(0, 0, 190, 256))
+        assert set(np.unique(a_nearest)) <= set(np.unique(after_data))
         both = (b_valid & a_valid)[2:-2, 2:-2]
         assert both.mean() > 0.95
 
-        def misfit(dy: int, dx: int) -> float:  # mean |after - before| with the after moved by (dy, dx)
-            moved = a[:, 2 + dy:a.shape[1] - 2 + dy, 2 + dx:a.shape[2] - 2 + dx].astype(float)
+        def misfit(after_values: np.ndarray, dy: int, dx: int) -> float:  # mean |after moved by (dy, dx) - before|
+            moved = after_values[:, 2 + dy:a.shape[1] - 2 + dy, 2 + dx:a.shape[2] - 2 + dx].astype(float)
             return float(np.abs(moved - b[:, 2:-2, 2:-2])[:, both].mean())
 
-        misfits = {(dy, dx): misfit(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)}
-        assert min(misfits, key=misfits.get) == (0, 0), misfits
+        for values in (a, a_nearest):
+            misfits = {(dy, dx): misfit(values, dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)}
+            assert min(misfits, key=misfits.get) == (0, 0), misfits
         # beyond the after's ground (its last columns in the overlap's bounding box) there is no data
         (_, _), (_, edge_valid) = pair.read(Window(grid.width - 4, 0, 4, 256))
         assert not edge_valid[:, -1].all()
@@ -138,7 +143,7 @@ def test_the_after_in_another_crs_and_pixel_size_is_reprojected_onto_the_before_
     with open_pair(before, after, gsd=1.0, say=said.append) as pair:
         assert pair.grid.transform == from_origin(*ORIGIN, 1.0, 1.0)
         assert (pair.grid.width, pair.grid.height) == (math.floor((after_right - ORIGIN[0]) / 1.0), 128)
-        assert "BEFORE (before.tif) is resampled to 1 metre pixels (bilinear)" in said
+        assert "BEFORE (before.tif) is resampled to 1 metre pixels (nearest)" in said
     with pytest.raises(UserError, match=r"GSD=1.0 metres needs BEFORE in a projected CRS in metres; .* \(degree\)"):
         open_pair(after_wgs84(tmp_path, after), before, gsd=1.0)
 
@@ -245,8 +250,8 @@ def test_each_bad_input_stops_in_one_line_before_any_model_loads(tmp_path, bands
     png.with_suffix(".pgw").write_text(f"0.5\n0\n0\n-0.5\n{ORIGIN[0] + 0.25}\n{ORIGIN[1] - 0.25}\n")
 
     def run(after, **settings):
-        return lambda: run_script("scene_changes.py", *script_args(BEFORE=good, AFTER=after, OUTPUT_DIR=tmp_path / "out",
-                                                                    MODEL_PATH="tiny", **settings))
+        return lambda: run_script("scene_changes.py", *script_args(
+            BEFORE=good, AFTER=after, OUTPUT_DIR=tmp_path / "out", MODEL_PATH="tiny", **settings))
 
     user_error(run(text), f"AFTER={text} is not a raster rasterio can read")
     user_error(run(far), "BEFORE (good.tif) and AFTER (far.tif) do not overlap")

@@ -59,7 +59,8 @@ def mosaic(which: int) -> np.ndarray:
     place = np.zeros((4, side, side), np.uint16)
     for index, seed in enumerate(SCENE_SEEDS):
         row, col = divmod(index, SCENES_PER_SIDE)
-        place[:, row * SIZE:(row + 1) * SIZE, col * SIZE:(col + 1) * SIZE] = to_bands(render_pair(make_scene_pair(seed))[which])
+        picture = render_pair(make_scene_pair(seed))[which]
+        place[:, row * SIZE:(row + 1) * SIZE, col * SIZE:(col + 1) * SIZE] = to_bands(picture)
     return place
 
 
