@@ -4,6 +4,7 @@ bundled example scene: GeoJSON against rasterio's own bounds transform, the pict
 processes = one, plain PNGs in pixel coordinates."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import torch
 from conftest import run_script, script_args, torchrun
 from PIL import Image
 from rasterio.crs import CRS
@@ -24,12 +26,14 @@ from rasterio.warp import calculate_default_transform, reproject, transform_boun
 from rasterio.windows import Window
 from rasterio.windows import bounds as window_bounds
 
-from geochange import demo, map_outputs, rasters
+from geochange import change_maps, demo, map_outputs, rasters
 from geochange.errors import UserError
 from geochange.map_outputs import geojson, parse_answers, resolve_questions, summarize, tile_record
+from geochange.overrides import script_constants
 from geochange.rasters import Grid, open_pair, parse_bands
 from geochange.sample.geotiffs import (AFTER_CRS, AFTER_PIXEL, BEFORE_CRS, BEFORE_PIXEL, ORIGIN,
                                        ensure_example_scene)
+from geochange.sharding import Shard
 from geochange.tiles import ALL_ZERO, NODATA, BackgroundReader, Tile, TileImages, plan_tiles, read_tile
 
 UTM32 = "EPSG:32632"
@@ -470,3 +474,18 @@ def test_plain_pngs_are_mapped_in_pixel_coordinates_by_a_video_model(image_pair,
     printed = capsys.readouterr().out
     assert "no changes.geojson: neither raster is georeferenced" in printed
     assert "neither date is georeferenced: tiles and the picture are in pixel coordinates" in printed
+
+
+def test_under_torchrun_each_process_loads_the_model_on_its_own_gpu(monkeypatch):
+    """DEVICE=auto under torchrun: process 1 of 2 answers on cuda:1 (LOCAL_RANK), never all of them on cuda:0."""
+    loaded = []
+    monkeypatch.setattr(demo, "load_chat", lambda cfg: loaded.append(cfg.DEVICE) or "model")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    cfg = script_constants("scene_changes.py", MODEL_PATH="tiny")
+    run = change_maps.SceneRun(cfg, Path("unused"), {}, [], [Tile(0, 0, 1, Window(0, 0, 1, 1))], {})
+    assert change_maps.load_model(run, Shard(1, 2)) == "model" and loaded == ["cuda:1"]
+    change_maps.load_model(dataclasses.replace(run, cfg=dataclasses.replace(cfg, DEVICE="cpu")), Shard(1, 2))
+    change_maps.load_model(run, Shard(0, 1))  # one process: DEVICE as set (auto: the first GPU)
+    assert loaded == ["cuda:1", "cpu", "auto"]
+    assert change_maps.load_model(dataclasses.replace(run, todo=[]), Shard()) is None  # nothing left: no model
