@@ -23,7 +23,7 @@ from typing import Any
 from . import demo
 from .deltavlm import DISPLAY_NAME as DELTAVLM_NAME
 from .deltavlm import FAMILY_ID as DELTAVLM_ID
-from .devices import process_device
+from .devices import is_main_process, process_device
 from .errors import UserError
 from .fileio import atomic_write_text
 from .locks import WriterLock, lock_for_writing
@@ -42,7 +42,12 @@ TILES_FILE = "tiles.jsonl"
 SETTINGS_FILE = "tiles.settings.json"
 GEOJSON_FILE = "changes.geojson"
 OVERVIEW_FILE = "overview.png"
-RUN_OUTPUTS = (TILES_FILE, SETTINGS_FILE, GEOJSON_FILE, OVERVIEW_FILE, RUN_FILE)
+
+
+def say(line: str) -> None:
+    """A line from the first process only: under torchrun every process opens the scene, one line is enough."""
+    if is_main_process():
+        print(line, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------- 1. settings, scene
@@ -77,10 +82,10 @@ def open_scene(cfg) -> RasterPair:
     stretch fitted from a decimated read of both; a ``with`` block closes them."""
     before, after = scene_paths(cfg)
     pair = open_pair(before, after, bands=cfg.BANDS, gsd=cfg.GSD, percentiles=cfg.STRETCH_PERCENTILES,
-                     resampling=cfg.RESAMPLING)
+                     resampling=cfg.RESAMPLING, say=say)
     stretch = pair.stretch
     if stretch.percentiles:
-        print(f"stretch: {stretch.percentiles[0]:g}-{stretch.percentiles[1]:g} % of both dates per band -> 0-255 "
+        say(f"stretch: {stretch.percentiles[0]:g}-{stretch.percentiles[1]:g} % of both dates per band -> 0-255 "
               f"(R {stretch.low[0]:g}-{stretch.high[0]:g}, G {stretch.low[1]:g}-{stretch.high[1]:g}, "
               f"B {stretch.low[2]:g}-{stretch.high[2]:g})")
     return pair
@@ -90,7 +95,7 @@ def plan(cfg, pair: RasterPair) -> list[Tile]:
     """Step 2: the tiles of the overlap (the last row and column shifted inward)."""
     tiles = plan_tiles(pair.grid, cfg.TILE_SIZE, cfg.OVERLAP)
     rows, cols = tiles[-1].row + 1, tiles[-1].col + 1
-    print(f"{len(tiles)} tiles of {cfg.TILE_SIZE} px ({rows} rows x {cols} columns, {cfg.OVERLAP} px overlap)")
+    say(f"{len(tiles)} tiles of {cfg.TILE_SIZE} px ({rows} rows x {cols} columns, {cfg.OVERLAP} px overlap)")
     return tiles
 
 

@@ -208,6 +208,18 @@ def test_default_bands_follow_colour_interpretation_and_bands_picks_others(tmp_p
     assert parse_bands(2) == (2, 2, 2) and parse_bands((4, 3, 2)) == (4, 3, 2) and parse_bands(None) is None
 
 
+def test_plain_images_of_two_sizes_share_the_before_pixels(tmp_path, scene_images):
+    before, after = tmp_path / "before.png", tmp_path / "after.png"
+    Image.fromarray(scene_images[0]).save(before)
+    Image.fromarray(scene_images[1]).resize((512, 512), Image.NEAREST).save(after)  # twice the pixels, same ground
+    said = []
+    with open_pair(before, after, say=said.append) as pair:
+        assert (pair.grid.crs, pair.grid.width, pair.grid.height) == (None, 256, 256)
+        assert "AFTER (after.png) is resampled from 512 x 512 px onto BEFORE's 256 x 256 px (nearest)" in said
+        (_, _), (values, valid) = pair.read(Window(0, 0, 256, 256))
+    assert valid.all() and np.array_equal(np.moveaxis(values, 0, 2), scene_images[1])  # every 2nd pixel: the original
+
+
 def test_tiles_are_read_in_the_background_while_the_previous_batch_is_answered():
     reading_second = threading.Event()
     threads = []
