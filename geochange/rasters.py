@@ -139,6 +139,10 @@ def _crs_of(setting: str, path: Path, dataset) -> CRS | None:
     """Where the raster lies: its CRS; None for an image with no georeferencing at all (pixel coordinates). A
     transform without a CRS (a world file and no ``.prj``) or a CRS that cannot be placed on the earth (a local
     engineering CRS) is an unknown CRS."""
+    gcps, gcp_crs = dataset.gcps
+    if gcps and dataset.transform == Affine.identity():
+        raise UserError(f"{setting}={path} is georeferenced by {len(gcps)} ground control points only: warp it onto "
+                        f"a map grid first (gdalwarp -t_srs {_short(gcp_crs) if gcp_crs else '<CRS>'} ...)")
     crs = dataset.crs or _sidecar_crs(path)
     if crs is None:
         if dataset.transform == Affine.identity():
@@ -167,11 +171,13 @@ def parse_bands(value) -> tuple[int, ...] | None:
     if isinstance(value, str):
         value = [part for part in value.replace(" ", ",").split(",") if part]
     parts = list(value) if isinstance(value, (list, tuple)) else [value]
+    if any(isinstance(part, float) and not part.is_integer() for part in parts):
+        raise UserError(f"BANDS={value!r}: band numbers are whole numbers, e.g. 4,3,2")
     try:
         bands = tuple(int(part) for part in parts)
     except (TypeError, ValueError):
         raise UserError(f"BANDS={value!r}: expected band numbers, e.g. 4,3,2") from None
-    if len(bands) not in (1, 3) or any(isinstance(p, float) and not float(p).is_integer() for p in parts):
+    if len(bands) not in (1, 3):
         raise UserError(f"BANDS={value!r}: give three band numbers (red, green, blue), or one for grey")
     return bands * 3 if len(bands) == 1 else bands
 

@@ -18,9 +18,11 @@ import rasterio
 import torch
 from conftest import run_script, script_args, torchrun
 from PIL import Image
+from rasterio.control import GroundControlPoint
 from rasterio.crs import CRS
 from rasterio.enums import ColorInterp, Resampling
-from rasterio.transform import from_origin
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.transform import Affine, from_origin
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import calculate_default_transform, reproject, transform_bounds
 from rasterio.windows import Window
@@ -87,7 +89,7 @@ def bands16(scene_images) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------------------------- grid and tiles
 
 def test_tiles_cover_the_overlap_and_the_last_row_and_column_shift_inward():
-    grid = Grid(None, rasterio.transform.Affine.identity(), 700, 520)
+    grid = Grid(None, Affine.identity(), 700, 520)
     tiles = plan_tiles(grid, 256, 32)
     assert sorted({t.window.col_off for t in tiles}) == [0, 224, 444]  # 444 = 700 - 256: moved back, not beyond
     assert sorted({t.window.row_off for t in tiles}) == [0, 224, 264]
@@ -275,6 +277,13 @@ def test_each_bad_input_stops_in_one_line_before_any_model_loads(tmp_path, bands
     user_error(run(good, TILE_SIZE=300), "TILE_SIZE=300 is larger than the overlap of the two dates (256 x 256 px")
     user_error(run(local), "AFTER=", "unknown CRS", "cannot be placed on the earth")
     user_error(run(png), "AFTER=", "its CRS is unknown; put a .prj")
+    with pytest.warns(NotGeoreferencedWarning):  # no geotransform: the points are its only georeferencing
+        scanned = write_raster(tmp_path / "scanned.tif", bands16[1], crs=None, transform=Affine.identity())
+    points = [(0, 0, 0, 0), (256, 256, 128, -128), (0, 256, 128, 0)]  # row, col; metres east, north of the origin
+    with rasterio.open(scanned, "r+") as dataset:
+        dataset.gcps = ([GroundControlPoint(row, col, ORIGIN[0] + east, ORIGIN[1] + north)
+                         for row, col, east, north in points], CRS.from_string(UTM32))
+    user_error(run(scanned), "is georeferenced by 3 ground control points only", "gdalwarp -t_srs EPSG:32632")
     # the same PNG with its CRS beside it is a georeferenced date like any other
     png.with_suffix(".prj").write_text(CRS.from_string(UTM32).to_wkt())
     user_error(run(png, TILE_SIZE=300), "TILE_SIZE=300 is larger than the overlap")
