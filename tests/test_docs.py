@@ -14,9 +14,6 @@ REPO = Path(__file__).resolve().parent.parent
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 FENCE = re.compile(r"^ *```.*?^ *```", re.S | re.M)
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
-# Pages another branch is writing, linked before they land: issue 23's docs/scenes.md (branch i23). Once a page
-# exists its entry must go (the link test fails until it does), so a broken link cannot hide here.
-PENDING_PAGES = {"docs/scenes.md"}
 
 
 def prose(text: str) -> str:
@@ -71,8 +68,6 @@ def first_cells(text: str) -> list[str]:
 
 
 def test_every_relative_link_and_anchor_resolves():
-    landed = sorted(page for page in PENDING_PAGES if (REPO / page).exists())
-    assert landed == [], f"remove {landed} from PENDING_PAGES: it exists now, its links are checked like any other"
     broken = []
     for page in PAGES:
         for target in LINK.findall(prose(page.read_text(encoding="utf-8"))):
@@ -81,7 +76,7 @@ def test_every_relative_link_and_anchor_resolves():
             path, _, anchor = target.partition("#")
             linked = (page.parent / path).resolve() if path else page
             where = f"{page.relative_to(REPO)}: {target}"
-            if not linked.exists() and str(linked.relative_to(REPO)) not in PENDING_PAGES:
+            if not linked.exists():
                 broken.append(f"{where} (no {path})")
             elif anchor and (linked.suffix != ".md" or anchor not in anchors(linked)):
                 broken.append(f"{where} (no heading #{anchor} in {linked.relative_to(REPO)})")
@@ -93,8 +88,7 @@ def test_the_readme_fits_on_a_screen_and_lists_every_docs_page():
     assert len(readme.splitlines()) <= 200
     listed = re.findall(r"^\| \[docs/([\w-]+\.md)\]\(docs/\1\) \| \S", section(REPO / "README.md", "Documentation"),
                         re.M)
-    pages = {path.name for path in (REPO / "docs").glob("*.md")} | {Path(page).name for page in PENDING_PAGES}
-    assert sorted(listed) == sorted(pages)
+    assert sorted(listed) == sorted(path.name for path in (REPO / "docs").glob("*.md"))
 
 
 def test_ci_runs_the_test_command_the_readme_gives():
@@ -112,6 +106,7 @@ SETTINGS_TABLES = [
     ("deltavlm.md", "Settings", ("deltavlm_predict.py",)),
     ("deltavlm_training.md", "Settings", ("deltavlm_finetune.py",)),
     ("demo.md", "Settings", ("demo.py",)),
+    ("scene_changes.md", "Settings", ("scene_changes.py",)),
 ]
 
 
