@@ -216,7 +216,7 @@ def ways_out(counts: ParameterCounts, setup: Setup, available: float) -> str:
     return "; ".join(options)
 
 
-# The table the README shows: each family's 7B model, each mode, on GPUs (bf16), batch 4, MAX_LENGTH 1024.
+# The table docs/gpu.md shows: each family's 7B model, each mode, on GPUs (bf16), batch 4, MAX_LENGTH 1024.
 TABLE_SETUPS = (("full fine-tuning, 1 GPU", Setup("FULL")),
                 ("full, ZeRO-2 over 8 GPUs", Setup("FULL", zero_stage=2, world_size=8)),
                 ("full, ZeRO-3 over 8 GPUs", Setup("FULL", zero_stage=3, world_size=8)),
