@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence, TypeVar
 from tqdm.auto import tqdm
 
 from .devices import is_distributed_launch, pick_device, process_device
+from .errors import UserError
 
 Item = TypeVar("Item")
 
@@ -81,6 +82,27 @@ def from_main(shard: Shard, value: Any) -> Any:
     box = [value if shard.main else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def decided_by_main(shard: Shard, decide: Callable[[], Any]) -> Any:
+    """``decide()`` run by rank 0 alone (what only the one writer reads: the test set, its results file), its value on
+    every process (a collective every process enters). A ``UserError`` there stops every process at once instead of
+    leaving the others waiting at a collective: rank 0 raises it (its one line), the others exit quietly with status
+    2."""
+    if shard.world_size == 1:
+        return decide()
+    outcome = None
+    if shard.main:
+        try:
+            outcome = ("value", decide())
+        except UserError as exc:
+            outcome = ("error", exc)
+    kind, value = from_main(shard, outcome)
+    if kind == "error":
+        if shard.main:
+            raise value
+        raise SystemExit(2)
+    return value
 
 
 def gather_at_main(shard: Shard, records: list) -> list | None:

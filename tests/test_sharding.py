@@ -61,6 +61,28 @@ def test_in_step_every_process_takes_part_in_every_step_and_spare_answers_are_dr
     assert calls == [[1], [3]]  # without in_step a process with nothing left only joins the gather
 
 
+def test_what_rank_0_decides_reaches_every_process_and_its_one_line_error_stops_them_all(monkeypatch):
+    import geochange.sharding as sharding
+    from geochange.errors import UserError
+    from geochange.sharding import decided_by_main
+
+    sent = []
+    monkeypatch.setattr(sharding, "from_main", lambda shard, value: sent.append(value) or value)  # rank 0's broadcast
+
+    def bad():
+        raise UserError("the results file x is being written by another process")
+
+    assert decided_by_main(Shard(0, 2), lambda: [1, 2]) == [1, 2] and sent == [("value", [1, 2])]
+    with pytest.raises(UserError, match="being written by another process"):  # rank 0: the one line
+        decided_by_main(Shard(0, 2), bad)
+    assert sent[-1][0] == "error"
+    monkeypatch.setattr(sharding, "from_main", lambda shard, value: sent[-1])  # rank 1 receives it
+    with pytest.raises(SystemExit) as stopped:  # the others: quietly, status 2, not waiting at a collective
+        decided_by_main(Shard(1, 2), lambda: pytest.fail("only rank 0 decides"))
+    assert stopped.value.code == 2
+    assert decided_by_main(Shard(), lambda: "alone") == "alone"
+
+
 def test_one_process_answers_everything_and_writes_each_batch():
     written = []
     answer_in_shards(Shard(), list(range(7)), 3, lambda batch: [{"id": i, "x": i * i} for i in batch], written.append)

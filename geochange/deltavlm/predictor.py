@@ -12,7 +12,7 @@ import torch
 from .. import changechat_format as cc
 from ..errors import UserError
 from ..results import ResultsWriter, check_run_settings
-from ..sharding import Shard, answer_in_shards, from_main
+from ..sharding import Shard, answer_in_shards, decided_by_main
 from ..video import read_image
 from .inputs import Prompting, build_prompt, decode_answers, encode_prompts, preprocess_image
 
@@ -135,19 +135,22 @@ def answer_items(predictor: Predictor, items: list[Item], results_path: Path, ba
     batch of every process."""
     if batch_size < 1:
         raise UserError(f"BATCH_SIZE must be >= 1, got {batch_size}")
-    writer, left = None, None
-    if shard.main:
+    writers: list[ResultsWriter] = []  # rank 0's, the one writer
+
+    def left_to_answer() -> list[str]:
         check_run_settings(results_path.parent / f"{results_path.stem}.settings.json", run_settings, results_path)
-        writer = ResultsWriter(results_path)
-        left = [item.id for item in items if item.id not in writer.done_ids]
+        writers.append(ResultsWriter(results_path))
+        left = [item.id for item in items if item.id not in writers[0].done_ids]
         if len(left) < len(items):
             print(f"resuming {results_path}: {len(items) - len(left)} of {len(items)} answers already there")
-    missing = set(from_main(shard, left))
+        return left
+
+    missing = set(decided_by_main(shard, left_to_answer))  # other settings wrote the file: every process stops
     todo = [item for item in items if item.id in missing]
     prompts = {item.id: predictor.prompt(item.question, item.history) for item in todo}
     prompt_tokens = {key: len(predictor.tokenizers.llm(prompt)["input_ids"]) for key, prompt in prompts.items()}
     answer_in_shards(shard, todo, batch_size, lambda batch: answer_batch(predictor, batch),
-                     writer.append if shard.main else None, cost=lambda item: prompt_tokens[item.id],
+                     writers[0].append if shard.main else None, cost=lambda item: prompt_tokens[item.id],
                      desc="DeltaVLM")
 
 

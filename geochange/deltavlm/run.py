@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import time
-from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from ..paths import ANNOTATIONS_DIR
 from ..results import format_metrics_table, read_jsonl, write_metrics
 from ..runs import RUN_FILE, read_run_file
 from ..sample.data import SAMPLE_CHANGECHAT_ROOT, ensure_sample_media
-from ..sharding import Shard, from_main, shard_device, start_shards
+from ..sharding import Shard, decided_by_main, shard_device, start_shards
 from .loading import load_deltavlm
 from .predictor import Decoding, Predictor, Prompting, answer_items, generation_settings, items_of
 from .scoring import score_records
@@ -101,15 +100,17 @@ def batch_items(annotations: str, image_root: str | None, limit: int | None, spl
 
     ``split``: only that split's entries of a file that names splits (LEVIR-CC's ``LevirCCcaptions.json``). Under
     torchrun rank 0 reads and checks the file once and hands the items to the others."""
-    items = None
-    if shard.main:
-        if image_root is None and Path(annotations).resolve().parent == ANNOTATIONS_DIR.resolve():
+    def read() -> list:
+        root = image_root
+        if root is None and Path(annotations).resolve().parent == ANNOTATIONS_DIR.resolve():
             ensure_sample_media()
-            image_root = SAMPLE_CHANGECHAT_ROOT
-        items = items_of(load_changechat(annotations, image_root, limit=limit, split=split))
+            root = SAMPLE_CHANGECHAT_ROOT
+        items = items_of(load_changechat(annotations, root, limit=limit, split=split))
         if not items:
             raise UserError(f"{annotations}: no records to answer")
-    return from_main(shard, items)
+        return items
+
+    return decided_by_main(shard, read)
 
 
 def join_shards(cfg) -> Shard:
@@ -163,7 +164,9 @@ def run_batch(predictor: Predictor, items: list, cfg, shard: Shard = Shard()) ->
     answers its share and rank 0 writes them all, then scores once."""
     stem = Path(cfg.RESULTS_DIR) / run_name(cfg)
     results_path = stem.parent / f"{stem.name}.jsonl"
-    with lock_for_writing(results_path, f"the results file {results_path}") if shard.main else nullcontext():
+    held: list = []  # the writer lock, on rank 0; held by another process, it stops every process
+    decided_by_main(shard, lambda: held.append(lock_for_writing(results_path, f"the results file {results_path}")))
+    try:
         started = time.time()
         answer_items(predictor, items, results_path, cfg.BATCH_SIZE,
                      generation_settings(predictor.decoding, predictor.prompting, checkpoint=cfg.CHECKPOINT,
@@ -185,6 +188,9 @@ def run_batch(predictor: Predictor, items: list, cfg, shard: Shard = Shard()) ->
                  "processes": shard.world_size}
         path = write_metrics(stem, records, report, model=f"DeltaVLM ({cfg.CHECKPOINT})", settings=cfg.as_dict(),
                              seconds=round(time.time() - started, 2), extra=extra)
+    finally:
+        for lock in held:
+            lock.release()
     print_scores(scores)
     print(f"\nanswers: {results_path}\nmetrics: {path}")
     return path

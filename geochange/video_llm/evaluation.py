@@ -31,7 +31,7 @@ from ..results import (ResultsWriter, answers_at_token_limit, check_run_settings
                        remove_results, write_metrics)
 from ..runs import RUN_FILE
 from ..sample.data import SAMPLE_VIDEO_DIR, ensure_sample_media
-from ..sharding import Shard, answer_in_shards, from_main, shard_device, start_shards, stop_shards
+from ..sharding import Shard, answer_in_shards, decided_by_main, shard_device, start_shards, stop_shards
 from ..video import read_video_frames
 from .modeling import (format_linear_counts, linear_counts, load_model, load_processor, model_label,
                        resolve_model_path, video_prompt)
@@ -121,14 +121,14 @@ def load_test_samples(cfg, shard: Shard = Shard()) -> list[Sample]:
     that split of a file that names splits; a record with ``references`` is scored against all of them
     (LEVIR-CC's five captions, converted by ``changechat-to-videos``). Under torchrun rank 0 reads and checks them
     once and hands them to the others."""
-    samples = None
-    if shard.main:
+    def read() -> list[Sample]:
         if cfg.VIDEO_DIR is None:
             ensure_sample_media()
-        samples = load_annotations(cfg.VAL_ANNOTATIONS, SAMPLE_VIDEO_DIR if cfg.VIDEO_DIR is None else cfg.VIDEO_DIR,
-                                   limit=cfg.LIMIT, split=cfg.SPLIT, num_frames=cfg.NUM_FRAMES,
-                                   skip_bad_clips=cfg.SKIP_BAD_CLIPS)
-    return from_main(shard, samples)
+        return load_annotations(cfg.VAL_ANNOTATIONS, SAMPLE_VIDEO_DIR if cfg.VIDEO_DIR is None else cfg.VIDEO_DIR,
+                                limit=cfg.LIMIT, split=cfg.SPLIT, num_frames=cfg.NUM_FRAMES,
+                                skip_bad_clips=cfg.SKIP_BAD_CLIPS)
+
+    return decided_by_main(shard, read)
 
 
 @dataclass
@@ -164,23 +164,26 @@ def open_results(cfg, family: str, shard: Shard = Shard()) -> ResultsFile:
     test set wrote them (``results_identity``); OVERWRITE discards them first."""
     run = results_name(cfg, family)
     path = Path(cfg.RESULTS_DIR) / f"{run}.jsonl"
-    identity, writer, lock = None, None, None
-    if shard.main:
-        lock = lock_for_writing(path, f"the results file {path}")
+    opened = ResultsFile(cfg, family, run, path, None, None, None, shard)
+
+    def open_on_main() -> None:
+        opened.lock = lock_for_writing(path, f"the results file {path}")
         try:
             if cfg.OVERWRITE and remove_results(cfg.RESULTS_DIR, run):
                 print(f"OVERWRITE: removed the earlier results of {run} in {cfg.RESULTS_DIR}")
-            identity = results_identity(family=family, model_path=cfg.MODEL_PATH, model_id=cfg.MODEL_ID,
-                                        val_annotations=cfg.VAL_ANNOTATIONS, num_frames=cfg.NUM_FRAMES,
-                                        max_new_tokens=cfg.MAX_NEW_TOKENS, load_in_4bit=cfg.LOAD_IN_4BIT,
-                                        split=cfg.SPLIT)
-            check_run_settings(Path(cfg.RESULTS_DIR) / f"{run}.settings.json", identity, path,
+            opened.identity = results_identity(family=family, model_path=cfg.MODEL_PATH, model_id=cfg.MODEL_ID,
+                                               val_annotations=cfg.VAL_ANNOTATIONS, num_frames=cfg.NUM_FRAMES,
+                                               max_new_tokens=cfg.MAX_NEW_TOKENS, load_in_4bit=cfg.LOAD_IN_4BIT,
+                                               split=cfg.SPLIT)
+            check_run_settings(Path(cfg.RESULTS_DIR) / f"{run}.settings.json", opened.identity, path,
                                redo="set OVERWRITE=True")
-            writer = ResultsWriter(path)
+            opened.writer = ResultsWriter(path)
         except BaseException:
-            lock.release()
+            opened.lock.release()
             raise
-    return ResultsFile(cfg, family, run, path, identity, writer, lock, shard)
+
+    decided_by_main(shard, open_on_main)  # a file held by another process, or other settings: every process stops
+    return opened
 
 
 def answer_samples(results: ResultsFile, samples: list[Sample], device: torch.device) -> None:
@@ -189,8 +192,7 @@ def answer_samples(results: ResultsFile, samples: list[Sample], device: torch.de
     torchrun each process answers its share (the longest prompts dealt out evenly) and rank 0 writes them all."""
     cfg, shard = results.cfg, results.shard
     # what is left to answer, as the one writer read it
-    missing = set(from_main(shard, [s.id for s in samples if s.id not in results.writer.done_ids] if shard.main
-                            else None))
+    missing = set(decided_by_main(shard, lambda: [s.id for s in samples if s.id not in results.writer.done_ids]))
     todo = [s for s in samples if s.id in missing]
     if not todo:
         if shard.main:
