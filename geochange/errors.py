@@ -12,9 +12,14 @@ class UserError(Exception):
     """
 
 
+def print_error(exc: UserError) -> None:
+    """The one line a ``UserError`` becomes, on stderr."""
+    print(f"error: {exc}", file=sys.stderr, flush=True)
+
+
 def _excepthook(exc_type, exc, tb):  # pragma: no cover - exercised through subprocess tests
     if issubclass(exc_type, UserError):
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(exc)
         sys.exit(2)
     if issubclass(exc_type, KeyboardInterrupt):
         print("interrupted: everything written so far is kept; rerun to resume", file=sys.stderr)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence, TypeVar
 from tqdm.auto import tqdm
 
 from .devices import is_distributed_launch, pick_device, process_device
-from .errors import UserError
+from .errors import UserError, print_error
 
 Item = TypeVar("Item")
 
@@ -86,9 +86,9 @@ def from_main(shard: Shard, value: Any) -> Any:
 
 def decided_by_main(shard: Shard, decide: Callable[[], Any]) -> Any:
     """``decide()`` run by rank 0 alone (what only the one writer reads: the test set, its results file), its value on
-    every process (a collective every process enters). A ``UserError`` there stops every process at once instead of
-    leaving the others waiting at a collective: rank 0 raises it (its one line), the others exit quietly with status
-    2."""
+    every process (a collective every process enters). A ``UserError`` there stops every process at once, with
+    status 2, instead of leaving the others waiting at a collective: rank 0 prints its one line first (once the
+    others exit, torchrun stops whatever is left), then every process exits. One process: ``decide()`` as it is."""
     if shard.world_size == 1:
         return decide()
     outcome = None
@@ -96,11 +96,10 @@ def decided_by_main(shard: Shard, decide: Callable[[], Any]) -> Any:
         try:
             outcome = ("value", decide())
         except UserError as exc:
-            outcome = ("error", exc)
+            print_error(exc)
+            outcome = ("error", str(exc))
     kind, value = from_main(shard, outcome)
     if kind == "error":
-        if shard.main:
-            raise value
         raise SystemExit(2)
     return value
 
