@@ -11,6 +11,7 @@ costs are printed apart. Raw passes and metric sets alternate for ROUNDS rounds;
 figure (a shared machine's other work slows some rounds). Prints figures only; nothing is written.
 """
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -73,20 +74,41 @@ if __name__ == "__main__":
     def load() -> str:
         return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
+    def cpu_seconds() -> float:
+        """CPU time of this process (every thread) and of its children: those that ended (the PTB tokenizer's Java)
+        and those still running (METEOR's Java). Other work on a shared machine moves wall times a lot, CPU time
+        little: on an otherwise idle machine whose cores the encoder keeps busy, the two ratios agree."""
+        ended = resource.getrusage(resource.RUSAGE_CHILDREN)
+        running = 0.0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # it ended meanwhile
+            if int(fields[1]) == os.getpid():  # ppid
+                running += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return time.process_time() + ended.ru_utime + ended.ru_stime + running
+
     # 4. rounds of one raw pass and the whole metric set (as evaluations call it; its report holds the seconds per
     #    metric family), alternating, so that both meet the same background load
-    raws, wholes, reports = [], [], []
+    raws, wholes, reports, cpu_ratios = [], [], [], []
     for round_ in range(cfg.ROUNDS):
+        cpu = cpu_seconds()
         raw, tokenised = raw_pass()
+        raw_cpu = cpu_seconds() - cpu
+        cpu = cpu_seconds()
         started = time.perf_counter()
         report = M.compute_metrics_report(refs, preds, device=cfg.DEVICE)
         whole = time.perf_counter() - started
+        whole_cpu = cpu_seconds() - cpu
         assert not report.missing, report.missing
         raws.append(raw)
         wholes.append(whole)
         reports.append(report)
+        cpu_ratios.append(whole_cpu / raw_cpu)
         print(f"round {round_ + 1}: raw encoder pass {raw:.1f} s (+ {tokenised:.1f} s tokenising), whole metric set "
-              f"{whole:.1f} s = {whole / raw:.2f}x; load average {load()}", flush=True)
+              f"{whole:.1f} s = {whole / raw:.2f}x; CPU {raw_cpu:.1f} s and {whole_cpu:.1f} s = {cpu_ratios[-1]:.2f}x; "
+              f"load average {load()}", flush=True)
 
     fastest = reports[wholes.index(min(wholes))]
     width = max(map(len, fastest.seconds))
@@ -97,3 +119,5 @@ if __name__ == "__main__":
     print(f"whole metric set: {whole:.1f} s = {whole / raw:.2f}x the raw encoder pass ({raw:.1f} s; fastest of "
           f"{cfg.ROUNDS} rounds each; target <= {cfg.TARGET:g}x); embeddings alone "
           f"{fastest.seconds['embeddings'] / raw:.2f}x; {cfg.SAMPLES / whole:.0f} pairs/s; load average {load()}")
+    print(f"CPU time (this process's threads and its Java children): the whole metric set {min(cpu_ratios):.2f}x the "
+          f"raw encoder pass (lowest of {cfg.ROUNDS} rounds; the wall-time ratio on an idle machine)")

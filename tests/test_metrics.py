@@ -447,7 +447,7 @@ def test_a_hub_that_refuses_is_named_unreachable_not_slow(monkeypatch, hub_tries
 
 @pytest.fixture(scope="module")
 def generated_captions():
-    """300 caption pairs from the sample's caption generator (as benchmarks/metrics_throughput.py draws them): five
+    """150 caption pairs from the sample's caption generator (as benchmarks/metrics_throughput.py draws them): five
     references each, predictions that describe their own or another pair's changes, so texts and pairs repeat."""
     import numpy as np
 
@@ -456,10 +456,10 @@ def generated_captions():
 
     rng = np.random.default_rng(0)
     refs, preds = [], []
-    for i in range(300):
+    for i in range(150):
         changes = make_scene_pair(i).changes
         refs.append(reference_captions(changes, main_caption(changes, rng)))
-        told = make_scene_pair(int(rng.integers(300))).changes if rng.random() < 0.4 else changes
+        told = make_scene_pair(int(rng.integers(150))).changes if rng.random() < 0.4 else changes
         preds.append(caption(told, [int(rng.integers(5)) for _ in range(max(len(told), 1))]))
     refs[7], preds[7] = refs[7][:2], ""  # fewer references, an empty prediction
     return [*as_lists(REFS), *refs], [*PREDS, *preds]
@@ -517,7 +517,7 @@ def test_embedding_batches_are_the_tokenizers_padded_batches(minilm, generated_c
 @pytest.mark.java
 def test_meteor_sends_a_repeated_line_once_and_scores_as_pycocoevalcap(generated_captions, reference_meteor):
     refs, preds = generated_captions
-    refs, preds = refs + refs[10:40], preds + preds[10:40]  # 30 samples again: lines that repeat
+    refs, preds = refs[:50] + refs[10:30], preds[:50] + preds[10:30]  # 20 samples again: lines that repeat
     gts = {i: [C.coco_normalise(r) for r in group] for i, group in enumerate(refs)}
     res = {i: [C.coco_normalise(p)] for i, p in enumerate(preds)}
     sent = []
@@ -537,5 +537,5 @@ def test_meteor_sends_a_repeated_line_once_and_scores_as_pycocoevalcap(generated
     finally:
         reference_meteor.meteor_p.stdin = stdin
     scored = b"".join(sent).decode().count("SCORE |||")
-    assert scored < len(preds) - 29  # each repeated line sent once
+    assert scored <= len(preds) - 20  # each repeated line sent once
     assert ours == pytest.approx(reference_meteor.compute_score(gts, res)[0], abs=1e-12)
