@@ -53,24 +53,22 @@ def java_available() -> bool:
 
 def coco_tokenize(refs: list[list[str]], preds: list[str]) -> CocoTokens:
     """coco-caption's pipeline: ``PTBTokenizer`` on references and predictions alike, or, without Java, the
-    fallback normaliser. One Java run serves both (the tokenizer works line by line, so this is the same as
-    tokenising ``gts`` and ``res`` separately, as coco's ``COCOEvalCap`` does)."""
+    fallback normaliser. One Java run serves both, over each distinct text once (the tokenizer works line by line,
+    so this is the same as tokenising ``gts`` and ``res`` separately, as coco's ``COCOEvalCap`` does)."""
     if not java_available():
         return CocoTokens({i: [coco_normalise(r) for r in ref] for i, ref in enumerate(refs)},
                           {i: [coco_normalise(p)] for i, p in enumerate(preds)}, FALLBACK_TOKENIZER)
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    n = len(preds)
-    captions = {i: [{"caption": r} for r in ref] for i, ref in enumerate(refs)}
-    captions.update({n + i: [{"caption": p}] for i, p in enumerate(preds)})
+    texts = list(dict.fromkeys([text for ref in refs for text in ref] + list(preds)))
     try:
-        tokens = PTBTokenizer().tokenize(captions)
+        tokens = PTBTokenizer().tokenize({k: [{"caption": text}] for k, text in enumerate(texts)})
     except OSError as exc:  # java vanished or cannot start
         raise OSError(f"the PTBTokenizer Java program failed: {first_line(exc)}") from None
     # The wrapper zips ids with output lines: empty captions at the very end yield no line, so no entry.
-    gts = {i: tokens.get(i, []) + [""] * (len(ref) - len(tokens.get(i, []))) for i, ref in enumerate(refs)}
-    res = {i: tokens.get(n + i, [""])[:1] for i in range(n)}
-    return CocoTokens(gts, res, PTB_TOKENIZER)
+    tokenised = {text: tokens.get(k, [""])[0] for k, text in enumerate(texts)}
+    return CocoTokens({i: [tokenised[r] for r in ref] for i, ref in enumerate(refs)},
+                      {i: [tokenised[p]] for i, p in enumerate(preds)}, PTB_TOKENIZER)
 
 
 def lcs_length(a: Sequence[Hashable], b: Sequence[Hashable]) -> int:
