@@ -231,6 +231,7 @@ def test_score_usage_errors(tmp_path, capsys):
 
 def test_one_writer_per_output_and_a_killed_writer_leaves_no_stale_lock(tmp_path):
     import signal
+    import socket
     import subprocess
     import sys
 
@@ -240,7 +241,7 @@ def test_one_writer_per_output_and_a_killed_writer_leaves_no_stale_lock(tmp_path
     with lock_for_writing(target, f"the results file {target}") as held:
         assert held.path == lock_path(target) == tmp_path / "results" / "run.jsonl.lock"
         with pytest.raises(UserError, match=rf"^the results file {target} is being written by another process "
-                                            rf"\(pid {os.getpid()}, lock {held.path}\)"):
+                                            rf"\(pid {os.getpid()} on {socket.gethostname()}, lock {held.path}\)"):
             lock_for_writing(target, f"the results file {target}")
     lock_for_writing(target, "free again").release()  # leaving the block released it
     # another process holds it, then dies by SIGKILL (no cleanup runs): the OS frees the lock
@@ -249,7 +250,7 @@ def test_one_writer_per_output_and_a_killed_writer_leaves_no_stale_lock(tmp_path
                               cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(UserError, match=rf"\(pid {holder.pid}, lock"):
+        with pytest.raises(UserError, match=rf"\(pid {holder.pid} on {socket.gethostname()}, lock"):
             lock_for_writing(target, "the results file")
     finally:
         holder.send_signal(signal.SIGKILL)

@@ -17,13 +17,14 @@ from typing import Any
 import torch
 
 from ..annotations import Sample, Samples, load_annotations
-from ..devices import is_main_process, process_device
-from ..engines import DeepSpeedPlan, deepspeed_plan, engine_of, one_process_per_gpu, outside_zero3, start_deepspeed
+from ..devices import is_main_process, launched_processes, process_device
+from ..engines import (DeepSpeedPlan, check_shared_directory, deepspeed_plan, engine_of, one_process_per_gpu,
+                       outside_zero3, start_deepspeed)
 from ..errors import UserError
-from ..locks import WriterLock, lock_for_writing
+from ..locks import WriterLock, lock_for_writing, lock_path
 from ..overrides import script_constants
 from ..results import remove_results
-from ..runs import data_files, library_versions, resume_state, write_run_file
+from ..runs import check_resume_processes, data_files, library_versions, resume_state, write_run_file
 from ..sample.data import SAMPLE_VIDEO_DIR, ensure_sample_media
 from ..trainer import check_training_settings, suite_trainer_class, train_from_newest_checkpoint, trainer_arguments
 from ..video import read_video_frames
@@ -342,7 +343,8 @@ def open_run(cfg, family: str) -> FinetuneRun:
     get_family(family)  # an unknown family stops here
     run_dir = Path(cfg.OUTPUT_DIR) / run_name(cfg, family)
     plan = deepspeed_plan(cfg.DEEPSPEED)
-    start_deepspeed(plan)
+    check_resume_processes(run_dir, cfg.as_dict(), launched_processes())
+    start_deepspeed(plan, cfg.DIST_TIMEOUT_MINUTES)
     args = training_arguments(cfg, run_dir)
     main = args.process_index == 0
     note = one_process_per_gpu(args)
@@ -350,7 +352,9 @@ def open_run(cfg, family: str) -> FinetuneRun:
         print(note)
     lock = lock_for_writing(run_dir, f"the run directory {run_dir}") if main else None
     try:
-        with args.main_process_first(desc="run directory"):  # only the main process clears it (OVERWRITE)
+        check_shared_directory(lock_path(run_dir), f"the run directory {run_dir}")
+        # only rank 0 clears it (OVERWRITE); local=False: the first process of every other node waits too
+        with args.main_process_first(local=False, desc="run directory"):
             resuming = prepare_run_dir(cfg, run_dir, main=main)
         # outside ZeRO-3: building the tiny model on the main process alone must not start zero.Init's collectives
         # (the others wait at the barrier: a hang on a fresh clone)
@@ -419,9 +423,11 @@ def prune_base(run: FinetuneRun) -> str:
     sparsity: dict[str, float] = {}
     base_path = run.model_path
     if run.cfg.PRUNE:
-        with run.args.main_process_first(desc="pruning"):
-            with outside_zero3(run.args):  # the main process alone loads the whole model to prune it
-                base_path, sparsity = pruned_base(run.model_path, run.family, run.cfg)
+        # Every process asks for it: the first on each filesystem prunes (one load of the whole model, outside
+        # ZeRO-3), the others wait on its lock rather than at a barrier, so a first prune of a 7B model on the CPU
+        # cannot time the process group out; a node whose checkpoints/ is its own prunes its own copy.
+        with outside_zero3(run.args):
+            base_path, sparsity = pruned_base(run.model_path, run.family, run.cfg)
         if run.main:
             print("measured sparsity: " + ", ".join(f"{k} {v:.2%}" for k, v in sparsity.items()))
     run.record["sparsity"] = sparsity
