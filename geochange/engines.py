@@ -292,8 +292,8 @@ def one_process_per_gpu(args) -> str | None:
 def engine_of(trainer) -> dict:
     """How the run actually trained, for run.json: processes, DDP or DeepSpeed (stage), how long a process waited for
     the others (read back from the process group), the optimizer that updated the weights (fused?, whose, its weight
-    decay per group), this process's peak GPU memory (GiB, allocated and reserved) and every process's peak host
-    memory. A collective: every process calls it."""
+    decay per group), the time of an optimiser step (the suite's Trainer times them), this process's peak GPU memory
+    (GiB, allocated and reserved) and every process's peak host memory. A collective: every process calls it."""
     args = trainer.args
     wrapped = trainer.model_wrapped
     engine = {"world_size": args.world_size, "wrapper": type(wrapped).__name__,
@@ -315,6 +315,9 @@ def engine_of(trainer) -> dict:
     defaults = getattr(optimizer, "defaults", {})
     if "fused" in defaults:
         engine["fused"] = bool(defaults["fused"])
+    timer = getattr(trainer, "step_timer", None)
+    if timer is not None:
+        engine["step_seconds"] = timer.summary()
     if args.device.type == "cuda":
         engine["peak_memory_gib"] = peak_memory_gib(args.device)
     engine["peak_host_memory_gib"] = peak_host_memory_per_process()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 import zipfile
 from functools import lru_cache
 from pathlib import Path
@@ -132,10 +133,39 @@ def suite_trainer_class():
       for PEFT models only), and resuming loads it without them.
     """
     import torch
-    from transformers import Trainer
+    from transformers import Trainer, TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        """How long each optimiser step takes: forward, backward and update, the GPU's work included (not the data
+        loading before it, nor logging or saving after it)."""
+
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+            self.began = 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if args.device.type == "cuda":
+                torch.cuda.synchronize(args.device)
+            self.began = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if args.device.type == "cuda":
+                torch.cuda.synchronize(args.device)
+            self.seconds.append(time.perf_counter() - self.began)
+
+        def summary(self) -> dict:
+            """The first step (allocations, kernel choices: a warm-up) and the mean of the steps after it."""
+            later = self.seconds[1:]
+            return {"steps": len(self.seconds), "first_s": round(self.seconds[0], 4) if self.seconds else None,
+                    "mean_after_first_s": round(sum(later) / len(later), 4) if later else None}
 
     class SuiteTrainer(Trainer):
         trainable_only = False  # checkpoints hold only the trained parameters (always so for a PEFT model)
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.step_timer = StepTimer()
+            self.add_callback(self.step_timer)
 
         def _build_accelerator_args(self, **kwargs):
             args = super()._build_accelerator_args(**kwargs)
@@ -148,6 +178,8 @@ def suite_trainer_class():
 
         def create_optimizer(self, model=None):
             from_config = self.optimizer if type(self.optimizer).__name__ == "DummyOptim" else None
+            if self.optimizer is not None and from_config is None:
+                return self.optimizer  # built already (under DeepSpeed the Trainer asks twice)
             if from_config is not None:  # DeepSpeed builds it from its config, from the parameters handed over here
                 self.optimizer = None
             optimizer = super().create_optimizer(model)

@@ -475,9 +475,11 @@ def train(run: FinetuneRun, model, processor, train_set: VideoQADataset, val_set
 
 def save_run(run: FinetuneRun, trainer, processor) -> None:
     """Step 8: the adapter (or full weights), the processor and the completed run.json (curves, time,
-    sparsity after training); with MERGE_AND_SAVE merged weights in ``<run>/merged``."""
+    sparsity after training, the engine); with MERGE_AND_SAVE merged weights in ``<run>/merged``, by rank 0 after the
+    other processes have left (they do not wait for it in a collective)."""
     cfg = run.cfg
     trainer.save_model(str(run.run_dir))
+    engine = engine_of(trainer)  # every process: it gathers their peak host memory
     if run.main:
         processor.save_pretrained(run.run_dir)
         history = trainer.state.log_history
@@ -488,17 +490,17 @@ def save_run(run: FinetuneRun, trainer, processor) -> None:
             "eval_loss_curve": [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h],
             # Full fine-tuning: the trained weights; LoRA leaves the base untouched (see sparsity_after_merging).
             "sparsity_after_training": measure_sparsity(trainer.model, cfg.PRUNE_VISION) if full_pruned else None,
-            "engine": engine_of(trainer),
+            "engine": engine,
         })
         write_run_file(run.run_dir, run.record)
         curve = run.record["loss_curve"]
         if curve:
             print(f"loss {curve[0]['loss']:.3f} -> {curve[-1]['loss']:.3f} over {trainer.state.global_step} steps")
-        if cfg.MERGE_AND_SAVE and training_mode(cfg) != "FULL":
-            with outside_zero3(run.args):  # rank 0 alone loads the base and the adapter
-                merge_and_save(run.run_dir, run.family)
     if run.args.world_size > 1:
-        torch.distributed.barrier()
+        torch.distributed.barrier()  # the run is saved whole before any process goes on (or leaves)
+    if run.main and cfg.MERGE_AND_SAVE and training_mode(cfg) != "FULL":
+        with outside_zero3(run.args):  # rank 0 alone loads the base and the adapter
+            merge_and_save(run.run_dir, run.family)
 
 
 def evaluation_settings(run: FinetuneRun):
