@@ -1,14 +1,20 @@
 """Shared fixtures: the bundled sample media, small synthetic image pairs, a free port, scripts run in this process;
-the ``java`` marker; one torch thread per pytest-xdist worker."""
+child processes run to one deadline; the ``java`` marker; one torch thread per pytest-xdist worker."""
 from __future__ import annotations
 
 import json
 import os
 import runpy
+import shlex
 import shutil
+import signal
 import socket
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
+from typing import Callable
 
 # Every test runs offline, as CI and the README's quick-start do.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -33,6 +39,111 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
+
+# ----------------------------------------------------------------------------------------------- one deadline
+
+# Every wait on another process, a server or a browser ends at this one deadline (seconds; GEOLLAVA_TEST_TIMEOUT).
+# It is generous on purpose: on a busy machine a test may take longer, never fail for it. Tests wait for events (a
+# process's exit, a line in a log, a DOM state), never for a fixed time.
+TEST_TIMEOUT = float(os.environ.get("GEOLLAVA_TEST_TIMEOUT", "900"))
+# The environment of every child process: offline, one thread each (the workers already share the cores).
+CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+             "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _tail(text: str, chars: int = 4000) -> str:
+    return text if len(text) <= chars else "..." + text[-chars:]
+
+
+class Command:
+    """A child process in a process group of its own (so a hung launcher is killed with every worker it started),
+    its stdout and stderr in files (a pipe nobody reads would fill up and stall it)."""
+
+    def __init__(self, command: list[str], *, env: dict | None = None, cwd: Path | None = None):
+        self.command = [str(part) for part in command]
+        self._out = tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace")
+        self._err = tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace")
+        self.process = subprocess.Popen(self.command, cwd=cwd or REPO, env={**os.environ, **CHILD_ENV, **(env or {})},
+                                        stdout=self._out, stderr=self._err, text=True, start_new_session=True)
+
+    def stdout(self) -> str:
+        self._out.seek(0)
+        return self._out.read()
+
+    def stderr(self) -> str:
+        self._err.seek(0)
+        return self._err.read()
+
+    def output(self) -> str:
+        """What it printed so far, stdout then stderr."""
+        return self.stdout() + self.stderr()
+
+    def describe(self) -> str:
+        return shlex.join(self.command).replace(str(REPO) + "/", "")
+
+    def kill(self) -> None:
+        """The whole process group (the launcher and whatever it started), if anything of it is left."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.process.wait()
+
+    def finish(self, timeout: float | None = None) -> subprocess.CompletedProcess:
+        """Wait for it to exit (at most ``timeout``, default the deadline); a child still running then is killed with
+        its process group and the test fails with what it was waiting for and what the child printed last."""
+        limit = TEST_TIMEOUT if timeout is None else timeout
+        try:
+            code = self.process.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            fail_waiting(f"{self.describe()} to finish", limit, self.output())
+        finally:
+            self.kill()  # what it started and left behind goes too (an orphaned worker would hold a port)
+        return subprocess.CompletedProcess(self.command, code, self.stdout(), self.stderr())
+
+
+def fail_waiting(what: str, seconds: float, last_output: str = "") -> None:
+    pytest.fail(f"timed out after {seconds:.0f} s (GEOLLAVA_TEST_TIMEOUT) waiting for {what}"
+                + (f"; its last output:\n{_tail(last_output)}" if last_output else ""), pytrace=False)
+
+
+def start_command(command: list, *, env: dict | None = None, cwd: Path | None = None) -> Command:
+    """A child process started (see ``Command``); ``.finish()`` waits for it."""
+    return Command(command, env=env, cwd=cwd)
+
+
+def run_command(command: list, *, env: dict | None = None, cwd: Path | None = None,
+                timeout: float | None = None) -> subprocess.CompletedProcess:
+    """``subprocess.run`` to the one deadline, the child killed with its process group if it outlives it."""
+    return start_command(command, env=env, cwd=cwd).finish(timeout)
+
+
+def torchrun(port: int, script: str, *settings: str, processes: int = 2,
+             env: dict | None = None) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node N --master_port PORT script SETTINGS...`` on this machine (gloo on the CPU)."""
+    return run_command([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+                        f"--master_port={port}", script, *settings], env=env)
+
+
+def wait_until(condition: Callable[[], bool], what: str, *, output: Callable[[], str] = lambda: "",
+               process: Command | subprocess.Popen | None = None, poll: float = 0.2) -> None:
+    """Poll ``condition`` until it holds, failing at the deadline (or at once if ``process`` has exited) with
+    ``what`` was awaited and the last of ``output()``."""
+    started = time.monotonic()
+    popen = getattr(process, "process", process)
+    while not condition():
+        if popen is not None and popen.poll() is not None:
+            if condition():
+                return
+            pytest.fail(f"waiting for {what}, but the process exited with status {popen.returncode}; its last "
+                        f"output:\n{_tail(output())}", pytrace=False)
+        if time.monotonic() - started > TEST_TIMEOUT:
+            fail_waiting(what, TEST_TIMEOUT, output())
+        time.sleep(poll)
+
+
+# ----------------------------------------------------------------------------------------------- scripts in-process
 
 def run_script(script: str, *args: str) -> None:
     """``python <script> ARGS...`` as a user runs it, in this process (no interpreter start); a ``UserError`` the

@@ -153,10 +153,11 @@ def test_readme_layout_names_every_module_in_layer_order():
 def test_the_results_notebook_reads_the_package_without_loading_torch():
     """Results.ipynb imports geochange.report: reading result files needs neither torch nor transformers (seconds
     of start-up each), so nothing report imports loads them at its top."""
-    import subprocess
     import sys
 
+    from conftest import run_command
+
     code = "import sys, geochange.report; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
-    run = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True, timeout=120)
+    run = run_command([sys.executable, "-c", code], cwd=PACKAGE.parent)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == "[]"

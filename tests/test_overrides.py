@@ -1,9 +1,8 @@
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_script
+from conftest import run_command, run_script
 
 from geochange.errors import UserError
 from geochange.overrides import apply_overrides, parse_value, settings_of
@@ -67,8 +66,7 @@ def test_settings_of_lists_constants_only():
 def test_a_users_mistake_is_one_error_line_and_exit_status_2():
     """The one subprocess test of the error handler: the line, the status, no traceback (every other error-path
     test runs the scripts in-process and catches the UserError)."""
-    run = subprocess.run([sys.executable, "videollava_finetune.py", "LORA_RANK=4"], cwd=REPO, capture_output=True,
-                         text=True, timeout=120)
+    run = run_command([sys.executable, "videollava_finetune.py", "LORA_RANK=4"])
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: unknown setting 'LORA_RANK'; valid names:")

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import TINY_VAL_RECORDS
+from conftest import TEST_TIMEOUT, TINY_VAL_RECORDS
 
 from geochange import report
 from geochange.metrics import METRIC_NAMES
@@ -117,7 +117,7 @@ def test_results_notebook_runs_in_place_with_no_stderr(tiny_repo, monkeypatch):
     monkeypatch.setenv("GEOLLAVA_RESULTS_DIR", str(tiny_repo / "results"))
     monkeypatch.setenv("GEOLLAVA_RUNS_DIR", str(tiny_repo / "runs"))
     notebook = nbformat.read(REPO / "Results.ipynb", as_version=4)
-    NotebookClient(notebook, timeout=300, kernel_name="python3",
+    NotebookClient(notebook, timeout=TEST_TIMEOUT, kernel_name="python3",
                    resources={"metadata": {"path": str(REPO / "tests")}}).execute()
     outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
     stderr = [o.get("text", "") for o in outputs if o.get("name") == "stderr" or o.get("output_type") == "error"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-from pathlib import Path
 
 import pytest
 
@@ -230,10 +229,10 @@ def test_score_usage_errors(tmp_path, capsys):
 
 
 def test_one_writer_per_output_and_a_killed_writer_leaves_no_stale_lock(tmp_path):
-    import signal
     import socket
-    import subprocess
     import sys
+
+    from conftest import start_command, wait_until
 
     from geochange.locks import lock_for_writing, lock_path
 
@@ -245,14 +244,14 @@ def test_one_writer_per_output_and_a_killed_writer_leaves_no_stale_lock(tmp_path
             lock_for_writing(target, f"the results file {target}")
     lock_for_writing(target, "free again").release()  # leaving the block released it
     # another process holds it, then dies by SIGKILL (no cleanup runs): the OS frees the lock
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from geochange.locks import lock_for_writing; "
-                               f"lock = lock_for_writing({str(target)!r}, 'x'); print('held', flush=True); time.sleep(600)"],
-                              cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, text=True)
+    holder = start_command([sys.executable, "-c", "import sys, time; from geochange.locks import lock_for_writing; "
+                            f"lock = lock_for_writing({str(target)!r}, 'x'); print('held', flush=True); "
+                            "time.sleep(3600)"])
     try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(UserError, match=rf"\(pid {holder.pid} on {socket.gethostname()}, lock"):
+        wait_until(lambda: holder.stdout().strip() == "held", "the other process to hold the lock",
+                   output=holder.output, process=holder)
+        with pytest.raises(UserError, match=rf"\(pid {holder.process.pid} on {socket.gethostname()}, lock"):
             lock_for_writing(target, "the results file")
     finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait(timeout=30)
+        holder.kill()  # SIGKILL: no cleanup runs
     lock_for_writing(target, "after the kill").release()

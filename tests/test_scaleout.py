@@ -3,30 +3,22 @@ cannot work, and one process per GPU."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import run_command, run_script, start_command, torchrun
 
 from geochange.engines import one_process_per_gpu
 
 REPO = Path(__file__).resolve().parent.parent
 ZERO2, ZERO3, ZERO3_OFFLOAD = (f"configs/deepspeed/{name}.json" for name in ("zero2", "zero3", "zero3_offload"))
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 TINY = ["MODEL_ID=tiny", "TRAIN_LIMIT=8", "BATCH_SIZE=2", "EVAL_STEPS=0", "GRADIENT_CHECKPOINTING=False",
         "MAX_NEW_TOKENS=4", "LOGGING_STEPS=1"]
 
 
-def launch(free_port: int, script: str, *settings: str, processes: int = 2,
-           env: dict | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-               f"--master_port={free_port}", script, *settings]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**ENV, **(env or {})}, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +88,7 @@ def test_zero3_full_finetuning_then_evaluation_after_training(tmp_path, free_por
     them for the evaluation outside ZeRO-3 (where it would wait for the others forever)."""
     from safetensors.torch import load_file
 
-    run = launch(free_port, "videollava_finetune.py", *TINY, "USE_LORA=False", f"DEEPSPEED={ZERO3}", "MAX_STEPS=2",
+    run = torchrun(free_port, "videollava_finetune.py", *TINY, "USE_LORA=False", f"DEEPSPEED={ZERO3}", "MAX_STEPS=2",
                  "LR=1e-3", f"VAL_ANNOTATIONS={val4}", f"OUTPUT_DIR={tmp_path / 'runs'}",
                  f"RESULTS_DIR={tmp_path / 'results'}")
     assert run.returncode == 0, run.stderr[-3000:]
@@ -122,7 +114,7 @@ def test_zero3_lora_with_merge_and_evaluation_the_merged_weights_are_base_plus_b
     from geochange.video_llm.tiny import tiny_checkpoint_dir
 
     fresh = tmp_path / "checkpoints"
-    run = launch(free_port, "llavanext_finetune.py", *TINY, f"DEEPSPEED={ZERO3}", "MAX_STEPS=2", "LR=1e-2",
+    run = torchrun(free_port, "llavanext_finetune.py", *TINY, f"DEEPSPEED={ZERO3}", "MAX_STEPS=2", "LR=1e-2",
                  "MERGE_AND_SAVE=True", f"VAL_ANNOTATIONS={val4}", f"OUTPUT_DIR={tmp_path / 'runs'}",
                  f"RESULTS_DIR={tmp_path / 'results'}", env={"GEOLLAVA_CHECKPOINTS_DIR": str(fresh)})
     assert run.returncode == 0, run.stderr[-3000:]
@@ -158,7 +150,7 @@ def test_deltavlm_trains_under_zero2_and_zero3_writing_the_released_layout_with_
 
     stage = 3 if config == ZERO3 else 2
     # 3 validation captions, one a batch: under ZeRO-3 rank 1 runs a spare batch beside rank 0's second
-    run = launch(free_port, "deltavlm_finetune.py", "INIT=tiny", f"DEEPSPEED={config}", f"OUTPUT_DIR={tmp_path}",
+    run = torchrun(free_port, "deltavlm_finetune.py", "INIT=tiny", f"DEEPSPEED={config}", f"OUTPUT_DIR={tmp_path}",
                  "TRAIN_LIMIT=32", "VAL_LIMIT=3", "VAL_BATCH_SIZE=1", "BATCH_SIZE=4", "VAL_NUM_BEAMS=1",
                  "VAL_MAX_NEW_TOKENS=8", "EPOCHS=1", "MAX_STEPS=3", "RUN_NAME=zero")
     assert run.returncode == 0, run.stderr[-3000:]
@@ -189,9 +181,8 @@ def test_a_zero3_step_equals_the_same_step_without_deepspeed(tmp_path):
     same = ["MODEL_ID=tiny", "USE_LORA=False", "TRAIN_LIMIT=8", "BATCH_SIZE=2", "MAX_STEPS=2", "LR=1e-3",
             "WARMUP_STEPS=0", "EVAL_STEPS=0", "EVAL_AFTER_TRAIN=False", "GRADIENT_CHECKPOINTING=False",
             "VAL_ANNOTATIONS=None"]
-    deepspeed = subprocess.run([sys.executable, "videollava_finetune.py", *same, f"DEEPSPEED={ZERO3}",
-                                f"OUTPUT_DIR={tmp_path / 'zero3'}"], cwd=REPO, capture_output=True, text=True,
-                               env=ENV, timeout=600)
+    deepspeed = run_command([sys.executable, "videollava_finetune.py", *same, f"DEEPSPEED={ZERO3}",
+                             f"OUTPUT_DIR={tmp_path / 'zero3'}"])
     assert deepspeed.returncode == 0, deepspeed.stderr[-3000:]
     run_script("videollava_finetune.py", *same, f"OUTPUT_DIR={tmp_path / 'plain'}")
     def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -219,12 +210,10 @@ def test_two_launchers_as_two_nodes_train_one_run(tmp_path, free_port):
     and train one run in a shared run directory: DDP with its gradient buckets shared, fused AdamW."""
     settings = [*TINY, "MAX_STEPS=2", "LR=3e-3", "EVAL_AFTER_TRAIN=False", f"OUTPUT_DIR={tmp_path / 'runs'}",
                 f"RESULTS_DIR={tmp_path / 'results'}"]
-    launchers = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-                                   "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port}", "--rdzv_id=nodes",
-                                   "videollava_finetune.py", *settings],
-                                  cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for _ in range(2)]
-    nodes = [subprocess.CompletedProcess(p.args, p.wait(timeout=600), *p.communicate()) for p in launchers]
+    launchers = [start_command([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                                "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port}", "--rdzv_id=nodes",
+                                "videollava_finetune.py", *settings]) for _ in range(2)]
+    nodes = [launcher.finish() for launcher in launchers]
     for node in nodes:
         assert node.returncode == 0, node.stderr[-3000:]
     (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]

@@ -1,0 +1,116 @@
+"""Answering many items (test samples, scene tiles) with several processes under ``torchrun``: each process answers
+its share on its own device, and after every batch the answers of all processes reach rank 0, the one writer of the
+output. A plain ``python script.py`` is one shard of one: the same code, no process group.
+
+Why gather after every batch instead of each process writing a file of its own: the output stays one file written
+by one process, as it comes (a killed run resumes from it, with the same rules as a one-process run), and nothing is
+left to merge at the end. The processes take the same number of steps (one with fewer items takes part with
+nothing), so every gather finds all of them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable, Sequence, TypeVar
+
+from tqdm.auto import tqdm
+
+from .devices import is_distributed_launch, process_device
+
+Item = TypeVar("Item")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's place among the processes answering: ``rank`` of ``world_size`` (0 of 1 without torchrun)."""
+    rank: int = 0
+    world_size: int = 1
+    owns_group: bool = False  # started the process group (and leaves it in stop_shards); else the Trainer's, say
+
+    @property
+    def main(self) -> bool:
+        """The one process that writes (rank 0)."""
+        return self.rank == 0
+
+
+def start_shards(timeout: timedelta | None = None) -> Shard:
+    """Under torchrun, join the process group (NCCL between GPUs, each process on its local GPU; gloo on the CPU;
+    one that already exists, e.g. a training run's, is used as it is) and return this process's shard; otherwise
+    the one shard. ``timeout``: how long a collective waits for the slowest process (torch's default when None)."""
+    if not is_distributed_launch():
+        return Shard()
+    import torch
+    import torch.distributed as dist
+
+    owns_group = not dist.is_initialized()
+    if owns_group:
+        device = process_device()
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL's object collectives use the current device
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                **({"timeout": timeout} if timeout is not None else {}))
+    return Shard(dist.get_rank(), dist.get_world_size(), owns_group)
+
+
+def share_of(items: Sequence[Item], shard: Shard, cost: Callable[[Item], float] = lambda item: 0.0) -> list[Item]:
+    """This process's share of ``items``: sorted by ``cost`` (the most expensive first, ties in their order) and dealt
+    out in turn, so every process gets as many of the long ones and at most one item more than another."""
+    order = sorted(range(len(items)), key=lambda index: -cost(items[index]))
+    return [items[index] for position, index in enumerate(order) if position % shard.world_size == shard.rank]
+
+
+def steps_needed(total: int, batch_size: int, shard: Shard) -> int:
+    """Batches every process takes part in: those of the largest share (rank 0's, by ``share_of``'s dealing)."""
+    return math.ceil(math.ceil(total / shard.world_size) / batch_size)
+
+
+def from_main(shard: Shard, value: Any) -> Any:
+    """Rank 0's ``value`` on every process (a collective every process enters), e.g. what is left to answer once the
+    one writer has read its output."""
+    if shard.world_size == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value if shard.main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_at_main(shard: Shard, records: list) -> list | None:
+    """Every process's ``records`` joined at rank 0 (in rank order), None on the others; a collective."""
+    if shard.world_size == 1:
+        return list(records)
+    import torch.distributed as dist
+
+    parts: list | None = [None] * shard.world_size if shard.main else None
+    dist.gather_object(list(records), parts, dst=0)
+    return [record for part in parts for record in part] if shard.main else None
+
+
+def answer_in_shards(shard: Shard, items: Sequence[Item], batch_size: int, answer: Callable[[list[Item]], list],
+                     write: Callable[[list], None], *, cost: Callable[[Item], float] = lambda item: 0.0,
+                     desc: str = "answering", unit: str = "batch") -> None:
+    """Answer ``items`` (the same list on every process) in batches of ``batch_size``: each process answers its share
+    (``answer(batch) -> records``), and after every batch rank 0 ``write``s what all of them answered. A progress bar
+    on rank 0 counts the steps."""
+    share = share_of(items, shard, cost)
+    steps = steps_needed(len(items), batch_size, shard)
+    for step in tqdm(range(steps), desc=desc, unit=unit, disable=not shard.main or steps == 0):
+        batch = share[step * batch_size:(step + 1) * batch_size]
+        records = answer(batch) if batch else []
+        gathered = gather_at_main(shard, records)
+        if shard.main and gathered:
+            write(gathered)
+
+
+def stop_shards(shard: Shard) -> None:
+    """Wait until every process is done (the writer's last write included), then leave the process group if
+    ``start_shards`` started it."""
+    if shard.world_size == 1:
+        return
+    import torch.distributed as dist
+
+    dist.barrier()
+    if shard.owns_group:
+        dist.destroy_process_group()
