@@ -8,6 +8,7 @@ the settings, the run directory, the Trainer's arguments and the growing ``run.j
 """
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from ..trainer import check_training_settings, suite_trainer_class, train_from_n
 from ..video import read_video_frames
 from .evaluation import evaluate
 from .families import get_family
-from .memory import GB, Setup, estimate, free_memory, model_config, parameter_counts, ways_out
+from .memory import GB, Setup, check_fits, estimate, free_memory, host_memory, model_config, parameter_counts
 from .modeling import (VideoQACollator, count_parameters, encode_training_example, format_linear_counts,
                        language_model_linear_names, linear_counts, load_model, lora_target_regex, model_label,
                        plan_lengths, resolve_model_path, video_token_count, video_unused_parameter_names)
@@ -180,9 +181,9 @@ def prepare_run_dir(cfg, run_dir: Path, *, main: bool = True) -> bool:
 
 
 def check_memory(run: "FinetuneRun") -> None:
-    """Step 3: the memory this run needs per device, estimated from the model's config alone (no weight loads),
-    printed, and compared with what the device has free: too much stops here in one line that names the ways out
-    (MEMORY_CHECK=False trains anyway). Recorded in run.json."""
+    """Step 3: the memory this run needs per device, and under DeepSpeed of host memory per node, estimated from the
+    model's config alone (no weight loads), printed, and compared with what the device and the machine have free: too
+    much stops here in one line that names the ways out (MEMORY_CHECK=False trains anyway). Recorded in run.json."""
     cfg = run.cfg
     with outside_zero3(run.args):  # a model built on the meta device, not partitioned
         counts = parameter_counts(model_config(run.model_path), run.family, cfg.LORA_R)
@@ -190,24 +191,27 @@ def check_memory(run: "FinetuneRun") -> None:
     setup = Setup(mode=training_mode(cfg), bits=quant_bits(cfg), freeze_vision=cfg.FREEZE_VISION,
                   zero_stage=plan.stage if plan else None, offload_optimizer=bool(plan and plan.offload_optimizer),
                   offload_params=bool(plan and plan.offload_params), world_size=run.args.world_size,
+                  local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
                   fused_optimizer="fused" in cfg.OPTIM, batch_size=cfg.BATCH_SIZE, max_length=cfg.MAX_LENGTH,
                   num_frames=cfg.NUM_FRAMES, checkpointing=cfg.GRADIENT_CHECKPOINTING,
                   gpu=run.args.device.type == "cuda")
     need = estimate(counts, setup)
     available, where = free_memory(run.args.device)
+    host_available = host_memory()
     engine = f", ZeRO-{plan.stage} over {setup.world_size} processes" if plan else ""
     size = f"{counts.total / 1e9:.2f} B" if counts.total >= 1e8 else f"{counts.total / 1e6:.1f} M"  # tiny: 4.2 M
     what = f"{training_mode(cfg)}{f' {setup.bits}-bit' if setup.bits else ''}{engine}, {size}"
     run.record["memory_estimate"] = {"setup": what, "needed_gb": round(need.total / GB, 2),
                                      "available_gb": round(available / GB, 2), "parts_gb": {
                                          k: round(getattr(need, k) / GB, 2) for k in
-                                         ("weights", "gradients", "optimizer", "temporaries", "activations")}}
+                                         ("weights", "gradients", "optimizer", "temporaries", "activations")},
+                                     "host_needed_gb_per_node": round(need.host / GB, 2),
+                                     "host_available_gb": round(host_available / GB, 2)}
     if run.main:
-        print(f"memory check ({what} parameters): {need.line()}; {available / GB:.1f} GB {where}")
-    if cfg.MEMORY_CHECK and need.total > available:
-        raise UserError(f"memory check: {what} parameters needs about {need.total / GB:.1f} GB per device but "
-                        f"{available / GB:.1f} GB are {where}; ways out: {ways_out(counts, setup, available)}; or "
-                        "MEMORY_CHECK=False to try anyway")
+        host = f"; {host_available / GB:.1f} GB of host memory available" if need.host else ""
+        print(f"memory check ({what} parameters): {need.line()}; {available / GB:.1f} GB {where}{host}")
+    if cfg.MEMORY_CHECK:
+        check_fits(counts, setup, what, (available, where), host_available)
 
 
 # ---------------------------------------------------------------- data
