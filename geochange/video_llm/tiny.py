@@ -91,11 +91,6 @@ def tiny_vision_config():
     )
 
 
-def tiny_size_kwargs() -> dict:
-    """The processors' resize and crop to the tiny vision tower's input."""
-    return {"size": {"shortest_edge": TINY_IMAGE_SIZE}, "crop_size": {"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}}
-
-
 def tiny_checkpoint_dir(family_id: str) -> Path:
     return CHECKPOINTS_DIR / f"tiny-{family_id}"
 
