@@ -71,6 +71,53 @@ def test_an_offload_config_without_its_own_optimizer_is_refused(tmp_path, user_e
     assert deepspeed_plan(str(REPO / ZERO2)).stage == 2 and deepspeed_plan(None) is None
 
 
+@pytest.mark.parametrize("script", ["videollava_finetune.py", "deltavlm_finetune.py"])
+def test_a_deepspeed_run_resumed_on_another_number_of_processes_stops_in_one_line_before_any_model(
+        script, tmp_path, user_error, monkeypatch, sample_dir):
+    """DeepSpeed's checkpoints hold one optimizer shard per process: resumed on another number of processes,
+    DeepSpeed failed deep inside its loading (state_dict_list[dp_rank]), after the model had loaded. The run's
+    run.json names the processes it trained on; a launch with another number stops first, naming both."""
+    import geochange.video_llm.finetune as finetune
+    from geochange.deltavlm import training
+    from geochange.overrides import script_constants
+    from geochange.runs import write_run_file
+
+    monkeypatch.setattr(finetune, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(training, "load_deltavlm", lambda *a, **k: pytest.fail("a model was loaded"))
+    chosen = {"DEEPSPEED": ZERO2, "OUTPUT_DIR": str(tmp_path), "RUN_NAME": "run", "TRAIN_LIMIT": 4,
+              **({"INIT": "tiny"} if script.startswith("deltavlm") else {"MODEL_ID": "tiny"})}
+    cfg = script_constants(script, **chosen)
+    if script.startswith("deltavlm"):
+        cfg = training.resolve_recipe(cfg)
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoint-4").mkdir(parents=True)
+    write_run_file(run_dir, {"completed": False, "settings": cfg.as_dict(), "world_size": 2})
+    message = user_error(lambda: run_script(script, *(f"{k}={v}" for k, v in chosen.items())),
+                         f"{run_dir} was trained on 2 processes under DeepSpeed ({ZERO2}) and this launch has 1",
+                         "resume it on 2 processes")
+    assert "\n" not in message and sorted(p.name for p in run_dir.iterdir()) == ["checkpoint-4", "run.json"]
+
+
+def test_a_filesystem_without_file_locks_is_one_line(tmp_path, monkeypatch, user_error):
+    """fcntl.flock on a filesystem without locks (Lustre mounted without -o flock) raises ENOSYS: one line naming
+    the lock and the ways out, for the writer lock and for a first-use build alike."""
+    import errno
+    import os
+
+    from geochange import locks
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(locks.fcntl, "flock", no_locks)
+    message = user_error(lambda: locks.lock_for_writing(tmp_path / "run", "the run directory"),
+                         f"cannot lock {tmp_path / 'run.lock'}: its filesystem does not support file locks "
+                         f"({os.strerror(errno.ENOSYS)}); mount it with locks (Lustre: -o flock)")
+    assert "\n" not in message
+    user_error(lambda: locks.build_folder_once(tmp_path / "built", lambda folder: False, lambda staging: None, "x"),
+               f"cannot lock {tmp_path / 'built.lock'}")
+
+
 def test_several_gpus_without_a_launcher_train_on_one_never_dataparallel():
     args = SimpleNamespace(world_size=1, n_gpu=4, _n_gpu=4)
     note = one_process_per_gpu(args)
