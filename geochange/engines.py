@@ -115,23 +115,30 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_deepspeed(plan: DeepSpeedPlan | None, timeout_minutes: float) -> None:
-    """Make DeepSpeed's process group before the Trainer's arguments exist: a plain ``python script.py`` becomes a
-    one-process world (ZeRO-3 with offload on one GPU is a real use), and on a CPU the group uses gloo (DeepSpeed's
-    CPU accelerator would ask for oneCCL). The group waits ``timeout_minutes`` for a late process: the Trainer's
-    ``ddp_timeout`` never reaches a group that already exists, and DeepSpeed's own default is 10 minutes."""
-    if plan is None:
-        return
-    import deepspeed
+def start_process_group(plan: DeepSpeedPlan | None, timeout_minutes: float) -> None:
+    """Make the run's process group before the Trainer's arguments exist, waiting ``timeout_minutes`` for a late
+    process (DIST_TIMEOUT_MINUTES): the Trainer passes its ``ddp_timeout`` on for a GPU run only, never to a group
+    that already exists, and DeepSpeed's own default is 10 minutes. Under DeepSpeed (``plan``) DeepSpeed's group: a
+    plain ``python script.py`` becomes a one-process world (ZeRO-3 with offload on one GPU is a real use), and on a
+    CPU the group uses gloo (DeepSpeed's CPU accelerator would ask for oneCCL). Otherwise, under torchrun /
+    accelerate, the group the Trainer's DDP then uses (NCCL, each process on its own GPU; gloo on a CPU)."""
     import torch
 
-    if not is_distributed_launch() and "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   timeout=dist_timeout(timeout_minutes))
+    if torch.distributed.is_initialized():
+        return
+    cuda = torch.cuda.is_available()
+    if plan is not None:
+        import deepspeed
+
+        if not is_distributed_launch() and "RANK" not in os.environ:
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                              MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                              MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=dist_timeout(timeout_minutes))
+    elif is_distributed_launch():
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=dist_timeout(timeout_minutes))
 
 
 def check_shared_directory(lock_file: Path, what: str) -> None:

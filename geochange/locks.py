@@ -139,6 +139,17 @@ def build_folder_once(target: Path, is_built: Callable[[Path], bool], build: Cal
     return target
 
 
+def save_pretrained_here(model, folder: Path) -> None:
+    """``model.save_pretrained(folder)`` by this process, whatever its rank: once a process group exists,
+    transformers 5 writes only on global rank 0, but a folder built under a lock (``build_folder_once``: a pruned
+    base, a tiny twin) is written by whichever process took the lock, on every node whose folder is its own."""
+    model.should_save_on_this_rank = lambda is_main_process: is_main_process  # this instance only
+    try:
+        model.save_pretrained(folder)
+    finally:
+        del model.should_save_on_this_rank
+
+
 def build_once(target: Path, version: int, build: Callable[[Path], None], *, seed: int, what: str) -> Path:
     """A generated model folder (a tiny twin) built once by ``build_folder_once``: ``build(staging)`` runs under
     ``torch.manual_seed(seed)`` (the caller's random state is kept), and a ``tiny.json`` marker records ``version``.

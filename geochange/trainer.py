@@ -104,7 +104,8 @@ def trainer_arguments(cfg, run_dir: Path, *, learning_rate: float, compute: str,
         dataloader_num_workers=data_loader_workers(cfg.NUM_WORKERS, cuda),
         # Every trainable parameter gets a gradient (the recipes freeze what the forward pass never reaches).
         ddp_find_unused_parameters=False,
-        # the group the Trainer makes (DDP) waits as long as DeepSpeed's (start_deepspeed) for a late process
+        # a group the Trainer makes waits DIST_TIMEOUT_MINUTES too (the scripts make theirs first:
+        # engines.start_process_group, for the Trainer passes this on to GPU runs only)
         ddp_timeout=round(dist_timeout(cfg.DIST_TIMEOUT_MINUTES).total_seconds()),
         seed=cfg.SEED,
         deepspeed=cfg.DEEPSPEED,

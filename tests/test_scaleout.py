@@ -3,6 +3,7 @@ cannot work, and one process per GPU."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -345,25 +346,72 @@ def test_a_deepspeed_step_equals_the_same_step_without_deepspeed(engine, tmp_pat
 
 # ---------------------------------------------------------------- several nodes
 
-@pytest.mark.slow
-def test_two_launchers_as_two_nodes_train_one_run(tmp_path, free_port):
-    """Two torchrun launchers (one process each) meet at a c10d rendezvous on 127.0.0.1, as two machines would,
-    and train one run in a shared run directory: DDP with its gradient buckets shared, fused AdamW."""
-    settings = [*TINY, "MAX_STEPS=2", "LR=3e-3", "EVAL_AFTER_TRAIN=False", f"OUTPUT_DIR={tmp_path / 'runs'}",
-                f"RESULTS_DIR={tmp_path / 'results'}"]
+def two_nodes(free_port: int, script: str, *settings_per_node: list[str], env: dict | None = None) -> list:
+    """Two torchrun launchers (one process each) that meet at a c10d rendezvous on 127.0.0.1, as two machines
+    would; ``settings_per_node``: each launcher's settings (c10d, not the launch order, decides which one is rank 0).
+    Their completed processes."""
     launchers = [start_command([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
                                 "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port}", "--rdzv_id=nodes",
-                                "videollava_finetune.py", *settings]) for _ in range(2)]
-    nodes = [launcher.finish() for launcher in launchers]
+                                script, *settings], env=env) for settings in settings_per_node]
+    return [launcher.finish() for launcher in launchers]
+
+
+@pytest.mark.slow
+def test_two_launchers_as_two_nodes_train_one_run(tmp_path, free_port):
+    """Two nodes train one run in a shared run directory (DDP with its gradient buckets shared, fused AdamW), from a
+    pruned base, over torn checkpoints a killed run left. "Main process first" is global, not per node: rank 0 alone
+    sets the torn checkpoints aside while node 1 waits (its first process scanned beside rank 0's renames); the
+    pruned base is written once, by whichever process takes its lock first (node 1's first process pruned beside
+    rank 0 into the same checkpoints/pruned/ folder); the DDP group waits DIST_TIMEOUT_MINUTES."""
+    from geochange.video_llm.tiny import tiny_checkpoint_dir
+
+    checkpoints = tmp_path / "checkpoints"  # a fresh checkpoints/ (the tiny model copied in), shared by the nodes
+    shutil.copytree(tiny_checkpoint_dir("videollava"), checkpoints / tiny_checkpoint_dir("videollava").name)
+    run_dir = tmp_path / "runs" / "nodes"
+    for step in range(1, 9):  # killed while saving: a state, no weights
+        (run_dir / f"checkpoint-{step}").mkdir(parents=True)
+        (run_dir / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        for part in range(20):
+            (run_dir / f"checkpoint-{step}" / f"part{part}").write_bytes(b"x")
+    settings = [*TINY, "MAX_STEPS=2", "LR=3e-3", "EVAL_AFTER_TRAIN=False", f"OUTPUT_DIR={tmp_path / 'runs'}",
+                "RUN_NAME=nodes", f"RESULTS_DIR={tmp_path / 'results'}", "PRUNE=True", "DIST_TIMEOUT_MINUTES=11"]
+    nodes = two_nodes(free_port, "videollava_finetune.py", settings, settings,
+                      env={"GEOLLAVA_CHECKPOINTS_DIR": str(checkpoints)})
     for node in nodes:
         assert node.returncode == 0, node.stderr[-3000:]
-    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
     record = json.loads((run_dir / "run.json").read_text())
     assert record["completed"] and record["world_size"] == 2 and record["global_step"] == 2
-    assert record["engine"]["wrapper"] == "DistributedDataParallel"
-    assert record["engine"]["gradient_as_bucket_view"] is True and record["engine"]["fused"] is True
-    # one process printed the run (rank 0 is the one writer)
-    assert sum(node.stdout.count("trainable parameters:") for node in nodes) == 1
+    engine = record["engine"]
+    assert engine["wrapper"] == "DistributedDataParallel" and engine["dist_timeout_minutes"] == 11
+    assert engine["gradient_as_bucket_view"] is True and engine["fused"] is True
+    output = "".join(node.stdout for node in nodes)
+    # one process printed the run (rank 0 is the one writer); one pruned the base, the other read it
+    assert output.count("trainable parameters:") == 1 and output.count("pruning videollava-tiny: magnitude") == 1
+    (pruned,) = [p for p in (checkpoints / "pruned").iterdir() if p.is_dir()]
+    assert json.loads((pruned / "pruning.json").read_text())["sparsity"] == record["sparsity"]
+    # every torn checkpoint set aside once, by rank 0, and the run started over
+    assert sorted(p.name for p in run_dir.glob("torn-checkpoint-*")) == sorted(f"torn-checkpoint-{s}" for s in range(1, 9))
+    assert output.count("skipping checkpoint-") == 8 and "every checkpoint in" in output
+    assert record["resumed_from"] is None
+
+
+@pytest.mark.slow
+def test_nodes_that_do_not_share_the_run_directory_stop_in_one_line(tmp_path, free_port):
+    """A node whose OUTPUT_DIR is its own (not a shared filesystem) would start afresh while node 0 resumes, and
+    their collectives would wait on each other until the timeout: at start each node's first process reads back
+    rank 0's lock file beside the run directory; node 1 cannot, and the run stops in one line from rank 0."""
+    settings = [*TINY, "MAX_STEPS=2", "EVAL_AFTER_TRAIN=False", "RUN_NAME=nodes"]
+    nodes = two_nodes(free_port, "videollava_finetune.py", *([*settings, f"OUTPUT_DIR={tmp_path / f'node{n}'}"]
+                                                             for n in (0, 1)))
+    assert all(node.returncode != 0 for node in nodes)
+    # rank 0 says it, once (under torchrun the error line used to be lost: torch's excepthook buffered it)
+    (line,) = [line for node in nodes for line in node.stderr.splitlines() if "error:" in line]
+    (rank0_dir,) = [tmp_path / f"node{n}" for n in (0, 1) if (tmp_path / f"node{n}" / "nodes.lock").is_file()]
+    assert line.startswith(f"error: the run directory {rank0_dir / 'nodes'} is not shared between the nodes: ")
+    assert f"(rank 1) cannot see {rank0_dir / 'nodes.lock'}, which rank 0 wrote on " in line
+    assert line.endswith("put OUTPUT_DIR on a filesystem every node mounts (checkpoints, run.json and resuming need "
+                         "one run directory)")
+    assert not any((tmp_path / f"node{n}" / "nodes").exists() for n in (0, 1))  # nothing ran, nothing written
 
 
 def test_overwrite_under_several_processes_deletes_the_run_once(tmp_path, capsys):

@@ -25,7 +25,7 @@ import torch
 from ..annotations import load_changechat
 from ..devices import is_main_process, launched_processes, process_device
 from ..engines import (check_shared_directory, deepspeed_plan, engine_of, gathered, outside_zero3, parameter_values,
-                       size_buckets, start_deepspeed, zero3_enabled)
+                       size_buckets, start_process_group, zero3_enabled)
 from ..errors import UserError
 from ..fileio import atomic_path, atomic_write_text
 from ..locks import WriterLock, lock_for_writing, lock_path
@@ -488,7 +488,7 @@ def training_arguments(cfg, run_dir: Path):
 def make_trainer(cfg, model: DeltaVLM, tokenizers, examples: list[Example], val_items: list[Item], run_dir: Path,
                  sources: Sources, callbacks: list | None = None):
     """The Trainer with the epoch-end validation attached."""
-    start_deepspeed(deepspeed_plan(cfg.DEEPSPEED), cfg.DIST_TIMEOUT_MINUTES)
+    start_process_group(deepspeed_plan(cfg.DEEPSPEED), cfg.DIST_TIMEOUT_MINUTES)
     args = training_arguments(cfg, run_dir)
     check_shared_directory(lock_path(run_dir), f"the run directory {run_dir}")  # the first collective of the run
     size_buckets(args, model.language_model.config.hidden_size)

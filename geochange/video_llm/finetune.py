@@ -20,7 +20,7 @@ import torch
 from ..annotations import Sample, Samples, load_annotations
 from ..devices import is_main_process, launched_processes, process_device
 from ..engines import (DeepSpeedPlan, check_shared_directory, deepspeed_plan, engine_of, one_process_per_gpu,
-                       outside_zero3, start_deepspeed)
+                       outside_zero3, start_process_group)
 from ..errors import UserError
 from ..locks import WriterLock, lock_for_writing, lock_path
 from ..overrides import script_constants
@@ -348,7 +348,7 @@ def open_run(cfg, family: str) -> FinetuneRun:
     run_dir = Path(cfg.OUTPUT_DIR) / run_name(cfg, family)
     plan = deepspeed_plan(cfg.DEEPSPEED)
     check_resume_processes(run_dir, cfg.as_dict(), launched_processes())
-    start_deepspeed(plan, cfg.DIST_TIMEOUT_MINUTES)
+    start_process_group(plan, cfg.DIST_TIMEOUT_MINUTES)
     args = training_arguments(cfg, run_dir)
     main = args.process_index == 0
     note = one_process_per_gpu(args)

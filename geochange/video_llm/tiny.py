@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..locks import build_once
+from ..locks import build_once, save_pretrained_here
 from ..paths import CHECKPOINTS_DIR, minilm_dir
 
 # Bump when a builder changes, so stale tiny checkpoints are rebuilt.
@@ -99,7 +99,7 @@ def ensure_tiny_checkpoint(family) -> Path:
     """Build the tiny checkpoint of ``family`` (a ``ModelFamily``) once; return its folder."""
     def build(staging: Path) -> None:
         model, processor = family.build_tiny(build_tiny_tokenizer())
-        model.save_pretrained(staging)
+        save_pretrained_here(model, staging)  # this node's first process may not be rank 0
         processor.save_pretrained(staging)
 
     return build_once(tiny_checkpoint_dir(family.id), TINY_VERSION, build, seed=TINY_SEED,

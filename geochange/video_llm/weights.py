@@ -14,7 +14,7 @@ import torch
 from ..adapters import ADAPTER_WEIGHTS, load_adapter_verified
 from ..errors import UserError
 from ..fileio import file_sha256
-from ..locks import build_folder_once
+from ..locks import build_folder_once, save_pretrained_here
 from ..overrides import make_settings
 from ..paths import CHECKPOINTS_DIR
 from ..runs import read_run_file, write_run_file
@@ -42,7 +42,7 @@ def pruned_base(model_path: str, family: str, cfg) -> tuple[str, dict[str, float
     def prune(staging: Path) -> None:
         model = load_model(model_path, family)
         sparsity = prune_model(model, cfg.PRUNE_METHOD, cfg.PRUNE_AMOUNT, include_vision=cfg.PRUNE_VISION)
-        model.save_pretrained(staging)
+        save_pretrained_here(model, staging)
         load_processor(model_path).save_pretrained(staging)
         (staging / PRUNING_MARKER).write_text(json.dumps({
             "source": model_path, "method": cfg.PRUNE_METHOD, "amount": cfg.PRUNE_AMOUNT,
