@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import sys
 
-from geochange import demo
+from geochange import change_maps, demo
 from geochange.convert import changechat_to_videos_main, pairs_to_videos_main, videos_to_pairs_main
 from geochange.deltavlm import run as deltavlm
 from geochange.deltavlm import training as deltavlm_training
@@ -32,7 +32,7 @@ from geochange.video_llm import evaluation, finetune
 from geochange.video_llm.memory import memory_table_main
 from geochange.video_llm.modeling import load_processor
 
-__all__ = ["chat", "deltavlm", "deltavlm_training", "demo", "evaluation", "finetune", "load_processor",
+__all__ = ["change_maps", "chat", "deltavlm", "deltavlm_training", "demo", "evaluation", "finetune", "load_processor",
            "load_settings", "main", "read_pair"]
 
 USAGE = __doc__.split("Command line:")[1]

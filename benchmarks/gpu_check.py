@@ -29,6 +29,8 @@ ZERO3_STEPS = 3             # with 2+ GPUs: optimiser steps of the ZeRO-3 full f
 DELTAVLM = True             # also one DeltaVLM training step (the paper's setting; benchmarks/deltavlm_train_step.py
 DELTAVLM_BATCH = 12         # has every setting) at InstructBLIP-Vicuna-7B shapes, and its peak memory
 METRICS = True              # also where the embedding metrics (BERTScore, sbert) run: on the GPU when there is one
+SCENE = True                # also the example scene (scene_changes.py): its tiles read, and answered by the 7B
+SCENE_TILES = 8             # Video-LLaVA with scene_changes.py's questions (NEW_TOKENS each) on the GPU: tiles/s of each
 # Targets from issue 8, reported against (H100).
 TARGET_LORA_MFU = 0.40
 TARGET_QLORA4_PEAK_GB = 14.0
@@ -268,6 +270,38 @@ def check(family: str, mode: str, path: str, device: torch.device, peak_flops) -
     return result
 
 
+def scene_figures(path: str, device: torch.device) -> dict:
+    """The bundled example scene as scene_changes.py reads it (tiles/s on one core) and as the Video-LLaVA at
+    ``path`` answers its tiles (tiles/s on ``device``): the reader must outpace the GPU, never starve it."""
+    from geochange import demo
+    from geochange.map_outputs import resolve_questions
+    from geochange.rasters import open_pair
+    from geochange.sample.geotiffs import ensure_example_scene
+    from geochange.tiles import plan_tiles, read_tile
+
+    with open_pair(*ensure_example_scene(), say=lambda line: None) as pair:
+        tiles = plan_tiles(pair.grid, script_constants("scene_changes.py").TILE_SIZE, 0)
+        started = time.perf_counter()
+        images = [read_tile(pair, tile, 0.5) for tile in tiles]
+        read_rate = len(tiles) / (time.perf_counter() - started)
+    pictures = [(image.before, image.after) for image in images if image.skipped is None][:SCENE_TILES]
+    chat = demo.VideoChat("videollava", "base", path, str(device))
+    questions = resolve_questions(script_constants("scene_changes.py").QUESTIONS).values()
+    chat.answer_pairs(pictures[:1], next(iter(questions)), NEW_TOKENS)  # warm-up
+    synchronize(device)
+    started = time.perf_counter()
+    for question in questions:
+        chat.answer_pairs(pictures, question, NEW_TOKENS)
+    synchronize(device)
+    answer_rate = len(pictures) / (time.perf_counter() - started)
+    result = {"tiles": len(pictures), "read_tiles_per_s": round(read_rate, 1),
+              "answered_tiles_per_s": round(answer_rate, 2), "model_device": str(chat.device),
+              "peak_gib": peak_memory_gib(device)}
+    del chat
+    gc.collect()
+    return result
+
+
 def gib(peak: dict | None) -> str:
     return f"{peak['allocated']} / {peak['reserved']}" if peak else "n/a"
 
@@ -305,6 +339,11 @@ def markdown(report: dict) -> str:
                       f"{d['batch']}): {d['step_s']:.2f} s, peak {peak}, {d['trainable']:,} trainable parameters"]
     if report.get("metrics"):
         lines += ["", f"Embedding metrics (BERTScore, sbert) ran on: {report['metrics']['device']}"]
+    if report.get("scene"):
+        c = report["scene"]
+        lines += ["", f"Example scene (scene_changes.py): tiles read at {c['read_tiles_per_s']}/s on one core, "
+                      f"answered at {c['answered_tiles_per_s']}/s by Video-LLaVA on {c['model_device']} "
+                      f"({c['tiles']} tiles, 4 questions, {report['settings']['NEW_TOKENS']} tokens each)"]
     lines += ["", f"Targets (H100): LoRA MFU >= {TARGET_LORA_MFU:.0%}; QLoRA 4-bit peak <= {TARGET_QLORA4_PEAK_GB:g} GB "
               "at batch 1. MFU = model FLOPs per step / step time / peak bf16 FLOP/s (LoRA/QLoRA: 4·N per token for "
               "the frozen language model, full: 6·N; attention's T² terms; the vision tower's forward)."]
@@ -368,6 +407,10 @@ if __name__ == "__main__":
         report["metrics"] = {"device": scored.device, "models": scored.models}
         if gpu and not scored.device.startswith("cuda"):
             print(f"warning: the embedding metrics ran on {scored.device}, not the GPU", flush=True)
+    if settings.SCENE:
+        print("the example scene's tiles ...", flush=True)
+        report["scene"] = scene_figures(real_checkpoint("videollava") if gpu else resolve_model_path(
+            "tiny", "videollava"), device)
     out = Path(settings.OUT_DIR)
     stem = "gpu_check" if gpu else "gpu_check_cpu_tiny"
     atomic_write_text(out / f"{stem}.json", json.dumps(report, indent=2) + "\n")

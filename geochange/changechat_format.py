@@ -29,6 +29,14 @@ LOCALIZATION_PROMPT = (
     "(namely, 'top', 'center', and 'bottom' vertically and 'left', 'center', 'right' horizontally)."
 )
 
+# ChangeChat's question types by their short labels (the demo's buttons, scene_changes.py's QUESTIONS).
+TASK_QUESTIONS = {"caption": CAPTION_PROMPT, "changed?": YESNO_PROMPT, "how many?": COUNT_PROMPT,
+                  "where?": LOCALIZATION_PROMPT}
+# The no-change sentences of DeltaVLM's released test-cls.ipynb (LEVIR-CC's no-change captions): a caption that is one
+# of them says "no change", any other caption "changed".
+NO_CHANGE_SENTENCES = ("there is no difference", "the two scenes seem identical", "the scene is the same as before",
+                       "no change has occurred", "almost nothing has changed")
+
 GRID_ROWS = ("top", "center", "bottom")
 GRID_COLS = ("left", "center", "right")
 # The released localization labels, row-major (the order of test-loc.ipynb's label list).

@@ -25,14 +25,13 @@ from .metrics import METRIC_NAMES, Texts, metric_groups
 from .overrides import script_constants
 from .sample.data import SAMPLE_CHANGECHAT_CAPTIONS, SAMPLE_CHANGECHAT_ROOT, ensure_sample_media
 from .video import read_image, read_video_frames, resize_image
-from .video_llm.evaluation import load_eval_model, model_inputs
+from .video_llm.evaluation import generate_answers, load_eval_model, model_inputs
 from .video_llm.families import FAMILIES, get_family
 from .video_llm.modeling import video_prompt
 
 MODELS = (DELTAVLM_ID, *FAMILIES)
 # One click asks these (ChangeChat's question types).
-QUICK_QUESTIONS = {"caption": cc.CAPTION_PROMPT, "changed?": cc.YESNO_PROMPT, "how many?": cc.COUNT_PROMPT,
-                   "where?": cc.LOCALIZATION_PROMPT}
+QUICK_QUESTIONS = cc.TASK_QUESTIONS
 # Bundled sample pairs offered as examples (with changes to talk about).
 EXAMPLE_PAIRS = ("val_00002", "val_00005", "val_00007", "val_00011")
 
@@ -113,6 +112,12 @@ class DeltaVLMChat:
     def prompt(self, question: str, history: list[tuple[str, str]]) -> str:
         return self.predictor.prompt(question, history)
 
+    def answer_pairs(self, pairs: list[tuple[np.ndarray, np.ndarray]], question: str,
+                     max_new_tokens: int) -> list[str]:
+        """One question about many pairs, in one batch, decoded as the predictor's batch mode decodes."""
+        self.predictor.decoding = replace(self.predictor.decoding, max_new_tokens=int(max_new_tokens))
+        return self.predictor.answer(pairs, [self.prompt(question, [])] * len(pairs))
+
     def stream(self, pair: Pair, prompt: str, max_new_tokens: int, num_beams: int) -> Iterator[str]:
         from transformers import TextIteratorStreamer
 
@@ -146,6 +151,12 @@ class VideoChat:
 
     def prompt(self, question: str, history: list[tuple[str, str]]) -> str:
         return video_prompt(self.processor, question, history)
+
+    def answer_pairs(self, pairs: list[tuple[np.ndarray, np.ndarray]], question: str,
+                     max_new_tokens: int) -> list[str]:
+        """One question about many pairs as 2-frame clips, in one greedy batch, as evaluation generates."""
+        clips = [np.stack(pair) for pair in pairs]
+        return generate_answers(self.model, self.processor, clips, [question] * len(pairs), max_new_tokens)[0]
 
     def stream(self, pair: Pair, prompt: str, max_new_tokens: int, num_beams: int) -> Iterator[str]:
         import torch

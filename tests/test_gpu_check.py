@@ -19,7 +19,7 @@ def test_gpu_check_runs_on_the_cpu_with_the_tiny_models(tmp_path, monkeypatch, c
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     monkeypatch.setattr(sys, "argv", ["benchmarks/gpu_check.py", "FAMILIES=('videollava',)", "MODES=('QLORA4',)",
                                       "MAX_LENGTH=192", "TRAIN_STEPS=1", "TRAIN_BATCHES=(1,)", "GENERATE_BATCHES=(3,)",
-                                      "NEW_TOKENS=3", "DELTAVLM_BATCH=2", f"OUT_DIR={tmp_path}"])
+                                      "NEW_TOKENS=3", "DELTAVLM_BATCH=2", "SCENE_TILES=1", f"OUT_DIR={tmp_path}"])
     runpy.run_path(str(REPO / "benchmarks" / "gpu_check.py"), run_name="__main__")
     assert "NOT GPU figures" in capsys.readouterr().out
     report = json.loads((tmp_path / "gpu_check_cpu_tiny.json").read_text())
@@ -57,6 +57,9 @@ def test_gpu_check_runs_on_the_cpu_with_the_tiny_models(tmp_path, monkeypatch, c
     # the DeltaVLM training step ran (tiny twin) and the embedding metrics stayed where the models are: the CPU here
     assert report["deltavlm"]["batch"] == 2 and report["deltavlm"]["trainable"] > 0 and report["deltavlm"]["loss"] > 0
     assert report["metrics"]["device"] == "cpu"
+    # the example scene's tiles read, and answered on the device the check runs on
+    assert report["scene"]["tiles"] == 1 and report["scene"]["model_device"] == "cpu"
+    assert report["scene"]["read_tiles_per_s"] > 0 and report["scene"]["answered_tiles_per_s"] > 0
     assert "NOT GPU figures" in (tmp_path / "gpu_check_cpu_tiny.md").read_text()
 
 

@@ -29,9 +29,7 @@ from dataclasses import dataclass, field
 from .. import changechat_format as cc
 from ..metrics import compute_metrics_report
 
-# The no-change sentences of DeltaVLM's released test-cls.ipynb (LEVIR-CC's no-change captions).
-NO_CHANGE_SENTENCES = ("there is no difference", "the two scenes seem identical", "the scene is the same as before",
-                       "no change has occurred", "almost nothing has changed")
+NO_CHANGE_SENTENCES = cc.NO_CHANGE_SENTENCES  # DeltaVLM's released test-cls.ipynb's (LEVIR-CC's)
 
 
 def _ratio(numerator: float, denominator: float) -> float:

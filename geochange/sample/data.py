@@ -4,7 +4,7 @@ Only the annotation JSON files are committed (``annotations/sample_*.json``); th
 images and videos are regenerated from each record's ``seed`` on first use by
 ``ensure_sample_media()`` into ``data/sample/`` (git-ignored).
 
-    python common.py sample-data          # rewrite the annotation JSONs and all media
+    python common.py sample-data          # rewrite the annotation JSONs and all media (the example GeoTIFF pair too)
     python common.py sample-data --check  # exit 1 if the committed JSONs differ from the generator
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ from .. import changechat_format as cc
 from ..errors import UserError, install_error_handler
 from ..fileio import atomic_write_text
 from ..paths import ANNOTATIONS_DIR, SAMPLE_DIR
+from .geotiffs import ensure_example_scene
 from .scenes import Change, make_scene_pair, render_pair
 from ..video import write_image, write_video
 
@@ -313,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in write_annotations():
         print(f"wrote {path}")
     ensure_sample_media(force=True)
-    print(f"sample media in {SAMPLE_DIR}")
+    before, after = ensure_example_scene(force=True)
+    print(f"sample media in {SAMPLE_DIR}; the example scene for scene_changes.py: {before.name}, {after.name}")
     return 0
 
