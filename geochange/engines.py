@@ -56,8 +56,12 @@ class DeepSpeedPlan:
     stage: int                # ZeRO stage 0..3
     offload_optimizer: bool   # optimizer states (and the update) on the CPU
     offload_params: bool      # ZeRO-3 parameters on the CPU
-    has_optimizer: bool       # the file names its own optimizer (DeepSpeed's; needed with offload)
-    optimizer: str | None = None  # what that "optimizer" block makes DeepSpeed run, in words (None: OPTIM runs)
+    optimizer: str | None     # what the file's own "optimizer" block makes DeepSpeed run, in words (None: OPTIM)
+
+    @property
+    def has_optimizer(self) -> bool:
+        """The file names its own optimizer (DeepSpeed's, which runs instead of OPTIM; needed with offload)."""
+        return self.optimizer is not None
 
 
 def deepspeed_plan(path: str | None) -> DeepSpeedPlan | None:
@@ -87,7 +91,6 @@ def deepspeed_plan(path: str | None) -> DeepSpeedPlan | None:
 
     block = config.get("optimizer")
     plan = DeepSpeedPlan(str(path), stage, offloaded("offload_optimizer"), offloaded("offload_param"),
-                         block is not None,
                          deepspeed_optimizer(block, offloaded("offload_optimizer")) if block is not None else None)
     if (plan.offload_optimizer or plan.offload_params) and not plan.has_optimizer:
         raise UserError(f"DEEPSPEED: {path} offloads to the CPU but names no optimizer: an offloaded update needs "
@@ -143,10 +146,10 @@ def start_process_group(plan: DeepSpeedPlan | None, timeout_minutes: float) -> N
 
 def check_shared_directory(lock_file: Path, what: str) -> None:
     """Every node of a run sees the run directory rank 0 writes: rank 0's lock file beside it (which it holds, with a
-    token no other lock shares) is read back by the first process of every other node. Where one does
-    not find it, the nodes write different directories: one node would resume while another starts afresh, and their
-    collectives would wait on each other until the timeout. Then the run stops here, in one line from rank 0 naming
-    the nodes (the other processes leave quietly with status 2). Every process calls this; one process: nothing."""
+    token no other lock shares) is read back by the first process of every other node. Where one does not find it,
+    the nodes write different directories: one node would resume while another starts afresh, and their collectives
+    would wait on each other until the timeout. Then the run stops here, in one line from rank 0 naming the nodes
+    (the other processes leave quietly with status 2). Every process calls this; one process: nothing."""
     import sys
 
     import torch
@@ -156,6 +159,7 @@ def check_shared_directory(lock_file: Path, what: str) -> None:
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     if world == 1:
         return
+
     def read() -> str | None:
         try:
             return lock_file.read_text(encoding="utf-8")

@@ -60,6 +60,9 @@ def test_an_offload_config_without_its_own_optimizer_is_refused(tmp_path, user_e
     config = json.loads((REPO / ZERO3_OFFLOAD).read_text())
     plan = deepspeed_plan(str(REPO / ZERO3_OFFLOAD))
     assert (plan.stage, plan.offload_optimizer, plan.offload_params, plan.has_optimizer) == (3, True, True, True)
+    # what its optimizer block runs, as the line at the start of training says
+    assert plan.optimizer.startswith("AdamW as DeepSpeed's DeepSpeedCPUAdam, compiled on first use")
+    assert deepspeed_plan(str(REPO / ZERO3)).optimizer is None  # OPTIM runs
     del config["optimizer"]
     (tmp_path / "offload.json").write_text(json.dumps(config))
     user_error(lambda: deepspeed_plan(str(tmp_path / "offload.json")), "offloads to the CPU but names no optimizer")
