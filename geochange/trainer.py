@@ -71,8 +71,8 @@ def trainer_arguments(cfg, run_dir: Path, *, learning_rate: float, compute: str,
                       **recipe):
     """``TrainingArguments`` from a training script's constants: batch, accumulation, length (EPOCHS, MAX_STEPS),
     ``learning_rate``, WARMUP_STEPS, LR_SCHEDULER, WEIGHT_DECAY, OPTIM, MAX_GRAD_NORM, logging, checkpoints,
-    workers, SEED, DEEPSPEED, DIST_TIMEOUT_MINUTES; ``compute`` = "bf16", "fp16" (autocast with loss scaling) or "fp32". ``recipe``:
-    what one recipe sets beyond these (its validation, for instance)."""
+    workers, SEED, DEEPSPEED, DIST_TIMEOUT_MINUTES; ``compute`` = "bf16", "fp16" (autocast with loss scaling) or
+    "fp32". ``recipe``: what one recipe sets beyond these (its validation, for instance)."""
     import torch
     from transformers import TrainingArguments
 
@@ -215,7 +215,7 @@ def suite_trainer_class():
                           if p.dtype == torch.float32 and not hasattr(p, "ds_id")}
             wrapped, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
             restore_fp32_masters(starts, model)
-            del starts
+            del starts  # freed before training
             if resume_from_checkpoint is not None:  # as the Trainer resumes, but without the frozen weights
                 from transformers.integrations.deepspeed import deepspeed_load_checkpoint
 
