@@ -8,14 +8,17 @@ click away. One conversation per browser tab; one generation at a time (the rest
     python demo.py MODEL_PATH=tiny                             # offline tiny DeltaVLM, on this machine's CPU
     python demo.py MODEL=videollava MODEL_PATH=tiny            # the tiny Video-LLaVA
     python demo.py MODEL=videollava MODEL_PATH=runs/<run>      # a fine-tuning run, on the GPU
-    python demo.py HOST=0.0.0.0                                # the released DeltaVLM, for other machines to reach
+    python demo.py HOST=0.0.0.0 AUTH=logins.txt                # the released DeltaVLM, for other machines to reach
 """
 MODEL = "deltavlm"          # "deltavlm", "videollava" or "llavanext"
 MODEL_PATH = "hlwu/DeltaVLM"  # DeltaVLM: a checkpoint_best.pth (file, folder or Hub repo; base = the released one);
                             # video models: a fine-tuning run directory or base (the family's 7B model); or tiny
 DEVICE = "auto"             # "auto" = the GPU if there is one, else the CPU; or "cuda:1", "cpu"
-HOST = "127.0.0.1"          # 0.0.0.0 = reachable from other machines (see the README before you do)
+HOST = "127.0.0.1"          # this machine only; 0.0.0.0 = reachable from other machines (needs AUTH: docs/demo.md)
 PORT = 7860
+AUTH = None                 # Gradio's login: "user:password", or a file of user:password lines; None = no login
+ALLOW_NO_AUTH = False       # True = serve beyond this machine (HOST=0.0.0.0, SHARE) without AUTH: anyone may use it
+MAX_IMAGE_PIXELS = 40_000_000  # larger uploads are refused from their header, before they are decoded
 MAX_NEW_TOKENS = 128        # per answer (changeable on the page)
 NUM_BEAMS = 1               # 1 = greedy, streamed token by token; more = beam search, the answer comes whole
 SHARE = False               # True = a temporary public gradio.live link (needs the internet)
@@ -24,10 +27,13 @@ if __name__ == "__main__":
     from common import demo, load_settings
 
     cfg = load_settings(globals())
-    # 1. the model that answers (loaded once): DeltaVLM through its predictor, or a video model
+    # 1. who may use the page: AUTH's login, required beyond this machine (checked before the model loads)
+    login = demo.page_login(cfg)
+    # 2. the model that answers (loaded once): DeltaVLM through its predictor, or a video model
     chat = demo.load_chat(cfg)
-    # 2. the page: the pair, the chat, the questions, the examples, the settings; a conversation per tab
+    # 3. the page: the pair, the examples, the chat, the questions, the settings; a conversation per tab
     page = demo.build_page(chat, cfg)
-    # 3. serve it, printing the address to open
-    print(f"{chat.description}: open http://{cfg.HOST}:{cfg.PORT} in a browser", flush=True)
-    page.launch(server_name=cfg.HOST, server_port=cfg.PORT, share=cfg.SHARE, show_error=False)
+    # 4. serve it, printing the address to open
+    who = f"login required ({len(login)} user{'s' if len(login) > 1 else ''})" if login else "no login"
+    print(f"{chat.description}; {who}: open http://{cfg.HOST}:{cfg.PORT} in a browser", flush=True)
+    page.launch(server_name=cfg.HOST, server_port=cfg.PORT, share=cfg.SHARE, show_error=False, auth=login)

@@ -52,7 +52,7 @@ GRADIENT_CHECKPOINTING = True
 PRECISION = "auto"          # compute: "auto" = bf16 on GPUs with it, fp16 on older GPUs, fp32 on CPU; or "bf16",
                             # "fp16", "fp32". Full fine-tuning keeps fp32 weights (master copy) whatever this says
 NUM_WORKERS = None          # data-loader workers; None = the machine's cores (at most 8) on a GPU, 0 on a CPU
-DEEPSPEED = None            # configs/deepspeed/zero2.json, zero3.json or zero3_offload.json (README); None = DDP
+DEEPSPEED = None            # configs/deepspeed/zero2.json, zero3.json or zero3_offload.json (docs/gpu.md); None = DDP
 MEMORY_CHECK = True         # estimate the memory per device from the config before loading; too much = stop
 DIST_TIMEOUT_MINUTES = 30   # how long a process waits for the others (every engine's process group; the Trainer's 30)
 SEED = 42

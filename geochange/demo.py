@@ -1,10 +1,12 @@
 """The browser chat of ``demo.py``: a before/after pair, any model this suite trains, a multi-turn conversation.
 
 The page's logic, apart from the page: what a model receives (its own multi-turn format: DeltaVLM's dialogue layout
-as its predictor builds it, the video models' chat template with the earlier turns), the inputs checked (one clear
-notice for a file that is not an image, a missing image, an empty message; images of different sizes resized, and
-said so), answers streamed token by token (greedy decoding; beam search answers whole), and quick scores of a
-caption against a bundled pair's references (the per-sample lexical metrics of ``METRICS``).
+as its predictor builds it, the video models' chat template with the earlier turns), the inputs checked as an
+untrusted user may send them (one clear notice, naming the file as the user chose it, for a file that is not an
+image, an image past the pixel limit, a missing image, an empty message; every upload brought down to the model's
+input size as it is read; images of different sizes resized, and said so), who may use the page (Gradio's login,
+required beyond this machine), answers streamed token by token (greedy decoding; beam search answers whole), and
+quick scores of a caption against a bundled pair's references (the per-sample lexical metrics of ``METRICS``).
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import json
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 
@@ -24,7 +26,7 @@ from .errors import UserError, first_line
 from .metrics import METRIC_NAMES, Texts, metric_groups
 from .overrides import script_constants
 from .sample.data import SAMPLE_CHANGECHAT_CAPTIONS, SAMPLE_CHANGECHAT_ROOT, ensure_sample_media
-from .video import read_image, read_video_frames, resize_image
+from .video import clip_size, image_size, read_image, read_video_frames, resize_image, shrink_image
 from .video_llm.evaluation import generate_answers, load_eval_model, model_inputs
 from .video_llm.families import FAMILIES, get_family
 from .video_llm.modeling import video_prompt
@@ -34,9 +36,45 @@ MODELS = (DELTAVLM_ID, *FAMILIES)
 QUICK_QUESTIONS = cc.TASK_QUESTIONS
 # Bundled sample pairs offered as examples (with changes to talk about).
 EXAMPLE_PAIRS = ("val_00002", "val_00005", "val_00007", "val_00011")
+# HOST values that serve this machine alone: any other address (or SHARE) needs a login.
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+T = TypeVar("T")
 
 
 # ----------------------------------------------------------------------------------------------- the inputs
+
+@dataclass(frozen=True)
+class Upload:
+    """A file given to the page: where the server keeps it (gradio's temporary copy) and the name the user chose it
+    by, which every notice uses (the server's paths are no business of the page's users)."""
+    path: str
+    name: str
+
+    @classmethod
+    def of(cls, value: Upload | str | Path | None) -> Upload | None:
+        """An Upload as it is, a path as the file of that name; None (nothing uploaded) as None."""
+        if value is None or isinstance(value, Upload):
+            return value
+        return cls(str(value), Path(value).name)
+
+
+def _named(upload: Upload, read: Callable[[str], T]) -> T:
+    """``read(upload.path)``, its error naming the file as the user chose it instead of the server's copy."""
+    try:
+        return read(upload.path)
+    except UserError as exc:
+        raise UserError(str(exc).replace(upload.path, upload.name)) from None
+
+
+def check_pixels(upload: Upload, max_pixels: int | None, clip: bool = False) -> tuple[int, int]:
+    """The upload's (width, height), read from its header alone; past ``max_pixels`` (None: no limit) it is refused
+    before anything is decoded."""
+    width, height = _named(upload, clip_size if clip else image_size)
+    if max_pixels and width * height > max_pixels:
+        raise UserError(f"{upload.name} is {width}x{height} ({width * height / 1e6:.3g} megapixels), more than the "
+                        f"{max_pixels / 1e6:g} megapixels this page takes (MAX_IMAGE_PIXELS): bring it down first")
+    return width, height
+
 
 @dataclass
 class Pair:
@@ -46,22 +84,42 @@ class Pair:
     notes: list[str]
 
 
-def load_pair(before: str | None, after: str | None, video: str | None = None) -> Pair:
-    """The pair to talk about: two image files, or a clip whose first and last frames are the pair. A missing image,
-    a file that is not an image, a clip that cannot serve two frames: UserError, one line for the page."""
+def load_pair(before: Upload | str | None, after: Upload | str | None, video: Upload | str | None = None, *,
+              side: int | None = None, max_pixels: int | None = None) -> Pair:
+    """The pair to talk about: two image files, or a clip whose first and last frames are the pair. Each is checked
+    against ``max_pixels`` from its header, then brought down as it is read so that its shorter side is ``side``
+    (the model's input size; None: kept as it is), so that a huge upload never reaches, or enlarges, its partner.
+    A missing image, a file that is not an image or is too large, a clip that cannot serve two frames: UserError, one
+    line for the page, naming the file as the user chose it."""
+    before, after, video = Upload.of(before), Upload.of(after), Upload.of(video)
     if video and not (before or after):
-        frames = read_video_frames(video, 2)
-        return Pair(frames[0], frames[-1], [f"the first and last frames of {Path(video).name}"])
+        check_pixels(video, max_pixels, clip=True)
+        frames = _named(video, lambda path: read_video_frames(path, 2))
+        return Pair(shrink_image(frames[0], side), shrink_image(frames[-1], side),
+                    [f"the first and last frames of {video.name}"])
     if not before or not after:
-        missing = " and ".join(name for name, path in (("before", before), ("after", after)) if not path)
+        missing = " and ".join(name for name, upload in (("before", before), ("after", after)) if not upload)
         raise UserError(f"upload the {missing} image (or a 2-frame clip) first")
-    first, second = read_image(before), read_image(after)
+    (width, height), (after_width, after_height) = (check_pixels(upload, max_pixels) for upload in (before, after))
+    first, second = (_named(upload, lambda path: read_image(path, side)) for upload in (before, after))
     notes = []
     if first.shape != second.shape:
-        notes.append(f"the images differ in size: the after image ({second.shape[1]}x{second.shape[0]}) was resized "
-                     f"to the before image's {first.shape[1]}x{first.shape[0]}")
+        notes.append(f"the images differ in size: the after image ({after_width}x{after_height}) was resized to the "
+                     f"before image's {width}x{height}")
         second = resize_image(second, (first.shape[1], first.shape[0]))
     return Pair(first, second, notes)
+
+
+def pair_notice(before: Upload | None, after: Upload | None, video: Upload | None, max_pixels: int | None) -> str:
+    """What the page says as soon as a file is given: the first upload that is not an image (or clip) or is too large,
+    from the files' headers alone; "" when all are fine so far."""
+    for upload, clip in ((before, False), (after, False), (video, True)):
+        if upload is not None:
+            try:
+                check_pixels(Upload.of(upload), max_pixels, clip)
+            except UserError as exc:
+                return f"**{exc}**"
+    return ""
 
 
 def check_question(question: str | None) -> str:
@@ -103,6 +161,7 @@ class DeltaVLMChat:
         self.cfg = cfg
         self.predictor = deltavlm_run.load_predictor(cfg)
         self.device = self.predictor.device
+        self.input_side = self.predictor.model.image_size  # both images are resized to this square
         self.checkpoint = str(cfg.CHECKPOINT)
 
     @property
@@ -144,6 +203,8 @@ class VideoChat:
         self.model.eval()
         self.device = next(self.model.parameters()).device
         self.checkpoint = model_id if model_path == "base" else model_path
+        size = self.processor.video_processor.size  # the frames' shorter side is resized to this (then centre-cropped)
+        self.input_side = size.get("shortest_edge") or min(size.get("height"), size.get("width"))
 
     @property
     def description(self) -> str:
@@ -229,11 +290,11 @@ def example_pairs() -> list[tuple[str, str, list[str]]]:
     return pairs
 
 
-def references_for(before: str | None, examples: list[tuple[str, str, list[str]]]) -> list[str]:
+def references_for(before: Upload | str | None, examples: list[tuple[str, str, list[str]]]) -> list[str]:
     """The reference captions of a bundled example pair (by its before image's name), else none."""
     if not before:
         return []
-    name = Path(before).name
+    name = Upload.of(before).name
     return next((refs for first, _, refs in examples if Path(first).name == name), [])
 
 
@@ -247,15 +308,17 @@ class Turn:
     history: list[tuple[str, str]]
 
 
-def answer_turn(chat, question: str | None, before: str | None, after: str | None, video: str | None,
-                history: list[tuple[str, str]], max_new_tokens: int, num_beams: int, session: str,
-                examples: list[tuple[str, str, list[str]]], log=print) -> Iterator[Turn]:
+def answer_turn(chat, question: str | None, before: Upload | str | None, after: Upload | str | None,
+                video: Upload | str | None, history: list[tuple[str, str]], max_new_tokens: int, num_beams: int,
+                session: str, examples: list[tuple[str, str, list[str]]], log=print,
+                max_pixels: int | None = None) -> Iterator[Turn]:
     """One question answered about the pair, streamed: the question and the growing answer appear in the chat, the
-    history keeps the finished turn. A mistake in the input is a notice on the page, nothing else changes."""
+    history keeps the finished turn. The pair is read at the model's input size (``chat.input_side``); a mistake in
+    the input is a notice on the page, nothing else changes."""
     messages = [m for q, a in history for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
     try:
         question = check_question(question)
-        pair = load_pair(before, after, video)
+        pair = load_pair(before, after, video, side=chat.input_side, max_pixels=max_pixels)
     except UserError as exc:
         yield Turn(messages, f"**{exc}**", history)
         return
@@ -282,58 +345,103 @@ def answer_turn(chat, question: str | None, before: str | None, after: str | Non
     yield Turn(messages, notes, history)
 
 
+# ----------------------------------------------------------------------------------------------- who may use it
+
+def page_login(cfg) -> list[tuple[str, str]] | None:
+    """Gradio's login for the page, from ``AUTH``: one ``user:password``, or a file of them (one a line; blank lines
+    and ``#`` comments skipped). A page served beyond this machine (a ``HOST`` other than loopback, or ``SHARE``)
+    without a login is refused unless ``ALLOW_NO_AUTH=True`` says so. Checked before any model loads; no error
+    repeats a password."""
+    public = cfg.SHARE or str(cfg.HOST) not in LOOPBACK_HOSTS
+    if not cfg.AUTH:
+        if public and not cfg.ALLOW_NO_AUTH:
+            where = "a public gradio.live link (SHARE=True)" if cfg.SHARE else f"HOST={cfg.HOST}"
+            raise UserError(f"{where} serves the page to other machines, and AUTH is not set: anyone who reaches it "
+                            f"could use the model. Set AUTH=\"user:password\" (or AUTH=<a file of user:password "
+                            f"lines>), or ALLOW_NO_AUTH=True on a network you trust")
+        return None
+    source = Path(str(cfg.AUTH))
+    if source.is_file():
+        lines = [(f"{source} line {number}", line.strip())
+                 for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1)
+                 if line.strip() and not line.strip().startswith("#")]
+        if not lines:
+            raise UserError(f"AUTH file {source} holds no user:password line")
+    else:
+        lines = [("AUTH", str(cfg.AUTH))]
+    logins = []
+    for where, line in lines:
+        user, _, password = line.partition(":")
+        if not user.strip() or not password:
+            raise UserError(f"{where} is not user:password (nor is AUTH an existing file): a user name, a colon, "
+                            f"a password")
+        logins.append((user.strip(), password))
+    return logins
+
+
 # ----------------------------------------------------------------------------------------------- the page
 
-def pair_image(**kwargs):
-    """gradio's Image, handing the page's logic the uploaded file's path as it is: a file that is not an image then
-    gets this suite's one-line notice instead of gradio's generic error. (Set on the instance: a subclass of a gradio
-    component makes gradio write a .pyi file beside this module.)"""
-    import gradio as gr
-
-    image = gr.Image(type="filepath", **kwargs)
-    image.preprocess = lambda payload: None if payload is None else payload.path
-    return image
+def as_upload(component):
+    """``component`` (a gradio Image or Video) handing the page's logic an ``Upload`` (the server's copy and the name
+    the user chose) as it is: nothing decoded by gradio, so that a file that is not an image gets this suite's
+    one-line notice instead of gradio's generic error, and a huge one is refused from its header. (Set on the
+    instance: a subclass of a gradio component makes gradio write a .pyi file beside this module.)"""
+    component.preprocess = lambda payload: None if payload is None else Upload(
+        payload.path, payload.orig_name or Path(payload.path).name)
+    return component
 
 
 def build_page(chat, cfg):
-    """The Blocks page: the pair (two images or a clip), the chat, the question box and buttons, the examples and
-    the one-click questions, what answers, and the generation settings; one conversation per browser tab (gradio
-    state), one generation at a time (the queue)."""
+    """The Blocks page, in two columns: the pair (two images, the bundled sample pairs right under them, or a clip)
+    and the conversation (the chat, the question box and buttons, the one-click questions, the generation settings);
+    what answers on top. One conversation per browser tab (gradio state), one generation at a time (the queue).
+    Images come from an upload or the clipboard (no webcam: satellite pairs are files)."""
     import gradio as gr
 
     examples = example_pairs()
     with gr.Blocks(title="geollava-suite: chat about a change") as page:
         gr.Markdown(f"## Chat about what changed\nAnswering: **{chat.description}**", elem_id="model")
         history = gr.State([])
-        with gr.Row():
-            before = pair_image(label="before", elem_id="before", height=320)
-            after = pair_image(label="after", elem_id="after", height=320)
-        video = gr.Video(label="or a 2-frame clip (before, after)", elem_id="clip", height=160)
-        chatbot = gr.Chatbot(label="conversation", elem_id="chat", height=360)
-        notice = gr.Markdown("", elem_id="notice")
-        with gr.Row():
-            message = gr.Textbox(label="your question", elem_id="message", lines=2, scale=5,
-                                 placeholder="e.g. " + cc.CAPTION_PROMPT)
-            send = gr.Button("Send", elem_id="send", variant="primary", scale=1)
-            clear = gr.Button("New conversation", elem_id="clear", scale=1)
-        with gr.Row():
-            quick = [gr.Button(label, size="sm", elem_id=f"ask-{label.strip('?').replace(' ', '-')}")
-                     for label in QUICK_QUESTIONS]
-        gr.Examples([[first, second] for first, second, _ in examples], inputs=[before, after],
-                    label="bundled sample pairs (click one)")
-        with gr.Accordion("generation settings", open=False):
-            max_new_tokens = gr.Slider(1, 512, value=cfg.MAX_NEW_TOKENS, step=1, label="MAX_NEW_TOKENS")
-            num_beams = gr.Slider(1, 8, value=cfg.NUM_BEAMS, step=1, label="NUM_BEAMS (1 streams the answer)")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1, min_width=400):  # the pair
+                with gr.Row():
+                    before, after = (as_upload(gr.Image(type="filepath", sources=["upload", "clipboard"], label=name,
+                                                        elem_id=name, height=260)) for name in ("before", "after"))
+                gr.Examples([[first, second] for first, second, _ in examples], inputs=[before, after],
+                            label="start here: click a bundled sample pair (or upload your own above)",
+                            elem_id="examples")
+                with gr.Accordion("or a 2-frame clip (before, after)", open=False):
+                    video = as_upload(gr.Video(label="2-frame clip", sources=["upload"], elem_id="clip", height=140))
+            with gr.Column(scale=1, min_width=400):  # the conversation
+                chatbot = gr.Chatbot(label="conversation", elem_id="chat", height=480)
+                notice = gr.Markdown("", elem_id="notice")
+                with gr.Row():
+                    message = gr.Textbox(label="your question", elem_id="message", lines=2, scale=4,
+                                         placeholder="e.g. " + cc.CAPTION_PROMPT)
+                    with gr.Column(scale=1, min_width=120):
+                        send = gr.Button("Send", elem_id="send", variant="primary")
+                        clear = gr.Button("New conversation", elem_id="clear", size="sm")
+                with gr.Row():
+                    quick = [gr.Button(label, size="sm", min_width=80,
+                                       elem_id=f"ask-{label.strip('?').replace(' ', '-')}") for label in QUICK_QUESTIONS]
+                with gr.Accordion("generation settings", open=False):
+                    max_new_tokens = gr.Slider(1, 512, value=cfg.MAX_NEW_TOKENS, step=1, label="MAX_NEW_TOKENS")
+                    num_beams = gr.Slider(1, 8, value=cfg.NUM_BEAMS, step=1, label="NUM_BEAMS (1 streams the answer)")
 
         def respond(question, first, second, clip, turns, tokens, beams, request=None):
             session = getattr(request, "session_hash", None) or "local"
-            for turn in answer_turn(chat, question, first, second, clip, turns, tokens, beams, session, examples):
+            for turn in answer_turn(chat, question, first, second, clip, turns, tokens, beams, session, examples,
+                                    max_pixels=cfg.MAX_IMAGE_PIXELS):
                 yield turn.chat, turn.notice, turn.history, ""
 
         respond.__annotations__["request"] = gr.Request  # gradio passes the request (the tab's session) by type
 
         def forget():
             return [], "", []
+
+        def new_pair(first, second, clip):
+            """A new pair starts a new conversation; an upload that cannot serve is said at once (headers only)."""
+            return [], pair_notice(first, second, clip, cfg.MAX_IMAGE_PIXELS), []
 
         inputs = [message, before, after, video, history, max_new_tokens, num_beams]
         outputs = [chatbot, notice, history, message]
@@ -343,8 +451,9 @@ def build_page(chat, cfg):
         send.click(respond, inputs, outputs, **in_order)
         message.submit(respond, inputs, outputs, **in_order)
         clear.click(forget, None, [chatbot, notice, history], **in_order)
-        for component in (before, after, video):  # a new pair starts a new conversation
-            component.change(forget, None, [chatbot, notice, history], **in_order)
+        chatbot.clear(forget, None, [chatbot, notice, history], **in_order)  # the chat's own bin forgets it too
+        for component in (before, after, video):
+            component.change(new_pair, [before, after, video], [chatbot, notice, history], **in_order)
         for button, question in zip(quick, QUICK_QUESTIONS.values()):
             button.click(lambda q=question: q, None, message)
     return page.queue(default_concurrency_limit=1)  # one generation at a time on the one model; the rest wait

@@ -20,6 +20,8 @@ _CONTAINERS = (list, tuple, dict)
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 _NONE = {"none", "null"}
+# Settings that may hold a password (the demo's login): their overrides are applied, never printed.
+SECRET_SETTINGS = frozenset({"AUTH"})
 
 
 def overridable_names(scope: dict[str, Any]) -> list[str]:
@@ -95,7 +97,8 @@ def apply_overrides(scope: dict[str, Any], argv: list[str] | None = None, *, qui
     for name, value in applied.items():
         scope[name] = value
         if not quiet and is_main_process():  # one line per override, not one per process
-            print(f"override: {name} = {value!r}")
+            shown = "<hidden>" if name in SECRET_SETTINGS and value is not None else repr(value)
+            print(f"override: {name} = {shown}")
     return applied
 
 

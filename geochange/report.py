@@ -45,6 +45,9 @@ NO_RESULTS = ("No results yet: {folder} holds no *.metrics.json. Run for example
               "then run this notebook again.")
 # What a figure cannot draw (a base model's random tokens in scripts the font lacks) is shown as this.
 UNDRAWABLE = "\u25a1"
+# Scores are shown to this many decimals, and compared at them: two runs that both show 0.000 tie, and a tie marks
+# no one best (sacreBLEU 3.9e-05 against 0.0 is no win).
+SHOWN_DECIMALS = 3
 
 
 # ----------------------------------------------------------------------------------------------- rows of ours
@@ -134,7 +137,8 @@ def our_runs(results_dir: str | Path, repo: str | Path) -> OurRuns:
 
 
 def video_runs_table(runs: OurRuns):
-    """The video models' runs in the GeoLLaVA paper's layout: its columns first (by its names), then the others."""
+    """The video models' runs in the GeoLLaVA paper's layout, a row per run (family, settings, results file): its
+    columns first (by its names), then the others."""
     video = runs.of(deltavlm=False).set_index(["family", "model", "run"])
     columns = [c for c in [*GEOLLAVA_COLUMNS, *METRIC_NAMES] if c in video]
     return video[list(dict.fromkeys(columns)) + ["samples"]].rename(columns={**METRIC_NAMES, **GEOLLAVA_COLUMNS})
@@ -179,9 +183,14 @@ def drawable(text: str) -> tuple[str, int]:
     return "".join(kept).replace("$", r"\$"), sum(c == UNDRAWABLE for c in kept) - text.count(UNDRAWABLE)
 
 
+PUBLISHED_BARS, OUR_BARS, OTHERWISE_BARS = ("GeoLLaVA paper (published)", "our runs",
+                                            "our runs, computed otherwise than the paper (see the tables)")
+PAPER_CHART_COLOURS = {PUBLISHED_BARS: "tab:gray", OUR_BARS: "tab:blue", OTHERWISE_BARS: "tab:orange"}
+
+
 def paper_chart(runs: OurRuns):
     """One horizontal bar chart per GeoLLaVA paper column: the published numbers (grey), our runs (blue; orange
-    where computed otherwise than the paper)."""
+    where computed otherwise than the paper), the colours' key above them."""
     import matplotlib.pyplot as plt
     import pandas as pd
 
@@ -199,16 +208,17 @@ def paper_chart(runs: OurRuns):
                 continue
             labels.append(label)
             values.append(value)
-            colours.append("tab:gray" if source == "paper" else
-                           "tab:orange" if not_comparable(runs.records[run], metric) else "tab:blue")
+            colours.append(PAPER_CHART_COLOURS[PUBLISHED_BARS] if source == "paper" else
+                           PAPER_CHART_COLOURS[OTHERWISE_BARS] if not_comparable(runs.records[run], metric) else
+                           PAPER_CHART_COLOURS[OUR_BARS])
         ax.barh(range(len(values)), values, color=colours)
         ax.set_yticks(range(len(values)), labels if ax is axes[0][0] else [""] * len(values), fontsize=9)
         ax.invert_yaxis()
         ax.set_xlim(0, 1)
         ax.set_title(GEOLLAVA_COLUMNS[metric], fontsize=11)
-    fig.suptitle("grey: GeoLLaVA paper, blue: our runs, orange: our runs computed otherwise than the paper",
-                 fontsize=11)
-    fig.tight_layout()
+    key = [plt.Rectangle((0, 0), 1, 1, color=colour) for colour in PAPER_CHART_COLOURS.values()]
+    fig.legend(key, list(PAPER_CHART_COLOURS), loc="upper center", ncol=len(key), fontsize=10, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))  # room for the key above the charts
     return fig
 
 
@@ -218,9 +228,31 @@ def example_runs(runs: OurRuns, count: int = 2) -> list[str]:
     return list(video.run[:count]) if not video.empty else []
 
 
+def bounded_lines(label: str, text: str, width: int, max_lines: int) -> list[str]:
+    """``label: text`` wrapped to ``width`` characters in at most ``max_lines`` lines; a text cut short ends in " ..."
+    and its label says how much of it is shown."""
+    words = text.split()
+    lines = textwrap.wrap(f"{label}: {text}", width) or [f"{label}:"]
+    if len(lines) <= max_lines:
+        return lines
+    for shown in range(len(words), 0, -1):  # the most words that fit, with the label saying how many
+        lines = textwrap.wrap(f"{label} ({shown} of {len(words)} words): {' '.join(words[:shown])} ...", width)
+        if len(lines) <= max_lines:
+            return lines
+    return textwrap.wrap(f"{label} ({len(words)} words, none fits)", width)[:max_lines]
+
+
+# The examples' layout, in inches and points: two square images across the page, the texts under them.
+EXAMPLE_WIDTH, EXAMPLE_MARGIN, EXAMPLE_GAP, EXAMPLE_SPACING, EXAMPLE_HEADING = 10.0, 0.1, 0.08, 0.45, 0.45
+CAPTION_POINTS, CAPTION_LINE_SPACING = 10, 1.25
+# At most this many lines of each text: a base model's 350-token answer would run over the next pair.
+REFERENCE_LINES, ANSWER_LINES = 3, 6
+
+
 def example_figure(results_dir: str | Path, run: str, repo: str | Path, count: int = 3):
-    """Before and after side by side and large, the reference and the answer wrapped under them, for the first
-    ``count`` answers of ``run``; None when the run has no answers file."""
+    """Before and after side by side and large, the reference and the answer wrapped under them (each bounded to a
+    few lines, so that the text stays inside its own panel, above the next pair), for the first ``count`` answers of
+    ``run``; None when the run has no answers file."""
     import matplotlib.pyplot as plt
 
     results_dir = Path(results_dir)
@@ -230,14 +262,24 @@ def example_figure(results_dir: str | Path, run: str, repo: str | Path, count: i
     metrics = json.loads((results_dir / f"{run}.metrics.json").read_text(encoding="utf-8"))
     video_dir = Path(metrics.get("settings", {}).get("VIDEO_DIR") or Path(repo) / "data" / "sample" / "videos")
     records = read_jsonl(answers)[:count]
-    # Laid out in inches: two square images across the width with a small gap, the texts under them.
-    width, margin, gap, caption, spacing, heading = 10.0, 0.1, 0.08, 0.85, 0.45, 0.45
+    width, margin, gap = EXAMPLE_WIDTH, EXAMPLE_MARGIN, EXAMPLE_GAP
     side = (width - 2 * margin - gap) / 2
-    height = heading + len(records) * (spacing + side + caption)
-    fig = plt.figure(figsize=(width, height))
-    replaced, top = 0, height - heading
+    # Characters per line: the panel's width over a generous average glyph width (0.62 em of the font size).
+    columns = int((width - 2 * margin) * 72 / (0.62 * CAPTION_POINTS))
+    line = CAPTION_POINTS * CAPTION_LINE_SPACING / 72
+    captions, replaced = [], 0
     for record in records:
-        top -= spacing
+        true = record["true"] if isinstance(record["true"], str) else " | ".join(record["true"])
+        (reference, bad_reference), (answer, bad_answer) = drawable(true), drawable(record["generated"] or "(empty)")
+        replaced += bad_reference + bad_answer
+        captions.append("\n".join(bounded_lines("reference", reference, columns, REFERENCE_LINES)
+                                   + bounded_lines("answer", answer, columns, ANSWER_LINES)))
+    panels = [(caption.count("\n") + 1) * line + 0.15 for caption in captions]
+    height = EXAMPLE_HEADING + sum(EXAMPLE_SPACING + side + panel for panel in panels)
+    fig = plt.figure(figsize=(width, height))
+    top = height - EXAMPLE_HEADING
+    for record, caption, panel in zip(records, captions, panels):
+        top -= EXAMPLE_SPACING
         video = video_dir / record["video"]
         frames = read_video_frames(video, 2) if video.is_file() else (None, None)
         for column, (frame, title) in enumerate(zip(frames, ("before", "after"))):
@@ -248,15 +290,12 @@ def example_figure(results_dir: str | Path, run: str, repo: str | Path, count: i
             ax.set_title(f"{title}: {record['video']}" if column == 0 else title, fontsize=11)
             ax.axis("off")
         top -= side
-        true = record["true"] if isinstance(record["true"], str) else " | ".join(record["true"])
-        text, bad = drawable(f"reference: {true}\nanswer: {record['generated'] or '(empty)'}")
-        replaced += bad
-        wrapped = "\n".join(textwrap.fill(line, 115) for line in text.split("\n"))
-        caption_ax = fig.add_axes((margin / width, (top - caption) / height, (width - 2 * margin) / width,
-                                   caption / height))
+        caption_ax = fig.add_axes((margin / width, (top - panel) / height, (width - 2 * margin) / width,
+                                   panel / height))
         caption_ax.axis("off")
-        caption_ax.text(0, 0.95, wrapped, va="top", ha="left", fontsize=10, transform=caption_ax.transAxes)
-        top -= caption
+        caption_ax.text(0, 1 - 0.05 / panel, caption, va="top", ha="left", fontsize=CAPTION_POINTS,
+                        linespacing=CAPTION_LINE_SPACING, transform=caption_ax.transAxes)
+        top -= panel
     note = (f" ({replaced} character{'s' if replaced > 1 else ''} the font cannot draw shown as {UNDRAWABLE})"
             if replaced else "")
     fig.suptitle(f"{run}{note}", fontsize=12, y=1 - 0.1 / height, va="top")
@@ -271,7 +310,7 @@ def deltavlm_tables(runs: OurRuns) -> list:
     paper = pd.read_csv(DELTAVLM_PAPER) if DELTAVLM_PAPER.exists() else pd.DataFrame()
     delta = runs.of(deltavlm=True)
     if delta.empty:
-        return [paper]
+        return [paper.set_index(["model", "variant"]) if not paper.empty else paper]
     published = paper.assign(run=paper.model + " " + paper.variant + " (published)").set_index("run")
     captions = pd.concat([published[[c for c in DELTAVLM_COLUMNS if c in published]],
                           delta.set_index("run")[[c for c in DELTAVLM_COLUMNS if c in delta]]])
@@ -357,24 +396,37 @@ def leaderboards(results_dir: str | Path, repo: str | Path | None = None,
         table = pd.DataFrame(rows + published).set_index("label")
         metrics = [m for m in METRIC_NAMES if m in table and table[m].notna().any()]
         table = table[["source", "family", "model", "samples", *metrics]]
-        # Scores equal up to float noise (1e-17 against 3e-17) are ties: no best among tied runs.
-        table[metrics] = table[metrics].astype(float).round(9)
-        ours = table[table.source == OURS]
+        table[metrics] = table[metrics].astype(float)
+        ours = table[table.source == OURS][metrics].round(SHOWN_DECIMALS)  # as shown: equal there is a tie
         best = {m: ours[m].idxmax() for m in metrics
                 if ours[m].notna().any() and (ours[m] == ours[m].max()).sum() == 1}
         boards.append(Leaderboard(test_set, test_set_title(test_set), table, best))
     return boards
 
 
+def readable(table):
+    """A table's Styler whose labels and headers keep to one line (a browser squeezes the label columns of a table
+    wider than the page to one word each; the notebook scrolls it sideways instead), numbers to ``SHOWN_DECIMALS``
+    decimals."""
+    return (table.style.format(precision=SHOWN_DECIMALS, na_rep="-")
+            .set_table_styles([{"selector": "th", "props": "white-space: nowrap"},
+                               {"selector": "caption", "props": "text-align: left"}]))
+
+
 def styled(board: Leaderboard):
-    """The table for display: metric columns by their names, our best per column in bold on green."""
+    """The table for display: our runs and the published ones, a row each (the row's label names family, model and
+    run), metric columns by their names, our best per column in bold on green."""
     def mark(column):
         best = board.best.get(column.name)
         return ["font-weight: bold; background-color: #d4f4d4" if label == best else "" for label in column.index]
 
-    return (board.table.style.apply(mark, subset=board.metrics).format(precision=3, na_rep="-")
-            .relabel_index([METRIC_NAMES.get(c, c) for c in board.table.columns], axis=1)
-            .set_caption(f"{board.title}: bold = our best per column"))
+    shown = board.table.drop(columns=["family", "model"])  # both are in the row's label
+    # the label (family, model and run) is long: it wraps, but never narrower than a phrase, run names anywhere
+    label = {"selector": "th.row_heading", "props": "white-space: normal; min-width: 18em; overflow-wrap: anywhere"}
+    return (readable(shown).set_table_styles([label], overwrite=False).apply(mark, subset=board.metrics)
+            .relabel_index([METRIC_NAMES.get(c, c) for c in shown.columns], axis=1)
+            .set_caption(f"{board.title}: bold on green = our best per column (runs that show the same score tie: "
+                         f"no one is marked)"))
 
 
 def leaderboard_chart(board: Leaderboard):
@@ -385,9 +437,9 @@ def leaderboard_chart(board: Leaderboard):
     import numpy as np
 
     metrics = board.metrics
-    values = board.table[metrics].astype(float).to_numpy().T  # [metric, model]
+    values = board.table[metrics].astype(float).round(SHOWN_DECIMALS).to_numpy().T  # [metric, model], as shown
     low, high = np.nanmin(values, axis=1, keepdims=True), np.nanmax(values, axis=1, keepdims=True)
-    shade = np.where(high > low, (values - low) / np.where(high > low, high - low, 1.0), 0.25)  # a tie: all light
+    shade = np.where(high > low, (values - low) / np.where(high > low, high - low, 1.0), 0.0)  # a tie: all light
     labels = [textwrap.fill(drawable(label)[0], 24) for label in board.table.index]
     fig, ax = plt.subplots(figsize=(1.8 + 1.75 * len(labels), 1.3 + 0.42 * len(metrics)))
     ax.imshow(np.ma.masked_invalid(shade), cmap="Greens", vmin=-0.15, vmax=1.25, aspect="auto")
@@ -396,7 +448,7 @@ def leaderboard_chart(board: Leaderboard):
             if value != value:  # NaN: not reported for this model
                 continue
             ours_best = board.best.get(metric) == board.table.index[j]
-            ax.text(j, i, f"{value:.3f}", ha="center", va="center", fontsize=11,
+            ax.text(j, i, f"{value:.{SHOWN_DECIMALS}f}", ha="center", va="center", fontsize=11,
                     fontweight="bold" if ours_best else "normal", color="white" if shade[i, j] > 0.6 else "black")
             if ours_best:
                 ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", lw=2))
@@ -405,8 +457,8 @@ def leaderboard_chart(board: Leaderboard):
     ax.xaxis.tick_top()
     for tick, source in zip(ax.get_xticklabels(), board.table.source):
         tick.set_fontstyle("italic" if source == PUBLISHED else "normal")
-    ax.set_xlabel(f"{board.title}\nper row: light = lowest, dark = highest; boxed = our best (italics: published)",
-                  fontsize=10)
+    ax.set_xlabel(f"{board.title}\nper row: light = lowest, dark = highest (a tie: all light); boxed = our best "
+                  f"(italics: published)", fontsize=10)
     fig.tight_layout()
     return fig
 

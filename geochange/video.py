@@ -136,6 +136,25 @@ def read_video_frames(path: str | Path, num_frames: int = 2, *, backend: str = "
         raise UserError(f"cannot decode video {path}: {reason}") from None
 
 
+def clip_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of a clip's frames, from its container's header: no frame is decoded."""
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"video {path} does not exist")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise UserError(f"{path} has no video stream")
+            stream = container.streams.video[0].codec_context
+            return stream.width, stream.height
+    except UserError:
+        raise
+    except Exception as exc:  # PyAV's FFmpegError subclasses: not a video, cut short, unknown codec
+        raise UserError(f"cannot decode video {path}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
 def probe_clip(path: str | Path, num_frames: int) -> str | None:
     """Why a clip cannot give ``num_frames`` frames, or None: the container is opened once, its frames counted and
     the first one decoded (milliseconds), so that a bad clip is found before any model loads, not hours into
@@ -184,15 +203,38 @@ def _probe(path: str, size: int, mtime_ns: int, num_frames: int) -> str | None:
 
 # --------------------------------------------------------------------------- images
 
-def read_image(path: str | Path) -> np.ndarray:
-    """An image file as an HxWx3 uint8 RGB array."""
-    path = Path(path)
+def _open_image(path: Path) -> Image.Image:
+    """The image, its header read and its pixels not yet decoded (PIL decodes lazily). (Past PIL's own limit, 89
+    megapixels, PIL warns once; not silenced here: ``warnings.catch_warnings`` is not safe in a threaded server.)"""
     if not path.is_file():
         raise UserError(f"image {path} does not exist")
     try:
-        with Image.open(path) as image:
-            return np.array(image.convert("RGB"))
+        return Image.open(path)
+    except Image.DecompressionBombError:  # past twice PIL's own limit: not opened at all
+        raise UserError(f"{path} has more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels: too large to "
+                        f"open") from None
     except (UnidentifiedImageError, OSError) as exc:
+        raise UserError(f"{path} is not a readable image: {exc}") from None
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of an image file, from its header alone: nothing is decoded."""
+    with _open_image(Path(path)) as image:
+        return image.size
+
+
+def read_image(path: str | Path, shortest_side: int | None = None) -> np.ndarray:
+    """An image file as an HxWx3 uint8 RGB array; with ``shortest_side``, brought down while it is decoded so that
+    its shorter side is that long (never enlarged; a JPEG is decoded at a reduced scale straight away)."""
+    path = Path(path)
+    try:
+        with _open_image(path) as image:
+            size = shrunk_size(*image.size, shortest_side)
+            if size == image.size:
+                return np.array(image.convert("RGB"))
+            image.draft("RGB", size)
+            return np.array(image.convert("RGB").resize(size, Image.LANCZOS, reducing_gap=3.0))
+    except OSError as exc:  # the header was readable, the pixels are not (cut short, corrupt)
         raise UserError(f"{path} is not a readable image: {exc}") from None
 
 
@@ -201,6 +243,20 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if (image.shape[1], image.shape[0]) == tuple(size):
         return image
     return np.array(Image.fromarray(image).resize(tuple(size), Image.LANCZOS))
+
+
+def shrunk_size(width: int, height: int, shortest_side: int | None) -> tuple[int, int]:
+    """(width, height) scaled down so that the shorter side is ``shortest_side`` (what a vision encoder's processor
+    resizes to before its centre crop); never scaled up."""
+    if not shortest_side or min(width, height) <= shortest_side:
+        return width, height
+    scale = shortest_side / min(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def shrink_image(image: np.ndarray, shortest_side: int | None) -> np.ndarray:
+    """An RGB array brought down so that its shorter side is ``shortest_side`` (never enlarged)."""
+    return resize_image(image, shrunk_size(image.shape[1], image.shape[0], shortest_side))
 
 
 def bounded_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import sys
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import TEST_TIMEOUT, start_command, wait_until
 
@@ -21,10 +24,14 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 class FakeChat:
-    """A model that answers "answer <n>" and remembers what it received."""
+    """A model that answers "answer <n>" and remembers what it received; its images' shorter side is ``input_side``
+    (None: any size)."""
 
-    def __init__(self):
+    description = "a fake model"
+
+    def __init__(self, input_side=None):
         self.prompts = []
+        self.input_side = input_side
 
     def prompt(self, question, history):
         return " | ".join(f"{q} -> {a}" for q, a in history) + f" | {question}"
@@ -36,8 +43,9 @@ class FakeChat:
             yield answer[:end]
 
 
-def turns(chat, question, before, after, history=(), video=None):
-    return list(demo.answer_turn(chat, question, before, after, video, list(history), 8, 1, "test", [], log=lambda _: None))
+def turns(chat, question, before, after, history=(), video=None, max_pixels=None):
+    return list(demo.answer_turn(chat, question, before, after, video, list(history), 8, 1, "test", [],
+                                 log=lambda _: None, max_pixels=max_pixels))
 
 
 # ----------------------------------------------------------------------------------------------- the page's logic
@@ -121,6 +129,155 @@ def test_an_unknown_model_or_path_is_one_line(user_error):
     user_error(lambda: demo.load_chat(make_settings(settings)), "MODEL='gpt' is not one of deltavlm, videollava")
     user_error(lambda: demo.load_chat(make_settings({**settings, "MODEL": "videollava", "MODEL_PATH": "runs/none"})),
                "MODEL_PATH runs/none is not a fine-tuning run directory")
+
+
+# ----------------------------------------------------------------------------------------------- an untrusted user's uploads
+
+def png_claiming(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header says ``width`` x ``height`` but which holds one row of pixels: a few hundred bytes that
+    would decode to a huge image."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(3 * width + 1)))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_uploads_are_brought_down_to_the_models_input_size_as_they_are_read(tmp_path, scene_images):
+    """A large upload never reaches the model (or its partner) at full size: each image is read straight down to the
+    model's input size (shorter side), and a smaller partner is fitted to it, never the other way round."""
+    import tracemalloc
+
+    from PIL import Image
+
+    big = np.tile(scene_images[0], (8, 8, 1))  # 2048 x 2048: a full-size copy (12 MB) would show
+    write_image(big, tmp_path / "big.png")
+    small = write_image(scene_images[1][:200, :], tmp_path / "small.png")  # 256 x 200
+    tracemalloc.start()
+    pair = demo.load_pair(str(tmp_path / "big.png"), str(small), side=64)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert pair.before.shape == pair.after.shape == (64, 64, 3)
+    assert peak < 3_000_000, f"{peak / 1e6:.1f} MB of arrays: an image was held at full size"
+    assert pair.notes == ["the images differ in size: the after image (256x200) was resized to the before image's "
+                          "2048x2048"]
+    reference = np.asarray(Image.fromarray(big).resize((64, 64), Image.LANCZOS), dtype=float)
+    assert np.abs(pair.before - reference).mean() < 2.0  # the same picture, brought down
+    # a JPEG is decoded at a reduced scale straight away, and still gives the same picture; never enlarged
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(np.tile(scene_images[0], (4, 6, 1))).save(photo, quality=95)  # 1536 x 1024
+    read = demo.load_pair(str(photo), str(photo), side=100).before
+    reference = np.asarray(Image.open(photo).convert("RGB").resize((150, 100), Image.LANCZOS), dtype=float)
+    assert read.shape == (100, 150, 3) and np.abs(read - reference).mean() < 3.0
+    assert demo.load_pair(str(small), str(small), side=512).before.shape == (200, 256, 3)
+    clip = write_video([np.tile(scene_images[0], (2, 2, 1)), np.tile(scene_images[1], (2, 2, 1))], tmp_path / "c.mp4")
+    assert demo.load_pair(None, None, str(clip), side=64).after.shape == (64, 64, 3)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL warns past 89 MP
+def test_an_upload_past_the_pixel_limit_is_refused_from_its_header(tmp_path, image_pair, monkeypatch, scene_images):
+    from PIL import ImageFile
+
+    huge = png_claiming(tmp_path / "huge.png", 12000, 12000)
+    bomb = png_claiming(tmp_path / "bomb.png", 20000, 20000)  # past PIL's own limit too
+    clip = write_video([scene_images[0], scene_images[1]], tmp_path / "clip.mp4")
+
+    def decode(*_):
+        raise AssertionError("an image was decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", decode)  # the refusal reads headers only
+    chat = FakeChat(input_side=224)
+    (turn,) = turns(chat, "What changed?", str(huge), str(image_pair[1]), max_pixels=40_000_000)
+    assert turn.notice == ("**huge.png is 12000x12000 (144 megapixels), more than the 40 megapixels this page takes "
+                           "(MAX_IMAGE_PIXELS): bring it down first**")
+    (turn,) = turns(chat, "What changed?", str(image_pair[0]), str(bomb), max_pixels=40_000_000)
+    assert "bomb.png has more than 179 megapixels" in turn.notice
+    (turn,) = turns(chat, "What changed?", None, None, video=str(clip), max_pixels=256 * 255)
+    assert "clip.mp4 is 256x256 (0.0655 megapixels), more than the 0.06528 megapixels" in turn.notice
+    assert chat.prompts == []
+    # the page says so as soon as the file is given, before any question
+    assert demo.pair_notice(demo.Upload.of(huge), None, None, 40_000_000).startswith("**huge.png is 12000x12000")
+    assert demo.pair_notice(demo.Upload.of(image_pair[0]), None, None, 40_000_000) == ""
+
+
+def test_notices_name_the_file_the_user_chose_not_the_servers_copy(tmp_path, scene_images):
+    """gradio keeps an upload under its temporary folder and hands its components the original name beside it
+    (``FileData.orig_name``; the browser test checks that end to end): the page's notices use that name."""
+    from types import SimpleNamespace
+
+    def upload(path: Path, name: str) -> demo.Upload:  # what a component made by as_upload hands the page
+        return demo.as_upload(SimpleNamespace()).preprocess(SimpleNamespace(path=str(path), orig_name=name))
+
+    server_copy = tmp_path / "gradio" / "3f9a0c" / "fake.png"
+    server_copy.parent.mkdir(parents=True)
+    server_copy.write_text("not an image")
+    chosen = upload(server_copy, "my field.png")
+    assert chosen == demo.Upload(str(server_copy), "my field.png")
+    (turn,) = turns(FakeChat(), "What changed?", chosen, chosen)
+    assert "my field.png is not a readable image" in turn.notice and str(tmp_path) not in turn.notice
+    one_frame = write_video([scene_images[0]], tmp_path / "gradio" / "3f9a0c" / "clip.mp4")
+    (turn,) = turns(FakeChat(), "What changed?", None, None, video=upload(one_frame, "holiday.mp4"))
+    assert "video holiday.mp4 has 1 frame(s)" in turn.notice and str(tmp_path) not in turn.notice
+    assert upload(server_copy, None).name == "fake.png"  # pasted from the clipboard: no original name
+
+
+# ----------------------------------------------------------------------------------------------- who may use the page
+
+def demo_settings(**values):
+    from geochange.overrides import make_settings
+
+    defaults = {"HOST": "127.0.0.1", "SHARE": False, "AUTH": None, "ALLOW_NO_AUTH": False}
+    return make_settings({**defaults, **values})
+
+
+def test_a_page_served_beyond_this_machine_needs_a_login(tmp_path, user_error, capsys):
+    from geochange.overrides import apply_overrides
+
+    assert demo.page_login(demo_settings()) is None  # this machine only: no login needed
+    for where, settings in (("HOST=0.0.0.0", {"HOST": "0.0.0.0"}), ("SHARE=True", {"SHARE": True}),
+                            ("HOST=192.168.1.5", {"HOST": "192.168.1.5"})):
+        user_error(lambda: demo.page_login(demo_settings(**settings)), where.split("=")[0], "AUTH is not set",
+                   "ALLOW_NO_AUTH=True")
+    assert demo.page_login(demo_settings(HOST="0.0.0.0", ALLOW_NO_AUTH=True)) is None  # said explicitly
+    assert demo.page_login(demo_settings(HOST="0.0.0.0", AUTH="ann:pa:ss")) == [("ann", "pa:ss")]
+    logins = tmp_path / "logins.txt"
+    logins.write_text("# who may use the demo\nann:first secret\n\nbob:second\n")
+    assert demo.page_login(demo_settings(HOST="0.0.0.0", AUTH=str(logins))) == [("ann", "first secret"),
+                                                                                ("bob", "second")]
+    logins.write_text("ann:first\nbob-without-a-password\n")
+    message = user_error(lambda: demo.page_login(demo_settings(AUTH=str(logins))), f"{logins} line 2")
+    assert "bob-without" not in message
+    message = user_error(lambda: demo.page_login(demo_settings(AUTH="hunter2")), "AUTH is not user:password")
+    assert "hunter2" not in message
+    # a password given on the command line is never printed back
+    scope = {"AUTH": None, "HOST": "127.0.0.1"}
+    apply_overrides(scope, ["AUTH=ann:hunter2", "HOST=0.0.0.0"])
+    assert scope["AUTH"] == "ann:hunter2" and "hunter2" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_login_guards_the_page_and_its_api(free_port, sample_dir):
+    """The page served in this process with a login: nothing of it, and no call of the model, without logging in."""
+    import httpx
+
+    settings = demo_settings(HOST="0.0.0.0", AUTH="ann:hunter2", MAX_NEW_TOKENS=8, NUM_BEAMS=1,
+                             MAX_IMAGE_PIXELS=40_000_000)
+    page = demo.build_page(FakeChat(), settings)
+    page.launch(server_name="127.0.0.1", server_port=free_port, auth=demo.page_login(settings),
+                prevent_thread_lock=True, quiet=True)
+    url = f"http://127.0.0.1:{free_port}"
+    try:
+        assert httpx.get(f"{url}/config").status_code == 401  # the page's contents, and every call of the model
+        assert httpx.post(f"{url}/gradio_api/queue/join", json={"data": [], "fn_index": 0}).status_code == 401
+        assert httpx.post(f"{url}/login", data={"username": "ann", "password": "wrong"}).status_code == 400
+        with httpx.Client() as client:
+            assert client.post(f"{url}/login", data={"username": "ann", "password": "hunter2"}).status_code == 200
+            config = client.get(f"{url}/config")
+            assert config.status_code == 200 and "a fake model" in config.text
+    finally:
+        page.close()
 
 
 # ----------------------------------------------------------------------------------------------- the page, in a browser
@@ -260,3 +417,39 @@ def test_a_conversation_with_the_tiny_deltavlm_in_the_browser(tmp_path, free_por
 @pytest.mark.slow
 def test_a_conversation_with_the_tiny_video_llava_in_the_browser(tmp_path, free_port, sample_dir):
     chat_about_a_pair_in_the_browser(tmp_path, free_port, "videollava")
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL warns past 89 MP
+@pytest.mark.slow
+def test_what_a_newcomer_and_an_untrusted_upload_see_in_the_browser(tmp_path, free_port, sample_dir):
+    """The page (with a stand-in model) on a laptop's screen: the sample pairs above the fold, beside the chat, not
+    under it; images from a file or the clipboard, no webcam; a huge upload refused at once, named as the user
+    named it."""
+    from playwright.sync_api import sync_playwright
+
+    settings = demo_settings(MAX_NEW_TOKENS=8, NUM_BEAMS=1, MAX_IMAGE_PIXELS=40_000_000)
+    page = demo.build_page(FakeChat(), settings)
+    page.launch(server_name="127.0.0.1", server_port=free_port, prevent_thread_lock=True, quiet=True)
+    huge = png_claiming(tmp_path / "my huge field.png", 12000, 12000)
+    try:
+        with sync_playwright() as playwright:
+            browser, context = browser_page(playwright, width=1280)
+            tab = context.new_page()
+            tab.set_viewport_size({"width": 1280, "height": 800})
+            tab.goto(f"http://127.0.0.1:{free_port}")
+            tab.wait_for_selector("#send")
+            examples, chat = tab.locator("#examples").bounding_box(), tab.locator("#chat").bounding_box()
+            assert examples["y"] + 200 < 800, examples  # the label and the first pairs on the first screen
+            assert examples["y"] < chat["y"] + chat["height"] and examples["x"] + examples["width"] <= chat["x"]
+            for name in ("before", "after"):
+                sources = {tab.locator(f"#{name} button").nth(i).get_attribute("aria-label") or ""
+                           for i in range(tab.locator(f"#{name} button").count())}
+                assert {"Upload file", "Paste from clipboard"} <= sources
+                assert not [s for s in sources if "camera" in s.lower() or "webcam" in s.lower()], sources
+            tab.locator("#after input[type=file]").set_input_files(str(huge))
+            tab.wait_for_function("document.querySelector('#notice').innerText.includes('megapixels')")
+            notice = tab.locator("#notice").inner_text()
+            assert notice.startswith("my huge field.png is 12000x12000 (144 megapixels)") and "/" not in notice
+            browser.close()
+    finally:
+        page.close()

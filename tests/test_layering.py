@@ -133,23 +133,23 @@ def test_no_cycle_hides_inside_functions():
     assert find_cycle(graph) == [], "import cycle through a function-level import: " + " -> ".join(find_cycle(graph))
 
 
-def test_readme_layout_names_every_module_in_layer_order():
-    """The README's module table names each module (its one job), bottom layer first: a module imports only
-    modules listed before it."""
+def test_the_architecture_page_names_every_module_in_layer_order():
+    """docs/architecture.md's module table names each module (its one job), bottom layer first: a module imports
+    only modules listed before it."""
     import re
 
-    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    page = (PACKAGE.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
     listed = ["geochange." + path.replace("/", ".")
-              for path in re.findall(r"^\| `geochange/([\w/]+)\.py` \| \S", readme, re.M)]
+              for path in re.findall(r"^\| `geochange/([\w/]+)\.py` \| \S", page, re.M)]
     top, _ = import_graph()
     packages = {"geochange", "geochange.deltavlm", "geochange.video_llm", "geochange.sample"}
     modules = set(top) - packages
-    assert sorted(modules - set(listed)) == [], "modules without a row in the README's layout table"
-    assert sorted(set(listed) - modules) == [], "README rows for modules that do not exist"
+    assert sorted(modules - set(listed)) == [], "modules without a row in docs/architecture.md's module table"
+    assert sorted(set(listed) - modules) == [], "docs/architecture.md rows for modules that do not exist"
     position = {name: i for i, name in enumerate(listed)}
     late = [f"{name} imports {dep}" for name in listed for dep in sorted(top[name])
             if dep in position and position[dep] > position[name]]
-    assert late == [], "the README's layout table is not in layer order: " + "; ".join(late)
+    assert late == [], "docs/architecture.md's module table is not in layer order: " + "; ".join(late)
 
 
 def test_the_results_notebook_reads_the_package_without_loading_torch():

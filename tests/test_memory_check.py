@@ -1,5 +1,5 @@
 """The memory check, before any weight loads: a 7B config alone (no weights) is enough to estimate, print, and stop
-a run that cannot fit; the estimates at 7B and the README's table."""
+a run that cannot fit; the estimates at 7B and docs/gpu.md's table."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -67,13 +67,13 @@ def test_memory_estimates_at_7b_and_the_tiny_models_parameter_count():
     assert parameter_counts(tiny.config, "videollava", 8).total == sum(p.numel() for p in tiny.parameters())
 
 
-def test_the_readme_shows_the_memory_table_the_check_computes(capsys):
+def test_the_gpu_page_shows_the_memory_table_the_check_computes(capsys):
     import common
     from geochange.video_llm.memory import memory_table
 
     assert common.main(["memory-table"]) == 0
     printed = capsys.readouterr().out.strip()
-    assert printed == memory_table() and printed in (REPO / "README.md").read_text(encoding="utf-8")
+    assert printed == memory_table() and printed in (REPO / "docs" / "gpu.md").read_text(encoding="utf-8")
     assert "| full, ZeRO-3 over 8 GPUs |" in printed and printed.count("\n") == 8
 
 

@@ -30,10 +30,10 @@ def test_leaderboard_puts_the_video_model_and_deltavlm_side_by_side(tiny_repo):
     for metric in ("bleu1", "bleu4", "rouge_l", "cider", "sbert", "rouge1"):
         assert captions.table[metric].tolist() == pytest.approx([delta["metrics"][f"caption/{metric}"],
                                                                  video["metrics"][metric]])
-        column = captions.table[metric]
+        column = captions.table[metric].round(report.SHOWN_DECIMALS)  # as the table shows it
         if (column == column.max()).sum() == 1:
             assert captions.best[metric] == column.idxmax()
-        else:  # a tie (0.0 against 0.0, up to float noise) has no best
+        else:  # a tie (0.000 against 0.000 as shown) has no best
             assert metric not in captions.best
     assert set(captions.table.source) == {OURS}  # the sample is no paper's test set
     # the fine-tuned run and the base model on the val records; every metric of the one list is a column
@@ -62,6 +62,66 @@ def test_published_numbers_sit_beside_the_papers_test_set(tmp_path):
     assert published.bleu4.tolist() == [0.438] and published.cider.tolist() == [1.461]
     assert test.best["bleu4"] == "DeltaVLM x [deltavlm_b]"  # our best, not the published row
     assert (boards[1].table.source == OURS).all()  # the val split is not the paper's
+
+
+def test_a_tie_as_shown_marks_no_one_best(tmp_path):
+    """sacreBLEU 3.9e-05 against 0.0 both show 0.000: neither run is bold in the table, boxed or darker in the chart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    results = tmp_path / "results"
+    results.mkdir()
+    test_set = {"file": "val.json", "sha256": "cd" * 32, "split": None}
+    for run, scores in (("base", {"sacrebleu": 3.9e-05, "rouge1": 0.002, "bleu4": 0.0}),
+                        ("lora", {"sacrebleu": 0.0, "rouge1": 0.135, "bleu4": 0.0004})):
+        (results / f"{run}.metrics.json").write_text(json.dumps({
+            "run": run, "model": "m", "family": "videollava", "model_path": "base", "metrics": scores,
+            "test_set": test_set}))
+    (board,) = leaderboards(results, tmp_path, tmp_path / "no_papers.csv")
+    assert board.best == {"rouge1": "Video-LLaVA base [lora]"}  # sacreBLEU and BLEU-4 tie at 0.000
+    html = report.styled(board).to_html()
+    assert html.count("font-weight: bold") == 1
+    chart = report.leaderboard_chart(board)
+    ax = chart.axes[0]
+    boxed = [patch for patch in ax.patches if isinstance(patch, matplotlib.patches.Rectangle)]
+    assert len(boxed) == 1 and boxed[0].get_xy() == (1 - 0.5, board.metrics.index("rouge1") - 0.5)
+    shades = ax.images[0].get_array()
+    for metric in ("sacrebleu", "bleu4"):
+        row = board.metrics.index(metric)
+        assert shades[row, 0] == shades[row, 1]  # the same colour for the same shown score
+        assert [t.get_fontweight() for t in ax.texts if t.get_position()[1] == row] == ["normal", "normal"]
+
+
+def test_a_long_answer_stays_inside_its_own_panel(tmp_path, sample_dir):
+    """A base model's 350-token answer is bounded to a few lines inside its panel, above the next pair; the panel
+    says how much of it is shown."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from geochange.sample.data import SAMPLE_VIDEO_DIR
+
+    results = tmp_path / "results"
+    results.mkdir()
+    words = [f"word{i} Wandering" for i in range(175)]  # 350 words, wide capitals among them
+    records = [{"id": str(i), "video": f"val_0000{i}.mp4", "question": "q", "true": "a new road at the top.",
+                "generated": " ".join(words), "new_tokens": 350} for i in range(2)]
+    (results / "run.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (results / "run.metrics.json").write_text(json.dumps({"settings": {"VIDEO_DIR": str(SAMPLE_VIDEO_DIR)}}))
+    figure = report.example_figure(results, "run", tmp_path, count=2)
+    renderer = figure.canvas.get_renderer()
+    captions = [ax for ax in figure.axes if ax.texts]
+    images = [ax for ax in figure.axes if ax.images]
+    assert len(captions) == 2 and len(images) == 4
+    for number, caption in enumerate(captions):
+        panel, text = caption.get_window_extent(renderer), caption.texts[0].get_window_extent(renderer)
+        assert panel.x0 <= text.x0 and text.x1 <= panel.x1 and panel.y0 <= text.y0 and text.y1 <= panel.y1
+        shown = caption.texts[0].get_text()
+        assert "answer (" in shown and " of 350 words): word0 Wandering" in shown and shown.endswith(" ...")
+        assert len(shown.splitlines()) <= report.REFERENCE_LINES + report.ANSWER_LINES
+        if number == 0:  # above the next pair's images and their titles
+            below = images[2].get_window_extent(renderer)
+            title = images[2].title.get_window_extent(renderer)
+            assert panel.y0 >= max(below.y1, title.y1) - 1e-6
 
 
 def test_training_curves_one_figure_per_family_labelled_by_settings(tiny_repo):
@@ -106,6 +166,36 @@ def test_figures_draw_every_text_without_missing_glyph_warnings(tiny_repo, recwa
 
 def drawable_words(text: str) -> set[str]:
     return set(report.drawable(text)[0].split())
+
+
+@pytest.mark.slow
+def test_the_runs_table_keeps_each_label_on_one_line_in_a_browser(tiny_repo, tmp_path):
+    """In a page narrower than the runs table (as in Jupyter), a browser squeezes its label columns to one word each;
+    the table Results.ipynb shows keeps every label, and the run name, on one line (and scrolls sideways)."""
+    from playwright.sync_api import sync_playwright
+    from test_demo import browser_page
+
+    runs = report.our_runs(tiny_repo / "results", tiny_repo)
+    table = report.video_runs_table(runs)
+    page_of = "<div style='width: 900px; overflow-x: auto'>{}</div>".format
+    for name, html in (("plain", table.to_html()), ("shown", report.readable(table).to_html())):
+        (tmp_path / f"{name}.html").write_text(page_of(html))
+    lines_of = """() => [...document.querySelectorAll('tbody th, tbody td')].filter(c => /[a-z]/i.test(c.innerText))
+        .map(cell => { const range = document.createRange(); range.selectNodeContents(cell);
+                       const tops = new Set([...range.getClientRects()].map(r => Math.round(r.top)));
+                       return [cell.innerText.trim(), tops.size]; })"""
+    with sync_playwright() as playwright:
+        browser, context = browser_page(playwright)
+        tab = context.new_page()
+        tab.goto((tmp_path / "plain.html").as_uri())
+        plain = dict(tab.evaluate(lines_of))
+        tab.goto((tmp_path / "shown.html").as_uri())
+        shown = dict(tab.evaluate(lines_of))
+        browser.close()
+    label = "LoRA r8, 8 pairs, lr 0.01, 4 steps"
+    assert plain[label] > 1  # squeezed, as the issue saw it
+    assert shown[label] == 1 and all(lines == 1 for lines in shown.values()), shown
+    assert {label, "base", "Video-LLaVA"} <= set(shown)
 
 
 @pytest.mark.slow

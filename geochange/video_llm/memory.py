@@ -292,7 +292,7 @@ def check_fits(counts: ParameterCounts, setup: Setup, what: str, device: tuple[f
                         f"ways out: {host_ways_out(counts, setup)}; or MEMORY_CHECK=False to try anyway")
 
 
-# The table the README shows: each family's 7B model, each mode, on GPUs (bf16), batch 4, MAX_LENGTH 1024.
+# The table docs/gpu.md shows: each family's 7B model, each mode, on GPUs (bf16), batch 4, MAX_LENGTH 1024.
 TABLE_SETUPS = (("full fine-tuning, 1 GPU", Setup("FULL")),
                 ("full, ZeRO-2 over 8 GPUs", Setup("FULL", zero_stage=2, world_size=8, local_processes=8)),
                 ("full, ZeRO-3 over 8 GPUs", Setup("FULL", zero_stage=3, world_size=8, local_processes=8)),
