@@ -54,6 +54,7 @@ PRECISION = "auto"          # compute: "auto" = bf16 on GPUs with it, fp16 on ol
 NUM_WORKERS = None          # data-loader workers; None = the machine's cores (at most 8) on a GPU, 0 on a CPU
 DEEPSPEED = None            # configs/deepspeed/zero2.json, zero3.json or zero3_offload.json (docs/gpu.md); None = DDP
 MEMORY_CHECK = True         # estimate the memory per device from the config before loading; too much = stop
+DIST_TIMEOUT_MINUTES = 30   # how long a process waits for the others (every engine's process group; the Trainer's 30)
 SEED = 42
 # --- bookkeeping
 OUTPUT_DIR = "runs"

@@ -11,9 +11,10 @@ Linears per part, peak GPU memory (allocated and reserved, GiB) beside the memor
 training step time, tokens/s, MFU (model FLOPs / time / the GPU's peak bf16 FLOP/s: for LoRA/QLoRA the
 frozen weights get no weight gradient, 4·N per token; full fine-tuning 6·N; attention's T² terms; the
 vision tower that runs, forward only; Video-LLaVA's image tower never runs) and greedy generation
-samples/s with identical prompts. With 2+ GPUs it also times one ZeRO-3 full fine-tuning step (torchrun,
-configs/deepspeed/zero3.json), and the evaluation of the 7B Video-LLaVA on one GPU against all of them (torchrun: each
-process on its own GPU, one results file). Writes JSON and a markdown table to OUT_DIR. Without CUDA it runs the same
+samples/s with identical prompts. With 2+ GPUs it also times ZeRO-3 full fine-tuning steps (torchrun,
+configs/deepspeed/zero3.json; the Trainer's steps after the first, as run.json records them), and the evaluation of
+the 7B Video-LLaVA on one GPU against all of them (torchrun: each process on its own GPU, one results file). Writes
+JSON and a markdown table to OUT_DIR. Without CUDA it runs the same
 code on the tiny models and says so: those figures are not GPU figures. Offline (HF_HUB_OFFLINE=1).
 """
 FAMILIES = ("videollava", "llavanext")
@@ -66,21 +67,39 @@ from geochange.video_llm.families import get_family  # noqa: E402
 from geochange.video_llm.finetune import build_training_model, device_precision  # noqa: E402
 from geochange.video_llm.memory import Setup, estimate, parameter_counts  # noqa: E402
 from geochange.video_llm.modeling import count_parameters, linear_counts, resolve_model_path  # noqa: E402
+from geochange.video_llm.tiny import build_tiny_tokenizer  # noqa: E402
 
 
 # ---------------------------------------------------------------- the 7B models (random weights, no download)
 
 def real_checkpoint(family: str) -> str:
-    """The random 7B model saved once (bf16, about 14 GB), so that quantisation happens at load time as in a run."""
+    """The random 7B model saved once (bf16, about 14 GB), so that quantisation happens at load time as in a run, with
+    a processor that fits it (``fit_processor``): a fine-tuning run (the ZeRO-3 step) loads the folder offline."""
     target = CHECKPOINTS_DIR / f"gpu-check-7b-{family}"
     if not (target / "config.json").exists():
         print(f"building a random 7B {family} in {target} (once)")
+        config, _ = get_family(family).real_size_twin(build_tiny_tokenizer())
         with torch.device("cuda"):
-            model = get_family(family).model_class(get_family(family).real_size_config()).to(torch.bfloat16)
+            model = get_family(family).model_class(config).to(torch.bfloat16)
         model.save_pretrained(target)
         del model
         torch.cuda.empty_cache()
+    if not (target / "processor_config.json").exists():
+        fit_processor(family, target)
     return str(target)
+
+
+def fit_processor(family: str, target: Path) -> None:
+    """A processor beside the 7B model in ``target`` (which a fine-tuning run needs, and no download provides): the
+    7B image size and patch, the tiny twin's tokenizer (it ships offline), and the model's config given that
+    tokenizer's image and video token ids (a folder saved before had the Hub's)."""
+    from transformers import AutoConfig
+
+    config, processor = get_family(family).real_size_twin(build_tiny_tokenizer())
+    processor.save_pretrained(target)
+    saved = AutoConfig.from_pretrained(target)
+    saved.image_token_index, saved.video_token_index = config.image_token_index, config.video_token_index
+    saved.save_pretrained(target)
 
 
 # ---------------------------------------------------------------- measuring
@@ -139,6 +158,8 @@ def matmul_params(model, family: str) -> tuple[int, int]:
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if weight is None or not (isinstance(module, torch.nn.Linear) or type(module).__name__.startswith("Linear")):
+            continue
+        if hasattr(module, "base_layer"):  # PEFT's LoRA wrapper shows its base layer's weight: counted there
             continue
         parts = name.split(".")
         size = parameter_numel(weight)  # a 4-bit weight's true count, not its packed bytes
@@ -311,8 +332,9 @@ def markdown(report: dict) -> str:
     if report.get("zero3"):
         z = report["zero3"]
         lines += ["", f"ZeRO-3 full fine-tuning of Video-LLaVA-7B on {z['gpus']} GPUs (torchrun, "
-                      f"configs/deepspeed/zero3.json): " + (f"{z['step_s']:.2f} s per step, peak {z['peak_gib']} GiB on "
-                                                            "rank 0" if z.get("step_s") else z.get("error", "failed"))]
+                      f"configs/deepspeed/zero3.json): " + (f"{z['step_s']:.2f} s per step (mean of {z['timed_steps']} "
+                                                            f"steps after the first), peak {z['peak_gib']} GiB on rank 0"
+                                                            if z.get("step_s") else z.get("error", "failed"))]
     if report.get("deltavlm"):
         d = report["deltavlm"]
         peak = f"{d['peak_gib']:.1f} GiB" if d.get("peak_gib") is not None else "n/a"
@@ -350,9 +372,17 @@ def zero3_step(gpus: int, checkpoint: str, out_dir: Path) -> dict:
     done = subprocess.run(command, cwd=_REPO, capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
         return {"gpus": gpus, "error": done.stderr.strip().splitlines()[-1][:300] if done.stderr.strip() else "failed"}
-    record = json.loads((run_dir / "zero3" / "run.json").read_text())
-    return {"gpus": gpus, "step_s": record["seconds"] / max(1, record["global_step"]),
-            "peak_gib": record.get("engine", {}).get("peak_memory_gib"), "engine": record.get("engine")}
+    return {"gpus": gpus, **zero3_figures(json.loads((run_dir / "zero3" / "run.json").read_text()))}
+
+
+def zero3_figures(record: dict) -> dict:
+    """A run's step time as its Trainer timed the steps (StepTimer: forward, backward and update, the first step a
+    warm-up left out; not the run's whole time, loading and saving included, over its steps) and rank 0's peak GPU
+    memory, from its run.json."""
+    engine = record.get("engine", {})
+    steps = engine.get("step_seconds") or {}
+    return {"step_s": steps.get("mean_after_first_s"), "timed_steps": max(0, (steps.get("steps") or 0) - 1),
+            "peak_gib": engine.get("peak_memory_gib"), "engine": engine}
 
 
 def sharded_evaluation(gpus: int, checkpoint: str, out_dir: Path) -> dict:

@@ -16,7 +16,6 @@ import json
 import shutil
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from . import demo
 from .deltavlm import DISPLAY_NAME as DELTAVLM_NAME
 from .deltavlm import FAMILY_ID as DELTAVLM_ID
 from .devices import is_main_process, process_device
+from .engines import dist_timeout
 from .errors import UserError
 from .fileio import atomic_write_text
 from .locks import WriterLock, lock_for_writing
@@ -63,8 +63,7 @@ def check_settings(cfg) -> dict[str, str]:
                         f"(beam search is DeltaVLM's)")
     if not 0 <= cfg.MAX_NODATA <= 1:
         raise UserError(f"MAX_NODATA={cfg.MAX_NODATA}: a share of a tile's pixels, 0..1")
-    if cfg.DIST_TIMEOUT_MINUTES <= 0:
-        raise UserError(f"DIST_TIMEOUT_MINUTES={cfg.DIST_TIMEOUT_MINUTES}: must be > 0")
+    dist_timeout(cfg.DIST_TIMEOUT_MINUTES)  # > 0, else one line
     return resolve_questions(cfg.QUESTIONS)
 
 
@@ -101,7 +100,7 @@ def plan(cfg, pair: RasterPair) -> list[Tile]:
 
 def start(cfg) -> Shard:
     """Step 3: under torchrun, join the other processes (each answers its share); else the one shard."""
-    return start_shards(timedelta(minutes=cfg.DIST_TIMEOUT_MINUTES))
+    return start_shards(cfg.DIST_TIMEOUT_MINUTES)
 
 
 # ----------------------------------------------------------------------------------------------- 2. the run

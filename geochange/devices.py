@@ -16,9 +16,14 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def launched_processes() -> int:
+    """How many processes torchrun / accelerate / deepspeed started for this run (WORLD_SIZE; 1 for a plain run)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def is_distributed_launch() -> bool:
     """Whether torchrun / accelerate / deepspeed started this process as one of several (WORLD_SIZE > 1)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return launched_processes() > 1
 
 
 def process_device():

@@ -4,15 +4,19 @@ briefly (the others wait, then use what was built).
 
 The lock is ``fcntl.flock`` on an open file, so the OS drops it when the process ends, however it
 ends: a killed run never leaves its output locked. The ``.lock`` file itself may stay; it is only
-a handle (it names the last holder's pid, for the message a second writer gets).
+a handle (it names the last holder's pid and machine, for the message a second writer gets, and a token other
+nodes read back to check they see the same run directory).
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import shutil
+import socket
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,6 +49,22 @@ def lock_path(target: str | Path) -> Path:
     return target.parent / f"{target.name}.lock"
 
 
+def _flock(handle, path: Path, operation: int) -> None:
+    """``fcntl.flock``, with one line where the filesystem has no locks (Lustre mounted without ``-o flock``, some
+    NFS setups: ENOSYS, EOPNOTSUPP, ENOLCK) instead of a traceback."""
+    try:
+        fcntl.flock(handle, operation)
+    except BlockingIOError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL):
+            raise
+        handle.close()
+        raise UserError(f"cannot lock {path}: its filesystem does not support file locks ({os.strerror(exc.errno)}); "
+                        "mount it with locks (Lustre: -o flock) or put this output on a filesystem that has them "
+                        "(OUTPUT_DIR, RESULTS_DIR, GEOLLAVA_CHECKPOINTS_DIR)") from None
+
+
 def lock_for_writing(target: str | Path, what: str) -> WriterLock:
     """Hold the lock of ``target`` for this process, or stop with one line when another process holds it.
 
@@ -53,17 +73,19 @@ def lock_for_writing(target: str | Path, what: str) -> WriterLock:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = open(path, "a+", encoding="utf-8")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _flock(handle, path, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
-        holder = handle.read().strip() or "another process"
+        holder = handle.readline().strip() or "another process"
         handle.close()
         raise UserError(f"{what} is being written by another process ({holder}, lock {path}); "
                         f"wait for it to finish or stop it") from None
     handle.seek(0)
     handle.truncate()
-    handle.write(f"pid {os.getpid()}\n")
+    # the token: no other lock file says the same, so another node reading this back sees this very file
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\ntoken {uuid.uuid4().hex}\n")
     handle.flush()
+    os.fsync(handle.fileno())  # another node reads it back (engines.check_shared_directory)
     return WriterLock(handle, path)
 
 
@@ -74,7 +96,7 @@ def wait_for_lock(target: str | Path) -> Iterator[None]:
     path = lock_path(target)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+", encoding="utf-8") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        _flock(handle, path, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -92,21 +114,48 @@ def _is_current(marker: Path, version: int) -> bool:
         return False  # missing, or a damaged marker: a damaged build, rebuilt
 
 
-def build_once(target: Path, version: int, build: Callable[[Path], None], *, seed: int, what: str) -> Path:
-    """``build(staging)`` fills a staging folder beside ``target`` under ``torch.manual_seed(seed)`` (the caller's
-    random state is kept), a ``tiny.json`` marker records ``version``, and the folder is swapped in whole. A folder
-    whose marker holds ``version`` is returned as it is; any other (older builder, damaged marker) is rebuilt.
-    Processes building the same folder at once take turns (a lock beside it): the first builds, the others use it.
-    """
-    marker = target / MARKER
-    if _is_current(marker, version):
+def build_folder_once(target: Path, is_built: Callable[[Path], bool], build: Callable[[Path], None],
+                      announce: str) -> Path:
+    """``target`` as ``build(staging)`` makes it: a staging folder beside ``target``, swapped in whole once built (an
+    interrupted build is never used). A folder ``is_built`` accepts is returned as it is. Processes asking at once
+    take turns (a lock beside it): the first builds (printing ``announce``), the others wait on the lock, not in a
+    collective of their process group (a long build cannot time it out), then use what was built."""
+    if is_built(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with wait_for_lock(target):
-        if _is_current(marker, version):  # built by another process while this one waited
+        if is_built(target):  # built by another process while this one waited
             return target
-        print(f"building the tiny offline {what} in {target} (once)")
+        print(announce)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            build(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    return target
+
+
+def save_pretrained_here(model, folder: Path) -> None:
+    """``model.save_pretrained(folder)`` by this process, whatever its rank: once a process group exists,
+    transformers 5 writes only on global rank 0, but a folder built under a lock (``build_folder_once``: a pruned
+    base, a tiny twin) is written by whichever process took the lock, on every node whose folder is its own."""
+    model.should_save_on_this_rank = lambda is_main_process: is_main_process  # this instance only
+    try:
+        model.save_pretrained(folder)
+    finally:
+        del model.should_save_on_this_rank
+
+
+def build_once(target: Path, version: int, build: Callable[[Path], None], *, seed: int, what: str) -> Path:
+    """A generated model folder (a tiny twin) built once by ``build_folder_once``: ``build(staging)`` runs under
+    ``torch.manual_seed(seed)`` (the caller's random state is kept), and a ``tiny.json`` marker records ``version``.
+    A folder whose marker holds ``version`` is used as it is; any other (older builder, damaged marker) is rebuilt.
+    """
+    def seeded(staging: Path) -> None:
         import torch  # here, not at the top: the results notebook reads this package without loading torch
 
         rng_state = torch.random.get_rng_state()
@@ -114,12 +163,8 @@ def build_once(target: Path, version: int, build: Callable[[Path], None], *, see
         try:
             build(staging)
             (staging / MARKER).write_text(json.dumps({"version": version, "seed": seed}))
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         finally:
             torch.random.set_rng_state(rng_state)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    return target
+
+    return build_folder_once(target, lambda folder: _is_current(folder / MARKER, version), seeded,
+                             f"building the tiny offline {what} in {target} (once)")

@@ -15,7 +15,8 @@ from .fileio import atomic_write_text, file_sha256
 RUN_FILE = "run.json"
 VALIDATION_DIR = "validation"  # inside a run: each validation's captions and scores (<step or epoch>.jsonl, ...)
 # Settings that cannot change what a run trains or how it is scored: a resume may change them.
-RESUME_MAY_CHANGE = ("OVERWRITE", "NUM_WORKERS", "LOGGING_STEPS", "EVAL_BATCH_SIZE", "SAVE_TOTAL_LIMIT")
+RESUME_MAY_CHANGE = ("OVERWRITE", "NUM_WORKERS", "LOGGING_STEPS", "EVAL_BATCH_SIZE", "SAVE_TOTAL_LIMIT",
+                     "DIST_TIMEOUT_MINUTES")
 
 
 def write_run_file(run_dir: Path, record: dict[str, Any]) -> None:
@@ -86,3 +87,21 @@ def resume_state(run_dir: Path, settings: dict[str, Any], *, overwrite: bool) ->
         raise UserError(f"{run_dir} holds a run with other settings ({', '.join(differing)}); restore them to "
                         f"resume it, {beside}")
     raise UserError(f"{run_dir} already holds a finished run; {beside}")
+
+
+def check_resume_processes(run_dir: Path, settings: dict[str, Any], processes: int) -> None:
+    """A run under DeepSpeed resumes only on as many processes as wrote its checkpoints: each holds one optimizer
+    shard per process, and DeepSpeed fails deep inside its loading (after the model has loaded) on another number.
+    One line naming both counts instead, before any model loads. ``processes``: this launch's world size; the run's
+    own comes from its run.json (``world_size``)."""
+    record = read_run_file(run_dir)
+    if not settings.get("DEEPSPEED") or not record or record.get("completed"):
+        return
+    trained_on = record.get("world_size")
+    if trained_on in (None, processes) or not any(p.is_dir() for p in run_dir.glob("checkpoint-*")):
+        return
+    raise UserError(f"{run_dir} was trained on {trained_on} processes under DeepSpeed ({settings['DEEPSPEED']}) and "
+                    f"this launch has {processes}: its checkpoints hold one optimizer shard per process and cannot be "
+                    f"resumed on another number; resume it on {trained_on} processes (torchrun --nproc_per_node ...), "
+                    "or set RUN_NAME (or OUTPUT_DIR) for a new run")
+

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any, Callable, Sequence, TypeVar
 
 from tqdm.auto import tqdm
 
 from .devices import is_distributed_launch, pick_device, process_device
+from .engines import dist_timeout
 from .errors import UserError, print_error
 
 Item = TypeVar("Item")
@@ -35,10 +35,12 @@ class Shard:
         return self.rank == 0
 
 
-def start_shards(timeout: timedelta | None = None) -> Shard:
+def start_shards(timeout_minutes: float | None = None) -> Shard:
     """Under torchrun, join the process group (NCCL between GPUs, each process on its local GPU; gloo on the CPU;
     one that already exists, e.g. a training run's, is used as it is) and return this process's shard; otherwise
-    the one shard. ``timeout``: how long a collective waits for the slowest process (torch's default when None)."""
+    the one shard. ``timeout_minutes``: how long a collective waits for the slowest process (a script's
+    DIST_TIMEOUT_MINUTES, as every engine of the suite takes it: ``engines.dist_timeout``; torch's default when
+    None)."""
     if not is_distributed_launch():
         return Shard()
     import torch
@@ -50,7 +52,7 @@ def start_shards(timeout: timedelta | None = None) -> Shard:
         if device.type == "cuda":
             torch.cuda.set_device(device)  # NCCL's object collectives use the current device
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                **({"timeout": timeout} if timeout is not None else {}))
+                                **({"timeout": dist_timeout(timeout_minutes)} if timeout_minutes is not None else {}))
     return Shard(dist.get_rank(), dist.get_world_size(), owns_group)
 
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 import zipfile
 from functools import lru_cache
 from pathlib import Path
 
+from .engines import deepspeed_plan, dist_timeout, parameter_values, restore_fp32_masters
 from .errors import UserError, first_line
 
 # The optimisation constants every training script has, and what they mean to the Trainer.
@@ -37,6 +39,7 @@ def check_training_settings(cfg) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    dist_timeout(cfg.DIST_TIMEOUT_MINUTES)  # > 0
 
 
 def data_loader_workers(num_workers: int | None, cuda: bool) -> int:
@@ -68,8 +71,8 @@ def trainer_arguments(cfg, run_dir: Path, *, learning_rate: float, compute: str,
                       **recipe):
     """``TrainingArguments`` from a training script's constants: batch, accumulation, length (EPOCHS, MAX_STEPS),
     ``learning_rate``, WARMUP_STEPS, LR_SCHEDULER, WEIGHT_DECAY, OPTIM, MAX_GRAD_NORM, logging, checkpoints,
-    workers, SEED, DEEPSPEED; ``compute`` = "bf16", "fp16" (autocast with loss scaling) or "fp32". ``recipe``:
-    what one recipe sets beyond these (its validation, for instance)."""
+    workers, SEED, DEEPSPEED, DIST_TIMEOUT_MINUTES; ``compute`` = "bf16", "fp16" (autocast with loss scaling) or
+    "fp32". ``recipe``: what one recipe sets beyond these (its validation, for instance)."""
     import torch
     from transformers import TrainingArguments
 
@@ -101,6 +104,9 @@ def trainer_arguments(cfg, run_dir: Path, *, learning_rate: float, compute: str,
         dataloader_num_workers=data_loader_workers(cfg.NUM_WORKERS, cuda),
         # Every trainable parameter gets a gradient (the recipes freeze what the forward pass never reaches).
         ddp_find_unused_parameters=False,
+        # a group the Trainer makes waits DIST_TIMEOUT_MINUTES too (the scripts make theirs first:
+        # engines.start_process_group, for the Trainer passes this on to GPU runs only)
+        ddp_timeout=round(dist_timeout(cfg.DIST_TIMEOUT_MINUTES).total_seconds()),
         seed=cfg.SEED,
         deepspeed=cfg.DEEPSPEED,
         # On a CPU-only machine the Trainer only sets up (gloo) DDP under torchrun through use_cpu.
@@ -116,16 +122,137 @@ def trainer_arguments(cfg, run_dir: Path, *, learning_rate: float, compute: str,
 @lru_cache(maxsize=1)
 def suite_trainer_class():
     """transformers' Trainer, with DDP sharing its gradient buckets with the gradients (``gradient_as_bucket_view``:
-    one copy of the gradients per process instead of two; the Trainer exposes no setting for it)."""
-    from transformers import Trainer
+    one copy of the gradients per process instead of two; the Trainer exposes no setting for it), and under DeepSpeed:
+
+    * a DeepSpeed config's own ``"optimizer"`` block keeps the Trainer's parameter groups (no weight decay on biases
+      and norms; DeepSpeed's would decay every parameter), and one line says which optimizer runs and why;
+    * trained parameters that start in fp32 start DeepSpeed's fp32 masters at that exact value, not its bf16 cast;
+    * saved weights are the fp32 masters (the module DeepSpeed computes with is bf16 / fp16), gathered by every
+      process with one host copy, on the process that writes; a PEFT model's (and, in ``trainable_only``,
+      any model's) frozen weights are never gathered or saved;
+    * DeepSpeed's own checkpoint (optimizer shards) leaves frozen weights out for every model (the Trainer does so
+      for PEFT models only), and resuming loads it without them.
+    """
+    import torch
+    from transformers import Trainer, TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        """How long each optimiser step takes: forward, backward and update, the GPU's work included (not the data
+        loading before it, nor logging or saving after it)."""
+
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+            self.began = 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if args.device.type == "cuda":
+                torch.cuda.synchronize(args.device)
+            self.began = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if args.device.type == "cuda":
+                torch.cuda.synchronize(args.device)
+            self.seconds.append(time.perf_counter() - self.began)
+
+        def summary(self) -> dict:
+            """The first step (allocations, kernel choices: a warm-up) and the mean of the steps after it."""
+            later = self.seconds[1:]
+            return {"steps": len(self.seconds), "first_s": round(self.seconds[0], 4) if self.seconds else None,
+                    "mean_after_first_s": round(sum(later) / len(later), 4) if later else None}
 
     class SuiteTrainer(Trainer):
+        trainable_only = False  # checkpoints hold only the trained parameters (always so for a PEFT model)
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.step_timer = StepTimer()
+            self.add_callback(self.step_timer)
+
         def _build_accelerator_args(self, **kwargs):
             args = super()._build_accelerator_args(**kwargs)
             for handler in args.get("kwargs_handlers", []):
                 if type(handler).__name__ == "DistributedDataParallelKwargs":
                     handler.gradient_as_bucket_view = True
             return args
+
+        # ---- the optimizer
+
+        def create_optimizer(self, model=None):
+            from_config = self.optimizer if type(self.optimizer).__name__ == "DummyOptim" else None
+            if self.optimizer is not None and from_config is None:
+                return self.optimizer  # built already (under DeepSpeed the Trainer asks twice)
+            if from_config is not None:  # DeepSpeed builds it from its config, from the parameters handed over here
+                self.optimizer = None
+            optimizer = super().create_optimizer(model)
+            groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+            if from_config is not None:
+                # the Trainer's own groups (built above, its optimizer dropped) instead of every parameter in one
+                from_config.params = [group for group in groups if group["params"]]
+                self.optimizer = optimizer = from_config
+            if self.args.process_index == 0:
+                decayed = [g for g in groups if g["weight_decay"]]
+                decay = (f"weight decay {decayed[0]['weight_decay']:g} on {len(decayed[0]['params'])} tensors, none "
+                         f"on {sum(len(g['params']) for g in groups) - len(decayed[0]['params'])} (biases, norms)"
+                         if decayed else "no weight decay")
+                if from_config is not None:
+                    print(f"optimizer: {deepspeed_plan(self.args.deepspeed).optimizer} from the \"optimizer\" block of "
+                          f"{self.args.deepspeed}, which DeepSpeed runs instead of OPTIM={self.args.optim.value}; "
+                          f"{decay}")
+                else:
+                    print(f"optimizer: {type(optimizer).__name__} (OPTIM={self.args.optim.value}); {decay}")
+            return optimizer
+
+        def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+            if not self.is_deepspeed_enabled:
+                return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+            model = self.accelerator.unwrap_model(self.model)
+            trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            starts = {}
+            # Full fine-tuning's start would be a second copy of the model in host memory: its masters start from
+            # DeepSpeed's cast (a model loaded in 16 bits loses nothing there).
+            if sum(p.numel() for _, p in trainable) * 2 < sum(p.numel() for p in model.parameters()):
+                starts = {n: p.detach().float().clone() for n, p in trainable
+                          if p.dtype == torch.float32 and not hasattr(p, "ds_id")}
+            wrapped, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
+            restore_fp32_masters(starts, model)
+            del starts  # freed before training
+            if resume_from_checkpoint is not None:  # as the Trainer resumes, but without the frozen weights
+                from transformers.integrations.deepspeed import deepspeed_load_checkpoint
+
+                deepspeed_load_checkpoint(self.model_wrapped, resume_from_checkpoint, load_module_strict=False)
+                self._load_optimizer_and_scheduler(resume_from_checkpoint)
+                self._load_scaler(resume_from_checkpoint)
+            return wrapped, train_dataloader
+
+        # ---- saving
+
+        def saved_parameter_names(self, model) -> list[str]:
+            from peft import PeftModel
+
+            trainable_only = self.trainable_only or isinstance(model, PeftModel)
+            return [n for n, p in model.named_parameters() if p.requires_grad or not trainable_only]
+
+        def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+            if not self.is_deepspeed_enabled:
+                return super().save_model(output_dir, _internal_call)
+            model = self.accelerator.unwrap_model(self.model)
+            names = self.saved_parameter_names(model)
+            state = parameter_values(model, names, keep=self.args.should_save)
+            if self.args.should_save:
+                if len(names) == len(list(model.named_parameters())):  # a whole model: its buffers too
+                    known = {id(p) for p in model.parameters()}
+                    state.update({k: v.detach().cpu() for k, v in model.state_dict(keep_vars=True).items()
+                                  if id(v) not in known and k not in state})
+                self._save(output_dir or self.args.output_dir, state_dict=state)
+
+        def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+            if not self.is_deepspeed_enabled:
+                return super()._save_optimizer_and_scheduler(output_dir)
+            from accelerate.utils import DeepSpeedSchedulerWrapper
+
+            self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+            if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
+                torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
 
     return SuiteTrainer
 
@@ -219,9 +346,9 @@ def train_from_newest_checkpoint(trainer, run_dir: Path) -> str | None:
     """``trainer.train()``, resuming from the newest complete checkpoint of ``run_dir`` (torn ones set aside);
     returns the checkpoint resumed from, or None for a fresh start."""
     main = trainer.args.process_index == 0
-    # Every process enters (the block holds a barrier): the main one sets torn checkpoints aside, then all pick the
-    # same one.
-    with trainer.args.main_process_first(desc="checkpoints"):
+    # Every process enters (the block holds a barrier): rank 0 sets torn checkpoints aside, then all pick the same
+    # one. local=False: the first process of every other node would otherwise scan beside rank 0's renames.
+    with trainer.args.main_process_first(local=False, desc="checkpoints"):
         last = newest_complete_checkpoint(run_dir, main=main)
     resumed_from = str(last) if last else None
     if resumed_from and main:

@@ -36,7 +36,9 @@ def test_a_child_past_its_deadline_is_killed_with_its_process_group_and_its_outp
     message = str(failed.value)
     assert "timed out after 0 s (GEOLLAVA_TEST_TIMEOUT) waiting for" in message and "to finish" in message
     assert "waiting at the barrier" in message  # what it printed last
-    assert launcher.process.poll() is not None and not alive(worker)  # the launcher and its worker are gone
+    assert launcher.process.poll() is not None  # the launcher is gone...
+    # ...and its worker, killed with it (the signal is sent; its end is an event to wait for, not an instant)
+    wait_until(lambda: not alive(worker), "the worker to be gone")
 
 
 def test_waiting_for_an_event_stops_at_once_when_the_process_exits_without_it():

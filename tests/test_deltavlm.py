@@ -143,6 +143,33 @@ def test_tiny_checkpoint_loads_with_no_missing_or_unexpected_key(tiny, loaded):
     assert len(tokenizers.qformer) == 30523 and tokenizers.qformer.bos_token == "[DEC]"
     llm = tokenizers.llm
     assert llm.bos_token == llm.eos_token == llm.unk_token == "</s>" and llm.pad_token == "[PAD]"
+    # As Vicuna (32000 -> 32001): [PAD] is appended, the LLM one row short of it and resized, its new rows the mean
+    # of the others (the same on every load)
+    from transformers import AutoConfig
+
+    assert llm.pad_token_id == len(llm) - 1 == AutoConfig.from_pretrained(tiny.llm).vocab_size
+    for embedding in (model.language_model.get_input_embeddings(), model.language_model.get_output_embeddings()):
+        assert embedding.weight.shape[0] == len(llm)
+        torch.testing.assert_close(embedding.weight[-1], embedding.weight[:-1].mean(0))
+
+
+def test_vicuna_is_loaded_straight_onto_its_gpu(tiny, monkeypatch, user_error):
+    """Each process asks for the LLM on its own GPU (device_map), not whole into host memory first and then moved
+    (8 processes x 13.5 GB of host memory for Vicuna-7B)."""
+    from transformers import AutoModelForCausalLM
+
+    from geochange.deltavlm.loading import load_llm
+
+    asked = []
+
+    def from_pretrained(path, **kwargs):
+        asked.append(kwargs)
+        raise RuntimeError("no GPU here")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    user_error(lambda: load_llm(str(tiny.llm), torch.device("cuda", 1), 30524), "no GPU here")
+    user_error(lambda: load_llm(str(tiny.llm), torch.device("cpu"), 30524), "no GPU here")
+    assert asked[0]["device_map"] == {"": 1} and "device_map" not in asked[1]  # the CPU: where it loads anyway
 
 
 def test_a_checkpoint_missing_keys_names_them(tiny, tmp_path, one_thread, user_error):

@@ -284,8 +284,8 @@ def test_a_later_rank_meets_the_checkpoint_barrier_even_when_rank_0_has_begun_th
         process_index = 1
 
         @contextmanager
-        def main_process_first(self, desc: str):
-            entered.append(desc)
+        def main_process_first(self, desc: str, local: bool = True):
+            entered.append((desc, local))
             yield
 
     class Trainer:
@@ -295,7 +295,8 @@ def test_a_later_rank_meets_the_checkpoint_barrier_even_when_rank_0_has_begun_th
             resumed.append(resume_from_checkpoint)
 
     assert t.train(Trainer(), run_dir) is None
-    assert entered == ["checkpoints"] and resumed == [None]  # every rank at the barrier; nothing to resume yet
+    # every rank at the barrier, behind rank 0 (not each node's first process); nothing to resume yet
+    assert entered == [("checkpoints", False)] and resumed == [None]
 
 
 # --------------------------------------------------------------------------- bad settings: one line, no model

@@ -388,8 +388,9 @@ def test_missing_video_and_too_small_max_length_are_one_line_errors(tmp_path, ca
 
 @pytest.mark.parametrize("script", ["videollava_finetune.py", "llavanext_finetune.py", "deltavlm_finetune.py"])
 def test_every_training_setting_is_a_constant_that_reaches_the_trainer(tmp_path, script, user_error):
-    """LR_SCHEDULER, WEIGHT_DECAY, OPTIM and MAX_GRAD_NORM are the scripts' constants, built into the Trainer's
-    arguments by the one shared builder (both recipes), and recorded in run.json with every other constant."""
+    """LR_SCHEDULER, WEIGHT_DECAY, OPTIM, MAX_GRAD_NORM and DIST_TIMEOUT_MINUTES are the scripts' constants, built
+    into the Trainer's arguments by the one shared builder (both recipes), and recorded in run.json with every other
+    constant."""
     from geochange.deltavlm import training as deltavlm_training
     from geochange.overrides import script_constants
     from geochange.trainer import OPTIMISATION_SETTINGS, check_training_settings
@@ -409,6 +410,10 @@ def test_every_training_setting_is_a_constant_that_reaches_the_trainer(tmp_path,
     assert (args.lr_scheduler_type.value, args.weight_decay, args.optim.value, args.max_grad_norm) == \
         ("constant_with_warmup", 0.01, "adamw_torch", 0.5)
     assert defaults.OPTIM == "adamw_torch_fused" and defaults.LR_SCHEDULER == "cosine"
+    # the DDP group the Trainer makes waits DIST_TIMEOUT_MINUTES, as DeepSpeed's does (at least the Trainer's 30 min)
+    assert defaults.DIST_TIMEOUT_MINUTES >= 30 and args.ddp_timeout == defaults.DIST_TIMEOUT_MINUTES * 60
+    user_error(lambda: check_training_settings(script_constants(script, DIST_TIMEOUT_MINUTES=0)),
+               "DIST_TIMEOUT_MINUTES must be > 0")
     user_error(lambda: check_training_settings(script_constants(script, OPTIM="adam")), "OPTIM='adam'")
     user_error(lambda: check_training_settings(script_constants(script, LR_SCHEDULER="cosinus")), "LR_SCHEDULER")
 

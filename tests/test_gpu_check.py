@@ -61,3 +61,57 @@ def test_gpu_check_runs_on_the_cpu_with_the_tiny_models(tmp_path, monkeypatch, c
     assert report["scene"]["tiles"] == 1 and report["scene"]["model_device"] == "cpu"
     assert report["scene"]["read_tiles_per_s"] > 0 and report["scene"]["answered_tiles_per_s"] > 0
     assert "NOT GPU figures" in (tmp_path / "gpu_check_cpu_tiny.md").read_text()
+
+
+@pytest.fixture
+def gpu_check(monkeypatch):
+    """benchmarks/gpu_check.py as a module (its __main__ does not run)."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import gpu_check
+
+    return gpu_check
+
+
+def test_mfu_counts_each_lora_targeted_linear_once(gpu_check, tmp_path):
+    """PEFT's LoRA wrapper shows its base layer's weight: counted on both, the 7B language model was 13.1 B
+    parameters instead of 6.6 B, and MFU came out 1.9x too high."""
+    from geochange.overrides import script_constants
+    from geochange.video_llm.finetune import build_training_model
+    from geochange.video_llm.modeling import load_model, resolve_model_path
+
+    path = resolve_model_path("tiny", "videollava")
+    wrapped, targets = build_training_model(script_constants("videollava_finetune.py", MODEL_ID="tiny",
+                                                             OUTPUT_DIR=str(tmp_path)), path, "videollava")
+    from peft import PeftModel
+
+    assert len(targets) == 14 and isinstance(wrapped, PeftModel)
+    plain = load_model(path, "videollava")
+    language = sum(m.weight.numel() for n, m in plain.named_modules()
+                   if isinstance(m, torch.nn.Linear) and (".language_model." in n or n == "lm_head"))
+    assert gpu_check.matmul_params(wrapped, "videollava") == gpu_check.matmul_params(plain, "videollava")
+    assert gpu_check.matmul_params(wrapped, "videollava")[0] == language
+
+
+@pytest.mark.parametrize("family", ["videollava", "llavanext"])
+def test_the_7b_model_folder_gets_a_processor_that_fits_it(family, gpu_check, tmp_path, sample_dir):
+    """The ZeRO-3 step trains the random 7B model through the fine-tuning script, which loads the folder's
+    processor: without one it stopped every time (offline nothing provides it). A folder saved before holds the
+    Hub's token ids; the processor written beside it (the tiny twin's tokenizer, the 7B image size) and the config
+    agree, and a clip expands to the 7B model's video tokens."""
+    from transformers import AutoConfig
+
+    from geochange.annotations import load_annotations
+    from geochange.sample.data import SAMPLE_TRAIN, SAMPLE_VIDEO_DIR
+    from geochange.video import read_video_frames
+    from geochange.video_llm.families import get_family
+    from geochange.video_llm.modeling import encode_training_example, load_processor
+
+    get_family(family).real_size_config().save_pretrained(tmp_path)  # as an earlier gpu_check saved it (no weights)
+    gpu_check.fit_processor(family, tmp_path)
+    config, processor = AutoConfig.from_pretrained(tmp_path), load_processor(str(tmp_path))
+    sample = load_annotations(SAMPLE_TRAIN, SAMPLE_VIDEO_DIR, limit=1, num_frames=2)[0]
+    example = encode_training_example(processor, read_video_frames(sample.video, 2), sample.question, sample.answer)
+    side = config.vision_config.image_size
+    assert example["pixel_values_videos"].shape[-3:] == (3, side, side)
+    assert int((example["input_ids"] == config.video_token_index).sum()) == gpu_check.video_tokens(config, family)
+    assert int(example["input_ids"].max()) < config.text_config.vocab_size

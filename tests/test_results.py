@@ -230,6 +230,7 @@ def test_score_usage_errors(tmp_path, capsys):
 
 
 def test_one_writer_per_output_and_a_killed_writer_leaves_no_stale_lock(tmp_path):
+    import socket
     import sys
 
     from conftest import start_command, wait_until
@@ -240,7 +241,7 @@ def test_one_writer_per_output_and_a_killed_writer_leaves_no_stale_lock(tmp_path
     with lock_for_writing(target, f"the results file {target}") as held:
         assert held.path == lock_path(target) == tmp_path / "results" / "run.jsonl.lock"
         with pytest.raises(UserError, match=rf"^the results file {target} is being written by another process "
-                                            rf"\(pid {os.getpid()}, lock {held.path}\)"):
+                                            rf"\(pid {os.getpid()} on {socket.gethostname()}, lock {held.path}\)"):
             lock_for_writing(target, f"the results file {target}")
     lock_for_writing(target, "free again").release()  # leaving the block released it
     # another process holds it, then dies by SIGKILL (no cleanup runs): the OS frees the lock
@@ -250,7 +251,7 @@ def test_one_writer_per_output_and_a_killed_writer_leaves_no_stale_lock(tmp_path
     try:
         wait_until(lambda: holder.stdout().strip() == "held", "the other process to hold the lock",
                    output=holder.output, process=holder)
-        with pytest.raises(UserError, match=rf"\(pid {holder.process.pid}, lock"):
+        with pytest.raises(UserError, match=rf"\(pid {holder.process.pid} on {socket.gethostname()}, lock"):
             lock_for_writing(target, "the results file")
     finally:
         holder.kill()  # SIGKILL: no cleanup runs

@@ -93,14 +93,15 @@ def test_one_process_answers_everything_and_writes_each_batch():
 
 SCRIPT = """
 import json, os, sys
+from geochange.engines import group_timeout_minutes
 from geochange.sharding import answer_in_shards, from_main, start_shards, stop_shards
 
-shard = start_shards()
+shard = start_shards(timeout_minutes=7)  # a script's DIST_TIMEOUT_MINUTES
 items = from_main(shard, list(range(int(sys.argv[2]))) if shard.main else None)  # only rank 0 knows what is left
 out = sys.argv[1]
 
 def answer(batch):
-    return [{"id": i, "answer": i * 10, "rank": shard.rank} for i in batch]
+    return [{"id": i, "answer": i * 10, "rank": shard.rank, "timeout": group_timeout_minutes()} for i in batch]
 
 def write(records):
     with open(out, "a") as handle:
@@ -127,6 +128,7 @@ def test_two_processes_answer_their_shares_and_rank_0_writes_them_all_once(tmp_p
     assert {r["rank"] for r in records} == {0, 1}
     expected = {rank: sorted(share_of(list(range(7)), Shard(rank, 2), cost=lambda i: i % 3)) for rank in (0, 1)}
     assert {rank: sorted(r["id"] for r in records if r["rank"] == rank) for rank in (0, 1)} == expected
+    assert {r["timeout"] for r in records} == {7}  # the group's own timeout, read back, is the setting
 
 
 RUN_SCRIPTS = """

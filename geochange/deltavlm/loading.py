@@ -223,22 +223,29 @@ def frozen_llm_dtype(device: torch.device, bits: int | None) -> torch.dtype:
 
 
 def load_llm(llm_model: str, device: torch.device, vocab: int, bits: int | None = None):
-    """The frozen LLM: full precision, or quantised to ``bits`` (8 or 4, bitsandbytes)."""
+    """The frozen LLM: full precision, or quantised to ``bits`` (8 or 4, bitsandbytes), loaded straight onto
+    ``device`` (not first whole into host memory, once per process); its embeddings resized to ``vocab``."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict = {"dtype": frozen_llm_dtype(device, bits)}
-    if bits:
-        kwargs["quantization_config"] = quantization_config(bits)
+    if bits or device.type == "cuda":
         kwargs["device_map"] = {"": device.index if device.type == "cuda" and device.index is not None else
                                 str(device)}
+    if bits:
+        kwargs["quantization_config"] = quantization_config(bits)
     try:
         llm = AutoModelForCausalLM.from_pretrained(local_or_hub(llm_model), **kwargs)
     except Exception as exc:
         raise UserError(f"LLM_MODEL {llm_model!r}: cannot load ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:200]}); "
                         f"download: huggingface-cli download {VICUNA_7B_ID}") from None
-    if llm.get_input_embeddings().weight.shape[0] < vocab:
-        llm.resize_token_embeddings(vocab)  # the released code's [PAD] row; padding only, never attended
+    rows = llm.get_input_embeddings().weight.shape[0]
+    if rows < vocab:  # the released code's [PAD] row (Vicuna: 32000 -> 32001); padding only, never attended
+        llm.resize_token_embeddings(vocab, mean_resizing=False)
+        with torch.no_grad():  # the mean of the others, the same on every load (transformers' default is a draw)
+            for embedding in {id(m.weight): m.weight for m in (llm.get_input_embeddings(),
+                                                               llm.get_output_embeddings())}.values():
+                embedding[rows:] = embedding[:rows].mean(0, keepdim=True)
     if not bits:
         llm.to(device)
     llm.eval().requires_grad_(False)

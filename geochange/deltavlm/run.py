@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -116,7 +115,7 @@ def batch_items(annotations: str, image_root: str | None, limit: int | None, spl
 def join_shards(cfg) -> Shard:
     """Under torchrun, this process's place among those sharing a batch (a collective waits at most
     DIST_TIMEOUT_MINUTES for the slowest); one shard of one otherwise. One pair or a chat is one process's job."""
-    shard = start_shards(timedelta(minutes=cfg.DIST_TIMEOUT_MINUTES))
+    shard = start_shards(cfg.DIST_TIMEOUT_MINUTES)
     if shard.world_size > 1 and not cfg.TEST_ANNOTATIONS:
         raise UserError("under torchrun deltavlm_predict.py shares a batch (TEST_ANNOTATIONS) among the processes; "
                         "one pair or a chat runs as one process: python deltavlm_predict.py ...")

@@ -14,6 +14,7 @@ the tiny twin runs the real key map, the base overlay and the reports.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from .checkpoint import released_extras, released_layout_state
 from .loading import CHECKPOINT_FILE, LLM_EOS, LLM_PAD
 from .model import DeltaVLM, trained_parameter_names
 
-TINY_VERSION = 4
+TINY_VERSION = 5
 TINY_SEED = 4321
 TINY_DIR = CHECKPOINTS_DIR / "tiny-deltavlm"
 TINY_IMAGE_SIZE = 32
@@ -73,15 +74,21 @@ def tiny_configs(llm_vocab: int, eos_id: int, pad_id: int):
 
 
 def _llm_tokenizer():
-    """The MiniLM WordPiece vocabulary as an LLM tokenizer with Vicuna-like specials: [PAD] and </s>."""
+    """The MiniLM WordPiece vocabulary as an LLM tokenizer with Vicuna's specials: </s>, and no [PAD]. Vicuna has
+    none (the loader appends [PAD] and resizes Vicuna's embeddings by a row, 32000 -> 32001, as the released code
+    does), so BERT's [PAD] (id 0) is renamed here: the tiny LLM is resized by a row too, one short of its tokenizer,
+    and what depends on that (PEFT saving the embeddings of a resized vocabulary with an adapter) shows on it."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    backend = Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
+    spec = json.loads((minilm_dir() / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["added_tokens"] = [token for token in spec["added_tokens"] if token["content"] != LLM_PAD]
+    spec["model"]["vocab"]["[unused-pad]"] = spec["model"]["vocab"].pop(LLM_PAD)
+    backend = Tokenizer.from_str(json.dumps(spec))
     backend.no_truncation()
     backend.no_padding()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token=LLM_PAD,
-                                        model_max_length=512, padding_side="left")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", model_max_length=512,
+                                        padding_side="left")
     tokenizer.add_special_tokens({"eos_token": LLM_EOS, "bos_token": LLM_EOS})
     return tokenizer
 
@@ -91,8 +98,8 @@ def _build(staging: Path) -> None:
                               LlamaForCausalLM)
 
     llm_tokenizer = _llm_tokenizer()
-    vision, qformer, llm_config = tiny_configs(len(llm_tokenizer), llm_tokenizer.eos_token_id,
-                                               llm_tokenizer.pad_token_id)
+    # pad id 0, as Vicuna's config.json says (its <unk>; the loader's [PAD] comes after the vocabulary)
+    vision, qformer, llm_config = tiny_configs(len(llm_tokenizer), llm_tokenizer.eos_token_id, 0)
     # The base, as transformers saves InstructBLIP (its LLM included, as in the real base; we never read it).
     base = InstructBlipForConditionalGeneration(InstructBlipConfig(
         vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=llm_config.to_dict(),

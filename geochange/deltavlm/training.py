@@ -22,16 +22,16 @@ from typing import Any
 import torch
 
 from ..annotations import load_changechat
-from ..devices import is_main_process, process_device
-from ..engines import (deepspeed_plan, engine_of, gathered, outside_zero3, size_buckets, start_deepspeed,
-                       zero3_enabled)
+from ..devices import is_main_process, launched_processes, process_device
+from ..engines import (check_shared_directory, deepspeed_plan, engine_of, gathered, outside_zero3, parameter_values,
+                       size_buckets, start_process_group, zero3_enabled)
 from ..errors import UserError
 from ..fileio import atomic_path
-from ..locks import WriterLock, lock_for_writing
+from ..locks import WriterLock, lock_for_writing, lock_path
 from ..metrics import SM, MetricsReport, meteor_available, with_sm
 from ..paths import ANNOTATIONS_DIR, local_or_hub
 from ..results import write_jsonl, write_metrics
-from ..runs import VALIDATION_DIR, data_files, library_versions, resume_state, write_run_file
+from ..runs import VALIDATION_DIR, check_resume_processes, data_files, library_versions, resume_state, write_run_file
 from ..sample.data import SAMPLE_CHANGECHAT_ROOT, ensure_sample_media
 from ..sharding import answer_in_shards, from_main, start_shards
 from ..trainer import check_training_settings, suite_trainer_class, train_from_newest_checkpoint, trainer_arguments
@@ -217,6 +217,7 @@ def prepare_run_dir(cfg) -> tuple[Path, WriterLock | None]:
     run_dir = run_dir_of(cfg)
     lock = lock_for_writing(run_dir, f"the run directory {run_dir}") if is_main_process() else None
     try:
+        check_resume_processes(run_dir, cfg.as_dict(), launched_processes())
         state = resume_state(run_dir, cfg.as_dict(), overwrite=cfg.OVERWRITE)
         if state == "replace" and is_main_process():
             shutil.rmtree(run_dir)
@@ -300,18 +301,28 @@ def checkpoint_names(model: DeltaVLM, cfg) -> list[str]:
     return sorted(set(trained_parameter_names(model)) | set(trained_parameter_names(model, cfg.TRAIN_VIT_BLOCKS)))
 
 
-def save_best_checkpoint(model: DeltaVLM, cfg, run_dir: Path, extras: dict[str, torch.Tensor], epoch: int,
-                         scores: dict[str, float]) -> Path:
+def llm_lora_names(model: DeltaVLM) -> list[str]:
+    """The LoRA parameters on the LLM (its adapter, ``llm_lora/``): none with LLM_LORA_R = 0."""
+    return [n for n, p in model.named_parameters() if n.startswith("language_model.") and "lora_" in n]
+
+
+def save_best_checkpoint(model: DeltaVLM, values: dict[str, torch.Tensor], cfg, run_dir: Path,
+                         extras: dict[str, torch.Tensor], epoch: int, scores: dict[str, float]) -> Path:
     """``<run>/checkpoint_best.pth`` in DeltaVLM's LAVIS layout: the released key set (trained parameters and
-    the unused extras), plus any ViT block trained beyond the released two; the LoRA adapter beside it."""
-    parameters = dict(model.named_parameters())
-    state = released_layout_state({name: parameters[name] for name in checkpoint_names(model, cfg)}, extras)
+    the unused extras), plus any ViT block trained beyond the released two; the LoRA adapter beside it. ``values``:
+    those parameters' values as ``engines.parameter_values`` gives them (under DeepSpeed the fp32 masters)."""
+    state = released_layout_state({name: values[name] for name in checkpoint_names(model, cfg)}, extras)
     target = run_dir / CHECKPOINT_FILE
     with atomic_path(target) as temporary:
         torch.save({"model": state, "epoch": epoch, "scores": scores, "config": {"settings": cfg.as_dict()}},
                    temporary)
     if cfg.LLM_LORA_R:
-        model.language_model.save_pretrained(str(run_dir / LLM_ADAPTER_DIR))
+        # The adapter alone: PEFT would add the embeddings and lm_head of a resized vocabulary (Vicuna's 32000 + the
+        # [PAD] row): ~0.5 GB of frozen weights, and under ZeRO-3 empty placeholders that cannot be loaded. The
+        # predictor resizes Vicuna the same way before it puts the adapter on.
+        adapter = {name.removeprefix("language_model."): values[name] for name in llm_lora_names(model)}
+        model.language_model.save_pretrained(str(run_dir / LLM_ADAPTER_DIR), state_dict=adapter,
+                                             save_embedding_layers=False)
     return target
 
 
@@ -392,11 +403,10 @@ def make_validation_callback():
             best = max((h["val_score"] for h in earlier), default=None)
             self.trainer.log({"val_score": score, "val_epoch": epoch, **{f"val_{k}": v for k, v in metrics.items()}})
             if best is None or score > best:
-                names = set(checkpoint_names(model, self.cfg))
-                with gathered(p for n, p in model.named_parameters() if n in names or p.requires_grad):
-                    if args.process_index == 0:
-                        save_best_checkpoint(model, self.cfg, self.run_dir, self.extras, epoch, metrics)
-                if args.process_index == 0:
+                main = args.process_index == 0  # every process takes part in reading the values; it writes them
+                values = parameter_values(model, checkpoint_names(model, self.cfg) + llm_lora_names(model), keep=main)
+                if main:
+                    save_best_checkpoint(model, values, self.cfg, self.run_dir, self.extras, epoch, metrics)
                     print(f"epoch {epoch}: validation {self.cfg.BEST_METRIC} {score:.4f} (best so far) -> "
                           f"{self.run_dir / CHECKPOINT_FILE}")
             else:
@@ -420,6 +430,8 @@ def make_trainer_class():
     class DeltaVLMTrainer(suite_trainer_class()):
         """Checkpoints hold the trainable parameters only (not the frozen 7B LLM)."""
 
+        trainable_only = True
+
         def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
             if not self.args.should_save:
                 return
@@ -429,7 +441,7 @@ def make_trainer_class():
             trainable = [n for n, p in model.named_parameters() if p.requires_grad]
             if state_dict is None:
                 state_dict = dict(model.named_parameters())
-            # (under ZeRO-3 the Trainer hands over the whole model gathered; the parameters themselves are shards)
+            # (under DeepSpeed the suite's Trainer hands over the trained parameters' fp32 masters, gathered whole)
             save_file({n: state_dict[n].detach().cpu().contiguous() for n in trainable},
                       os.path.join(output_dir, TRAINABLE_WEIGHTS))
 
@@ -460,8 +472,9 @@ def training_arguments(cfg, run_dir: Path):
 def make_trainer(cfg, model: DeltaVLM, tokenizers, examples: list[Example], val_items: list[Item], run_dir: Path,
                  sources: Sources, callbacks: list | None = None):
     """The Trainer with the epoch-end validation attached."""
-    start_deepspeed(deepspeed_plan(cfg.DEEPSPEED))
+    start_process_group(deepspeed_plan(cfg.DEEPSPEED), cfg.DIST_TIMEOUT_MINUTES)
     args = training_arguments(cfg, run_dir)
+    check_shared_directory(lock_path(run_dir), f"the run directory {run_dir}")  # the first collective of the run
     size_buckets(args, model.language_model.config.hidden_size)
     trainer = make_trainer_class()(model=model, args=args, train_dataset=PairDataset(examples, model.image_size),
                                    data_collator=PairCollator(tokenizers), callbacks=list(callbacks or []))
@@ -480,6 +493,7 @@ def start_record(cfg, sources: Sources, run_dir: Path, counts: dict[str, int], e
               "versions": library_versions(),
               "data": data_files(cfg, ("TRAIN_ANNOTATIONS", "VAL_ANNOTATIONS")),
               "num_train_examples": len(examples), "num_val_captions": len(val_items),
+              "world_size": launched_processes(),
               "trainable_parameters": counts, "trainable_total": sum(counts.values()), "load_report": report.lines()}
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)

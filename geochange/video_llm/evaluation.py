@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -262,7 +261,7 @@ def score_results(results: ResultsFile, samples: list[Sample]) -> Path | None:
 def join_shards(cfg) -> Shard:
     """Under torchrun, this process's place among those sharing the evaluation (a collective waits at most
     DIST_TIMEOUT_MINUTES for the slowest); one shard of one otherwise."""
-    return start_shards(timedelta(minutes=cfg.DIST_TIMEOUT_MINUTES))
+    return start_shards(cfg.DIST_TIMEOUT_MINUTES)
 
 
 def evaluate(cfg, family: str) -> Path | None:

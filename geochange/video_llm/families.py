@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import UserError
-from .tiny import (TINY_IMAGE_SIZE, TINY_PATCH_SIZE, VICUNA_VIDEO_CHAT_TEMPLATE, tiny_size_kwargs, tiny_text_config,
-                   tiny_vision_config)
+from .tiny import TINY_IMAGE_SIZE, VICUNA_VIDEO_CHAT_TEMPLATE, tiny_text_config, tiny_vision_config
 
 
 @dataclass(frozen=True)
@@ -28,14 +27,28 @@ class ModelFamily:
     vision_module_names: tuple[str, ...]
     # Parameters only images reach (a video's forward pass never does, so they get no gradient).
     image_only_modules: tuple[str, ...]
-    build_tiny: Callable           # tokenizer -> (model, processor): the offline twin
-    real_size_config: Callable     # () -> the 7B model's config, as its config.json on the Hub describes it
+    tiny_config: Callable          # tokenizer -> the offline twin's config (tiny.py's pieces)
+    # (image_token_index=, video_token_index=) -> the 7B model's config, as its config.json on the Hub describes it
+    real_size_config: Callable
+    processor_for: Callable        # (config, tokenizer) -> the processor whose images and video tokens fit the config
 
     @property
     def model_class(self):
         import transformers
 
         return getattr(transformers, self.model_class_name)
+
+    def build_tiny(self, tokenizer):
+        """The offline twin: (model, processor) of the real classes at tiny size, random weights."""
+        config = self.tiny_config(tokenizer)
+        return self.model_class(config), self.processor_for(config, tokenizer)
+
+    def real_size_twin(self, tokenizer):
+        """(the 7B config, its processor) with the tiny twin's ``tokenizer`` (it ships offline) and its image and
+        video token ids: what the GPU check builds at real size with random weights, nothing downloaded."""
+        config = self.real_size_config(image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                                       video_token_index=tokenizer.convert_tokens_to_ids("<video>"))
+        return config, self.processor_for(config, tokenizer)
 
     @property
     def adapter_renames(self) -> tuple[tuple[re.Pattern, str], ...]:
@@ -65,31 +78,41 @@ def _clip_large(image_size: int):
 
 # ---------------------------------------------------------------- Video-LLaVA
 
-def _videollava_7b():
+def resize_to(config) -> dict:
+    """The processors' resize and crop to the vision tower's input."""
+    side = config.vision_config.image_size
+    return {"size": {"shortest_edge": side}, "crop_size": {"height": side, "width": side}}
+
+
+def _videollava_7b(image_token_index: int = 32000, video_token_index: int = 32001):
     from transformers import VideoLlavaConfig
 
-    return VideoLlavaConfig(vision_config=_clip_large(224), text_config=_llama_7b(), image_token_index=32000,
-                            video_token_index=32001, vision_feature_layer=-2, vision_feature_select_strategy="default",
-                            projector_hidden_act="gelu")
+    return VideoLlavaConfig(vision_config=_clip_large(224), text_config=_llama_7b(), image_token_index=image_token_index,
+                            video_token_index=video_token_index, vision_feature_layer=-2,
+                            vision_feature_select_strategy="default", projector_hidden_act="gelu")
 
 
 def _videollava_tiny(tokenizer):
-    from transformers import (VideoLlavaConfig, VideoLlavaForConditionalGeneration, VideoLlavaImageProcessor,
-                              VideoLlavaProcessor, VideoLlavaVideoProcessor)
+    from transformers import VideoLlavaConfig
 
-    config = VideoLlavaConfig(
+    return VideoLlavaConfig(
         vision_config=tiny_vision_config(), text_config=tiny_text_config(tokenizer),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
         vision_feature_layer=-2, vision_feature_select_strategy="default",
     )
-    processor = VideoLlavaProcessor(
-        image_processor=VideoLlavaImageProcessor(**tiny_size_kwargs()),
-        video_processor=VideoLlavaVideoProcessor(**tiny_size_kwargs()),
-        tokenizer=tokenizer, patch_size=TINY_PATCH_SIZE, vision_feature_select_strategy="default",
+
+
+def _videollava_processor(config, tokenizer):
+    from transformers import VideoLlavaImageProcessor, VideoLlavaProcessor, VideoLlavaVideoProcessor
+
+    return VideoLlavaProcessor(
+        image_processor=VideoLlavaImageProcessor(**resize_to(config)),
+        video_processor=VideoLlavaVideoProcessor(**resize_to(config)),
+        tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
         num_additional_image_tokens=1, chat_template=VICUNA_VIDEO_CHAT_TEMPLATE,
     )
-    return VideoLlavaForConditionalGeneration(config), processor
 
 
 VIDEO_LLAVA = ModelFamily(
@@ -97,40 +120,44 @@ VIDEO_LLAVA = ModelFamily(
     default_model_id="LanguageBind/Video-LLaVA-7B-hf",
     finetune_script="videollava_finetune.py", eval_script="videollava_test.py",
     vision_module_names=("video_tower", "image_tower", "multi_modal_projector"), image_only_modules=("image_tower",),
-    build_tiny=_videollava_tiny, real_size_config=_videollava_7b)
+    tiny_config=_videollava_tiny, real_size_config=_videollava_7b, processor_for=_videollava_processor)
 
 
 # ---------------------------------------------------------------- LLaVA-NeXT-Video
 
-def _llavanext_7b():
+def _llavanext_7b(image_token_index: int = 32001, video_token_index: int = 32000):
     from transformers import LlavaNextVideoConfig
 
-    return LlavaNextVideoConfig(vision_config=_clip_large(336), text_config=_llama_7b(), image_token_index=32001,
-                                video_token_index=32000, vision_feature_layer=-2,
-                                vision_feature_select_strategy="default", spatial_pool_mode="average",
-                                spatial_pool_stride=2, image_grid_pinpoints=[[336, 672], [672, 336], [672, 672],
-                                                                             [1008, 336], [336, 1008]])
+    return LlavaNextVideoConfig(vision_config=_clip_large(336), text_config=_llama_7b(),
+                                image_token_index=image_token_index, video_token_index=video_token_index,
+                                vision_feature_layer=-2, vision_feature_select_strategy="default",
+                                spatial_pool_mode="average", spatial_pool_stride=2,
+                                image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])
 
 
 def _llavanext_tiny(tokenizer):
-    from transformers import (LlavaNextImageProcessor, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration,
-                              LlavaNextVideoProcessor, LlavaNextVideoVideoProcessor)
+    from transformers import LlavaNextVideoConfig
 
     grid = [[TINY_IMAGE_SIZE, TINY_IMAGE_SIZE], [TINY_IMAGE_SIZE, 2 * TINY_IMAGE_SIZE], [2 * TINY_IMAGE_SIZE, TINY_IMAGE_SIZE]]
-    config = LlavaNextVideoConfig(
+    return LlavaNextVideoConfig(
         vision_config=tiny_vision_config(), text_config=tiny_text_config(tokenizer),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
         vision_feature_layer=-2, vision_feature_select_strategy="default",
         image_grid_pinpoints=grid, spatial_pool_mode="average", spatial_pool_stride=2,
     )
-    processor = LlavaNextVideoProcessor(
-        video_processor=LlavaNextVideoVideoProcessor(**tiny_size_kwargs()),
-        image_processor=LlavaNextImageProcessor(image_grid_pinpoints=grid, **tiny_size_kwargs()),
-        tokenizer=tokenizer, patch_size=TINY_PATCH_SIZE, vision_feature_select_strategy="default",
+
+
+def _llavanext_processor(config, tokenizer):
+    from transformers import LlavaNextImageProcessor, LlavaNextVideoProcessor, LlavaNextVideoVideoProcessor
+
+    return LlavaNextVideoProcessor(
+        video_processor=LlavaNextVideoVideoProcessor(**resize_to(config)),
+        image_processor=LlavaNextImageProcessor(image_grid_pinpoints=config.image_grid_pinpoints, **resize_to(config)),
+        tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
         chat_template=VICUNA_VIDEO_CHAT_TEMPLATE,
     )
-    return LlavaNextVideoForConditionalGeneration(config), processor
 
 
 LLAVA_NEXT_VIDEO = ModelFamily(
@@ -139,7 +166,7 @@ LLAVA_NEXT_VIDEO = ModelFamily(
     finetune_script="llavanext_finetune.py", eval_script="llavanext_eval.py",
     vision_module_names=("vision_tower", "multi_modal_projector", "vision_resampler"),
     image_only_modules=("image_newline",),
-    build_tiny=_llavanext_tiny, real_size_config=_llavanext_7b)
+    tiny_config=_llavanext_tiny, real_size_config=_llavanext_7b, processor_for=_llavanext_processor)
 
 
 FAMILIES: dict[str, ModelFamily] = {family.id: family for family in (VIDEO_LLAVA, LLAVA_NEXT_VIDEO)}

@@ -8,6 +8,7 @@ the settings, the run directory, the Trainer's arguments and the growing ``run.j
 """
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -18,22 +19,22 @@ from typing import Any
 import torch
 
 from ..annotations import Sample, Samples, load_annotations
-from ..devices import is_main_process, process_device
-from ..engines import (DeepSpeedPlan, deepspeed_plan, engine_of, one_process_per_gpu, outside_zero3, start_deepspeed,
-                       zero3_enabled)
+from ..devices import is_main_process, launched_processes, process_device
+from ..engines import (DeepSpeedPlan, check_shared_directory, deepspeed_plan, engine_of, one_process_per_gpu,
+                       outside_zero3, start_process_group, zero3_enabled)
 from ..errors import UserError
-from ..locks import WriterLock, lock_for_writing
+from ..locks import WriterLock, lock_for_writing, lock_path
 from ..overrides import script_constants
 from ..metrics import METRIC_KEYS, SM, SM_PARTS, compute_metrics_report, meteor_available, with_sm
 from ..results import remove_results, write_jsonl, write_metrics
-from ..runs import VALIDATION_DIR, data_files, library_versions, resume_state, write_run_file
+from ..runs import VALIDATION_DIR, check_resume_processes, data_files, library_versions, resume_state, write_run_file
 from ..sample.data import SAMPLE_VIDEO_DIR, ensure_sample_media
 from ..sharding import from_main, start_shards
 from ..trainer import check_training_settings, suite_trainer_class, train_from_newest_checkpoint, trainer_arguments
 from ..video import read_video_frames
 from .evaluation import answer_in_batches, evaluate
 from .families import get_family
-from .memory import GB, Setup, estimate, free_memory, model_config, parameter_counts, ways_out
+from .memory import GB, Setup, check_fits, estimate, free_memory, host_memory, model_config, parameter_counts
 from .modeling import (VideoQACollator, count_parameters, encode_training_example, format_linear_counts,
                        language_model_linear_names, linear_counts, load_model, lora_target_regex, model_label,
                        plan_lengths, resolve_model_path, video_token_count, video_unused_parameter_names)
@@ -209,9 +210,9 @@ def prepare_run_dir(cfg, run_dir: Path, *, main: bool = True) -> bool:
 
 
 def check_memory(run: "FinetuneRun") -> None:
-    """Step 3: the memory this run needs per device, estimated from the model's config alone (no weight loads),
-    printed, and compared with what the device has free: too much stops here in one line that names the ways out
-    (MEMORY_CHECK=False trains anyway). Recorded in run.json."""
+    """Step 3: the memory this run needs per device, and under DeepSpeed of host memory per node, estimated from the
+    model's config alone (no weight loads), printed, and compared with what the device and the machine have free: too
+    much stops here in one line that names the ways out (MEMORY_CHECK=False trains anyway). Recorded in run.json."""
     cfg = run.cfg
     with outside_zero3(run.args):  # a model built on the meta device, not partitioned
         counts = parameter_counts(model_config(run.model_path), run.family, cfg.LORA_R)
@@ -219,24 +220,27 @@ def check_memory(run: "FinetuneRun") -> None:
     setup = Setup(mode=training_mode(cfg), bits=quant_bits(cfg), freeze_vision=cfg.FREEZE_VISION,
                   zero_stage=plan.stage if plan else None, offload_optimizer=bool(plan and plan.offload_optimizer),
                   offload_params=bool(plan and plan.offload_params), world_size=run.args.world_size,
+                  local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
                   fused_optimizer="fused" in cfg.OPTIM, batch_size=cfg.BATCH_SIZE, max_length=cfg.MAX_LENGTH,
                   num_frames=cfg.NUM_FRAMES, checkpointing=cfg.GRADIENT_CHECKPOINTING,
                   gpu=run.args.device.type == "cuda")
     need = estimate(counts, setup)
     available, where = free_memory(run.args.device)
+    host_available = host_memory()
     engine = f", ZeRO-{plan.stage} over {setup.world_size} processes" if plan else ""
     size = f"{counts.total / 1e9:.2f} B" if counts.total >= 1e8 else f"{counts.total / 1e6:.1f} M"  # tiny: 4.2 M
     what = f"{training_mode(cfg)}{f' {setup.bits}-bit' if setup.bits else ''}{engine}, {size}"
     run.record["memory_estimate"] = {"setup": what, "needed_gb": round(need.total / GB, 2),
                                      "available_gb": round(available / GB, 2), "parts_gb": {
                                          k: round(getattr(need, k) / GB, 2) for k in
-                                         ("weights", "gradients", "optimizer", "temporaries", "activations")}}
+                                         ("weights", "gradients", "optimizer", "temporaries", "activations")},
+                                     "host_needed_gb_per_node": round(need.host / GB, 2),
+                                     "host_available_gb": round(host_available / GB, 2)}
     if run.main:
-        print(f"memory check ({what} parameters): {need.line()}; {available / GB:.1f} GB {where}")
-    if cfg.MEMORY_CHECK and need.total > available:
-        raise UserError(f"memory check: {what} parameters needs about {need.total / GB:.1f} GB per device but "
-                        f"{available / GB:.1f} GB are {where}; ways out: {ways_out(counts, setup, available)}; or "
-                        "MEMORY_CHECK=False to try anyway")
+        host = f"; {host_available / GB:.1f} GB of host memory available" if need.host else ""
+        print(f"memory check ({what} parameters): {need.line()}; {available / GB:.1f} GB {where}{host}")
+    if cfg.MEMORY_CHECK:
+        check_fits(counts, setup, what, (available, where), host_available)
 
 
 # ---------------------------------------------------------------- data
@@ -448,7 +452,8 @@ def open_run(cfg, family: str) -> FinetuneRun:
     get_family(family)  # an unknown family stops here
     run_dir = Path(cfg.OUTPUT_DIR) / run_name(cfg, family)
     plan = deepspeed_plan(cfg.DEEPSPEED)
-    start_deepspeed(plan)
+    check_resume_processes(run_dir, cfg.as_dict(), launched_processes())
+    start_process_group(plan, cfg.DIST_TIMEOUT_MINUTES)
     args = training_arguments(cfg, run_dir)
     main = args.process_index == 0
     note = one_process_per_gpu(args)
@@ -456,7 +461,9 @@ def open_run(cfg, family: str) -> FinetuneRun:
         print(note)
     lock = lock_for_writing(run_dir, f"the run directory {run_dir}") if main else None
     try:
-        with args.main_process_first(desc="run directory"):  # only the main process clears it (OVERWRITE)
+        check_shared_directory(lock_path(run_dir), f"the run directory {run_dir}")
+        # only rank 0 clears it (OVERWRITE); local=False: the first process of every other node waits too
+        with args.main_process_first(local=False, desc="run directory"):
             resuming = prepare_run_dir(cfg, run_dir, main=main)
         # outside ZeRO-3: building the tiny model on the main process alone must not start zero.Init's collectives
         # (the others wait at the barrier: a hang on a fresh clone)
@@ -525,9 +532,11 @@ def prune_base(run: FinetuneRun) -> str:
     sparsity: dict[str, float] = {}
     base_path = run.model_path
     if run.cfg.PRUNE:
-        with run.args.main_process_first(desc="pruning"):
-            with outside_zero3(run.args):  # the main process alone loads the whole model to prune it
-                base_path, sparsity = pruned_base(run.model_path, run.family, run.cfg)
+        # Every process asks for it: the first on each filesystem prunes (one load of the whole model, outside
+        # ZeRO-3), the others wait on its lock rather than at a barrier, so a first prune of a 7B model on the CPU
+        # cannot time the process group out; a node whose checkpoints/ is its own prunes its own copy.
+        with outside_zero3(run.args):
+            base_path, sparsity = pruned_base(run.model_path, run.family, run.cfg)
         if run.main:
             print("measured sparsity: " + ", ".join(f"{k} {v:.2%}" for k, v in sparsity.items()))
     run.record["sparsity"] = sparsity
@@ -576,9 +585,11 @@ def train(run: FinetuneRun, model, processor, train_set: VideoQADataset, val_set
 
 def save_run(run: FinetuneRun, trainer, processor) -> None:
     """Step 8: the adapter (or full weights), the processor and the completed run.json (curves, time,
-    sparsity after training); with MERGE_AND_SAVE merged weights in ``<run>/merged``."""
+    sparsity after training, the engine); with MERGE_AND_SAVE merged weights in ``<run>/merged``, by rank 0 after the
+    other processes have left (they do not wait for it in a collective)."""
     cfg = run.cfg
     trainer.save_model(str(run.run_dir))
+    engine = engine_of(trainer)  # every process: it gathers their peak host memory
     if run.main:
         processor.save_pretrained(run.run_dir)
         history = trainer.state.log_history
@@ -591,7 +602,7 @@ def save_run(run: FinetuneRun, trainer, processor) -> None:
             "best_checkpoint": best_checkpoint(cfg, trainer.state),
             # Full fine-tuning: the trained weights; LoRA leaves the base untouched (see sparsity_after_merging).
             "sparsity_after_training": measure_sparsity(trainer.model, cfg.PRUNE_VISION) if full_pruned else None,
-            "engine": engine_of(trainer),
+            "engine": engine,
         })
         write_run_file(run.run_dir, run.record)
         curve = run.record["loss_curve"]
@@ -601,11 +612,11 @@ def save_run(run: FinetuneRun, trainer, processor) -> None:
         if best:
             print(f"best {best['metric']} {best['value']:.4f} at step {best['step']} ({best['checkpoint']}): the run "
                   f"ends with its weights")
-        if cfg.MERGE_AND_SAVE and training_mode(cfg) != "FULL":
-            with outside_zero3(run.args):  # rank 0 alone loads the base and the adapter
-                merge_and_save(run.run_dir, run.family)
     if run.args.world_size > 1:
-        torch.distributed.barrier()
+        torch.distributed.barrier()  # the run is saved whole before any process goes on (or leaves)
+    if run.main and cfg.MERGE_AND_SAVE and training_mode(cfg) != "FULL":
+        with outside_zero3(run.args):  # rank 0 alone loads the base and the adapter
+            merge_and_save(run.run_dir, run.family)
 
 
 def caption_curve(history: list[dict]) -> list[dict[str, float]]:

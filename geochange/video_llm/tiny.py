@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..locks import build_once
+from ..locks import build_once, save_pretrained_here
 from ..paths import CHECKPOINTS_DIR, minilm_dir
 
 # Bump when a builder changes, so stale tiny checkpoints are rebuilt.
@@ -91,11 +91,6 @@ def tiny_vision_config():
     )
 
 
-def tiny_size_kwargs() -> dict:
-    """The processors' resize and crop to the tiny vision tower's input."""
-    return {"size": {"shortest_edge": TINY_IMAGE_SIZE}, "crop_size": {"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}}
-
-
 def tiny_checkpoint_dir(family_id: str) -> Path:
     return CHECKPOINTS_DIR / f"tiny-{family_id}"
 
@@ -104,7 +99,7 @@ def ensure_tiny_checkpoint(family) -> Path:
     """Build the tiny checkpoint of ``family`` (a ``ModelFamily``) once; return its folder."""
     def build(staging: Path) -> None:
         model, processor = family.build_tiny(build_tiny_tokenizer())
-        model.save_pretrained(staging)
+        save_pretrained_here(model, staging)  # this node's first process may not be rank 0
         processor.save_pretrained(staging)
 
     return build_once(tiny_checkpoint_dir(family.id), TINY_VERSION, build, seed=TINY_SEED,

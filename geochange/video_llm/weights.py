@@ -14,6 +14,7 @@ import torch
 from ..adapters import ADAPTER_WEIGHTS, load_adapter_verified
 from ..errors import UserError
 from ..fileio import file_sha256
+from ..locks import build_folder_once, save_pretrained_here
 from ..overrides import make_settings
 from ..paths import CHECKPOINTS_DIR
 from ..runs import read_run_file, write_run_file
@@ -22,6 +23,7 @@ from .modeling import load_model, load_processor, model_label, resolve_model_pat
 from .pruning import apply_pruning_masks, measure_sparsity, prune_model, pruning_masks
 
 MERGED_DIR = "merged"
+PRUNING_MARKER = "pruning.json"  # written last into a pruned base: what was pruned, and the sparsity measured
 # Weight files up to this size are fingerprinted by content, larger ones by size and modification time.
 _HASHED_WEIGHTS_MAX_BYTES = 256 << 20
 
@@ -30,24 +32,26 @@ def pruned_base(model_path: str, family: str, cfg) -> tuple[str, dict[str, float
     """Prune the full-precision weights once and keep the result on disk.
 
     QLoRA quantises at load time, so pruning must come first and be saved; the
-    same pruned base then serves training, evaluation and merging.
+    same pruned base then serves training, evaluation and merging. Every process of a run may ask at once: the
+    first (per filesystem) prunes, the others wait on its lock and read what it wrote.
     """
     label = model_label(cfg.MODEL_ID, family)
     vision = "-vision" if cfg.PRUNE_VISION else ""
     target = CHECKPOINTS_DIR / "pruned" / f"{label}_{cfg.PRUNE_METHOD}{cfg.PRUNE_AMOUNT:g}{vision}"
-    marker = target / "pruning.json"
-    if marker.exists():
-        return str(target), json.loads(marker.read_text())["sparsity"]
-    print(f"pruning {label}: {cfg.PRUNE_METHOD} {cfg.PRUNE_AMOUNT:.1%} of the full-precision weights -> {target}")
-    model = load_model(model_path, family)
-    sparsity = prune_model(model, cfg.PRUNE_METHOD, cfg.PRUNE_AMOUNT, include_vision=cfg.PRUNE_VISION)
-    target.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(target)
-    load_processor(model_path).save_pretrained(target)
-    marker.write_text(json.dumps({"source": model_path, "method": cfg.PRUNE_METHOD, "amount": cfg.PRUNE_AMOUNT,
-                                  "include_vision": cfg.PRUNE_VISION, "sparsity": sparsity}, indent=2))
-    del model
-    return str(target), sparsity
+
+    def prune(staging: Path) -> None:
+        model = load_model(model_path, family)
+        sparsity = prune_model(model, cfg.PRUNE_METHOD, cfg.PRUNE_AMOUNT, include_vision=cfg.PRUNE_VISION)
+        save_pretrained_here(model, staging)
+        load_processor(model_path).save_pretrained(staging)
+        (staging / PRUNING_MARKER).write_text(json.dumps({
+            "source": model_path, "method": cfg.PRUNE_METHOD, "amount": cfg.PRUNE_AMOUNT,
+            "include_vision": cfg.PRUNE_VISION, "sparsity": sparsity}, indent=2))
+
+    build_folder_once(target, lambda folder: (folder / PRUNING_MARKER).is_file(), prune,
+                      f"pruning {label}: {cfg.PRUNE_METHOD} {cfg.PRUNE_AMOUNT:.1%} of the full-precision weights "
+                      f"-> {target}")
+    return str(target), json.loads((target / PRUNING_MARKER).read_text())["sparsity"]
 
 
 def run_base_path(cfg, family: str) -> str:
