@@ -61,7 +61,7 @@ def test_in_step_every_process_takes_part_in_every_step_and_spare_answers_are_dr
     assert calls == [[1], [3]]  # without in_step a process with nothing left only joins the gather
 
 
-def test_what_rank_0_decides_reaches_every_process_and_its_one_line_error_stops_them_all(monkeypatch, capsys):
+def test_what_rank_0_decides_reaches_every_process_and_its_one_line_error_stops_them_all(monkeypatch, capfd):
     import geochange.sharding as sharding
     from geochange.errors import UserError
     from geochange.sharding import decided_by_main
@@ -76,11 +76,12 @@ def test_what_rank_0_decides_reaches_every_process_and_its_one_line_error_stops_
     with pytest.raises(SystemExit) as stopped:  # rank 0: its one line, printed before the others can stop
         decided_by_main(Shard(0, 2), bad)
     assert stopped.value.code == 2 and sent[-1] == ("error", "the results file x is being written by another process")
-    assert capsys.readouterr().err == "error: the results file x is being written by another process\n"
+    # the real stderr (the error handler writes there: under torchrun sys.stderr is a buffer), so capfd
+    assert capfd.readouterr().err == "error: the results file x is being written by another process\n"
     monkeypatch.setattr(sharding, "from_main", lambda shard, value: sent[-1])  # rank 1 receives it
     with pytest.raises(SystemExit) as stopped:  # the others: quietly, status 2, not waiting at a collective
         decided_by_main(Shard(1, 2), lambda: pytest.fail("only rank 0 decides"))
-    assert stopped.value.code == 2 and capsys.readouterr().err == ""
+    assert stopped.value.code == 2 and capfd.readouterr().err == ""
     with pytest.raises(UserError):  # one process: the error as it is (the script's handler prints it)
         decided_by_main(Shard(), bad)
 
