@@ -239,7 +239,7 @@ def test_pruning_survives_full_finetuning_and_merging(tmp_path, monkeypatch):
     assert record["sparsity"]["total"] == pytest.approx(0.25, abs=1e-3)
     trained = load_model(str(full), "videollava")
     # measured again on the saved weights, independently of what run.json says
-    assert measure_sparsity(trained)["total"] == pytest.approx(0.25, abs=1e-3)
+    assert measure_sparsity(trained, VIDEO_LLAVA.parts)["total"] == pytest.approx(0.25, abs=1e-3)
     assert record["sparsity_after_training"]["total"] == pytest.approx(0.25, abs=1e-3)
     base = load_model(str(tmp_path / "checkpoints" / "pruned" / "videollava-tiny_magnitude0.25"), "videollava")
     changed = [(p != q).float().mean().item() for (n, p), (_, q) in zip(trained.named_parameters(),
@@ -249,7 +249,7 @@ def test_pruning_survives_full_finetuning_and_merging(tmp_path, monkeypatch):
     lora = train_script("videollava", tmp_path, MERGE_AND_SAVE=True, **prune)
     record = json.loads((lora / "run.json").read_text())
     merged = load_model(str(lora / "merged"), "videollava")
-    assert measure_sparsity(merged)["total"] == pytest.approx(0.25, abs=1e-3)
+    assert measure_sparsity(merged, VIDEO_LLAVA.parts)["total"] == pytest.approx(0.25, abs=1e-3)
     assert record["sparsity_after_merging"]["total"] == pytest.approx(0.25, abs=1e-3)
     assert record["sparsity_after_training"] is None  # LoRA leaves the pruned base as it was
 

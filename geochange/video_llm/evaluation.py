@@ -28,6 +28,7 @@ from ..results import (ResultsWriter, answers_at_token_limit, check_run_settings
 from ..runs import RUN_FILE
 from ..sample.data import SAMPLE_VIDEO_DIR, ensure_sample_media
 from ..video import read_video_frames
+from .families import get_family
 from .modeling import (format_linear_counts, linear_counts, load_model, load_processor, model_label,
                        resolve_model_path, video_prompt)
 from .weights import load_run_model, weights_fingerprint
@@ -172,7 +173,7 @@ def answer_samples(results: ResultsFile, samples: list[Sample], device: torch.de
     model, processor = load_eval_model(results.family, cfg.MODEL_PATH, cfg.MODEL_ID, cfg.LOAD_IN_4BIT, device)
     model.eval()
     if cfg.LOAD_IN_4BIT:
-        print(format_linear_counts(linear_counts(model), 4))
+        print(format_linear_counts(linear_counts(model, get_family(results.family).parts), 4))
     print(f"generating on {next(model.parameters()).device} in {str(model.dtype).removeprefix('torch.')}")
     tokenizer = processor.tokenizer
     # Similar prompt lengths side by side waste little left padding.

@@ -30,7 +30,7 @@ from ..sample.data import SAMPLE_VIDEO_DIR, ensure_sample_media
 from ..trainer import check_training_settings, suite_trainer_class, train_from_newest_checkpoint, trainer_arguments
 from ..video import read_video_frames
 from .evaluation import evaluate
-from .families import get_family
+from .families import ModelParts, get_family
 from .memory import GB, Setup, check_fits, estimate, free_memory, host_memory, model_config, parameter_counts
 from .modeling import (VideoQACollator, count_parameters, encode_training_example, format_linear_counts,
                        language_model_linear_names, linear_counts, load_model, lora_target_regex, model_label,
@@ -261,10 +261,10 @@ def build_training_model(cfg, base_path: str, family: str):
     # places (and ZeRO-3 partitions) the weights.
     device = process_device() if torch.cuda.is_available() and cfg.DEEPSPEED is None else None
     model = load_model(base_path, family, bits=quant_bits(cfg), dtype=device_precision(cfg).weights, device=device)
+    parts = get_family(family).parts
     if mode == "FULL":
         for name, param in model.named_parameters():
-            tower = any(part.endswith("_tower") for part in name.split("."))
-            if cfg.FREEZE_VISION and tower:  # as in LLaVA's own fine-tuning: the projector still trains
+            if cfg.FREEZE_VISION and parts.in_tower(name):  # as in LLaVA's own fine-tuning: the projector trains
                 param.requires_grad_(False)
         # What the video path never reaches gets no gradient, and DDP (find_unused_parameters=False)
         # stops at the second step over a trainable parameter without one.
@@ -276,9 +276,9 @@ def build_training_model(cfg, base_path: str, family: str):
     if mode == "QLORA":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.GRADIENT_CHECKPOINTING,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
-    targets = language_model_linear_names(model)
+    targets = language_model_linear_names(model, parts)
     lora = LoraConfig(r=cfg.LORA_R, lora_alpha=cfg.LORA_ALPHA, lora_dropout=cfg.LORA_DROPOUT, bias="none",
-                      target_modules=lora_target_regex(model))
+                      target_modules=lora_target_regex(model, parts))
     return get_peft_model(model, lora), targets
 
 
@@ -331,6 +331,10 @@ class FinetuneRun:
     @property
     def main(self) -> bool:
         return self.args.process_index == 0
+
+    @property
+    def parts(self) -> ModelParts:
+        return get_family(self.family).parts
 
     def __enter__(self) -> "FinetuneRun":
         return self
@@ -444,7 +448,7 @@ def build_model(run: FinetuneRun, base_path: str):
     cfg = run.cfg
     model, lora_targets = build_training_model(cfg, base_path, run.family)
     trainable, total = count_parameters(model)
-    quantised = linear_counts(model) if quant_bits(cfg) else {}
+    quantised = linear_counts(model, run.parts) if quant_bits(cfg) else {}
     precision = device_precision(cfg)
     if run.main:
         print(f"precision: {precision.compute} compute, {str(precision.weights).removeprefix('torch.')} weights")
@@ -466,7 +470,7 @@ def train(run: FinetuneRun, model, processor, train_set: VideoQADataset, val_set
     cfg = run.cfg
     callbacks = []
     if cfg.PRUNE and training_mode(cfg) == "FULL":  # keep the pruned weights at zero through training
-        callbacks.append(pruning_mask_callback(model, pruning_masks(model, include_vision=cfg.PRUNE_VISION)))
+        callbacks.append(pruning_mask_callback(model, pruning_masks(model, run.parts, include_vision=cfg.PRUNE_VISION)))
     run.run_dir.mkdir(parents=True, exist_ok=True)
     if run.main:
         write_run_file(run.run_dir, run.record)
@@ -493,7 +497,7 @@ def save_run(run: FinetuneRun, trainer, processor) -> None:
             "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
             "eval_loss_curve": [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h],
             # Full fine-tuning: the trained weights; LoRA leaves the base untouched (see sparsity_after_merging).
-            "sparsity_after_training": measure_sparsity(trainer.model, cfg.PRUNE_VISION) if full_pruned else None,
+            "sparsity_after_training": measure_sparsity(trainer.model, run.parts, cfg.PRUNE_VISION) if full_pruned else None,
             "engine": engine,
         })
         write_run_file(run.run_dir, run.record)
