@@ -34,11 +34,14 @@ LLM_LORA_ALPHA = 16
 LOAD_LLM_IN_8BIT = False    # the frozen Vicuna in 8-bit (bitsandbytes, GPU)
 LOAD_LLM_IN_4BIT = False    # ... or 4-bit nf4
 GRADIENT_CHECKPOINTING = False  # recompute the ViT's and Vicuna's activations in the backward pass
+PRECISION = "auto"          # compute: "auto" = bf16 on GPUs with it, fp16 on older GPUs (as released), fp32 on CPU; or
+                            # "bf16", "fp16", "fp32". The trained parameters stay fp32; the frozen Vicuna computes in it
 # --- optimisation (released: AdamW, wd 0.05, 1,000 warm-up steps then cosine, clipping at 1.0, lr 1e-5, batch 12,
 #     50 epochs)
 LR = None                   # None = 1e-5 (INIT=tiny: 2e-3)
 WARMUP_STEPS = None         # None = 1000 (INIT=tiny: 5)
-LR_SCHEDULER = "cosine"     # any transformers scheduler ("cosine_with_min_lr" with LAVIS's min_lr needs kwargs)
+LR_SCHEDULER = "cosine"     # any transformers scheduler (released, LAVIS's: "cosine_with_min_lr" ...
+LR_SCHEDULER_KWARGS = {}    # ... with {"min_lr": 1e-6}); the scheduler's own arguments
 WEIGHT_DECAY = 0.05
 OPTIM = "adamw_torch_fused" # AdamW as released, in PyTorch's fused kernel (the same update)
 MAX_GRAD_NORM = 1.0         # gradient clipping (0 = none)
@@ -60,7 +63,9 @@ VAL_BATCH_SIZE = 8
 OUTPUT_DIR = "runs"
 RUN_NAME = None             # None = deltavlm[-tiny][-nocsrm][-loraR]_<train file>
 OVERWRITE = False           # True = delete a finished run (or one with other settings) of that name, train again
-LOGGING_STEPS = 10          # console + TensorBoard
+LOGGING_STEPS = 10          # console + REPORT_TO
+REPORT_TO = "tensorboard"   # where the Trainer logs: "tensorboard" (<run>/tensorboard), "wandb" or "mlflow" (when
+                            # installed), "none"
 SAVE_STEPS = 500            # a Trainer checkpoint (for resume) this often, and after each validation
 SAVE_TOTAL_LIMIT = 2
 

@@ -245,7 +245,7 @@ def test_an_interrupted_run_resumes_and_other_settings_are_refused(tmp_path, one
         train_in_process(cfg, [Crash()])
     assert (t.run_dir_of(cfg) / "checkpoint-4").is_dir()
     with pytest.raises(UserError, match=r"other settings \(LR\)"):
-        t.prepare_run_dir(settings(tmp_path, "EPOCHS=1", "VAL_LIMIT=2", "LR=0.5"))
+        t.prepare_run_dir(settings(tmp_path, "EPOCHS=1", "VAL_LIMIT=2", "LR=0.5", f"RUN_NAME={t.run_dir_of(cfg).name}"))
     _, holder = t.prepare_run_dir(cfg)  # a second writer of the same run stops in one line
     with holder, pytest.raises(UserError, match="is being written by another process"):
         t.prepare_run_dir(cfg)
