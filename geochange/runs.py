@@ -64,6 +64,13 @@ def setting_token(name: str, value: Any) -> str:
     return name.lower().replace("_", "") + re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-")[:24]
 
 
+def settings_record(cfg, distinct: dict[str, Any]) -> dict[str, Any]:
+    """run.json's account of a run's settings: every constant, the ``distinct`` ones (``distinct_settings``), and the
+    experiment file they came from with its sha256 (None: none)."""
+    return {"settings": cfg.as_dict(), "distinct_settings": distinct,
+            "experiment": cfg.experiment.record() if cfg.experiment else None}
+
+
 def distinct_settings(settings: dict[str, Any], defaults: dict[str, Any], leave_out: Collection[str]) -> dict[str, Any]:
     """The settings whose values differ from the script's ``defaults`` (its constants), by name, but for
     ``leave_out``: what a default run name ends with (``setting_token``) and its leaderboard label shows, so that two

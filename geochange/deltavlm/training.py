@@ -34,7 +34,7 @@ from ..paths import ANNOTATIONS_DIR, local_or_hub
 from ..results import write_metrics
 from ..overrides import script_constants
 from ..runs import (RESUME_MAY_CHANGE, check_resume_processes, data_files, default_run_name, distinct_settings,
-                    library_versions, resume_state, write_run_file)
+                    library_versions, resume_state, settings_record, write_run_file)
 from ..sample.data import SAMPLE_CHANGECHAT_ROOT, ensure_sample_media
 from ..trainer import (check_training_settings, device_compute_precision, precision_dtype, suite_trainer_class,
                        train_from_newest_checkpoint, trainer_arguments)
@@ -528,7 +528,7 @@ def make_trainer(cfg, model: DeltaVLM, tokenizers, examples: list[Example], val_
 
 def start_record(cfg, sources: Sources, run_dir: Path, counts: dict[str, int], examples: list[Example],
                  val_items: list[Item], report) -> dict[str, Any]:
-    record = {"completed": False, "family": FAMILY_ID, "settings": cfg.as_dict(), "distinct_settings": run_settings(cfg),
+    record = {"completed": False, "family": FAMILY_ID, **settings_record(cfg, run_settings(cfg)),
               "sources": dataclasses.asdict(sources),
               "versions": library_versions(),
               "data": data_files(cfg, ("TRAIN_ANNOTATIONS", "VAL_ANNOTATIONS")),

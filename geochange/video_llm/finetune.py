@@ -26,7 +26,7 @@ from ..locks import WriterLock, lock_for_writing, lock_path
 from ..overrides import script_constants
 from ..results import remove_results
 from ..runs import (RESUME_MAY_CHANGE, check_resume_processes, data_files, default_run_name, distinct_settings,
-                    library_versions, resume_state, write_run_file)
+                    library_versions, resume_state, settings_record, write_run_file)
 from ..sample.data import SAMPLE_VIDEO_DIR, ensure_sample_media
 from ..trainer import (check_training_settings, compute_precision, precision_dtype, suite_trainer_class,
                        train_from_newest_checkpoint, trainer_arguments)
@@ -388,7 +388,7 @@ def open_run(cfg, family: str) -> FinetuneRun:
     run.record = {
         "completed": False, "family": family, "mode": training_mode(cfg), "quant_bits": quant_bits(cfg),
         "base_model": cfg.MODEL_ID, "base_path": model_path, "learning_rate": learning_rate(cfg),
-        "settings": cfg.as_dict(), "distinct_settings": run_settings(cfg, family), "versions": library_versions(),
+        **settings_record(cfg, run_settings(cfg, family)), "versions": library_versions(),
         "data": data_files(cfg, ("TRAIN_ANNOTATIONS", "VAL_ANNOTATIONS")),
         "world_size": args.world_size,
     }
