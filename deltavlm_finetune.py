@@ -81,21 +81,22 @@ if __name__ == "__main__":
     sources = t.check_settings(cfg)
     # 2. data: every answer turn of the training records, the validation captions (images checked)
     examples, val_items = t.load_data(cfg)
-    # 3. the run directory: one writer; resume the same settings, refuse different ones
-    run_dir, writer_lock = t.prepare_run_dir(cfg)
-    # 4. the model, on this process's GPU: InstructBLIP + fresh CSRM (or a DeltaVLM checkpoint), Vicuna frozen or LoRA
-    model, tokenizers, report = t.build_model(cfg, sources)
-    # 5. what trains: the last ViT blocks, ln_vision, Q-Former, queries, projection, CSRM (+ LoRA)
-    counts = t.choose_trainable(model, cfg)
-    # 6. run.json: settings, versions, data hashes, trainable parameters per part
-    record = t.start_record(cfg, sources, run_dir, counts, examples, val_items, report)
-    # 7. the Trainer, validating each epoch (best checkpoint_best.pth by BEST_METRIC, early stop)
-    trainer = t.make_trainer(cfg, model, tokenizers, examples, val_items, run_dir, sources)
-    if trainer.args.process_index == 0:
-        print("\n".join(report.lines()))
-        print(f"training {sum(counts.values()):,} parameters ({', '.join(f'{k} {v:,}' for k, v in counts.items())}) "
-              f"on {len(examples)} answers, validating on {len(val_items)} captions -> {run_dir}")
-    # 8. train (resuming from the newest checkpoint of this run)
-    resumed_from = t.train(trainer, run_dir)
-    # 9. run.json completed: loss and validation curves, best epoch, replica checksums
-    t.finish(trainer, record, run_dir, started, resumed_from)
+    # 3. the run directory: one writer (for the whole block); resume the same settings, refuse different ones
+    with t.open_run_dir(cfg) as run_dir:
+        # 4. the model, on this process's GPU: InstructBLIP + fresh CSRM (or a DeltaVLM checkpoint), Vicuna frozen/LoRA
+        model, tokenizers, report = t.build_model(cfg, sources)
+        # 5. what trains: the last ViT blocks, ln_vision, Q-Former, queries, projection, CSRM (+ LoRA)
+        counts = t.choose_trainable(model, cfg)
+        # 6. run.json: settings, versions, data hashes, trainable parameters per part
+        record = t.start_record(cfg, sources, run_dir, counts, examples, val_items, report)
+        # 7. the Trainer, validating each epoch (best checkpoint_best.pth by BEST_METRIC, early stop)
+        trainer = t.make_trainer(cfg, model, tokenizers, examples, val_items, run_dir, sources)
+        if trainer.args.process_index == 0:
+            print("\n".join(report.lines()))
+            parts = ", ".join(f"{k} {v:,}" for k, v in counts.items())
+            print(f"training {sum(counts.values()):,} parameters ({parts}) "
+                  f"on {len(examples)} answers, validating on {len(val_items)} captions -> {run_dir}")
+        # 8. train (resuming from the newest checkpoint of this run)
+        resumed_from = t.train(trainer, run_dir)
+        # 9. run.json completed: loss and validation curves, best epoch, replica checksums
+        t.finish(trainer, record, run_dir, started, resumed_from)

@@ -39,8 +39,7 @@ def train_in_process(cfg, callbacks=()):
     """The script's steps 1-9, keeping the model; returns (run_dir, weights before, model, record)."""
     sources = t.check_settings(cfg)
     examples, val_items = t.load_data(cfg)
-    run_dir, writer_lock = t.prepare_run_dir(cfg)
-    with writer_lock:  # released here even when the run is interrupted, as the OS does for a killed process
+    with t.open_run_dir(cfg) as run_dir:  # released even when the run is interrupted, as the OS does for a killed one
         model, tokenizers, report = t.build_model(cfg, sources, torch.device("cpu"))
         counts = t.choose_trainable(model, cfg)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -16,6 +16,8 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from ..engines import (check_shared_directory, deepspeed_plan, engine_of, gather
                        size_buckets, start_process_group, zero3_enabled)
 from ..errors import UserError
 from ..fileio import atomic_path, atomic_write_text
-from ..locks import WriterLock, lock_for_writing, lock_path
+from ..locks import WriterLock, lock_for_writing, lock_path, released_on_error
 from ..metrics import MetricsReport, meteor_available
 from ..paths import ANNOTATIONS_DIR, local_or_hub
 from ..results import write_metrics
@@ -240,17 +242,22 @@ def prepare_run_dir(cfg) -> tuple[Path, WriterLock | None]:
     ``train`` (the other ranks may look at the directory after rank 0 has begun writing it)."""
     run_dir = run_dir_of(cfg)
     lock = lock_for_writing(run_dir, f"the run directory {run_dir}") if is_main_process() else None
-    try:
+    with released_on_error(lock):
         check_resume_processes(run_dir, cfg.as_dict(), launched_processes())
         state = resume_state(run_dir, cfg.as_dict(), overwrite=cfg.OVERWRITE)
         if state == "replace" and is_main_process():
             shutil.rmtree(run_dir)
             print(f"OVERWRITE: removed the earlier run {run_dir}")
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        raise
     return run_dir, lock
+
+
+@contextmanager
+def open_run_dir(cfg) -> Iterator[Path]:
+    """``prepare_run_dir``'s directory, its writer lock held to the end of the block (rank 0's; the others hold
+    none)."""
+    run_dir, lock = prepare_run_dir(cfg)
+    with lock if lock is not None else nullcontext():
+        yield run_dir
 
 
 # --------------------------------------------------------------------------- 4. the model

@@ -22,7 +22,7 @@ from ..devices import is_main_process, launched_processes, process_device
 from ..engines import (DeepSpeedPlan, check_shared_directory, deepspeed_plan, engine_of, one_process_per_gpu,
                        outside_zero3, start_process_group)
 from ..errors import UserError
-from ..locks import WriterLock, lock_for_writing, lock_path
+from ..locks import LockedOutput, WriterLock, lock_for_writing, lock_path, released_on_error
 from ..overrides import script_constants
 from ..results import remove_results
 from ..runs import (RESUME_MAY_CHANGE, check_resume_processes, data_files, default_run_name, distinct_settings,
@@ -322,7 +322,7 @@ def training_arguments(cfg, run_dir: Path):
 # ---------------------------------------------------------------- the steps
 
 @dataclass
-class FinetuneRun:
+class FinetuneRun(LockedOutput):
     """What the steps hand on: the settings, the run directory and the Trainer's arguments, and ``record``,
     the ``run.json`` each step adds to. A ``with`` block holds the run directory's writer lock."""
     cfg: Any
@@ -345,13 +345,6 @@ class FinetuneRun:
     def parts(self) -> ModelParts:
         return get_family(self.family).parts
 
-    def __enter__(self) -> "FinetuneRun":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.lock is not None:
-            self.lock.release()
-
 
 def open_run(cfg, family: str) -> FinetuneRun:
     """Step 2: the run directory, named from the settings. Only this process writes it (a second one stops
@@ -368,7 +361,7 @@ def open_run(cfg, family: str) -> FinetuneRun:
     if note and main:
         print(note)
     lock = lock_for_writing(run_dir, f"the run directory {run_dir}") if main else None
-    try:
+    with released_on_error(lock):
         check_shared_directory(lock_path(run_dir), f"the run directory {run_dir}")
         # only rank 0 clears it (OVERWRITE); local=False: the first process of every other node waits too
         with args.main_process_first(local=False, desc="run directory"):
@@ -379,10 +372,6 @@ def open_run(cfg, family: str) -> FinetuneRun:
             if cfg.VIDEO_DIR is None:
                 ensure_sample_media()
             model_path = resolve_model_path(cfg.MODEL_ID, family)
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        raise
     video_dir = SAMPLE_VIDEO_DIR if cfg.VIDEO_DIR is None else Path(cfg.VIDEO_DIR)
     run = FinetuneRun(cfg, family, run_dir, args, resuming, model_path, video_dir, lock, plan)
     run.record = {
