@@ -344,32 +344,51 @@ class FinetuneRun(LockedOutput):
         return get_family(self.family).parts
 
 
-def open_run(cfg, family: str) -> FinetuneRun:
-    """Step 2: the run directory, named from the settings. Only this process writes it (a second one stops
-    with one line), a run written under other settings is refused, and an unfinished one resumes.
-    Draws the sample clips and builds the tiny model on first use (the main process first)."""
-    get_family(family)  # an unknown family stops here
-    run_dir = Path(cfg.OUTPUT_DIR) / run_name(cfg, family)
+def start_processes(cfg, run_dir: Path) -> tuple[DeepSpeedPlan | None, Any]:
+    """This run's processes: the process count checked against a run being resumed, the process group started
+    (DDP or DeepSpeed, DIST_TIMEOUT_MINUTES), and the Trainer's arguments; returns the DeepSpeed plan and them."""
     plan = deepspeed_plan(cfg.DEEPSPEED)
     check_resume_processes(run_dir, cfg.as_dict(), launched_processes())
     start_process_group(plan, cfg.DIST_TIMEOUT_MINUTES)
     args = training_arguments(cfg, run_dir)
-    main = args.process_index == 0
     note = one_process_per_gpu(args)
-    if note and main:
+    if note and args.process_index == 0:
         print(note)
-    lock = lock_for_writing(run_dir, f"the run directory {run_dir}") if main else None
+    return plan, args
+
+
+def claim_run_dir(cfg, run_dir: Path, args) -> bool:
+    """With this process's writer lock taken (rank 0's): every node sees the same directory, and it resumes,
+    starts afresh, or is refused (``prepare_run_dir``, on rank 0 first: only it clears a run for OVERWRITE). True:
+    it resumes."""
+    check_shared_directory(lock_path(run_dir), f"the run directory {run_dir}")
+    # local=False: the first process of every other node waits too
+    with args.main_process_first(local=False, desc="run directory"):
+        return prepare_run_dir(cfg, run_dir, main=args.process_index == 0)
+
+
+def first_use_inputs(cfg, family: str, args) -> str:
+    """The sample clips (VIDEO_DIR=None) and the tiny model (MODEL_ID="tiny"), made on first use by the main
+    process while the others wait; returns the base weights' path (MODEL_ID resolved)."""
+    # outside ZeRO-3: building the tiny model on the main process alone must not start zero.Init's collectives
+    # (the others wait at the barrier: a hang on a fresh clone)
+    with args.main_process_first(desc="sample data and tiny model"), outside_zero3(args):
+        if cfg.VIDEO_DIR is None:
+            ensure_sample_media()
+        return resolve_model_path(cfg.MODEL_ID, family)
+
+
+def open_run(cfg, family: str) -> FinetuneRun:
+    """Step 2: the run directory, named from the settings. Only this process writes it (a second one stops
+    with one line), a run written under other settings is refused, and an unfinished one resumes. Starts the
+    processes first, and makes the sample clips and the tiny model on first use."""
+    get_family(family)  # an unknown family stops here
+    run_dir = Path(cfg.OUTPUT_DIR) / run_name(cfg, family)
+    plan, args = start_processes(cfg, run_dir)
+    lock = lock_for_writing(run_dir, f"the run directory {run_dir}") if args.process_index == 0 else None
     with released_on_error(lock):
-        check_shared_directory(lock_path(run_dir), f"the run directory {run_dir}")
-        # only rank 0 clears it (OVERWRITE); local=False: the first process of every other node waits too
-        with args.main_process_first(local=False, desc="run directory"):
-            resuming = prepare_run_dir(cfg, run_dir, main=main)
-        # outside ZeRO-3: building the tiny model on the main process alone must not start zero.Init's collectives
-        # (the others wait at the barrier: a hang on a fresh clone)
-        with args.main_process_first(desc="sample data and tiny model"), outside_zero3(args):
-            if cfg.VIDEO_DIR is None:
-                ensure_sample_media()
-            model_path = resolve_model_path(cfg.MODEL_ID, family)
+        resuming = claim_run_dir(cfg, run_dir, args)
+        model_path = first_use_inputs(cfg, family, args)
     video_dir = SAMPLE_VIDEO_DIR if cfg.VIDEO_DIR is None else Path(cfg.VIDEO_DIR)
     run = FinetuneRun(cfg, family, run_dir, args, resuming, model_path, video_dir, lock, plan)
     run.record = {
