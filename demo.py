@@ -24,7 +24,8 @@ NUM_BEAMS = 1               # 1 = greedy, streamed token by token; more = beam s
 SHARE = False               # True = a temporary public gradio.live link (needs the internet)
 
 if __name__ == "__main__":
-    from common import demo, load_settings
+    from geochange import demo
+    from geochange.overrides import load_settings
 
     cfg = load_settings(globals())
     # 1. who may use the page: AUTH's login, required beyond this machine (checked before the model loads)

@@ -243,7 +243,7 @@ def generate_figures(model, n_video, device) -> list[dict]:
 
 
 def check(family: str, mode: str, path: str, device: torch.device, peak_flops) -> dict:
-    cfg = script_constants(get_family(family).finetune_script, MODEL_ID=path, USE_LORA=True,
+    cfg = script_constants("video_finetune.py", MODEL=family, MODEL_ID=path, USE_LORA=True,
                            USE_QLORA=mode != "LORA", USE_8BIT=mode == "QLORA8", MAX_LENGTH=MAX_LENGTH,
                            NUM_FRAMES=NUM_FRAMES)
     reset_peak(device)

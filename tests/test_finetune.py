@@ -10,9 +10,9 @@ import pytest
 import torch
 import transformers
 
-import common
 import geochange.trainer
 import geochange.video_llm.finetune as finetune
+import geochange.video_llm.modeling
 import geochange.video_llm.weights as weights
 from geochange.adapters import load_adapter_verified, renamed_key
 from geochange.errors import UserError
@@ -374,7 +374,7 @@ def test_bad_settings_stop_before_any_model_is_loaded(tmp_path, monkeypatch, ove
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr(finetune, "load_model", no_model)
-    monkeypatch.setattr(common, "load_processor", no_model)
+    monkeypatch.setattr(geochange.video_llm.modeling, "load_processor", no_model)
     with pytest.raises(UserError, match=message):
         train_script("videollava", tmp_path, **overrides)
     assert not any(tmp_path.iterdir())
@@ -478,10 +478,10 @@ def test_evaluation_after_training_reads_the_evaluation_scripts_own_constants(tm
         run = finetune.FinetuneRun(cfg, family, tmp_path / "run", finetune.training_arguments(cfg, tmp_path / "run"),
                                    False, "unused", tmp_path, None)
         evaluation = finetune.evaluation_settings(run)
-        script = script_constants(finetune.get_family(family).eval_script)
+        script = script_constants(finetune.EVALUATION_SCRIPT)
         assert set(evaluation.as_dict()) == set(script.as_dict())
         chosen = {"MODEL_PATH": str(tmp_path / "run"), "BATCH_SIZE": 3, "MAX_NEW_TOKENS": 9, "DEVICE": "cpu",
-                  "VAL_ANNOTATIONS": str(SAMPLE_VAL), "SPLIT": "val", "MODEL_ID": "tiny"}
+                  "VAL_ANNOTATIONS": str(SAMPLE_VAL), "SPLIT": "val", "MODEL_ID": "tiny", "MODEL": family}
         assert {k: evaluation.as_dict()[k] for k in chosen} == chosen
         untouched = set(script.as_dict()) - set(chosen) - {"RESULTS_DIR", "VIDEO_DIR", "NUM_FRAMES"}
         assert {k: evaluation.as_dict()[k] for k in untouched} == {k: script.as_dict()[k] for k in untouched}

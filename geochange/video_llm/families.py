@@ -1,11 +1,12 @@
 """What a video model family is, in one entry each: Video-LLaVA and LLaVA-NeXT-Video.
 
 Everything else reads these entries (loading, quantisation skips, LoRA targets, pruning parts, adapter renames,
-the tiny twins, the 7B shapes of the memory check and the GPU check, the scripts, the results notebook, the
-tests); nothing else lists the families. Adding one: docs/add_a_model_family.md.
+the tiny twins, the 7B shapes of the memory check and the GPU check, the scripts' MODEL, the results notebook, the
+tests); nothing else lists the families, and a family costs no script (video_finetune.py, video_evaluate.py take it). Adding one: docs/add_a_model_family.md.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -67,7 +68,7 @@ class ModelFamily:
     id: str                    # in run directories, results files, run.json and MODEL settings
     display_name: str          # in tables and plots
     model_class_name: str      # the transformers class
-    default_model_id: str      # the 7B checkpoint on the Hub (the scripts' MODEL_ID)
+    default_model_id: str      # the 7B checkpoint on the Hub (the scripts' MODEL_ID=None)
     finetune_script: str
     eval_script: str
     parts: ModelParts          # its vision towers, projectors, language model, by module name
@@ -223,3 +224,10 @@ def get_family(name: str) -> ModelFamily:
     if name not in FAMILIES:
         raise UserError(f"unknown model family {name!r}; expected one of {', '.join(sorted(FAMILIES))}")
     return FAMILIES[name]
+
+
+def resolve_model_id(cfg):
+    """A video script's settings with ``MODEL_ID=None`` made the ``MODEL`` family's 7B checkpoint (an unknown
+    ``MODEL`` stops in one line naming the families)."""
+    family = get_family(cfg.MODEL)
+    return cfg if cfg.MODEL_ID is not None else dataclasses.replace(cfg, MODEL_ID=family.default_model_id)
