@@ -69,8 +69,6 @@ class ModelFamily:
     display_name: str          # in tables and plots
     model_class_name: str      # the transformers class
     default_model_id: str      # the 7B checkpoint on the Hub (the scripts' MODEL_ID=None)
-    finetune_script: str
-    eval_script: str
     parts: ModelParts          # its vision towers, projectors, language model, by module name
     tiny_config: Callable          # tokenizer -> the offline twin's config (tiny.py's pieces)
     # (image_token_index=, video_token_index=) -> the 7B model's config, as its config.json on the Hub describes it
@@ -164,7 +162,6 @@ def _videollava_processor(config, tokenizer):
 VIDEO_LLAVA = ModelFamily(
     id="videollava", display_name="Video-LLaVA", model_class_name="VideoLlavaForConditionalGeneration",
     default_model_id="LanguageBind/Video-LLaVA-7B-hf",
-    finetune_script="videollava_finetune.py", eval_script="videollava_test.py",
     parts=ModelParts(vision_towers=("video_tower", "image_tower"), projectors=("multi_modal_projector",),
                      language_model="language_model", image_only=("image_tower",)),
     tiny_config=_videollava_tiny, real_size_config=_videollava_7b, processor_for=_videollava_processor)
@@ -210,7 +207,6 @@ def _llavanext_processor(config, tokenizer):
 LLAVA_NEXT_VIDEO = ModelFamily(
     id="llavanext", display_name="LLaVA-NeXT-Video", model_class_name="LlavaNextVideoForConditionalGeneration",
     default_model_id="llava-hf/LLaVA-NeXT-Video-7B-hf",
-    finetune_script="llavanext_finetune.py", eval_script="llavanext_eval.py",
     # (its vision_resampler pools without weights: nothing to name)
     parts=ModelParts(vision_towers=("vision_tower",), projectors=("multi_modal_projector",),
                      language_model="language_model", image_only=("image_newline",)),
