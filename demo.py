@@ -24,11 +24,11 @@ NUM_BEAMS = 1               # 1 = greedy, streamed token by token; more = beam s
 SHARE = False               # True = a temporary public gradio.live link (needs the internet)
 
 if __name__ == "__main__":
-    from common import demo, load_settings
+    from geochange import demo
 
-    cfg = load_settings(globals())
-    # 1. who may use the page: AUTH's login, required beyond this machine (checked before the model loads)
-    login = demo.page_login(cfg)
+    # 1. the settings, and who may use the page: AUTH's login, required beyond this machine (checked before the
+    #    model loads)
+    cfg, login = demo.load_checked_settings(globals())
     # 2. the model that answers (loaded once): DeltaVLM through its predictor, or a video model
     chat = demo.load_chat(cfg)
     # 3. the page: the pair, the examples, the chat, the questions, the settings; a conversation per tab

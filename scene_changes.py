@@ -44,7 +44,8 @@ OVERWRITE = False           # True = discard this run's earlier tiles (else they
                             # model and questions wrote them; any other mix is refused)
 
 if __name__ == "__main__":
-    from common import change_maps, load_settings
+    from geochange import change_maps
+    from geochange.overrides import load_settings
 
     cfg = load_settings(globals())
     # 1. the settings, then both dates opened and put on one grid and the stretch fitted: every mistake in the

@@ -66,7 +66,8 @@ from geochange.paths import CHECKPOINTS_DIR  # noqa: E402
 from geochange.video_llm.families import get_family  # noqa: E402
 from geochange.video_llm.finetune import build_training_model, device_precision  # noqa: E402
 from geochange.video_llm.memory import Setup, estimate, parameter_counts  # noqa: E402
-from geochange.video_llm.modeling import count_parameters, linear_counts, resolve_model_path  # noqa: E402
+from geochange.video_llm.modeling import (count_parameters, linear_counts, load_processor, resolve_model_path,  # noqa: E402
+                                          video_token_count)
 from geochange.video_llm.tiny import build_tiny_tokenizer  # noqa: E402
 
 
@@ -125,17 +126,10 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def video_tokens(config, family: str) -> int:
-    side = config.vision_config.image_size // config.vision_config.patch_size
-    per_frame = side * side + 1 if family == "videollava" else (side // config.spatial_pool_stride) ** 2
-    return NUM_FRAMES * per_frame
-
-
-def batch_of(model, family: str, batch: int, length: int, device, dtype, *, labels: bool) -> dict:
-    """Identical rows: BOS, the expanded video tokens, then text tokens up to ``length``."""
+def batch_of(model, n_video: int, batch: int, length: int, device, dtype, *, labels: bool) -> dict:
+    """Identical rows: BOS, the ``n_video`` expanded video tokens of a clip, then text tokens up to ``length``."""
     config = model.config
     video_id = getattr(config, "video_token_index", None) or config.video_token_id
-    n_video = video_tokens(config, family)
     generator = torch.Generator().manual_seed(0)
     text = torch.randint(3, 1000, (length - 1 - n_video,), generator=generator)
     row = torch.cat([torch.tensor([config.text_config.bos_token_id]), torch.full((n_video,), video_id), text])
@@ -153,7 +147,7 @@ def batch_of(model, family: str, batch: int, length: int, device, dtype, *, labe
 
 def matmul_params(model, family: str) -> tuple[int, int]:
     """(language model + lm_head, the vision tower a video runs through) weights that take part in matmuls."""
-    image_only = set(get_family(family).image_only_modules)
+    parts = get_family(family).parts
     language, tower = 0, 0
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
@@ -161,11 +155,10 @@ def matmul_params(model, family: str) -> tuple[int, int]:
             continue
         if hasattr(module, "base_layer"):  # PEFT's LoRA wrapper shows its base layer's weight: counted there
             continue
-        parts = name.split(".")
         size = parameter_numel(weight)  # a 4-bit weight's true count, not its packed bytes
-        if ("language_model" in parts or parts[-1] == "lm_head") and "lora_" not in name:
+        if parts.part_of(name) in (parts.language_model, parts.lm_head) and "lora_" not in name:
             language += size
-        elif any(p.endswith("_tower") for p in parts) and not image_only.intersection(parts):
+        elif parts.in_tower(name) and not parts.is_image_only(name):
             tower += size
     return language, tower
 
@@ -185,7 +178,7 @@ def model_flops(model, family: str, mode: str, batch: int, tokens: int) -> float
     return batch * (per_token * tokens + attention + 2 * tower * patches)
 
 
-def train_figures(model, family, mode, cfg, device, peak_flops) -> list[dict]:
+def train_figures(model, family, n_video, mode, cfg, device, peak_flops) -> list[dict]:
     precision = device_precision(cfg)
     autocast = (torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision.compute])
                 if precision.compute != "fp32" else nullcontext())
@@ -199,7 +192,7 @@ def train_figures(model, family, mode, cfg, device, peak_flops) -> list[dict]:
     counts = parameter_counts(model.config, family, cfg.LORA_R)
     rows = []
     for batch in TRAIN_BATCHES:
-        inputs = batch_of(model, family, batch, MAX_LENGTH, device, torch.float32, labels=True)
+        inputs = batch_of(model, n_video, batch, MAX_LENGTH, device, torch.float32, labels=True)
         reset_peak(device)
 
         def step():
@@ -230,11 +223,11 @@ def train_figures(model, family, mode, cfg, device, peak_flops) -> list[dict]:
 
 
 @torch.inference_mode()
-def generate_figures(model, family, device) -> list[dict]:
+def generate_figures(model, n_video, device) -> list[dict]:
     model.eval()
     rows = []
     for batch in GENERATE_BATCHES:
-        inputs = batch_of(model, family, batch, video_tokens(model.config, family) + 32, device, model.dtype,
+        inputs = batch_of(model, n_video, batch, n_video + 32, device, model.dtype,
                           labels=False)
         reset_peak(device)
         synchronize(device)
@@ -250,7 +243,7 @@ def generate_figures(model, family, device) -> list[dict]:
 
 
 def check(family: str, mode: str, path: str, device: torch.device, peak_flops) -> dict:
-    cfg = script_constants(get_family(family).finetune_script, MODEL_ID=path, USE_LORA=True,
+    cfg = script_constants("video_finetune.py", MODEL=family, MODEL_ID=path, USE_LORA=True,
                            USE_QLORA=mode != "LORA", USE_8BIT=mode == "QLORA8", MAX_LENGTH=MAX_LENGTH,
                            NUM_FRAMES=NUM_FRAMES)
     reset_peak(device)
@@ -261,11 +254,12 @@ def check(family: str, mode: str, path: str, device: torch.device, peak_flops) -
     synchronize(device)
     result = {"family": family, "mode": mode, "load": {
         "seconds": round(time.perf_counter() - started, 1), "placement": placement(model),
-        "quantised_linears": linear_counts(model), "parameters": count_parameters(model)[1],
+        "quantised_linears": linear_counts(model, get_family(family).parts), "parameters": count_parameters(model)[1],
         "trainable": count_parameters(model)[0], "peak_gib": peak_memory_gib(device)}}
-    result["train"] = train_figures(model, family, mode, cfg, device, peak_flops)
+    n_video = video_token_count(load_processor(path), NUM_FRAMES)  # as the processor expands a clip
+    result["train"] = train_figures(model, family, n_video, mode, cfg, device, peak_flops)
     result["train_placement"] = placement(model)
-    result["generate"] = generate_figures(model, family, device)
+    result["generate"] = generate_figures(model, n_video, device)
     del model
     gc.collect()
     if device.type == "cuda":
@@ -318,8 +312,9 @@ def markdown(report: dict) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["results"]:
         counts = r["load"]["quantised_linears"]
-        lm = counts.get("language_model", {"quantised": 0, "kept": 0})
-        vision = [c for part, c in counts.items() if part not in ("language_model", "lm_head", "other")]
+        parts = get_family(r["family"]).parts
+        lm = counts.get(parts.language_model, {"quantised": 0, "kept": 0})
+        vision = [c for part, c in counts.items() if part in parts.vision]
         quant = (f"{lm['quantised']}/{lm['kept']}; {sum(c['quantised'] for c in vision)}/"
                  f"{sum(c['kept'] for c in vision)}")
         for train, gen in zip(r["train"], r["generate"]):

@@ -104,7 +104,7 @@ def test_the_7b_model_folder_gets_a_processor_that_fits_it(family, gpu_check, tm
     from geochange.sample.data import SAMPLE_TRAIN, SAMPLE_VIDEO_DIR
     from geochange.video import read_video_frames
     from geochange.video_llm.families import get_family
-    from geochange.video_llm.modeling import encode_training_example, load_processor
+    from geochange.video_llm.modeling import encode_training_example, load_processor, video_token_count
 
     get_family(family).real_size_config().save_pretrained(tmp_path)  # as an earlier gpu_check saved it (no weights)
     gpu_check.fit_processor(family, tmp_path)
@@ -113,5 +113,8 @@ def test_the_7b_model_folder_gets_a_processor_that_fits_it(family, gpu_check, tm
     example = encode_training_example(processor, read_video_frames(sample.video, 2), sample.question, sample.answer)
     side = config.vision_config.image_size
     assert example["pixel_values_videos"].shape[-3:] == (3, side, side)
-    assert int((example["input_ids"] == config.video_token_index).sum()) == gpu_check.video_tokens(config, family)
+    # 2 frames of the 7B towers: Video-LLaVA 2 x (16 x 16 patches + CLS), LLaVA-NeXT 2 x (24 / 2)^2 pooled
+    seven_b_tokens = {"videollava": 514, "llavanext": 288}[family]
+    assert int((example["input_ids"] == config.video_token_index).sum()) == seven_b_tokens
+    assert video_token_count(processor, 2) == seven_b_tokens  # what the GPU check's batches hold
     assert int(example["input_ids"].max()) < config.text_config.vocab_size

@@ -18,10 +18,19 @@ from transformers import (CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, Llava
                           LlavaNextVideoForConditionalGeneration, VideoLlavaConfig, VideoLlavaForConditionalGeneration)
 
 from geochange.errors import UserError
-from geochange.video_llm.pruning import PRUNE_METHODS, measure_sparsity, prune_model, target_linears, validate_prune_settings
+from geochange.video_llm.families import FAMILIES, ModelParts
+from geochange.video_llm.pruning import (PRUNE_METHODS, measure_sparsity, prune_model, target_linears,
+                                         validate_prune_settings)
 
 HEADS, HEAD_DIM, HIDDEN, INTERMEDIATE = 8, 8, 64, 96
 VISION_MARKERS = ("vision_tower", "video_tower", "image_tower", "multi_modal_projector")
+LLAMA = ModelParts(vision_towers=(), projectors=(), language_model="model")  # a plain causal LM's parts
+
+
+def parts_of(model: nn.Module) -> ModelParts:
+    """The parts the model's family entry names (a plain Llama: its ``model``)."""
+    by_class = {family.model_class_name: family.parts for family in FAMILIES.values()}
+    return by_class.get(type(model).__name__, LLAMA)
 
 
 def text_config(**overrides) -> LlamaConfig:
@@ -114,7 +123,7 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def target_params(model: nn.Module, include_vision: bool = False) -> set[str]:
-    return {f"{name}.{p}" for name, linear in target_linears(model, include_vision).items() for p in ("weight", "bias")}
+    return {f"{name}.{p}" for name, linear in target_linears(model, parts_of(model), include_vision).items() for p in ("weight", "bias")}
 
 
 def assert_only_targets_changed(model, before, include_vision=False):
@@ -175,11 +184,11 @@ def expected_choice(norms: list[torch.Tensor], amount: float) -> dict[int, set[i
 def test_magnitude_zeroes_the_smallest_weights_of_every_language_linear(family, amount):
     model = vlm(family)
     before, keys = snapshot(model), set(model.state_dict())
-    targets = target_linears(model)
+    targets = target_linears(model, parts_of(model))
     assert targets and all(".language_model." in name for name in targets)
     assert len(targets) == 2 * 7  # q k v o gate up down in each of the 2 layers; not lm_head, not the towers
 
-    sparsity = prune_model(model, "magnitude", amount)
+    sparsity = prune_model(model, parts_of(model), "magnitude", amount)
 
     for name, linear in targets.items():
         weight, original = linear.weight, before[name + ".weight"].abs()
@@ -203,7 +212,7 @@ def test_attention_zeroes_whole_lowest_norm_heads_across_qkvo(amount):
     norms = [reference_head_norms(layer.self_attn, grouped=False) for layer in model.model.layers]
     expected = expected_choice(norms, amount)
 
-    sparsity = prune_model(model, "attention", amount)
+    sparsity = prune_model(model, parts_of(model), "attention", amount)
 
     heads = zeroed_heads(model)
     assert {layer: set(h) for layer, h in heads.items()} == expected
@@ -235,7 +244,7 @@ def test_attention_with_grouped_query_zeroes_q_rows_and_o_columns_only():
     norms = [reference_head_norms(layer.self_attn, grouped=True) for layer in model.model.layers]
     expected = expected_choice(norms, 0.25)
 
-    sparsity = prune_model(model, "attention", 0.25)
+    sparsity = prune_model(model, parts_of(model), "attention", 0.25)
 
     assert {layer: set(h) for layer, h in zeroed_heads(model).items()} == expected
     assert sparsity["heads"] == 0.25 and sparsity["q_proj"] == 0.25 and sparsity["o_proj"] == 0.25
@@ -252,7 +261,7 @@ def test_attention_with_grouped_query_zeroes_q_rows_and_o_columns_only():
 
 def test_every_layer_keeps_at_least_one_head():
     model = llama(layers=2)
-    sparsity = prune_model(model, "attention", 0.99)
+    sparsity = prune_model(model, parts_of(model), "attention", 0.99)
     assert all(len(h) == HEADS - 1 for h in zeroed_heads(model).values())
     assert sparsity["heads"] == 14 / 16
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
@@ -267,7 +276,7 @@ def test_channel_zeroes_whole_lowest_norm_mlp_channels(amount):
     norms = [reference_channel_norms(layer.mlp) for layer in model.model.layers]
     expected = expected_choice(norms, amount)
 
-    sparsity = prune_model(model, "channel", amount)
+    sparsity = prune_model(model, parts_of(model), "channel", amount)
 
     assert {layer: set(c) for layer, c in zeroed_channels(model).items()} == expected
     assert abs(sparsity["channels"] - amount) < 0.005
@@ -298,7 +307,7 @@ def test_channel_zeroes_whole_lowest_norm_mlp_channels(amount):
 def test_vlm_language_model_only_unless_vision_is_included(family, method):
     model = vlm(family)
     before, keys = snapshot(model), set(model.state_dict())
-    sparsity = prune_model(model, method, 0.25)
+    sparsity = prune_model(model, parts_of(model), method, 0.25)
     unit = "heads" if method == "attention" else "channels"
     assert sparsity[unit] == 0.25  # 4 of 2x8 heads, 48 of 2x96 channels
     zeroed = zeroed_heads(model) if method == "attention" else zeroed_channels(model)
@@ -310,7 +319,7 @@ def test_vlm_language_model_only_unless_vision_is_included(family, method):
     assert torch.isfinite(model(input_ids=torch.tensor([[1, 5, 7, 9]])).logits).all()
 
     model = vlm(family)
-    sparsity = prune_model(model, method, 0.25, include_vision=True)
+    sparsity = prune_model(model, parts_of(model), method, 0.25, include_vision=True)
     towers = ("video_tower", "image_tower") if family == "videollava" else ("vision_tower",)
     for tower in towers:  # CLIP: 2 layers x 4 heads, 2 layers x 64 fc1/fc2 channels
         assert sparsity[f"{tower}.{unit}"] == 0.25
@@ -327,12 +336,12 @@ def test_vlm_language_model_only_unless_vision_is_included(family, method):
 def test_vision_magnitude_only_when_asked_and_a_video_forward_still_runs():
     model = vlm("videollava")
     before = snapshot(model)
-    prune_model(model, "magnitude", 0.2)
+    prune_model(model, parts_of(model), "magnitude", 0.2)
     for name, value in model.named_parameters():
         if any(marker in name for marker in VISION_MARKERS):
             assert torch.equal(value, before[name]), name
 
-    sparsity = prune_model(model, "magnitude", 0.2, include_vision=True)
+    sparsity = prune_model(model, parts_of(model), "magnitude", 0.2, include_vision=True)
     vision = [kind for kind in sparsity if kind.startswith(VISION_MARKERS) and not kind.endswith(("heads", "channels"))]
     assert "video_tower.fc1" in vision and "multi_modal_projector.linear_2" in vision
     for kind in vision:
@@ -348,11 +357,11 @@ def test_vision_magnitude_only_when_asked_and_a_video_forward_still_runs():
 
 def test_pruned_model_saves_and_reloads_with_its_zeros(tmp_path):
     model = vlm("llavanext")
-    sparsity = prune_model(model, "channel", 0.25)
+    sparsity = prune_model(model, parts_of(model), "channel", 0.25)
     model.save_pretrained(tmp_path)
     reloaded = LlavaNextVideoForConditionalGeneration.from_pretrained(tmp_path)
     assert set(reloaded.state_dict()) == set(model.state_dict())
-    assert measure_sparsity(reloaded) == sparsity
+    assert measure_sparsity(reloaded, parts_of(reloaded)) == sparsity
     assert zeroed_channels(reloaded) == zeroed_channels(model)
 
 
@@ -362,7 +371,7 @@ def test_pruned_model_saves_and_reloads_with_its_zeros(tmp_path):
 def test_zero_amount_changes_nothing(method):
     model = llama(layers=2)
     before = snapshot(model)
-    sparsity = prune_model(model, method, 0.0)
+    sparsity = prune_model(model, parts_of(model), method, 0.0)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert set(sparsity.values()) == {0.0} and "q_proj" in sparsity and "total" in sparsity
     assert zeroed_heads(model) == {0: [], 1: []} and zeroed_channels(model) == {0: [], 1: []}
@@ -382,7 +391,7 @@ def test_bad_settings_raise_user_error(method, amount, message):
     model = llama(layers=1)
     before = snapshot(model)
     with pytest.raises(UserError):
-        prune_model(model, method, amount)
+        prune_model(model, parts_of(model), method, amount)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
@@ -391,4 +400,4 @@ def test_quantised_weights_are_refused():
     layer = model.model.layers[0].mlp.up_proj
     layer.weight = nn.Parameter(torch.zeros_like(layer.weight, dtype=torch.int8), requires_grad=False)
     with pytest.raises(UserError, match="prune the full-precision model, then quantise"):
-        prune_model(model, "magnitude", 0.1)
+        prune_model(model, parts_of(model), "magnitude", 0.1)

@@ -1,18 +1,21 @@
 """The offline tiny models: real classes, real prompt format, loaded through from_pretrained."""
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
+from transformers import PreTrainedModel
 
 from geochange.adapters import renamed_key
 from geochange.locks import MARKER as TINY_MARKER
 from geochange.locks import build_once
 from geochange.video_llm.families import FAMILIES as ENTRIES
-from geochange.video_llm.families import VISION_MODULE_NAMES, get_family
+from geochange.errors import UserError
+from geochange.video_llm.families import get_family
 from geochange.video_llm.modeling import (IGNORE_INDEX, VideoQACollator, count_parameters, encode_training_example,
-                                          linear_counts, load_model, load_processor, model_part, plan_lengths,
-                                          resolve_model_path, video_prompt, video_token_count)
+                                          linear_counts, load_model, load_processor, plan_lengths, resolve_model_path,
+                                          video_prompt, video_token_count)
 
 FAMILIES = list(ENTRIES)
 EXPECTED_CLASSES = {"videollava": ("VideoLlavaForConditionalGeneration", "VideoLlavaProcessor"),
@@ -119,10 +122,11 @@ def test_only_the_language_model_is_quantised(family, bits):
     full = load_model(path, family)
     expected = {}
     for name, module in full.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            expected[model_part(name)] = expected.get(model_part(name), 0) + 1
+        if isinstance(module, torch.nn.Linear):  # model.<part>.… or lm_head, read off the name here
+            part = name.split(".")[1] if name.startswith("model.") else name
+            expected[part] = expected.get(part, 0) + 1
     quantised = load_model(path, family, bits=bits)
-    counts = linear_counts(quantised)
+    counts = linear_counts(quantised, get_family(family).parts)
     assert counts["language_model"] == {"quantised": expected["language_model"], "kept": 0}
     assert expected["language_model"] == 14  # 2 layers x (q, k, v, o, gate, up, down)
     for part, number in expected.items():
@@ -168,15 +172,42 @@ def test_build_once_builds_under_its_seed_once_swaps_in_whole_and_rebuilds_a_new
     assert len(builds) == 3 and json.loads((target / TINY_MARKER).read_text())["version"] == 2
 
 
-def test_each_family_entry_names_every_part_outside_the_language_model(tiny):
-    """The entry's vision parts (quantisation skips, LoRA targets, pruning parts, adapter renames) are exactly the
-    real classes' parts beside the language model; their union serves code that sees only a model."""
+def test_each_family_entry_names_the_parts_of_its_model(tiny):
+    """The entry's parts (freezing, quantisation skips, LoRA targets, pruning, the memory and GPU checks, adapter
+    renames) are the real class's: its towers and projectors are exactly the children of ``model.model`` that hold
+    weights beside the language model, every weight lies in a named part or is image-only, and an entry whose names
+    miss the model stops the load in one line instead of freezing or quantising nothing."""
     family, model, _ = tiny
     entry = get_family(family)
-    parts = {name for name, _ in model.model.named_children()} - {"language_model"}
-    assert parts == set(entry.vision_module_names) and parts <= set(VISION_MODULE_NAMES)
-    for part in parts:  # an adapter saved with transformers-4 names finds each part under model.
+    parts = entry.parts
+    weighted = {name: child for name, child in model.model.named_children() if any(True for _ in child.parameters())}
+    assert parts.language_model in weighted
+    # the towers are the whole models beside the language model (CLIPVisionModel...); the other parts beside it are
+    # projectors (a projector may also sit inside a tower)
+    towers = {name for name, child in weighted.items() if isinstance(child, PreTrainedModel)} - {parts.language_model}
+    assert set(parts.vision_towers) == towers
+    assert set(weighted) - towers - {parts.language_model} <= set(parts.projectors)
+    assert all(any(name.split(".")[-1] == p for name, _ in model.named_modules()) for p in parts.projectors)
+    parts.check(model, "the tiny twin")
+    tower = f"model.{parts.vision_towers[0]}.vision_model.encoder.layers.0.mlp.fc1.weight"
+    assert (parts.part_of(tower), parts.part_of("model.multi_modal_projector.linear_1.weight"),
+            parts.part_of("base_model.model.model.language_model.layers.1.mlp.up_proj.lora_A.default.weight"),
+            parts.part_of("lm_head.weight")) == (parts.vision_towers[0], "multi_modal_projector", "language_model",
+                                                 "lm_head")
+    for wrong in (dataclasses.replace(parts, vision_towers=("visual",)), dataclasses.replace(parts, projectors=()),
+                  dataclasses.replace(parts, language_model="llm"), dataclasses.replace(parts, image_only=("pos",))):
+        with pytest.raises(UserError, match="the family's parts do not fit the model"):
+            wrong.check(model, "the tiny twin")
+    for part in parts.vision:  # an adapter saved with transformers-4 names finds each part under model.
         assert renamed_key(f"base_model.model.{part}.linear_1.lora_A.weight", entry.adapter_renames) == \
             f"base_model.model.model.{part}.linear_1.lora_A.weight"
-    names = {name for name, _ in model.named_parameters()}
-    assert all(any(f".{m}" in n or n.startswith(m) for n in names) for m in entry.image_only_modules)
+
+
+def test_a_projector_inside_the_tower_is_the_projector():
+    """Qwen2.5-VL's layout (the merger inside ``visual``, no projector beside it): the innermost named part wins, so
+    FREEZE_VISION freezes the tower and the merger trains, as LLaVA's projector does."""
+    parts = dataclasses.replace(get_family("llavanext").parts, vision_towers=("visual",), projectors=("merger",))
+    assert parts.part_of("model.visual.blocks.0.mlp.up_proj.weight") == "visual"
+    assert parts.part_of("model.visual.merger.mlp.0.weight") == "merger"
+    assert parts.in_tower("model.visual.patch_embed.proj.weight")
+    assert not parts.in_tower("model.visual.merger.ln_q.weight")

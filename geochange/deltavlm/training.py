@@ -15,11 +15,16 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, TrainerCallback, set_seed
 
 from ..annotations import load_changechat
 from ..devices import is_main_process, launched_processes, process_device
@@ -27,14 +32,17 @@ from ..engines import (check_shared_directory, deepspeed_plan, engine_of, gather
                        size_buckets, start_process_group, zero3_enabled)
 from ..errors import UserError
 from ..fileio import atomic_path
-from ..locks import WriterLock, lock_for_writing, lock_path
+from ..locks import WriterLock, lock_for_writing, lock_path, released_on_error
 from ..metrics import SM, MetricsReport, meteor_available, with_sm
+from ..overrides import load_settings, script_constants
 from ..paths import ANNOTATIONS_DIR, local_or_hub
 from ..results import write_jsonl, write_metrics
-from ..runs import VALIDATION_DIR, check_resume_processes, data_files, library_versions, resume_state, write_run_file
+from ..runs import (RESUME_MAY_CHANGE, VALIDATION_DIR, check_resume_processes, data_files, default_run_name,
+                    distinct_settings, library_versions, resume_state, settings_record, write_run_file)
 from ..sample.data import SAMPLE_CHANGECHAT_ROOT, ensure_sample_media
 from ..sharding import answer_in_shards, from_main, start_shards
-from ..trainer import check_training_settings, suite_trainer_class, train_from_newest_checkpoint, trainer_arguments
+from ..trainer import (SuiteTrainer, check_training_settings, device_compute_precision, precision_dtype,
+                       train_from_newest_checkpoint, trainer_arguments)
 from . import FAMILY_ID
 from .checkpoint import released_extras, released_layout_state
 from .inputs import (Prompting, build_prompt, encode_training_batch, normalise_answer, preprocess_image)
@@ -203,10 +211,35 @@ class PairCollator:
 
 # --------------------------------------------------------------------------- 3. the run directory
 
+SCRIPT = "deltavlm_finetune.py"
+# What a default run name leaves out of its distinct settings: what its fixed part names (start, CSRM, LoRA rank,
+# data) and the weights it starts from (run.json's "sources"), and what cannot change the trained weights (where
+# things go, speed, logging).
+NAME_LEAVES_OUT = ("INIT", "USE_CSRM", "LLM_LORA_R", "TRAIN_ANNOTATIONS", "VISION_QFORMER_BASE", "LLM_MODEL",
+                   "BERT_MODEL", *RESUME_MAY_CHANGE, "IMAGE_ROOT", "SAVE_STEPS",
+                   "VAL_BATCH_SIZE", "GRADIENT_CHECKPOINTING", "DEEPSPEED")
+
+
+def load_recipe_settings(scope: dict):
+    """The script's settings (``overrides.load_settings``: an experiment file, then NAME=VALUE, over the constants in
+    ``scope``), the recipe's defaults filled in for its INIT (``resolve_recipe``)."""
+    return resolve_recipe(load_settings(scope))
+
+
+def run_settings(cfg) -> dict[str, Any]:
+    """The settings that make this run train differently from the script's defaults (resolved for the same INIT),
+    beyond what the name's fixed part says (``runs.distinct_settings``)."""
+    defaults = resolve_recipe(script_constants(SCRIPT, INIT=cfg.INIT)).as_dict()
+    ignored = () if cfg.LLM_LORA_R else ("LLM_LORA_ALPHA",)
+    return distinct_settings(cfg.as_dict(), defaults, NAME_LEAVES_OUT + ignored)
+
+
 def run_dir_of(cfg) -> Path:
-    name = cfg.RUN_NAME or (f"deltavlm{'-tiny' if cfg.INIT == 'tiny' else ''}{'' if cfg.USE_CSRM else '-nocsrm'}"
-                            f"{f'-lora{cfg.LLM_LORA_R}' if cfg.LLM_LORA_R else ''}_{Path(cfg.TRAIN_ANNOTATIONS).stem}")
-    return Path(cfg.OUTPUT_DIR) / name
+    """``OUTPUT_DIR/RUN_NAME``, by default ``deltavlm[-tiny][-nocsrm][-loraR]_<train file>``, then a token for each
+    of ``run_settings`` (``_lr0.0001_bestmetriccider``)."""
+    fixed = (f"deltavlm{'-tiny' if cfg.INIT == 'tiny' else ''}{'' if cfg.USE_CSRM else '-nocsrm'}"
+             f"{f'-lora{cfg.LLM_LORA_R}' if cfg.LLM_LORA_R else ''}_{Path(cfg.TRAIN_ANNOTATIONS).stem}")
+    return Path(cfg.OUTPUT_DIR) / (cfg.RUN_NAME or default_run_name(fixed, run_settings(cfg)))
 
 
 def prepare_run_dir(cfg) -> tuple[Path, WriterLock | None]:
@@ -216,17 +249,22 @@ def prepare_run_dir(cfg) -> tuple[Path, WriterLock | None]:
     ``train`` (the other ranks may look at the directory after rank 0 has begun writing it)."""
     run_dir = run_dir_of(cfg)
     lock = lock_for_writing(run_dir, f"the run directory {run_dir}") if is_main_process() else None
-    try:
+    with released_on_error(lock):
         check_resume_processes(run_dir, cfg.as_dict(), launched_processes())
         state = resume_state(run_dir, cfg.as_dict(), overwrite=cfg.OVERWRITE)
         if state == "replace" and is_main_process():
             shutil.rmtree(run_dir)
             print(f"OVERWRITE: removed the earlier run {run_dir}")
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        raise
     return run_dir, lock
+
+
+@contextmanager
+def open_run_dir(cfg) -> Iterator[Path]:
+    """``prepare_run_dir``'s directory, its writer lock held to the end of the block (rank 0's; the others hold
+    none)."""
+    run_dir, lock = prepare_run_dir(cfg)
+    with lock if lock is not None else nullcontext():
+        yield run_dir
 
 
 # --------------------------------------------------------------------------- 4. the model
@@ -234,14 +272,13 @@ def prepare_run_dir(cfg) -> tuple[Path, WriterLock | None]:
 def build_model(cfg, sources: Sources, device: torch.device | None = None):
     """The model to train (base + fresh CSRM, or a DeltaVLM checkpoint), its tokenizers and the load report; on
     ``device``, by default this process's own (its local GPU under torchrun, else the CPU)."""
-    from transformers import set_seed
-
     device = device or process_device()
     set_seed(cfg.SEED)  # the fresh CSRM (and LoRA) initialisation is reproducible
     model, tokenizers, report = load_deltavlm(sources.init, base=sources.base, llm_model=sources.llm,
                                               bert_model=sources.bert, device=device,
                                               load_in_8bit=cfg.LOAD_LLM_IN_8BIT, load_in_4bit=cfg.LOAD_LLM_IN_4BIT,
-                                              use_csrm=cfg.USE_CSRM)
+                                              use_csrm=cfg.USE_CSRM,
+                                              compute=precision_dtype(device_compute_precision(cfg.PRECISION)))
     adapt_llm(model, cfg)
     return model, tokenizers, report
 
@@ -249,8 +286,6 @@ def build_model(cfg, sources: Sources, device: torch.device | None = None):
 def adapt_llm(model: DeltaVLM, cfg) -> None:
     """LoRA on the LLM (LLM_LORA_R > 0) and gradient checkpointing, as the settings ask."""
     if cfg.LLM_LORA_R:
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
         if cfg.LOAD_LLM_IN_8BIT or cfg.LOAD_LLM_IN_4BIT:
             model.language_model = prepare_model_for_kbit_training(model.language_model,
                                                                    use_gradient_checkpointing=False)
@@ -328,8 +363,6 @@ def save_best_checkpoint(model: DeltaVLM, values: dict[str, torch.Tensor], cfg, 
 
 def starting_extras(model: DeltaVLM, sources: Sources) -> dict[str, torch.Tensor]:
     carried = load_lavis_state(Path(sources.init)) if sources.init is not None else None
-    from transformers import AutoConfig
-
     return released_extras(model.qformer.config, AutoConfig.from_pretrained(local_or_hub(sources.llm)), carried)
 
 
@@ -377,95 +410,91 @@ def validate(predictor: Predictor, items: list[Item], batch_size: int, run_dir: 
     return from_main(shard, outcome)
 
 
-def make_validation_callback():
-    from transformers import TrainerCallback
+class EpochValidation(TrainerCallback):
+    """Validation at each epoch's end: the captions scored and logged, the best checkpoint kept, an early stop once
+    the score has not risen for EARLY_STOP_EPOCHS, and a Trainer checkpoint saved (so a resume knows the history,
+    which lives in the Trainer state's log)."""
 
-    class EpochValidation(TrainerCallback):
-        """Validation at each epoch's end: log the scores, keep the best checkpoint, stop early, save a
-        Trainer checkpoint (so a resume knows the history, which lives in the Trainer state's log)."""
+    def __init__(self, trainer, predictor: Predictor, items: list[Item], cfg, run_dir: Path, extras: dict):
+        self.trainer, self.predictor, self.items, self.cfg = trainer, predictor, items, cfg
+        self.run_dir, self.extras = run_dir, extras
 
-        def __init__(self, trainer, predictor: Predictor, items: list[Item], cfg, run_dir: Path, extras: dict):
-            self.trainer, self.predictor, self.items, self.cfg = trainer, predictor, items, cfg
-            self.run_dir, self.extras = run_dir, extras
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        epoch = max(1, math.ceil(state.epoch - 1e-6))  # the epoch just run (MAX_STEPS may end one early)
+        best = max((h for h in state.log_history if "val_score" in h), key=lambda h: h["val_score"], default=None)
+        score, metrics = self.score_epoch(model, epoch, args)
+        self.trainer.log({"val_score": score, "val_epoch": epoch, **{f"val_{k}": v for k, v in metrics.items()}})
+        if best is None or score > best["val_score"]:
+            self.save_best(model, epoch, metrics, args)
+            outcome = f"(best so far) -> {self.run_dir / CHECKPOINT_FILE}"
+        else:
+            if epoch - best["val_epoch"] >= self.cfg.EARLY_STOP_EPOCHS:
+                control.should_training_stop = True
+            outcome = (f"(best {best['val_score']:.4f} at epoch {best['val_epoch']})"
+                       f"{'; early stop' if control.should_training_stop else ''}")
+        if args.process_index == 0:
+            print(f"epoch {epoch}: validation {self.cfg.BEST_METRIC} {score:.4f} {outcome}")
+        control.should_save = True
+        return control
 
-        def history(self, state) -> list[dict]:
-            return [h for h in state.log_history if "val_score" in h]
+    def score_epoch(self, model, epoch: int, args) -> tuple[float, dict[str, float]]:
+        """This epoch's validation: its BEST_METRIC score and every caption metric (the model back in training mode
+        after)."""
+        model.eval()
+        try:
+            return validate(self.predictor, self.items, self.cfg.VAL_BATCH_SIZE, self.run_dir, epoch,
+                            self.cfg.as_dict(), self.cfg.BEST_METRIC, args)
+        finally:
+            model.train()
 
-        def on_epoch_end(self, args, state, control, model=None, **kwargs):
-            epoch = max(1, math.ceil(state.epoch - 1e-6))  # the epoch just run (MAX_STEPS may end one early)
-            model.eval()
-            try:
-                score, metrics = validate(self.predictor, self.items, self.cfg.VAL_BATCH_SIZE, self.run_dir, epoch,
-                                          self.cfg.as_dict(), self.cfg.BEST_METRIC, args)
-            finally:
-                model.train()
-            earlier = self.history(state)
-            best = max((h["val_score"] for h in earlier), default=None)
-            self.trainer.log({"val_score": score, "val_epoch": epoch, **{f"val_{k}": v for k, v in metrics.items()}})
-            if best is None or score > best:
-                main = args.process_index == 0  # every process takes part in reading the values; it writes them
-                values = parameter_values(model, checkpoint_names(model, self.cfg) + llm_lora_names(model), keep=main)
-                if main:
-                    save_best_checkpoint(model, values, self.cfg, self.run_dir, self.extras, epoch, metrics)
-                    print(f"epoch {epoch}: validation {self.cfg.BEST_METRIC} {score:.4f} (best so far) -> "
-                          f"{self.run_dir / CHECKPOINT_FILE}")
-            else:
-                best_epoch = max(earlier, key=lambda h: h["val_score"])["val_epoch"]
-                if epoch - best_epoch >= self.cfg.EARLY_STOP_EPOCHS:
-                    control.should_training_stop = True
-                if args.process_index == 0:
-                    print(f"epoch {epoch}: validation {self.cfg.BEST_METRIC} {score:.4f} (best {best:.4f} at epoch "
-                          f"{best_epoch}){'; early stop' if control.should_training_stop else ''}")
-            control.should_save = True
-            return control
-
-    return EpochValidation
+    def save_best(self, model, epoch: int, metrics: dict[str, float], args) -> None:
+        """``checkpoint_best.pth`` from this epoch's weights: every process takes part in reading them (under
+        ZeRO-3 each holds a shard), process 0 writes them."""
+        main = args.process_index == 0
+        values = parameter_values(model, checkpoint_names(model, self.cfg) + llm_lora_names(model), keep=main)
+        if main:
+            save_best_checkpoint(model, values, self.cfg, self.run_dir, self.extras, epoch, metrics)
 
 
 # --------------------------------------------------------------------------- 7. the Trainer
 
-def make_trainer_class():
-    from safetensors.torch import load_file, save_file
+class DeltaVLMTrainer(SuiteTrainer):
+    """Checkpoints hold the trainable parameters only (not the frozen 7B LLM)."""
 
-    class DeltaVLMTrainer(suite_trainer_class()):
-        """Checkpoints hold the trainable parameters only (not the frozen 7B LLM)."""
+    trainable_only = True
 
-        trainable_only = True
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self.args.should_save:
+            return
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model)
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        if state_dict is None:
+            state_dict = dict(model.named_parameters())
+        # (under DeepSpeed the suite's Trainer hands over the trained parameters' fp32 masters, gathered whole)
+        save_file({n: state_dict[n].detach().cpu().contiguous() for n in trainable},
+                  os.path.join(output_dir, TRAINABLE_WEIGHTS))
 
-        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-            if not self.args.should_save:
-                return
-            output_dir = output_dir or self.args.output_dir
-            os.makedirs(output_dir, exist_ok=True)
-            model = self.accelerator.unwrap_model(self.model)
-            trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-            if state_dict is None:
-                state_dict = dict(model.named_parameters())
-            # (under DeepSpeed the suite's Trainer hands over the trained parameters' fp32 masters, gathered whole)
-            save_file({n: state_dict[n].detach().cpu().contiguous() for n in trainable},
-                      os.path.join(output_dir, TRAINABLE_WEIGHTS))
-
-        def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-            model = model or self.model
-            path = Path(resume_from_checkpoint) / TRAINABLE_WEIGHTS
-            if not path.is_file():
-                raise UserError(f"{resume_from_checkpoint}: no {TRAINABLE_WEIGHTS}; delete that checkpoint folder")
-            state = load_file(str(path))
-            wanted = {n for n, p in model.named_parameters() if p.requires_grad}
-            if set(state) != wanted:
-                raise UserError(f"{path} does not hold this run's trainable parameters "
-                                f"({len(set(state) ^ wanted)} names differ)")
-            model.load_state_dict(state, strict=False)
-
-    return DeltaVLMTrainer
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = model or self.model
+        path = Path(resume_from_checkpoint) / TRAINABLE_WEIGHTS
+        if not path.is_file():
+            raise UserError(f"{resume_from_checkpoint}: no {TRAINABLE_WEIGHTS}; delete that checkpoint folder")
+        state = load_file(str(path))
+        wanted = {n for n, p in model.named_parameters() if p.requires_grad}
+        if set(state) != wanted:
+            raise UserError(f"{path} does not hold this run's trainable parameters "
+                            f"({len(set(state) ^ wanted)} names differ)")
+        model.load_state_dict(state, strict=False)
 
 
 def training_arguments(cfg, run_dir: Path):
-    """The shared builder's arguments; the trained parameters stay fp32 while AMP runs the model under bf16/fp16
-    autocast (as released); validation is this recipe's own, at each epoch's end."""
-    cuda = torch.cuda.is_available()
-    compute = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
-    return trainer_arguments(cfg, run_dir, learning_rate=cfg.LR, compute=compute, gradient_checkpointing=False,
+    """The shared builder's arguments; the trained parameters stay fp32 while AMP runs the model under the autocast
+    PRECISION names (auto: bf16 / fp16 on a GPU, as released); validation is this recipe's own, at each epoch's
+    end."""
+    return trainer_arguments(cfg, run_dir, learning_rate=cfg.LR, compute=device_compute_precision(cfg.PRECISION),
+                             gradient_checkpointing=False,
                              eval_strategy="no", save_only_model=False)
 
 
@@ -476,12 +505,11 @@ def make_trainer(cfg, model: DeltaVLM, tokenizers, examples: list[Example], val_
     args = training_arguments(cfg, run_dir)
     check_shared_directory(lock_path(run_dir), f"the run directory {run_dir}")  # the first collective of the run
     size_buckets(args, model.language_model.config.hidden_size)
-    trainer = make_trainer_class()(model=model, args=args, train_dataset=PairDataset(examples, model.image_size),
-                                   data_collator=PairCollator(tokenizers), callbacks=list(callbacks or []))
+    trainer = DeltaVLMTrainer(model=model, args=args, train_dataset=PairDataset(examples, model.image_size),
+                              data_collator=PairCollator(tokenizers), callbacks=list(callbacks or []))
     predictor = Predictor(model, tokenizers, args.device, Decoding(cfg.VAL_NUM_BEAMS, cfg.VAL_MAX_NEW_TOKENS),
                           prompting_of(cfg), synced_gpus=zero3_enabled())
-    trainer.add_callback(make_validation_callback()(trainer, predictor, val_items, cfg, run_dir,
-                                                    starting_extras(model, sources)))
+    trainer.add_callback(EpochValidation(trainer, predictor, val_items, cfg, run_dir, starting_extras(model, sources)))
     return trainer
 
 
@@ -489,7 +517,8 @@ def make_trainer(cfg, model: DeltaVLM, tokenizers, examples: list[Example], val_
 
 def start_record(cfg, sources: Sources, run_dir: Path, counts: dict[str, int], examples: list[Example],
                  val_items: list[Item], report) -> dict[str, Any]:
-    record = {"completed": False, "family": FAMILY_ID, "settings": cfg.as_dict(), "sources": dataclasses.asdict(sources),
+    record = {"completed": False, "family": FAMILY_ID, **settings_record(cfg, run_settings(cfg)),
+              "sources": dataclasses.asdict(sources),
               "versions": library_versions(),
               "data": data_files(cfg, ("TRAIN_ANNOTATIONS", "VAL_ANNOTATIONS")),
               "num_train_examples": len(examples), "num_val_captions": len(val_items),

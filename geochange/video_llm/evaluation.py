@@ -32,6 +32,7 @@ from ..runs import RUN_FILE
 from ..sample.data import SAMPLE_VIDEO_DIR, ensure_sample_media
 from ..sharding import Shard, answer_in_shards, decided_by_main, shard_device, start_shards, stop_shards
 from ..video import read_video_frames
+from .families import get_family
 from .modeling import (format_linear_counts, linear_counts, load_model, load_processor, model_label,
                        resolve_model_path, video_prompt)
 from .weights import load_run_model, weights_fingerprint
@@ -200,7 +201,7 @@ def answer_samples(results: ResultsFile, samples: list[Sample], device: torch.de
     model, processor = load_eval_model(results.family, cfg.MODEL_PATH, cfg.MODEL_ID, cfg.LOAD_IN_4BIT, device)
     model.eval()
     if cfg.LOAD_IN_4BIT and shard.main:
-        print(format_linear_counts(linear_counts(model), 4))
+        print(format_linear_counts(linear_counts(model, get_family(results.family).parts), 4))
     where = f"{next(model.parameters()).device} in {str(model.dtype).removeprefix('torch.')}"
     print(f"process {shard.rank} of {shard.world_size}: generating on {where}" if shard.world_size > 1
           else f"generating on {where}")

@@ -1,4 +1,4 @@
-"""The steps of ``videollava_finetune.py`` and ``llavanext_finetune.py``, in the order the scripts call them.
+"""The steps of ``video_finetune.py`` (every video family's fine-tuning), in the order the script calls them.
 
 ``check_settings`` (no model yet), ``open_run`` (the run directory: named from the settings, one writer,
 resumed only under the same settings), ``load_samples``, ``encode_samples`` (prompts from the processor's
@@ -12,28 +12,31 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import TrainerCallback, set_seed
 
 from ..annotations import Sample, Samples, load_annotations
 from ..devices import is_main_process, launched_processes, process_device
 from ..engines import (DeepSpeedPlan, check_shared_directory, deepspeed_plan, engine_of, one_process_per_gpu,
                        outside_zero3, start_process_group, zero3_enabled)
 from ..errors import UserError
-from ..locks import WriterLock, lock_for_writing, lock_path
+from ..locks import LockedOutput, WriterLock, lock_for_writing, lock_path, released_on_error
 from ..overrides import script_constants
 from ..metrics import METRIC_KEYS, SM, SM_PARTS, compute_metrics_report, meteor_available, with_sm
 from ..results import remove_results, write_jsonl, write_metrics
-from ..runs import VALIDATION_DIR, check_resume_processes, data_files, library_versions, resume_state, write_run_file
+from ..runs import (RESUME_MAY_CHANGE, VALIDATION_DIR, check_resume_processes, data_files, default_run_name,
+                    distinct_settings, library_versions, resume_state, settings_record, write_run_file)
 from ..sample.data import SAMPLE_VIDEO_DIR, ensure_sample_media
 from ..sharding import from_main, start_shards
-from ..trainer import check_training_settings, suite_trainer_class, train_from_newest_checkpoint, trainer_arguments
+from ..trainer import (SuiteTrainer, check_training_settings, compute_precision, precision_dtype,
+                       train_from_newest_checkpoint, trainer_arguments)
 from ..video import read_video_frames
 from .evaluation import answer_in_batches, evaluate
-from .families import get_family
+from .families import ModelParts, get_family
 from .memory import GB, Setup, check_fits, estimate, free_memory, host_memory, model_config, parameter_counts
 from .modeling import (VideoQACollator, count_parameters, encode_training_example, format_linear_counts,
                        language_model_linear_names, linear_counts, load_model, lora_target_regex, model_label,
@@ -67,10 +70,6 @@ def learning_rate(cfg) -> float:
     return 2e-4 if training_mode(cfg) != "FULL" else 2e-5
 
 
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
 @dataclass(frozen=True)
 class TrainingPrecision:
     compute: str            # autocast: "bf16", "fp16" (with loss scaling) or "fp32" (none)
@@ -80,20 +79,12 @@ class TrainingPrecision:
 def training_precision(cfg, *, cuda: bool, cuda_bf16: bool) -> TrainingPrecision:
     """What ``PRECISION`` means on this machine, per training mode.
 
-    "auto" computes in bf16 on GPUs that have it, fp16 on older GPUs, fp32 on the CPU. Full
-    fine-tuning always keeps fp32 weights (the master copy the optimiser updates): AdamW's steps at
-    lr 2e-5 are below bf16's resolution for most weights and would round away. LoRA trains fp32
-    adapters beside a frozen base, which is stored in the compute dtype to save memory.
+    It computes as ``trainer.compute_precision`` says. Full fine-tuning always keeps fp32 weights (the master copy
+    the optimiser updates): AdamW's steps at lr 2e-5 are below bf16's resolution for most weights and would round
+    away. LoRA trains fp32 adapters beside a frozen base, which is stored in the compute dtype to save memory.
     """
-    if cfg.PRECISION == "auto":
-        compute = ("bf16" if cuda_bf16 else "fp16") if cuda else "fp32"
-    else:
-        compute = cfg.PRECISION
-    if compute == "fp16" and not cuda:
-        raise UserError("PRECISION='fp16' needs a CUDA GPU (fp16 autocast with loss scaling); use bf16 or fp32")
-    if compute == "bf16" and cuda and not cuda_bf16:
-        raise UserError("PRECISION='bf16' but this GPU has no bf16 support; use fp16 or auto")
-    weights = torch.float32 if training_mode(cfg) == "FULL" else _DTYPES[compute]
+    compute = compute_precision(cfg.PRECISION, cuda=cuda, cuda_bf16=cuda_bf16)
+    weights = torch.float32 if training_mode(cfg) == "FULL" else precision_dtype(compute)
     return TrainingPrecision(compute, weights)
 
 
@@ -125,8 +116,6 @@ def check_settings(cfg) -> None:
     if cfg.PRUNE:
         validate_prune_settings(cfg.PRUNE_METHOD, cfg.PRUNE_AMOUNT)
     check_engine(cfg)
-    if cfg.PRECISION not in PRECISIONS:
-        raise UserError(f"PRECISION must be one of {', '.join(PRECISIONS)}, not {cfg.PRECISION!r}")
     check_training_settings(cfg)
     checks = [
         (cfg.LORA_R >= 1, f"LORA_R must be >= 1, not {cfg.LORA_R}"),
@@ -174,9 +163,35 @@ def check_caption_validation(cfg) -> None:
                         "another metric (bleu4, cider, rouge_l...)")
 
 
+# The scripts whose steps these are (every family's), whose constants are the defaults a run name compares with and
+# the evaluation after training reads.
+FINETUNE_SCRIPT = "video_finetune.py"
+EVALUATION_SCRIPT = "video_evaluate.py"
+# What a default run name leaves out of its distinct settings: what GeoLLaVA's scheme already names (model, data,
+# mode, rank, length, pruning), and what cannot change the trained weights (where things go, speed, what else runs).
+NAME_LEAVES_OUT = ("MODEL", "MODEL_ID", "TRAIN_ANNOTATIONS", "USE_LORA", "USE_QLORA", "USE_8BIT", "LORA_R",
+                   "LORA_ALPHA", "EPOCHS", "MAX_STEPS", "PRUNE", "PRUNE_METHOD", "PRUNE_AMOUNT", *RESUME_MAY_CHANGE,
+                   "RESULTS_DIR", "VIDEO_DIR", "VAL_ANNOTATIONS", "VAL_SPLIT", "EVAL_STEPS", "SAVE_STEPS",
+                   "MERGE_AND_SAVE", "EVAL_AFTER_TRAIN", "MAX_NEW_TOKENS", "MEMORY_CHECK", "GRADIENT_CHECKPOINTING",
+                   "DEEPSPEED", "SKIP_BAD_CLIPS")
+
+
+def run_settings(cfg, family: str) -> dict[str, Any]:
+    """The settings that make this run differ from the fine-tuning script's defaults in what it trains, beyond what
+    GeoLLaVA's scheme names (``runs.distinct_settings``); what the mode ignores is left out (LoRA's dropout in full
+    fine-tuning, FREEZE_VISION under LoRA, PRUNE_VISION without PRUNE, VAL_GENERATE_LIMIT without BEST_METRIC)."""
+    ignored = ("LORA_DROPOUT",) if training_mode(cfg) == "FULL" else ("FREEZE_VISION",)
+    ignored += () if cfg.PRUNE else ("PRUNE_VISION",)
+    ignored += () if cfg.BEST_METRIC else ("VAL_GENERATE_LIMIT",)
+    defaults = script_constants(FINETUNE_SCRIPT, MODEL=family).as_dict()
+    return distinct_settings(cfg.as_dict(), defaults, NAME_LEAVES_OUT + ignored)
+
+
 def run_name(cfg, family: str) -> str:
     """RUN_NAME, or by default ``{prune}{pct}{model}_{data}_{LORA|QLORA|FULL}[_{4bit|8bit}][_r{r}_alpha{a}]_{E}epochs``
-    (GeoLLaVA's scheme), ending ``_{N}steps`` instead when MAX_STEPS decides the length."""
+    (GeoLLaVA's scheme), ending ``_{N}steps`` instead when MAX_STEPS decides the length, then a token for each of
+    ``run_settings`` (``_numframes4_lrschedulerlinear``; ``runs.default_run_name``): the script's defaults add
+    none."""
     if cfg.RUN_NAME:
         return cfg.RUN_NAME
     mode = training_mode(cfg)
@@ -190,7 +205,7 @@ def run_name(cfg, family: str) -> str:
     if mode != "FULL":
         parts.append(f"r{cfg.LORA_R}_alpha{cfg.LORA_ALPHA:g}")
     parts.append(f"{cfg.MAX_STEPS}steps" if cfg.MAX_STEPS > 0 else f"{cfg.EPOCHS:g}epochs")
-    return "_".join(parts)
+    return default_run_name("_".join(parts), run_settings(cfg, family))
 
 
 def prepare_run_dir(cfg, run_dir: Path, *, main: bool = True) -> bool:
@@ -282,50 +297,46 @@ def build_training_model(cfg, base_path: str, family: str):
 
     Seeds the RNG first, so one SEED gives one LoRA initialisation.
     """
-    from transformers import set_seed
-
     set_seed(cfg.SEED)
     mode = training_mode(cfg)
     # Each process loads straight onto its own GPU (not all onto the CPU, then moved); under DeepSpeed the engine
     # places (and ZeRO-3 partitions) the weights.
     device = process_device() if torch.cuda.is_available() and cfg.DEEPSPEED is None else None
     model = load_model(base_path, family, bits=quant_bits(cfg), dtype=device_precision(cfg).weights, device=device)
+    parts = get_family(family).parts
     if mode == "FULL":
         for name, param in model.named_parameters():
-            tower = any(part.endswith("_tower") for part in name.split("."))
-            if cfg.FREEZE_VISION and tower:  # as in LLaVA's own fine-tuning: the projector still trains
+            if cfg.FREEZE_VISION and parts.in_tower(name):  # as in LLaVA's own fine-tuning: the projector trains
                 param.requires_grad_(False)
         # What the video path never reaches gets no gradient, and DDP (find_unused_parameters=False)
         # stops at the second step over a trainable parameter without one.
         for name in video_unused_parameter_names(model, family):
             model.get_parameter(name).requires_grad_(False)
         return model, []
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
     if mode == "QLORA":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.GRADIENT_CHECKPOINTING,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
-    targets = language_model_linear_names(model)
+    targets = language_model_linear_names(model, parts)
     lora = LoraConfig(r=cfg.LORA_R, lora_alpha=cfg.LORA_ALPHA, lora_dropout=cfg.LORA_DROPOUT, bias="none",
-                      target_modules=lora_target_regex(model))
+                      target_modules=lora_target_regex(model, parts))
     return get_peft_model(model, lora), targets
 
 
-def pruning_mask_callback(model, masks: dict[str, torch.Tensor]):
-    """A TrainerCallback that zeroes the pruned weights again after every optimiser step (full fine-tuning)."""
-    from transformers import TrainerCallback
+class KeepPruned(TrainerCallback):
+    """Zeroes the pruned weights of ``model`` again after every optimiser step (full fine-tuning), by their
+    ``masks``."""
 
-    class KeepPruned(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            # Each mask moves to its weight's device once, not every step (6.5 GB host->device per step at 7B).
-            params = dict(model.named_parameters())
-            for name in masks:
-                masks[name] = masks[name].to(params[name].device)
+    def __init__(self, model, masks: dict[str, torch.Tensor]):
+        self.model, self.masks = model, masks
 
-        def on_step_end(self, args, state, control, **kwargs):
-            apply_pruning_masks(model, masks)
+    def on_train_begin(self, args, state, control, **kwargs):
+        # Each mask moves to its weight's device once, not every step (6.5 GB host->device per step at 7B).
+        params = dict(self.model.named_parameters())
+        for name in self.masks:
+            self.masks[name] = self.masks[name].to(params[name].device)
 
-    return KeepPruned()
+    def on_step_end(self, args, state, control, **kwargs):
+        apply_pruning_masks(self.model, self.masks)
 
 
 # ---------------------------------------------------------------- trainer
@@ -397,28 +408,25 @@ def caption_validation(cfg, run_dir: Path, processor, val_set: "VideoQADataset |
                              run_dir / VALIDATION_DIR)
 
 
-@lru_cache(maxsize=1)
-def validating_trainer_class():
+class ValidatingTrainer(SuiteTrainer):
     """The suite's Trainer whose validation also captions and scores (``captions``, a ``CaptionValidation``): its
     scores join ``eval_loss`` in the one metrics dict the Trainer logs, hands its callbacks and ranks checkpoints by
     (``metric_for_best_model``)."""
-    class ValidatingTrainer(suite_trainer_class()):
-        captions: CaptionValidation | None = None
 
-        def evaluation_loop(self, *args, **kwargs):
-            output = super().evaluation_loop(*args, **kwargs)
-            prefix = kwargs.get("metric_key_prefix", "eval")
-            if self.captions is not None and prefix == "eval":
-                output.metrics.update({f"{prefix}_{key}": value for key, value in self.captions(self).items()})
-            return output
+    captions: CaptionValidation | None = None
 
-    return ValidatingTrainer
+    def evaluation_loop(self, *args, **kwargs):
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", "eval")
+        if self.captions is not None and prefix == "eval":
+            output.metrics.update({f"{prefix}_{key}": value for key, value in self.captions(self).items()})
+        return output
 
 
 # ---------------------------------------------------------------- the steps
 
 @dataclass
-class FinetuneRun:
+class FinetuneRun(LockedOutput):
     """What the steps hand on: the settings, the run directory and the Trainer's arguments, and ``record``,
     the ``run.json`` each step adds to. A ``with`` block holds the run directory's writer lock."""
     cfg: Any
@@ -437,50 +445,62 @@ class FinetuneRun:
     def main(self) -> bool:
         return self.args.process_index == 0
 
-    def __enter__(self) -> "FinetuneRun":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.lock is not None:
-            self.lock.release()
+    @property
+    def parts(self) -> ModelParts:
+        return get_family(self.family).parts
 
 
-def open_run(cfg, family: str) -> FinetuneRun:
-    """Step 2: the run directory, named from the settings. Only this process writes it (a second one stops
-    with one line), a run written under other settings is refused, and an unfinished one resumes.
-    Draws the sample clips and builds the tiny model on first use (the main process first)."""
-    get_family(family)  # an unknown family stops here
-    run_dir = Path(cfg.OUTPUT_DIR) / run_name(cfg, family)
+def start_processes(cfg, run_dir: Path) -> tuple[DeepSpeedPlan | None, Any]:
+    """This run's processes: the process count checked against a run being resumed, the process group started
+    (DDP or DeepSpeed, DIST_TIMEOUT_MINUTES), and the Trainer's arguments; returns the DeepSpeed plan and them."""
     plan = deepspeed_plan(cfg.DEEPSPEED)
     check_resume_processes(run_dir, cfg.as_dict(), launched_processes())
     start_process_group(plan, cfg.DIST_TIMEOUT_MINUTES)
     args = training_arguments(cfg, run_dir)
-    main = args.process_index == 0
     note = one_process_per_gpu(args)
-    if note and main:
+    if note and args.process_index == 0:
         print(note)
-    lock = lock_for_writing(run_dir, f"the run directory {run_dir}") if main else None
-    try:
-        check_shared_directory(lock_path(run_dir), f"the run directory {run_dir}")
-        # only rank 0 clears it (OVERWRITE); local=False: the first process of every other node waits too
-        with args.main_process_first(local=False, desc="run directory"):
-            resuming = prepare_run_dir(cfg, run_dir, main=main)
-        # outside ZeRO-3: building the tiny model on the main process alone must not start zero.Init's collectives
-        # (the others wait at the barrier: a hang on a fresh clone)
-        with args.main_process_first(desc="sample data and tiny model"), outside_zero3(args):
-            if cfg.VIDEO_DIR is None:
-                ensure_sample_media()
-            model_path = resolve_model_path(cfg.MODEL_ID, family)
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        raise
+    return plan, args
+
+
+def claim_run_dir(cfg, run_dir: Path, args) -> bool:
+    """With this process's writer lock taken (rank 0's): every node sees the same directory, and it resumes,
+    starts afresh, or is refused (``prepare_run_dir``, on rank 0 first: only it clears a run for OVERWRITE). True:
+    it resumes."""
+    check_shared_directory(lock_path(run_dir), f"the run directory {run_dir}")
+    # local=False: the first process of every other node waits too
+    with args.main_process_first(local=False, desc="run directory"):
+        return prepare_run_dir(cfg, run_dir, main=args.process_index == 0)
+
+
+def first_use_inputs(cfg, family: str, args) -> str:
+    """The sample clips (VIDEO_DIR=None) and the tiny model (MODEL_ID="tiny"), made on first use by the main
+    process while the others wait; returns the base weights' path (MODEL_ID resolved)."""
+    # outside ZeRO-3: building the tiny model on the main process alone must not start zero.Init's collectives
+    # (the others wait at the barrier: a hang on a fresh clone)
+    with args.main_process_first(desc="sample data and tiny model"), outside_zero3(args):
+        if cfg.VIDEO_DIR is None:
+            ensure_sample_media()
+        return resolve_model_path(cfg.MODEL_ID, family)
+
+
+def open_run(cfg, family: str) -> FinetuneRun:
+    """Step 2: the run directory, named from the settings. Only this process writes it (a second one stops
+    with one line), a run written under other settings is refused, and an unfinished one resumes. Starts the
+    processes first, and makes the sample clips and the tiny model on first use."""
+    get_family(family)  # an unknown family stops here
+    run_dir = Path(cfg.OUTPUT_DIR) / run_name(cfg, family)
+    plan, args = start_processes(cfg, run_dir)
+    lock = lock_for_writing(run_dir, f"the run directory {run_dir}") if args.process_index == 0 else None
+    with released_on_error(lock):
+        resuming = claim_run_dir(cfg, run_dir, args)
+        model_path = first_use_inputs(cfg, family, args)
     video_dir = SAMPLE_VIDEO_DIR if cfg.VIDEO_DIR is None else Path(cfg.VIDEO_DIR)
     run = FinetuneRun(cfg, family, run_dir, args, resuming, model_path, video_dir, lock, plan)
     run.record = {
         "completed": False, "family": family, "mode": training_mode(cfg), "quant_bits": quant_bits(cfg),
         "base_model": cfg.MODEL_ID, "base_path": model_path, "learning_rate": learning_rate(cfg),
-        "settings": cfg.as_dict(), "versions": library_versions(),
+        **settings_record(cfg, run_settings(cfg, family)), "versions": library_versions(),
         "data": data_files(cfg, ("TRAIN_ANNOTATIONS", "VAL_ANNOTATIONS")),
         "world_size": args.world_size,
     }
@@ -549,7 +569,7 @@ def build_model(run: FinetuneRun, base_path: str):
     cfg = run.cfg
     model, lora_targets = build_training_model(cfg, base_path, run.family)
     trainable, total = count_parameters(model)
-    quantised = linear_counts(model) if quant_bits(cfg) else {}
+    quantised = linear_counts(model, run.parts) if quant_bits(cfg) else {}
     precision = device_precision(cfg)
     if run.main:
         print(f"precision: {precision.compute} compute, {str(precision.weights).removeprefix('torch.')} weights")
@@ -571,13 +591,12 @@ def train(run: FinetuneRun, model, processor, train_set: VideoQADataset, val_set
     cfg = run.cfg
     callbacks = []
     if cfg.PRUNE and training_mode(cfg) == "FULL":  # keep the pruned weights at zero through training
-        callbacks.append(pruning_mask_callback(model, pruning_masks(model, include_vision=cfg.PRUNE_VISION)))
+        callbacks.append(KeepPruned(model, pruning_masks(model, run.parts, include_vision=cfg.PRUNE_VISION)))
     run.run_dir.mkdir(parents=True, exist_ok=True)
     if run.main:
         write_run_file(run.run_dir, run.record)
-    trainer = validating_trainer_class()(model=model, args=run.args, train_dataset=train_set, eval_dataset=val_set,
-                                         data_collator=VideoQACollator(processor.tokenizer.pad_token_id),
-                                         callbacks=callbacks)
+    trainer = ValidatingTrainer(model=model, args=run.args, train_dataset=train_set, eval_dataset=val_set,
+                                data_collator=VideoQACollator(processor.tokenizer.pad_token_id), callbacks=callbacks)
     trainer.captions = caption_validation(cfg, run.run_dir, processor, val_set)
     run.record["resumed_from"] = train_from_newest_checkpoint(trainer, run.run_dir)
     return trainer
@@ -601,7 +620,7 @@ def save_run(run: FinetuneRun, trainer, processor) -> None:
             "caption_curve": caption_curve(history),
             "best_checkpoint": best_checkpoint(cfg, trainer.state),
             # Full fine-tuning: the trained weights; LoRA leaves the base untouched (see sparsity_after_merging).
-            "sparsity_after_training": measure_sparsity(trainer.model, cfg.PRUNE_VISION) if full_pruned else None,
+            "sparsity_after_training": measure_sparsity(trainer.model, run.parts, cfg.PRUNE_VISION) if full_pruned else None,
             "engine": engine,
         })
         write_run_file(run.run_dir, run.record)
@@ -635,10 +654,10 @@ def best_checkpoint(cfg, state) -> dict[str, Any] | None:
 
 
 def evaluation_settings(run: FinetuneRun):
-    """The family's evaluation script's own constants (as ``python <eval script> MODEL_PATH=<run>`` reads them),
-    with this run's model, validation set and clips, on the device it trained on."""
+    """The evaluation script's own constants (as ``python video_evaluate.py MODEL=<family> MODEL_PATH=<run>`` reads
+    them), with this run's model, validation set and clips, on the device it trained on."""
     cfg = run.cfg
-    return script_constants(get_family(run.family).eval_script, MODEL_ID=cfg.MODEL_ID, MODEL_PATH=str(run.run_dir),
+    return script_constants(EVALUATION_SCRIPT, MODEL=run.family, MODEL_ID=cfg.MODEL_ID, MODEL_PATH=str(run.run_dir),
                             VAL_ANNOTATIONS=cfg.VAL_ANNOTATIONS, SPLIT=cfg.VAL_SPLIT, VIDEO_DIR=cfg.VIDEO_DIR,
                             NUM_FRAMES=cfg.NUM_FRAMES, SKIP_BAD_CLIPS=cfg.SKIP_BAD_CLIPS,
                             BATCH_SIZE=cfg.EVAL_BATCH_SIZE,

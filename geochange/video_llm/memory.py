@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 from ..errors import UserError, first_line
 from ..paths import local_or_hub
-from .families import FAMILIES, VISION_MODULE_NAMES, get_family
+from .families import FAMILIES, get_family
 
 GB = 1e9
 # 4-bit nf4 with double quantisation: half a byte a value, plus one absmax per 64 values (8-bit, itself quantised).
@@ -62,22 +62,22 @@ def parameter_counts(config, family: str, lora_r: int) -> ParameterCounts:
     """The model's parameters counted on the meta device (its config only: no weight is read)."""
     import torch
 
+    entry = get_family(family)
     with torch.device("meta"):
-        model = get_family(family).model_class(config)
+        model = entry.model_class(config)
+    parts = entry.parts
     counts = {"total": 0, "language_linears": 0, "vision": 0, "towers": 0, "lora": 0, "largest_layer": 0}
     for name, module in model.named_modules():
-        parts = name.split(".")
         counts["largest_layer"] = max(counts["largest_layer"],
                                       sum(p.numel() for p in module.parameters(recurse=False)))
-        if isinstance(module, torch.nn.Linear) and "language_model" in parts and parts[-1] != "lm_head":
+        if isinstance(module, torch.nn.Linear) and parts.in_language_model(name):
             counts["language_linears"] += module.weight.numel()
             counts["lora"] += lora_r * (module.in_features + module.out_features)
     for name, parameter in model.named_parameters():
-        parts = name.split(".")
         counts["total"] += parameter.numel()
-        if any(part in VISION_MODULE_NAMES for part in parts):
+        if parts.part_of(name) in parts.vision:
             counts["vision"] += parameter.numel()
-        if any(part.endswith("_tower") for part in parts):
+        if parts.in_tower(name):
             counts["towers"] += parameter.numel()
     text, vision = config.text_config, config.vision_config
     return ParameterCounts(**counts, hidden=text.hidden_size, layers=text.num_hidden_layers, vocab=text.vocab_size,

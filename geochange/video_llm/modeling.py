@@ -19,7 +19,7 @@ import torch
 from ..devices import compute_dtype, is_quantised_linear, parameter_numel, pick_device, quantization_config
 from ..errors import UserError
 from ..paths import local_or_hub
-from .families import VISION_MODULE_NAMES, get_family
+from .families import ModelParts, get_family
 from .tiny import ensure_tiny_checkpoint
 
 IGNORE_INDEX = -100
@@ -41,22 +41,22 @@ def model_label(model_id: str, family: str) -> str:
     return f"{family}-{Path(model_id).name}"
 
 
-def quantization_skip_patterns() -> list[str]:
-    """What bitsandbytes must leave in full precision: the vision towers, the projector and lm_head.
+def quantization_skip_patterns(parts: ModelParts) -> list[str]:
+    """What bitsandbytes must leave in full precision: the family's vision towers, projectors and output head.
 
     transformers 5 matches a skip entry only as a prefix of the full module name (as a regex) or as
     its suffix, and the real names are ``model.video_tower...``, so a bare ``video_tower`` matches
     nothing there; the regex form matches the part wherever it sits. transformers 4 matched
     substrings, which the bare names serve.
     """
-    parts = "|".join(VISION_MODULE_NAMES)
-    return [rf"(?:.*\.)?(?:{parts})", *VISION_MODULE_NAMES, "lm_head"]
+    vision = "|".join(map(re.escape, parts.vision))
+    return [rf"(?:.*\.)?(?:{vision})", *parts.vision, parts.lm_head]
 
 
-def video_quantization_config(bits: int | None):
+def video_quantization_config(bits: int | None, parts: ModelParts):
     """bitsandbytes settings for QLoRA: 4-bit nf4 (double quantisation) or 8-bit; None = full precision.
     Only the language model's Linears are quantised (see ``quantization_skip_patterns``)."""
-    return quantization_config(bits, quantization_skip_patterns())
+    return quantization_config(bits, quantization_skip_patterns(parts))
 
 
 def load_processor(model_path: str):
@@ -80,36 +80,31 @@ def load_model(model_path: str, family: str, *, bits: int | None = None, dtype: 
     ``device=None`` leaves a full-precision model on the CPU (the Trainer places it) and puts a
     quantised one on the current GPU, or the CPU without one.
     """
-    cls = get_family(family).model_class
+    entry = get_family(family)
     if device is None and bits is not None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     kwargs: dict[str, Any] = {"dtype": dtype or compute_dtype(device if device is not None else pick_device("auto"))}
     if bits is not None:
-        kwargs["quantization_config"] = video_quantization_config(bits)
+        kwargs["quantization_config"] = video_quantization_config(bits, entry.parts)
     if device is not None:
         kwargs["device_map"] = {"": device}
     try:
-        return cls.from_pretrained(local_or_hub(model_path), **kwargs)
+        model = entry.model_class.from_pretrained(local_or_hub(model_path), **kwargs)
     except OSError as exc:
         raise UserError(f"cannot load a {family} model from {model_path!r}: {str(exc).splitlines()[0]}") from None
+    entry.parts.check(model, f"the {family} model at {model_path}")
+    return model
 
 
-def model_part(module_name: str) -> str:
-    """Which part of the VLM a module belongs to: ``language_model``, ``lm_head``, a vision part, or ``other``."""
-    for part in module_name.split("."):
-        if part in VISION_MODULE_NAMES or part in ("language_model", "lm_head"):
-            return part
-    return "other"
-
-
-def linear_counts(model) -> dict[str, dict[str, int]]:
-    """Per part, how many Linear layers bitsandbytes quantised and how many it kept (LoRA's own layers aside)."""
+def linear_counts(model, parts: ModelParts) -> dict[str, dict[str, int]]:
+    """Per named part, how many Linear layers bitsandbytes quantised and how many it kept (LoRA's own layers
+    aside)."""
     counts: dict[str, dict[str, int]] = {}
     for name, module in model.named_modules():
         quantised = is_quantised_linear(module)
         if "lora_" in name or not (quantised or type(module) is torch.nn.Linear):
             continue
-        part = counts.setdefault(model_part(name), {"quantised": 0, "kept": 0})
+        part = counts.setdefault(parts.part_of(name) or "other", {"quantised": 0, "kept": 0})
         part["quantised" if quantised else "kept"] += 1
     return counts
 
@@ -126,52 +121,46 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def language_model_linear_names(model) -> list[str]:
-    """Every Linear (incl. bitsandbytes' quantised Linears) of the language model, not lm_head/vision/projector."""
-    names = []
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) and not is_quantised_linear(module):
-            continue
-        parts = name.split(".")
-        if "language_model" not in parts or parts[-1] == "lm_head" or any(v in parts for v in VISION_MODULE_NAMES):
-            continue
-        names.append(name)
-    return names
+def language_model_linear_names(model, parts: ModelParts) -> list[str]:
+    """Every Linear (incl. bitsandbytes' quantised Linears) of the language model, not the head, towers or
+    projectors."""
+    return [name for name, module in model.named_modules()
+            if (isinstance(module, torch.nn.Linear) or is_quantised_linear(module)) and parts.in_language_model(name)]
 
 
 def video_unused_parameter_names(model, family: str) -> list[str]:
     """Parameters that a video-only forward pass never reaches, so they can get no gradient.
 
-    The family's ``image_only_modules`` (Video-LLaVA's ``image_tower``, LLaVA-NeXT's ``image_newline``) serve
-    images only; in each vision tower the encoder layers after ``vision_feature_layer`` and ``post_layernorm``
+    The family's image-only parts (Video-LLaVA's ``image_tower``, LLaVA-NeXT's ``image_newline``) serve images
+    only; in a CLIP-like tower read at ``vision_feature_layer`` the encoder layers after it and ``post_layernorm``
     (which only feeds the pooled output) are computed but never used.
     """
-    image_only = set(get_family(family).image_only_modules)
+    parts = get_family(family).parts
     config = model.config
-    feature_layers = config.vision_feature_layer
+    feature_layers = getattr(config, "vision_feature_layer", None)  # a tower read to its end has none
     feature_layers = feature_layers if isinstance(feature_layers, (list, tuple)) else [feature_layers]
     num_layers = config.vision_config.num_hidden_layers
     # hidden_states[i] is the output of encoder layer i-1 (hidden_states[0] the embeddings)
-    last_used = max(i if i >= 0 else num_layers + 1 + i for i in feature_layers)
+    last_used = max((i if i >= 0 else num_layers + 1 + i for i in feature_layers if i is not None), default=None)
     unused = []
     for name, _ in model.named_parameters():
-        parts = name.split(".")
-        if image_only.intersection(parts):
+        path = name.split(".")
+        if parts.is_image_only(name):
             unused.append(name)
-        elif any(part.endswith("_tower") for part in parts):
-            layer = next((int(parts[i + 1]) for i in range(len(parts) - 1) if parts[i] == "layers"
-                          and parts[i + 1].isdigit()), None)
-            if "post_layernorm" in parts or (layer is not None and layer >= last_used):
+        elif parts.in_tower(name) and last_used is not None:
+            layer = next((int(path[i + 1]) for i in range(len(path) - 1) if path[i] == "layers"
+                          and path[i + 1].isdigit()), None)
+            if "post_layernorm" in path or (layer is not None and layer >= last_used):
                 unused.append(name)
     return unused
 
 
-def lora_target_regex(model) -> str:
+def lora_target_regex(model, parts: ModelParts) -> str:
     """A PEFT ``target_modules`` regex matching exactly the language model's Linears."""
-    suffixes = sorted({name.rsplit(".", 1)[-1] for name in language_model_linear_names(model)})
+    suffixes = sorted({name.rsplit(".", 1)[-1] for name in language_model_linear_names(model, parts)})
     if not suffixes:
-        raise UserError("found no Linear layer under the language model to put LoRA on")
-    return rf"^(?:.*\.)?language_model\.(?:.*\.)?(?:{'|'.join(map(re.escape, suffixes))})$"
+        raise UserError(f"found no Linear layer under the language model ({parts.language_model}) to put LoRA on")
+    return rf"^(?:.*\.)?{re.escape(parts.language_model)}\.(?:.*\.)?(?:{'|'.join(map(re.escape, suffixes))})$"
 
 
 # ---------------------------------------------------------------- prompts and encoding

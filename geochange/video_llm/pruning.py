@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from ..errors import UserError
-from .families import VISION_MODULE_NAMES
+from .families import ModelParts
 
 PRUNE_METHODS = ("magnitude", "attention", "channel")
 
@@ -109,18 +109,19 @@ def _inside(name: str, root: str) -> bool:
     return root == "" or name == root or name.startswith(root + ".")
 
 
-def _parts(model: nn.Module, include_vision: bool) -> list[_Part]:
-    """The language model's Linears (first), then each vision part's if asked (the parts outside the language
-    model: ``VISION_MODULE_NAMES``; one without Linears, as LLaVA-NeXT's pooling ``vision_resampler``, adds none)."""
+def _parts(model: nn.Module, parts: ModelParts, include_vision: bool) -> list[_Part]:
+    """The language model's Linears (first), then each vision part's if asked (the outermost modules named as a
+    tower or projector in ``parts``: a projector inside a tower is pruned with it)."""
     names = [name for name, _ in model.named_modules()]
     vision_roots: list[str] = []
     for name in names:  # outermost modules named like a vision part
-        if _leaf(name) in VISION_MODULE_NAMES and not any(_inside(name, root) for root in vision_roots):
+        if _leaf(name) in parts.vision and not any(_inside(name, root) for root in vision_roots):
             vision_roots.append(name)
-    # transformers 5 keeps the LLM at model.language_model (4.x: language_model); a plain
-    # causal LM has none, and then everything outside the vision parts is the language side.
-    language_root = next((name for name in names if _leaf(name) == "language_model"
-                          and not any(_inside(name, root) for root in vision_roots)), "")
+    # transformers 5 keeps the LLM at model.language_model (4.x: language_model); a plain causal LM's is its model
+    language_root = next((name for name in names if _leaf(name) == parts.language_model
+                          and not any(_inside(name, root) for root in vision_roots)), None)
+    if language_root is None:
+        raise UserError(f"{type(model).__name__} has no module named {parts.language_model!r} (its language model)")
     try:
         output_embeddings = model.get_output_embeddings()
     except (AttributeError, NotImplementedError):
@@ -130,7 +131,7 @@ def _parts(model: nn.Module, include_vision: bool) -> list[_Part]:
     vision = {root: _Part(_leaf(root) if [_leaf(r) for r in vision_roots].count(_leaf(root)) == 1 else root)
               for root in vision_roots}
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or module is output_embeddings or "lm_head" in name.split("."):
+        if not isinstance(module, nn.Linear) or module is output_embeddings or parts.lm_head in name.split("."):
             continue
         root = next((root for root in vision_roots if _inside(name, root)), None)
         if root is not None:
@@ -140,9 +141,9 @@ def _parts(model: nn.Module, include_vision: bool) -> list[_Part]:
     return [language] + (list(vision.values()) if include_vision else [])
 
 
-def target_linears(model: nn.Module, include_vision: bool = False) -> dict[str, nn.Linear]:
+def target_linears(model: nn.Module, parts: ModelParts, include_vision: bool = False) -> dict[str, nn.Linear]:
     """Every Linear that pruning may touch, by full module name."""
-    return {name: linear for part in _parts(model, include_vision) for name, linear in part.linears.items()}
+    return {name: linear for part in _parts(model, parts, include_vision) for name, linear in part.linears.items()}
 
 
 def _layer_index(name: str, fallback: int) -> int:
@@ -298,23 +299,25 @@ _PRUNERS = {"magnitude": _prune_magnitude, "attention": _prune_heads, "channel":
 
 # ---------------------------------------------------------------- public API
 
-def prune_model(model: nn.Module, method: str, amount: float, *, include_vision: bool = False) -> dict[str, float]:
-    """Prune ``model`` in place and permanently; returns ``measure_sparsity`` of what was targeted.
+def prune_model(model: nn.Module, parts: ModelParts, method: str, amount: float, *,
+                include_vision: bool = False) -> dict[str, float]:
+    """Prune ``model`` (made of ``parts``) in place and permanently; returns ``measure_sparsity`` of what was
+    targeted.
 
     Each part (language model, and with ``include_vision`` each vision tower and the
     projector) is pruned to ``amount`` on its own. ``amount == 0`` changes nothing.
     """
     validate_prune_settings(method, amount)
-    parts = _parts(model, include_vision)
-    _check_prunable(model, parts)
+    targets = _parts(model, parts, include_vision)
+    _check_prunable(model, targets)
     if amount > 0:
-        for part in parts:
+        for part in targets:
             _PRUNERS[method](model, part, amount)
-    return measure_sparsity(model, include_vision)
+    return measure_sparsity(model, parts, include_vision)
 
 
 @torch.no_grad()
-def measure_sparsity(model: nn.Module, include_vision: bool = False) -> dict[str, float]:
+def measure_sparsity(model: nn.Module, parts: ModelParts, include_vision: bool = False) -> dict[str, float]:
     """Fraction of exactly-zero weights per kind of Linear, in total, and of wholly zero heads/channels.
 
     Keys: the Linear's own name for the language model (``q_proj``, ``gate_proj``...), prefixed
@@ -325,7 +328,7 @@ def measure_sparsity(model: nn.Module, include_vision: bool = False) -> dict[str
     zeros: dict[str, int] = {}
     sizes: dict[str, int] = {}
     result: dict[str, float] = {}
-    for part in _parts(model, include_vision):
+    for part in _parts(model, parts, include_vision):
         dot = part.prefix + "." if part.prefix else ""
         for name, linear in part.linears.items():
             kind = dot + _leaf(name)
@@ -344,7 +347,7 @@ def measure_sparsity(model: nn.Module, include_vision: bool = False) -> dict[str
 
 
 @torch.no_grad()
-def pruning_masks(model: nn.Module, include_vision: bool = False) -> dict[str, torch.Tensor]:
+def pruning_masks(model: nn.Module, parts: ModelParts, include_vision: bool = False) -> dict[str, torch.Tensor]:
     """Parameter name -> True where a prunable Linear's weight (or bias) is zero, for those holding zeros.
 
     Taken from a pruned model before training or merging, so that the zeros can be put back after
@@ -352,7 +355,7 @@ def pruning_masks(model: nn.Module, include_vision: bool = False) -> dict[str, t
     One byte per masked value, on the parameter's device.
     """
     masks = {}
-    for name, linear in target_linears(model, include_vision).items():
+    for name, linear in target_linears(model, parts, include_vision).items():
         for kind in ("weight", "bias"):
             param = getattr(linear, kind)
             if param is not None and param.is_floating_point():

@@ -41,7 +41,8 @@ def pruned_base(model_path: str, family: str, cfg) -> tuple[str, dict[str, float
 
     def prune(staging: Path) -> None:
         model = load_model(model_path, family)
-        sparsity = prune_model(model, cfg.PRUNE_METHOD, cfg.PRUNE_AMOUNT, include_vision=cfg.PRUNE_VISION)
+        sparsity = prune_model(model, get_family(family).parts, cfg.PRUNE_METHOD, cfg.PRUNE_AMOUNT,
+                               include_vision=cfg.PRUNE_VISION)
         save_pretrained_here(model, staging)
         load_processor(model_path).save_pretrained(staging)
         (staging / PRUNING_MARKER).write_text(json.dumps({
@@ -93,12 +94,13 @@ def merge_and_save(run_dir: Path, family: str) -> Path:
     record = read_run_file(run_dir)
     settings = make_settings(record["settings"])
     base = load_model(run_base_path(settings, family), family)
-    masks = pruning_masks(base, include_vision=settings.PRUNE_VISION) if settings.PRUNE else {}
+    parts = get_family(family).parts
+    masks = pruning_masks(base, parts, include_vision=settings.PRUNE_VISION) if settings.PRUNE else {}
     # QLoRA adapters are merged into the full-precision base, not the quantised one.
     merged = load_adapter_verified(base, run_dir, get_family(family).adapter_renames).merge_and_unload()
     if settings.PRUNE:
         apply_pruning_masks(merged, masks)
-        record["sparsity_after_merging"] = measure_sparsity(merged, settings.PRUNE_VISION)
+        record["sparsity_after_merging"] = measure_sparsity(merged, parts, settings.PRUNE_VISION)
         write_run_file(run_dir, record)
     target = run_dir / MERGED_DIR
     merged.save_pretrained(target)
