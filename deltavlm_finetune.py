@@ -34,11 +34,14 @@ LLM_LORA_ALPHA = 16
 LOAD_LLM_IN_8BIT = False    # the frozen Vicuna in 8-bit (bitsandbytes, GPU)
 LOAD_LLM_IN_4BIT = False    # ... or 4-bit nf4
 GRADIENT_CHECKPOINTING = False  # recompute the ViT's and Vicuna's activations in the backward pass
+PRECISION = "auto"          # compute: "auto" = bf16 on GPUs with it, fp16 on older GPUs (as released), fp32 on CPU; or
+                            # "bf16", "fp16", "fp32". The trained parameters stay fp32; the frozen Vicuna computes in it
 # --- optimisation (released: AdamW, wd 0.05, 1,000 warm-up steps then cosine, clipping at 1.0, lr 1e-5, batch 12,
 #     50 epochs)
 LR = None                   # None = 1e-5 (INIT=tiny: 2e-3)
 WARMUP_STEPS = None         # None = 1000 (INIT=tiny: 5)
-LR_SCHEDULER = "cosine"     # any transformers scheduler ("cosine_with_min_lr" with LAVIS's min_lr needs kwargs)
+LR_SCHEDULER = "cosine"     # any transformers scheduler (released, LAVIS's: "cosine_with_min_lr" ...
+LR_SCHEDULER_KWARGS = {}    # ... with {"min_lr": 1e-6}); the scheduler's own arguments
 WEIGHT_DECAY = 0.05
 OPTIM = "adamw_torch_fused" # AdamW as released, in PyTorch's fused kernel (the same update)
 MAX_GRAD_NORM = 1.0         # gradient clipping (0 = none)
@@ -60,7 +63,9 @@ VAL_BATCH_SIZE = 8
 OUTPUT_DIR = "runs"
 RUN_NAME = None             # None = deltavlm[-tiny][-nocsrm][-loraR]_<train file>
 OVERWRITE = False           # True = delete a finished run (or one with other settings) of that name, train again
-LOGGING_STEPS = 10          # console + TensorBoard
+LOGGING_STEPS = 10          # console + REPORT_TO
+REPORT_TO = "tensorboard"   # where the Trainer logs: "tensorboard" (<run>/tensorboard), "wandb" or "mlflow" (when
+                            # installed), "none"
 SAVE_STEPS = 500            # a Trainer checkpoint (for resume) this often, and after each validation
 SAVE_TOTAL_LIMIT = 2
 
@@ -76,21 +81,22 @@ if __name__ == "__main__":
     sources = t.check_settings(cfg)
     # 2. data: every answer turn of the training records, the validation captions (images checked)
     examples, val_items = t.load_data(cfg)
-    # 3. the run directory: one writer; resume the same settings, refuse different ones
-    run_dir, writer_lock = t.prepare_run_dir(cfg)
-    # 4. the model, on this process's GPU: InstructBLIP + fresh CSRM (or a DeltaVLM checkpoint), Vicuna frozen or LoRA
-    model, tokenizers, report = t.build_model(cfg, sources)
-    # 5. what trains: the last ViT blocks, ln_vision, Q-Former, queries, projection, CSRM (+ LoRA)
-    counts = t.choose_trainable(model, cfg)
-    # 6. run.json: settings, versions, data hashes, trainable parameters per part
-    record = t.start_record(cfg, sources, run_dir, counts, examples, val_items, report)
-    # 7. the Trainer, validating each epoch (best checkpoint_best.pth by BEST_METRIC, early stop)
-    trainer = t.make_trainer(cfg, model, tokenizers, examples, val_items, run_dir, sources)
-    if trainer.args.process_index == 0:
-        print("\n".join(report.lines()))
-        print(f"training {sum(counts.values()):,} parameters ({', '.join(f'{k} {v:,}' for k, v in counts.items())}) "
-              f"on {len(examples)} answers, validating on {len(val_items)} captions -> {run_dir}")
-    # 8. train (resuming from the newest checkpoint of this run)
-    resumed_from = t.train(trainer, run_dir)
-    # 9. run.json completed: loss and validation curves, best epoch, replica checksums
-    t.finish(trainer, record, run_dir, started, resumed_from)
+    # 3. the run directory: one writer (for the whole block); resume the same settings, refuse different ones
+    with t.open_run_dir(cfg) as run_dir:
+        # 4. the model, on this process's GPU: InstructBLIP + fresh CSRM (or a DeltaVLM checkpoint), Vicuna frozen/LoRA
+        model, tokenizers, report = t.build_model(cfg, sources)
+        # 5. what trains: the last ViT blocks, ln_vision, Q-Former, queries, projection, CSRM (+ LoRA)
+        counts = t.choose_trainable(model, cfg)
+        # 6. run.json: settings, versions, data hashes, trainable parameters per part
+        record = t.start_record(cfg, sources, run_dir, counts, examples, val_items, report)
+        # 7. the Trainer, validating each epoch (best checkpoint_best.pth by BEST_METRIC, early stop)
+        trainer = t.make_trainer(cfg, model, tokenizers, examples, val_items, run_dir, sources)
+        if trainer.args.process_index == 0:
+            print("\n".join(report.lines()))
+            parts = ", ".join(f"{k} {v:,}" for k, v in counts.items())
+            print(f"training {sum(counts.values()):,} parameters ({parts}) "
+                  f"on {len(examples)} answers, validating on {len(val_items)} captions -> {run_dir}")
+        # 8. train (resuming from the newest checkpoint of this run)
+        resumed_from = t.train(trainer, run_dir)
+        # 9. run.json completed: loss and validation curves, best epoch, replica checksums
+        t.finish(trainer, record, run_dir, started, resumed_from)

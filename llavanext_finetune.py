@@ -45,6 +45,7 @@ MAX_STEPS = -1              # > 0 overrides EPOCHS
 LR = None                   # None = 2e-4 for LoRA/QLoRA, 2e-5 for full (5e-3 / 1e-3 for the tiny model)
 WARMUP_STEPS = 10
 LR_SCHEDULER = "cosine"     # any transformers scheduler: "linear", "constant_with_warmup", "cosine_with_min_lr"...
+LR_SCHEDULER_KWARGS = {}    # the scheduler's own arguments, e.g. {"min_lr": 1e-6} for "cosine_with_min_lr"
 WEIGHT_DECAY = 0.0
 OPTIM = "adamw_torch_fused" # any Trainer optimizer: "adamw_torch", "adafactor", "adamw_bnb_8bit"...
 MAX_GRAD_NORM = 1.0         # gradient clipping (0 = none)
@@ -61,6 +62,8 @@ OUTPUT_DIR = "runs"
 RUN_NAME = None             # the run directory's name; None = from the settings (model, data, mode, rank, length)
 OVERWRITE = False           # True = delete a finished run (or one with other settings) of that name, train again
 LOGGING_STEPS = 5
+REPORT_TO = "tensorboard"   # where the Trainer logs: "tensorboard" (<run>/tensorboard), "wandb" or "mlflow" (when
+                            # installed), "none"
 SAVE_STEPS = 50             # checkpoint every N steps (the newest SAVE_TOTAL_LIMIT are kept)
 SAVE_TOTAL_LIMIT = 2
 EVAL_STEPS = 50             # validation loss every N steps (0 = never)

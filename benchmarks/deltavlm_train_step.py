@@ -101,7 +101,7 @@ def one_training_step(cfg, *, use_csrm: bool, gradient_checkpointing: bool, lora
     settings = make_settings({"USE_CSRM": use_csrm, "GRADIENT_CHECKPOINTING": gradient_checkpointing,
                               "LLM_LORA_R": lora_r, "LLM_LORA_ALPHA": 2 * max(lora_r, 1),
                               "LOAD_LLM_IN_8BIT": bits == 8, "LOAD_LLM_IN_4BIT": bits == 4, "TRAIN_VIT_BLOCKS": 2,
-                              "SEED": 0})
+                              "SEED": 0, "PRECISION": "auto"})
     if real_size:
         device = torch.device("cuda")
         model = real_size_model(use_csrm, bits)

@@ -26,7 +26,7 @@ from .devices import is_main_process, process_device
 from .engines import dist_timeout
 from .errors import UserError
 from .fileio import atomic_write_text
-from .locks import WriterLock, lock_for_writing
+from .locks import LockedOutput, WriterLock, lock_for_writing, released_on_error
 from .map_outputs import (format_summary, resolve_questions, summarize, tile_record, write_geojson,
                           write_overview)
 from .rasters import RasterPair, open_pair
@@ -153,7 +153,7 @@ def run_name(cfg, pair: RasterPair) -> str:
 
 
 @dataclass
-class SceneRun:
+class SceneRun(LockedOutput):
     """A run being written: its folder, tiles, the ones still to answer, what produced it; rank 0 holds the
     writer and its lock (a ``with`` block releases it)."""
     cfg: Any
@@ -166,26 +166,16 @@ class SceneRun:
     lock: WriterLock | None = None
     started: float = field(default_factory=time.time)
 
-    def __enter__(self) -> "SceneRun":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.lock is not None:
-            self.lock.release()
-
 
 def _open_on_main(cfg, folder: Path, identity: dict[str, Any]) -> tuple[ResultsWriter, WriterLock]:
     lock = lock_for_writing(folder, f"the run directory {folder}")
-    try:
+    with released_on_error(lock):
         if cfg.OVERWRITE and folder.exists():
             print(f"OVERWRITE: removed the earlier run in {folder}")
             shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
         check_run_settings(folder / SETTINGS_FILE, identity, folder / TILES_FILE, redo="set OVERWRITE=True")
         return ResultsWriter(folder / TILES_FILE), lock
-    except BaseException:
-        lock.release()
-        raise
 
 
 def open_run(cfg, pair: RasterPair, tiles: list[Tile], questions: dict[str, str], shard: Shard) -> SceneRun:

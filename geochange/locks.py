@@ -43,6 +43,31 @@ class WriterLock:
         self.release()
 
 
+class LockedOutput:
+    """An output this process opened for writing (a run directory, a results file): a ``with`` block gives up its
+    ``lock`` at the end, however it ends (None: a process that holds none, as torchrun's other ranks)."""
+    lock: WriterLock | None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+
+@contextmanager
+def released_on_error(lock: WriterLock | None) -> Iterator[None]:
+    """Give up ``lock`` if the block raises: what opens an output keeps its lock only once all of it is ready (and
+    hands it to its ``LockedOutput``)."""
+    try:
+        yield
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
 def lock_path(target: str | Path) -> Path:
     """``runs/<run>`` -> ``runs/<run>.lock``; ``results/<run>.jsonl`` -> ``results/<run>.jsonl.lock``."""
     target = Path(target)

@@ -2,10 +2,12 @@
 run directory's name, and whether a rerun may resume it."""
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata as md
 import json
 import platform
 import re
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +15,10 @@ from .errors import UserError
 from .fileio import atomic_write_text, file_sha256
 
 RUN_FILE = "run.json"
-# Settings that cannot change what a run trains or how it is scored: a resume may change them.
+# Settings that cannot change what a run trains or how it is scored: a resume may change them. RUN_NAME and
+# OUTPUT_DIR only pick the directory, and it is this one (a default name spelt out, a relative path made absolute).
 RESUME_MAY_CHANGE = ("OVERWRITE", "NUM_WORKERS", "LOGGING_STEPS", "EVAL_BATCH_SIZE", "SAVE_TOTAL_LIMIT",
-                     "DIST_TIMEOUT_MINUTES")
+                     "DIST_TIMEOUT_MINUTES", "RUN_NAME", "OUTPUT_DIR", "REPORT_TO")
 
 
 def write_run_file(run_dir: Path, record: dict[str, Any]) -> None:
@@ -54,14 +57,48 @@ def differing_settings(written: dict[str, Any], now: dict[str, Any]) -> list[str
     return sorted(k for k in set(written) | set(now) if written.get(k) != now.get(k))
 
 
-def _short(value: Any) -> str:
+def setting_token(name: str, value: Any) -> str:
+    """A setting as a run name shows it: ``lr0.001``, ``numframes4``, ``lrschedulerlinear`` (the name lower case
+    without underscores, the value cut to what a folder name may hold)."""
     text = f"{value:g}" if isinstance(value, float) else str(value)
-    return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-")[:24]
+    return name.lower().replace("_", "") + re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-")[:24]
+
+
+def settings_record(cfg, distinct: dict[str, Any]) -> dict[str, Any]:
+    """run.json's account of a run's settings: every constant, the ``distinct`` ones (``distinct_settings``), and the
+    experiment file they came from with its sha256 (None: none)."""
+    return {"settings": cfg.as_dict(), "distinct_settings": distinct,
+            "experiment": cfg.experiment.record() if cfg.experiment else None}
+
+
+def distinct_settings(settings: dict[str, Any], defaults: dict[str, Any], leave_out: Collection[str]) -> dict[str, Any]:
+    """The settings whose values differ from the script's ``defaults`` (its constants), by name, but for
+    ``leave_out``: what a default run name ends with (``setting_token``) and its leaderboard label shows, so that two
+    runs that differ in what they train never share either. run.json records them (``distinct_settings``)."""
+    return {name: settings[name] for name in defaults
+            if name not in leave_out and name in settings and settings[name] != defaults[name]}
+
+
+# A default run name stays this short (a folder name, with room for its lock's suffix and a results file's).
+RUN_NAME_LIMIT = 160
+
+
+def default_run_name(fixed: str, distinct: dict[str, Any]) -> str:
+    """``fixed`` (a recipe's scheme) and a ``setting_token`` for each of ``distinct``; past RUN_NAME_LIMIT the tokens
+    that fit, then a hash of all of them (two runs with other settings still get other names)."""
+    tokens = [setting_token(name, value) for name, value in distinct.items()]
+    name = "_".join([fixed, *tokens])
+    if len(name) <= RUN_NAME_LIMIT:
+        return name
+    digest = hashlib.sha256(json.dumps(distinct, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    while tokens and len("_".join([fixed, *tokens, digest])) > RUN_NAME_LIMIT:
+        tokens.pop()
+    return "_".join([fixed, *tokens, digest])
 
 
 def suggested_run_name(run_name: str, settings: dict[str, Any], differing: list[str]) -> str:
     """A name for a new run beside ``run_name``: the settings that differ appended (``_lr0.001_seed7``)."""
-    parts = [f"{key.lower().replace('_', '')}{_short(settings.get(key))}" for key in differing[:3]]
+    parts = [setting_token(key, settings.get(key)) for key in differing[:3]]
     return "_".join([run_name, *parts]) if parts else f"{run_name}_2"
 
 

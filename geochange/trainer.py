@@ -14,8 +14,68 @@ from pathlib import Path
 from .engines import deepspeed_plan, dist_timeout, parameter_values, restore_fp32_masters
 from .errors import UserError, first_line
 
-# The optimisation constants every training script has, and what they mean to the Trainer.
-OPTIMISATION_SETTINGS = ("LR_SCHEDULER", "WEIGHT_DECAY", "OPTIM", "MAX_GRAD_NORM")
+# The constants every training script has that the Trainer reads (checked here, built by ``trainer_arguments``).
+TRAINER_SETTINGS = ("PRECISION", "LR_SCHEDULER", "LR_SCHEDULER_KWARGS", "WEIGHT_DECAY", "OPTIM", "MAX_GRAD_NORM",
+                    "REPORT_TO", "DIST_TIMEOUT_MINUTES")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+# Where the Trainer logs: any of these the machine has installed, or none.
+REPORTERS = ("tensorboard", "wandb", "mlflow", "none")
+
+
+def compute_precision(precision: str, *, cuda: bool, cuda_bf16: bool) -> str:
+    """What ``PRECISION`` computes in on this machine: "auto" is bf16 on GPUs that have it, fp16 (autocast with loss
+    scaling) on older GPUs, fp32 on the CPU; a precision the machine cannot compute in stops in one line."""
+    if precision == "auto":
+        return ("bf16" if cuda_bf16 else "fp16") if cuda else "fp32"
+    if precision == "fp16" and not cuda:
+        raise UserError("PRECISION='fp16' needs a CUDA GPU (fp16 autocast with loss scaling); use bf16 or fp32")
+    if precision == "bf16" and cuda and not cuda_bf16:
+        raise UserError("PRECISION='bf16' but this GPU has no bf16 support; use fp16 or auto")
+    return precision
+
+
+def precision_dtype(compute: str):
+    """The torch dtype of a compute precision ("bf16", "fp16", "fp32")."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[compute]
+
+
+def device_compute_precision(precision: str) -> str:
+    """``compute_precision`` on this process's machine."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return compute_precision(precision, cuda=cuda, cuda_bf16=cuda and torch.cuda.is_bf16_supported())
+
+
+def check_report_to(report_to: str) -> None:
+    """REPORT_TO names a logger the Trainer has and this machine has installed, or none."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    if report_to not in REPORTERS:
+        raise UserError(f"REPORT_TO={report_to!r} is not one of {', '.join(REPORTERS)}")
+    installed = get_available_reporting_integrations()
+    if report_to != "none" and report_to not in installed:
+        raise UserError(f"REPORT_TO={report_to!r} but {report_to} is not installed (pip install {report_to}); "
+                        f"installed: {', '.join(installed) or 'none'}; or REPORT_TO=none")
+
+
+def check_scheduler_arguments(scheduler: str, arguments: dict) -> None:
+    """LR_SCHEDULER_KWARGS fit LR_SCHEDULER: transformers builds the schedule over a stand-in optimizer, as the
+    Trainer will (``cosine_with_min_lr`` needs ``min_lr`` or ``min_lr_rate``; an argument it does not take stops)."""
+    import torch
+    from transformers import get_scheduler
+
+    if not isinstance(arguments, dict):
+        raise UserError(f"LR_SCHEDULER_KWARGS must be a dict (e.g. {{'min_lr': 1e-6}}), not {arguments!r}")
+    stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    try:
+        get_scheduler(scheduler, stand_in, num_warmup_steps=1, num_training_steps=10,
+                      scheduler_specific_kwargs=arguments)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"LR_SCHEDULER_KWARGS={arguments!r} do not fit LR_SCHEDULER={scheduler!r}: "
+                        f"{first_line(exc, 200)}") from None
 
 
 def check_training_settings(cfg) -> None:
@@ -26,6 +86,7 @@ def check_training_settings(cfg) -> None:
     schedulers = [s.value for s in SchedulerType]
     optimizers = [o.value for o in OptimizerNames]
     checks = [
+        (cfg.PRECISION in PRECISIONS, f"PRECISION must be one of {', '.join(PRECISIONS)}, not {cfg.PRECISION!r}"),
         (cfg.LR_SCHEDULER in schedulers, f"LR_SCHEDULER={cfg.LR_SCHEDULER!r} is not one of {', '.join(schedulers)}"),
         (cfg.OPTIM in optimizers, f"OPTIM={cfg.OPTIM!r} is not a Trainer optimizer (e.g. adamw_torch_fused, "
                                   f"adamw_torch, adafactor, adamw_bnb_8bit; all: {', '.join(optimizers)})"),
@@ -40,6 +101,9 @@ def check_training_settings(cfg) -> None:
         if not ok:
             raise UserError(message)
     dist_timeout(cfg.DIST_TIMEOUT_MINUTES)  # > 0
+    check_report_to(cfg.REPORT_TO)
+    check_scheduler_arguments(cfg.LR_SCHEDULER, cfg.LR_SCHEDULER_KWARGS)
+    device_compute_precision(cfg.PRECISION)  # one this machine computes in
 
 
 def data_loader_workers(num_workers: int | None, cuda: bool) -> int:
@@ -70,15 +134,16 @@ def checkpointing_arguments(arguments_class, enabled: bool) -> dict:
 def trainer_arguments(cfg, run_dir: Path, *, learning_rate: float, compute: str, gradient_checkpointing: bool,
                       **recipe):
     """``TrainingArguments`` from a training script's constants: batch, accumulation, length (EPOCHS, MAX_STEPS),
-    ``learning_rate``, WARMUP_STEPS, LR_SCHEDULER, WEIGHT_DECAY, OPTIM, MAX_GRAD_NORM, logging, checkpoints,
-    workers, SEED, DEEPSPEED, DIST_TIMEOUT_MINUTES; ``compute`` = "bf16", "fp16" (autocast with loss scaling) or
-    "fp32". ``recipe``: what one recipe sets beyond these (its validation, for instance)."""
+    ``learning_rate``, WARMUP_STEPS, LR_SCHEDULER (and its LR_SCHEDULER_KWARGS), WEIGHT_DECAY, OPTIM, MAX_GRAD_NORM,
+    logging (REPORT_TO), checkpoints, workers, SEED, DEEPSPEED, DIST_TIMEOUT_MINUTES; ``compute`` = "bf16", "fp16"
+    (autocast with loss scaling) or "fp32". ``recipe``: what one recipe sets beyond these (its validation, for
+    instance)."""
     import torch
     from transformers import TrainingArguments
 
     cuda = torch.cuda.is_available()
-    # transformers 5 takes the TensorBoard folder from the environment only.
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
+    if cfg.REPORT_TO == "tensorboard":  # transformers 5 takes the TensorBoard folder from the environment only
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
     arguments = dict(
         output_dir=str(run_dir),
         per_device_train_batch_size=cfg.BATCH_SIZE,
@@ -88,6 +153,7 @@ def trainer_arguments(cfg, run_dir: Path, *, learning_rate: float, compute: str,
         learning_rate=learning_rate,
         warmup_steps=cfg.WARMUP_STEPS,
         lr_scheduler_type=cfg.LR_SCHEDULER,
+        lr_scheduler_kwargs=dict(cfg.LR_SCHEDULER_KWARGS),
         weight_decay=cfg.WEIGHT_DECAY,
         optim=cfg.OPTIM,
         max_grad_norm=cfg.MAX_GRAD_NORM,
@@ -95,7 +161,7 @@ def trainer_arguments(cfg, run_dir: Path, *, learning_rate: float, compute: str,
         fp16=compute == "fp16",
         **checkpointing_arguments(TrainingArguments, gradient_checkpointing),
         logging_steps=cfg.LOGGING_STEPS,
-        report_to=["tensorboard"],
+        report_to=[] if cfg.REPORT_TO == "none" else [cfg.REPORT_TO],
         save_strategy="steps",
         save_steps=cfg.SAVE_STEPS,
         save_total_limit=cfg.SAVE_TOTAL_LIMIT,

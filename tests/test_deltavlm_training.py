@@ -39,8 +39,7 @@ def train_in_process(cfg, callbacks=()):
     """The script's steps 1-9, keeping the model; returns (run_dir, weights before, model, record)."""
     sources = t.check_settings(cfg)
     examples, val_items = t.load_data(cfg)
-    run_dir, writer_lock = t.prepare_run_dir(cfg)
-    with writer_lock:  # released here even when the run is interrupted, as the OS does for a killed process
+    with t.open_run_dir(cfg) as run_dir:  # released even when the run is interrupted, as the OS does for a killed one
         model, tokenizers, report = t.build_model(cfg, sources, torch.device("cpu"))
         counts = t.choose_trainable(model, cfg)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -245,7 +244,7 @@ def test_an_interrupted_run_resumes_and_other_settings_are_refused(tmp_path, one
         train_in_process(cfg, [Crash()])
     assert (t.run_dir_of(cfg) / "checkpoint-4").is_dir()
     with pytest.raises(UserError, match=r"other settings \(LR\)"):
-        t.prepare_run_dir(settings(tmp_path, "EPOCHS=1", "VAL_LIMIT=2", "LR=0.5"))
+        t.prepare_run_dir(settings(tmp_path, "EPOCHS=1", "VAL_LIMIT=2", "LR=0.5", f"RUN_NAME={t.run_dir_of(cfg).name}"))
     _, holder = t.prepare_run_dir(cfg)  # a second writer of the same run stops in one line
     with holder, pytest.raises(UserError, match="is being written by another process"):
         t.prepare_run_dir(cfg)

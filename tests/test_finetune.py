@@ -1,6 +1,7 @@
 """Fine-tuning on the tiny models and the bundled sample (CPU)."""
 import json
 import os
+import re
 import runpy
 import sys
 from pathlib import Path
@@ -92,7 +93,9 @@ def test_training_lowers_the_loss_and_the_adapter_reloads(tmp_path, family, over
     assert len(losses) == 8 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses
     expected_bits = (8 if overrides.get("USE_8BIT") else 4) if mode == "QLORA" else None
     assert record["quant_bits"] == expected_bits
-    assert run_dir.name.endswith(f"{mode}_{expected_bits}bit_r8_alpha16_8steps" if expected_bits else f"{mode}_r8_alpha16_8steps")
+    # GeoLLaVA's scheme, then the settings the test changed from the script's (LR, TRAIN_LIMIT, WARMUP_STEPS)
+    scheme = f"{mode}_{expected_bits}bit_r8_alpha16_8steps" if expected_bits else f"{mode}_r8_alpha16_8steps"
+    assert run_dir.name.endswith(f"{scheme}_lr0.01_trainlimit16_warmupsteps0")
     # LoRA sits on every Linear of the language model and nowhere else
     assert record["lora_targets"] and all(".language_model." in name for name in record["lora_targets"])
     assert not any(part in name for name in record["lora_targets"] for part in ("tower", "projector", "lm_head"))
@@ -166,17 +169,19 @@ def test_interrupted_run_resumes_only_under_its_settings_and_alone(tmp_path, mon
         train_script("videollava", tmp_path, **quick)
     monkeypatch.setattr(transformers.Trainer, "training_step", real_step)
     run_dir = tmp_path / finetune.run_name(settings("videollava", tmp_path, **quick), "videollava")
-    assert run_dir.name.endswith("_LORA_r8_alpha16_6steps")  # MAX_STEPS decides the length, not EPOCHS
-    assert finetune.run_name(settings("videollava", tmp_path, MAX_STEPS=-1), "videollava").endswith("_3epochs")
+    # MAX_STEPS decides the length, not EPOCHS; then the settings the test changed from the script's
+    assert run_dir.name.endswith("_LORA_r8_alpha16_6steps_lr0.01_trainlimit16_warmupsteps0")
+    assert finetune.run_name(settings("videollava", tmp_path, MAX_STEPS=-1), "videollava").endswith("_3epochs_lr0.01_trainlimit16_warmupsteps0")
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-3"]
     assert not json.loads((run_dir / "run.json").read_text())["completed"]
-    # other settings never resume into this run (LR is not in the directory name), and nothing is touched
+    # other settings never resume into this run (a default name would differ: here a RUN_NAME names it), and
+    # nothing is touched
     before = (run_dir / "run.json").read_text()
     with pytest.raises(UserError, match=rf"^{run_dir} holds a run with other settings \(LR, WARMUP_STEPS\); "
                                         rf"restore them to resume it, set RUN_NAME={run_dir.name}_lr0.005_warmupsteps2 "
                                         rf"\(or another OUTPUT_DIR than {tmp_path}\) for a new run beside it, or "
                                         r"OVERWRITE=True to train it again \(deleting it\)$"):
-        train_script("videollava", tmp_path, LR=5e-3, WARMUP_STEPS=2, **quick)
+        train_script("videollava", tmp_path, LR=5e-3, WARMUP_STEPS=2, RUN_NAME=run_dir.name, **quick)
     # settings that cannot change what trains may change on resume (they are not compared)
     assert finetune.prepare_run_dir(settings("videollava", tmp_path, NUM_WORKERS=1, LOGGING_STEPS=3, **quick),
                                     run_dir, main=False)
@@ -211,7 +216,7 @@ def test_full_finetune_and_pruned_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(weights, "CHECKPOINTS_DIR", tmp_path / "checkpoints")
     run_dir = train_script("videollava", tmp_path, USE_LORA=False, MAX_STEPS=4, LR=1e-3)
     record = json.loads((run_dir / "run.json").read_text())
-    assert record["mode"] == "FULL" and run_dir.name.endswith("_FULL_4steps") and (run_dir / "model.safetensors").exists()
+    assert record["mode"] == "FULL" and run_dir.name.endswith("_FULL_4steps_lr0.001_trainlimit16_warmupsteps0") and (run_dir / "model.safetensors").exists()
     trained = load_model(str(run_dir), "videollava")
     frozen = {n for n, p in trained.named_parameters() if "tower" in n}
     frozen |= set(video_unused_parameter_names(trained, "videollava"))
@@ -383,35 +388,64 @@ def test_missing_video_and_too_small_max_length_are_one_line_errors(tmp_path, ca
 
 
 @pytest.mark.parametrize("script", ["videollava_finetune.py", "llavanext_finetune.py", "deltavlm_finetune.py"])
-def test_every_training_setting_is_a_constant_that_reaches_the_trainer(tmp_path, script, user_error):
+def test_every_training_setting_is_a_constant_that_reaches_the_trainer(tmp_path, script, user_error, monkeypatch):
     """LR_SCHEDULER, WEIGHT_DECAY, OPTIM, MAX_GRAD_NORM and DIST_TIMEOUT_MINUTES are the scripts' constants, built
     into the Trainer's arguments by the one shared builder (both recipes), and recorded in run.json with every other
     constant."""
     from geochange.deltavlm import training as deltavlm_training
     from geochange.overrides import script_constants
-    from geochange.trainer import OPTIMISATION_SETTINGS, check_training_settings
+    from geochange.trainer import TRAINER_SETTINGS, check_training_settings
 
-    chosen = {"LR_SCHEDULER": "constant_with_warmup", "WEIGHT_DECAY": 0.01, "OPTIM": "adamw_torch",
-              "MAX_GRAD_NORM": 0.5}
+    chosen = {"LR_SCHEDULER": "cosine_with_min_lr", "LR_SCHEDULER_KWARGS": {"min_lr": 1e-6}, "WEIGHT_DECAY": 0.01,
+              "OPTIM": "adamw_torch", "MAX_GRAD_NORM": 0.5, "REPORT_TO": "none"}
     defaults = script_constants(script)
-    assert set(OPTIMISATION_SETTINGS) <= set(defaults.as_dict())
+    assert set(TRAINER_SETTINGS) <= set(defaults.as_dict())
     if script.startswith("deltavlm"):
         cfg = deltavlm_training.resolve_recipe(script_constants(script, INIT="tiny", **chosen))
         args = deltavlm_training.training_arguments(cfg, tmp_path)
         assert (defaults.WEIGHT_DECAY, defaults.MAX_GRAD_NORM) == (0.05, 1.0)  # the released recipe
+        # DeltaVLM's PRECISION: the Trainer's autocast and the frozen Vicuna's dtype (int8 keeps fp16 for its matmuls)
+        from geochange.deltavlm.loading import frozen_llm_dtype
+        bf16 = deltavlm_training.resolve_recipe(script_constants(script, INIT="tiny", PRECISION="bf16"))
+        assert deltavlm_training.training_arguments(bf16, tmp_path).bf16 and not args.bf16 | args.fp16
+        cpu = torch.device("cpu")
+        assert (frozen_llm_dtype(cpu, None, torch.bfloat16), frozen_llm_dtype(cpu, None),
+                frozen_llm_dtype(cpu, 8, torch.bfloat16)) == (torch.bfloat16, torch.float32, torch.float16)
     else:
         cfg = script_constants(script, MODEL_ID="tiny", **chosen)
         args = finetune.training_arguments(cfg, tmp_path)
         assert (defaults.WEIGHT_DECAY, defaults.MAX_GRAD_NORM) == (0.0, 1.0)
-    assert (args.lr_scheduler_type.value, args.weight_decay, args.optim.value, args.max_grad_norm) == \
-        ("constant_with_warmup", 0.01, "adamw_torch", 0.5)
-    assert defaults.OPTIM == "adamw_torch_fused" and defaults.LR_SCHEDULER == "cosine"
+    assert (args.lr_scheduler_type.value, args.weight_decay, args.optim.value, args.max_grad_norm, args.report_to) == \
+        ("cosine_with_min_lr", 0.01, "adamw_torch", 0.5, [])
+    # the Trainer's own schedule, built from these arguments, ends at min_lr (LAVIS's released schedule)
+    trainer = transformers.Trainer(model=torch.nn.Linear(2, 2), args=args, eval_dataset=[None])
+    trainer.create_optimizer_and_scheduler(num_training_steps=20)
+    for _ in range(20):
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(1e-6)
+    assert (defaults.OPTIM, defaults.LR_SCHEDULER, defaults.LR_SCHEDULER_KWARGS, defaults.REPORT_TO,
+            defaults.PRECISION) == ("adamw_torch_fused", "cosine", {}, "tensorboard", "auto")
     # the DDP group the Trainer makes waits DIST_TIMEOUT_MINUTES, as DeepSpeed's does (at least the Trainer's 30 min)
     assert defaults.DIST_TIMEOUT_MINUTES >= 30 and args.ddp_timeout == defaults.DIST_TIMEOUT_MINUTES * 60
     user_error(lambda: check_training_settings(script_constants(script, DIST_TIMEOUT_MINUTES=0)),
                "DIST_TIMEOUT_MINUTES must be > 0")
     user_error(lambda: check_training_settings(script_constants(script, OPTIM="adam")), "OPTIM='adam'")
     user_error(lambda: check_training_settings(script_constants(script, LR_SCHEDULER="cosinus")), "LR_SCHEDULER")
+    # scheduler arguments, the logger and the precision: one line each, before any model loads
+    user_error(lambda: check_training_settings(script_constants(script, LR_SCHEDULER="cosine_with_min_lr")),
+               "LR_SCHEDULER_KWARGS={} do not fit LR_SCHEDULER='cosine_with_min_lr'", "min_lr")
+    user_error(lambda: check_training_settings(script_constants(script, LR_SCHEDULER_KWARGS={"min_lr": 1e-6})),
+               "do not fit LR_SCHEDULER='cosine'")
+    user_error(lambda: check_training_settings(script_constants(script, REPORT_TO="wandb")),
+               "REPORT_TO='wandb' but wandb is not installed (pip install wandb); installed: tensorboard")
+    user_error(lambda: check_training_settings(script_constants(script, REPORT_TO="comet")), "REPORT_TO='comet'")
+    monkeypatch.setattr(transformers.integrations, "get_available_reporting_integrations",
+                        lambda: ["tensorboard", "wandb"])  # as where wandb is installed
+    check_training_settings(script_constants(script, REPORT_TO="wandb"))
+    if not torch.cuda.is_available():
+        user_error(lambda: check_training_settings(script_constants(script, PRECISION="fp16")),
+                   "PRECISION='fp16' needs a CUDA GPU")
 
 
 def test_a_resume_under_another_schedule_is_refused_and_harmless_settings_may_change(tmp_path):
@@ -556,3 +590,44 @@ def test_bad_clips_are_all_listed_before_any_model_loads_or_left_out_and_counted
     run_dir = train_script("videollava", tmp_path / "runs", SKIP_BAD_CLIPS=True, **common_settings)
     record = json.loads((run_dir / "run.json").read_text())
     assert record["completed"] and record["num_train"] == 4 and record["bad_clips_skipped"] == {"train": 2, "val": 0}
+
+
+def test_runs_that_train_differently_never_share_a_name_or_a_label(tmp_path):
+    """The default run name and the leaderboard label add every setting that changes what trains and differs from the
+    script's defaults (GeoLLaVA's scheme alone for the defaults); what cannot change the weights, or what the mode
+    ignores, adds nothing; a name past RUN_NAME_LIMIT ends in a hash of its settings."""
+    from geochange.deltavlm import training as deltavlm_training
+    from geochange.overrides import script_constants
+    from geochange.report import settings_label
+    from geochange.runs import RUN_NAME_LIMIT
+
+    def named(**overrides) -> tuple[str, str]:
+        cfg = script_constants("videollava_finetune.py", MODEL_ID="tiny", **overrides)
+        record = {"mode": finetune.training_mode(cfg), "settings": cfg.as_dict(), "num_train": 240,
+                  "learning_rate": finetune.learning_rate(cfg), "distinct_settings": finetune.run_settings(cfg, "videollava")}
+        return finetune.run_name(cfg, "videollava"), settings_label(record)
+
+    default = named()
+    assert default == ("videollava-tiny_sample_train_LORA_r8_alpha16_3epochs", "LoRA r8, 240 pairs, lr 0.005, 3 epochs")
+    changed = {"NUM_FRAMES": 4, "LR_SCHEDULER": "linear", "OPTIM": "adamw_torch"}
+    runs = {name: named(**{name: value}) for name, value in changed.items()}
+    assert runs["NUM_FRAMES"] == (default[0] + "_numframes4", default[1] + ", numframes4")
+    assert runs["LR_SCHEDULER"][0] == default[0] + "_lrschedulerlinear"
+    assert runs["OPTIM"][1] == default[1] + ", optimadamw-torch"  # "_" parts the tokens
+    assert len({*runs.values(), default}) == 4
+    assert named(**changed)[0] == default[0] + "_lrschedulerlinear_numframes4_optimadamw-torch"  # by name
+    # nothing that cannot change the weights, nor what LoRA ignores (FREEZE_VISION), nor what the label says already
+    assert named(NUM_WORKERS=2, REPORT_TO="none", GRADIENT_CHECKPOINTING=False, FREEZE_VISION=False,
+                 OUTPUT_DIR=str(tmp_path)) == default
+    assert named(LR=1e-3) == (default[0] + "_lr0.001", "LoRA r8, 240 pairs, lr 0.001, 3 epochs")
+    long, other = named(TRAIN_SPLIT="a" * 20, SEED=1, **changed, WARMUP_STEPS=3, MAX_LENGTH=512, WEIGHT_DECAY=0.1,
+                        LR_SCHEDULER_KWARGS={"num_cycles": 0.4}), named(TRAIN_SPLIT="a" * 20, SEED=2, **changed,
+                        WARMUP_STEPS=3, MAX_LENGTH=512, WEIGHT_DECAY=0.1, LR_SCHEDULER_KWARGS={"num_cycles": 0.4})
+    assert len(long[0]) <= RUN_NAME_LIMIT and long[0] != other[0] and long[0].startswith(default[0] + "_lrschedulerlinear")
+    assert re.fullmatch(r"[0-9a-f]{8}", long[0].rsplit("_", 1)[1]) and "trainsplit" not in long[0]  # hashed
+    # DeltaVLM's default names add theirs the same way (its defaults resolved for the same INIT)
+    delta = script_constants("deltavlm_finetune.py", INIT="tiny")
+    assert deltavlm_training.run_dir_of(deltavlm_training.resolve_recipe(delta)).name == \
+        "deltavlm-tiny_sample_changechat_instructions"
+    cider = deltavlm_training.resolve_recipe(script_constants("deltavlm_finetune.py", INIT="tiny", BEST_METRIC="cider"))
+    assert deltavlm_training.run_dir_of(cider).name == "deltavlm-tiny_sample_changechat_instructions_bestmetriccider"

@@ -1,3 +1,4 @@
+import re
 import sys
 from pathlib import Path
 
@@ -91,3 +92,67 @@ def test_load_settings_gives_one_frozen_typed_value():
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.LORA_R = 4
     assert dataclasses.replace(cfg, LORA_R=4).LORA_R == 4 and cfg.LORA_R == 16
+
+
+def test_an_experiment_file_applies_first_then_the_arguments_and_is_recorded(tmp_path):
+    """``python <script> FILE NAME=VALUE``: the file's literal lines, typed as the constants, then the arguments over
+    them; the settings carry the file and its sha256 (not as a setting: the same values resume the same run)."""
+    import hashlib
+
+    from geochange.overrides import load_settings
+    from geochange.runs import settings_record
+
+    file = tmp_path / "exp.py"
+    file.write_text('"""A row of a table."""\n# a comment\nLORA_R = 16\nLR = 1  # an int where a float is\n'
+                    'TARGETS = ["k"]\nVIDEO_DIR = "/data/v"\n')
+    s = scope()
+    cfg = load_settings(s, [str(file), "LORA_R=32"], quiet=True)
+    assert (cfg.LORA_R, cfg.LR, cfg.TARGETS, cfg.VIDEO_DIR, cfg.USE_LORA) == (32, 1.0, ["k"], "/data/v", True)
+    assert isinstance(cfg.LR, float) and s["TARGETS"] == ("k",)
+    assert cfg.experiment.sha256 == hashlib.sha256(file.read_bytes()).hexdigest()
+    given = load_settings(scope(), ["LORA_R=32", "LR=1.0", "TARGETS=['k']", "VIDEO_DIR=/data/v"], quiet=True)
+    assert cfg.as_dict() == given.as_dict() and "experiment" not in cfg.as_dict()
+    assert settings_record(cfg, {})["experiment"] == {"file": str(file), "sha256": cfg.experiment.sha256}
+    assert settings_record(load_settings(scope(), [], quiet=True), {})["experiment"] is None
+
+
+@pytest.mark.parametrize("text,message", [
+    ("NOPE = 1\n", ":1: unknown setting 'NOPE'; valid names: LORA_R, LR, MODEL_ID"),
+    ("LORA_R = 8\nLORA_R = 2.5\n", ":2: LORA_R: expected an int, not 2.5"),
+    ("USE_LORA = 1\n", ":1: USE_LORA: expected a bool, not 1"),
+    ("LORA_R = True\n", ":1: LORA_R: expected an int, not True"),
+    ("LR = 1e-3 * 2\n", ":1: LR must be a literal value"),
+    ("import os\n", ":1: an experiment file holds only NAME = value lines"),
+    ("LR = (\n", "not Python literals"),
+])
+def test_a_bad_experiment_file_names_its_line_and_changes_nothing(tmp_path, text, message):
+    from geochange.overrides import load_settings
+
+    (tmp_path / "exp.py").write_text(text)
+    s = scope()
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_settings(s, [str(tmp_path / "exp.py"), "LORA_R=4"], quiet=True)
+    assert s == scope()
+    with pytest.raises(UserError, match="experiment file nowhere.py does not exist"):
+        load_settings(s, ["nowhere.py"], quiet=True)
+    with pytest.raises(UserError, match="an experiment file comes first"):
+        load_settings(s, ["LORA_R=4", str(tmp_path / "exp.py")], quiet=True)
+
+
+# configs/experiments/<prefix>_*.py is a row for this script
+EXPERIMENT_SCRIPTS = {"deltavlm": "deltavlm_finetune.py"}
+
+
+@pytest.mark.parametrize("file", sorted((REPO / "configs" / "experiments").glob("*.py")), ids=lambda path: path.stem)
+def test_every_experiment_file_loads_against_its_scripts_constants(file):
+    """Each committed experiment file reads as its script would read it (an unknown name or a wrongly typed value
+    fails) and its docstring gives the command that runs it."""
+    import runpy
+
+    from geochange.overrides import load_settings
+
+    script = EXPERIMENT_SCRIPTS[file.stem.split("_")[0]]
+    relative = file.relative_to(REPO).as_posix()
+    cfg = load_settings(runpy.run_path(str(REPO / script), run_name="constants"), [relative], quiet=True)
+    assert cfg.experiment.values and all(cfg.as_dict()[name] == value for name, value in cfg.experiment.values.items())
+    assert f"python {script} {relative}" in file.read_text()

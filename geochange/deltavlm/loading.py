@@ -210,24 +210,29 @@ def load_llm_tokenizer(llm_model: str):
     return tokenizer
 
 
-def frozen_llm_dtype(device: torch.device, bits: int | None) -> torch.dtype:
-    """The frozen LLM's dtype: the compute dtype of its GPU (bf16 where the GPU has it, as the training's autocast;
-    fp16 weights under bf16 autocast carried fp16 gradients across the vision->LLM boundary with no loss scaling,
-    and autocast kept bf16 copies of all 7B weights, ~13 GB); fp16 for int8, whose matmuls take fp16; fp32 on a CPU
-    (fp16 with a 4-bit LLM, as bitsandbytes' CPU kernels take it)."""
+def frozen_llm_dtype(device: torch.device, bits: int | None, compute: torch.dtype | None = None) -> torch.dtype:
+    """The frozen LLM's dtype: the training's ``compute`` dtype (PRECISION) where given, else the compute dtype of its
+    GPU (bf16 where the GPU has it, as the training's autocast; fp16 weights under bf16 autocast carried fp16
+    gradients across the vision->LLM boundary with no loss scaling, and autocast kept bf16 copies of all 7B weights,
+    ~13 GB); fp16 for int8, whose matmuls take fp16; fp32 on a CPU (fp16 with a 4-bit LLM, as bitsandbytes' CPU
+    kernels take it)."""
     if bits == 8:
         return torch.float16
-    if device.type == "cuda":
-        return compute_dtype(device)
-    return torch.float16 if bits else torch.float32
+    if bits == 4 and device.type != "cuda":
+        return torch.float16
+    if compute is not None:
+        return compute
+    return compute_dtype(device) if device.type == "cuda" else torch.float32
 
 
-def load_llm(llm_model: str, device: torch.device, vocab: int, bits: int | None = None):
-    """The frozen LLM: full precision, or quantised to ``bits`` (8 or 4, bitsandbytes), loaded straight onto
-    ``device`` (not first whole into host memory, once per process); its embeddings resized to ``vocab``."""
+def load_llm(llm_model: str, device: torch.device, vocab: int, bits: int | None = None,
+             compute: torch.dtype | None = None):
+    """The frozen LLM: in the ``compute`` dtype (``frozen_llm_dtype``), or quantised to ``bits`` (8 or 4,
+    bitsandbytes), loaded straight onto ``device`` (not first whole into host memory, once per process); its
+    embeddings resized to ``vocab``."""
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict = {"dtype": frozen_llm_dtype(device, bits)}
+    kwargs: dict = {"dtype": frozen_llm_dtype(device, bits, compute)}
     if bits or device.type == "cuda":
         kwargs["device_map"] = {"": device.index if device.type == "cuda" and device.index is not None else
                                 str(device)}
@@ -342,9 +347,10 @@ def llm_adapter_beside(checkpoint: Path) -> Path | None:
 
 
 def load_deltavlm(checkpoint: str | None, *, base: str, llm_model: str, bert_model: str, device: torch.device,
-                  load_in_8bit: bool = False, load_in_4bit: bool = False,
-                  use_csrm: bool = True) -> tuple[DeltaVLM, Tokenizers, LoadReport]:
-    """The model (eval mode, frozen), its two tokenizers and the load report.
+                  load_in_8bit: bool = False, load_in_4bit: bool = False, use_csrm: bool = True,
+                  compute: torch.dtype | None = None) -> tuple[DeltaVLM, Tokenizers, LoadReport]:
+    """The model (eval mode, frozen), its two tokenizers and the load report; the frozen LLM in ``compute`` (the
+    training's PRECISION; None: the device's compute dtype).
 
     ``checkpoint`` None: the InstructBLIP base with a fresh CSRM (where training starts). A LoRA adapter
     saved beside the checkpoint (``llm_lora/``) is put on the LLM.
@@ -366,7 +372,7 @@ def load_deltavlm(checkpoint: str | None, *, base: str, llm_model: str, bert_mod
                             load_llm_tokenizer(llm_model))
     model.to(device).eval().requires_grad_(False)
     bits = 8 if load_in_8bit else 4 if load_in_4bit else None
-    model.language_model = load_llm(llm_model, device, len(tokenizers.llm), bits)
+    model.language_model = load_llm(llm_model, device, len(tokenizers.llm), bits, compute)
     report.llm_adapter = llm_adapter_beside(checkpoint_path) if checkpoint_path is not None else None
     if report.llm_adapter is not None:
         model.language_model = load_adapter_verified(model.language_model, report.llm_adapter).eval()

@@ -16,6 +16,8 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,13 +30,16 @@ from ..engines import (check_shared_directory, deepspeed_plan, engine_of, gather
                        size_buckets, start_process_group, zero3_enabled)
 from ..errors import UserError
 from ..fileio import atomic_path, atomic_write_text
-from ..locks import WriterLock, lock_for_writing, lock_path
+from ..locks import WriterLock, lock_for_writing, lock_path, released_on_error
 from ..metrics import MetricsReport, meteor_available
 from ..paths import ANNOTATIONS_DIR, local_or_hub
 from ..results import write_metrics
-from ..runs import check_resume_processes, data_files, library_versions, resume_state, write_run_file
+from ..overrides import script_constants
+from ..runs import (RESUME_MAY_CHANGE, check_resume_processes, data_files, default_run_name, distinct_settings,
+                    library_versions, resume_state, settings_record, write_run_file)
 from ..sample.data import SAMPLE_CHANGECHAT_ROOT, ensure_sample_media
-from ..trainer import check_training_settings, suite_trainer_class, train_from_newest_checkpoint, trainer_arguments
+from ..trainer import (check_training_settings, device_compute_precision, precision_dtype, suite_trainer_class,
+                       train_from_newest_checkpoint, trainer_arguments)
 from . import FAMILY_ID
 from .checkpoint import released_extras, released_layout_state
 from .inputs import (Prompting, build_prompt, encode_training_batch, normalise_answer, preprocess_image)
@@ -205,10 +210,29 @@ class PairCollator:
 
 # --------------------------------------------------------------------------- 3. the run directory
 
+SCRIPT = "deltavlm_finetune.py"
+# What a default run name leaves out of its distinct settings: what its fixed part names (start, CSRM, LoRA rank,
+# data) and the weights it starts from (run.json's "sources"), and what cannot change the trained weights (where
+# things go, speed, logging).
+NAME_LEAVES_OUT = ("INIT", "USE_CSRM", "LLM_LORA_R", "TRAIN_ANNOTATIONS", "VISION_QFORMER_BASE", "LLM_MODEL",
+                   "BERT_MODEL", *RESUME_MAY_CHANGE, "IMAGE_ROOT", "SAVE_STEPS",
+                   "VAL_BATCH_SIZE", "GRADIENT_CHECKPOINTING", "DEEPSPEED")
+
+
+def run_settings(cfg) -> dict[str, Any]:
+    """The settings that make this run train differently from the script's defaults (resolved for the same INIT),
+    beyond what the name's fixed part says (``runs.distinct_settings``)."""
+    defaults = resolve_recipe(script_constants(SCRIPT, INIT=cfg.INIT)).as_dict()
+    ignored = () if cfg.LLM_LORA_R else ("LLM_LORA_ALPHA",)
+    return distinct_settings(cfg.as_dict(), defaults, NAME_LEAVES_OUT + ignored)
+
+
 def run_dir_of(cfg) -> Path:
-    name = cfg.RUN_NAME or (f"deltavlm{'-tiny' if cfg.INIT == 'tiny' else ''}{'' if cfg.USE_CSRM else '-nocsrm'}"
-                            f"{f'-lora{cfg.LLM_LORA_R}' if cfg.LLM_LORA_R else ''}_{Path(cfg.TRAIN_ANNOTATIONS).stem}")
-    return Path(cfg.OUTPUT_DIR) / name
+    """``OUTPUT_DIR/RUN_NAME``, by default ``deltavlm[-tiny][-nocsrm][-loraR]_<train file>``, then a token for each
+    of ``run_settings`` (``_lr0.0001_bestmetriccider``)."""
+    fixed = (f"deltavlm{'-tiny' if cfg.INIT == 'tiny' else ''}{'' if cfg.USE_CSRM else '-nocsrm'}"
+             f"{f'-lora{cfg.LLM_LORA_R}' if cfg.LLM_LORA_R else ''}_{Path(cfg.TRAIN_ANNOTATIONS).stem}")
+    return Path(cfg.OUTPUT_DIR) / (cfg.RUN_NAME or default_run_name(fixed, run_settings(cfg)))
 
 
 def prepare_run_dir(cfg) -> tuple[Path, WriterLock | None]:
@@ -218,17 +242,22 @@ def prepare_run_dir(cfg) -> tuple[Path, WriterLock | None]:
     ``train`` (the other ranks may look at the directory after rank 0 has begun writing it)."""
     run_dir = run_dir_of(cfg)
     lock = lock_for_writing(run_dir, f"the run directory {run_dir}") if is_main_process() else None
-    try:
+    with released_on_error(lock):
         check_resume_processes(run_dir, cfg.as_dict(), launched_processes())
         state = resume_state(run_dir, cfg.as_dict(), overwrite=cfg.OVERWRITE)
         if state == "replace" and is_main_process():
             shutil.rmtree(run_dir)
             print(f"OVERWRITE: removed the earlier run {run_dir}")
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        raise
     return run_dir, lock
+
+
+@contextmanager
+def open_run_dir(cfg) -> Iterator[Path]:
+    """``prepare_run_dir``'s directory, its writer lock held to the end of the block (rank 0's; the others hold
+    none)."""
+    run_dir, lock = prepare_run_dir(cfg)
+    with lock if lock is not None else nullcontext():
+        yield run_dir
 
 
 # --------------------------------------------------------------------------- 4. the model
@@ -243,7 +272,8 @@ def build_model(cfg, sources: Sources, device: torch.device | None = None):
     model, tokenizers, report = load_deltavlm(sources.init, base=sources.base, llm_model=sources.llm,
                                               bert_model=sources.bert, device=device,
                                               load_in_8bit=cfg.LOAD_LLM_IN_8BIT, load_in_4bit=cfg.LOAD_LLM_IN_4BIT,
-                                              use_csrm=cfg.USE_CSRM)
+                                              use_csrm=cfg.USE_CSRM,
+                                              compute=precision_dtype(device_compute_precision(cfg.PRECISION)))
     adapt_llm(model, cfg)
     return model, tokenizers, report
 
@@ -477,11 +507,11 @@ def make_trainer_class():
 
 
 def training_arguments(cfg, run_dir: Path):
-    """The shared builder's arguments; the trained parameters stay fp32 while AMP runs the model under bf16/fp16
-    autocast (as released); validation is this recipe's own, at each epoch's end."""
-    cuda = torch.cuda.is_available()
-    compute = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
-    return trainer_arguments(cfg, run_dir, learning_rate=cfg.LR, compute=compute, gradient_checkpointing=False,
+    """The shared builder's arguments; the trained parameters stay fp32 while AMP runs the model under the autocast
+    PRECISION names (auto: bf16 / fp16 on a GPU, as released); validation is this recipe's own, at each epoch's
+    end."""
+    return trainer_arguments(cfg, run_dir, learning_rate=cfg.LR, compute=device_compute_precision(cfg.PRECISION),
+                             gradient_checkpointing=False,
                              eval_strategy="no", save_only_model=False)
 
 
@@ -505,7 +535,8 @@ def make_trainer(cfg, model: DeltaVLM, tokenizers, examples: list[Example], val_
 
 def start_record(cfg, sources: Sources, run_dir: Path, counts: dict[str, int], examples: list[Example],
                  val_items: list[Item], report) -> dict[str, Any]:
-    record = {"completed": False, "family": FAMILY_ID, "settings": cfg.as_dict(), "sources": dataclasses.asdict(sources),
+    record = {"completed": False, "family": FAMILY_ID, **settings_record(cfg, run_settings(cfg)),
+              "sources": dataclasses.asdict(sources),
               "versions": library_versions(),
               "data": data_files(cfg, ("TRAIN_ANNOTATIONS", "VAL_ANNOTATIONS")),
               "num_train_examples": len(examples), "num_val_captions": len(val_items),

@@ -22,12 +22,14 @@ from ..devices import is_main_process, launched_processes, process_device
 from ..engines import (DeepSpeedPlan, check_shared_directory, deepspeed_plan, engine_of, one_process_per_gpu,
                        outside_zero3, start_process_group)
 from ..errors import UserError
-from ..locks import WriterLock, lock_for_writing, lock_path
+from ..locks import LockedOutput, WriterLock, lock_for_writing, lock_path, released_on_error
 from ..overrides import script_constants
 from ..results import remove_results
-from ..runs import check_resume_processes, data_files, library_versions, resume_state, write_run_file
+from ..runs import (RESUME_MAY_CHANGE, check_resume_processes, data_files, default_run_name, distinct_settings,
+                    library_versions, resume_state, settings_record, write_run_file)
 from ..sample.data import SAMPLE_VIDEO_DIR, ensure_sample_media
-from ..trainer import check_training_settings, suite_trainer_class, train_from_newest_checkpoint, trainer_arguments
+from ..trainer import (check_training_settings, compute_precision, precision_dtype, suite_trainer_class,
+                       train_from_newest_checkpoint, trainer_arguments)
 from ..video import clip_size, read_video_frames
 from .evaluation import evaluate
 from .families import ModelParts, get_family
@@ -64,10 +66,6 @@ def learning_rate(cfg) -> float:
     return 2e-4 if training_mode(cfg) != "FULL" else 2e-5
 
 
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
 @dataclass(frozen=True)
 class TrainingPrecision:
     compute: str            # autocast: "bf16", "fp16" (with loss scaling) or "fp32" (none)
@@ -77,20 +75,12 @@ class TrainingPrecision:
 def training_precision(cfg, *, cuda: bool, cuda_bf16: bool) -> TrainingPrecision:
     """What ``PRECISION`` means on this machine, per training mode.
 
-    "auto" computes in bf16 on GPUs that have it, fp16 on older GPUs, fp32 on the CPU. Full
-    fine-tuning always keeps fp32 weights (the master copy the optimiser updates): AdamW's steps at
-    lr 2e-5 are below bf16's resolution for most weights and would round away. LoRA trains fp32
-    adapters beside a frozen base, which is stored in the compute dtype to save memory.
+    It computes as ``trainer.compute_precision`` says. Full fine-tuning always keeps fp32 weights (the master copy
+    the optimiser updates): AdamW's steps at lr 2e-5 are below bf16's resolution for most weights and would round
+    away. LoRA trains fp32 adapters beside a frozen base, which is stored in the compute dtype to save memory.
     """
-    if cfg.PRECISION == "auto":
-        compute = ("bf16" if cuda_bf16 else "fp16") if cuda else "fp32"
-    else:
-        compute = cfg.PRECISION
-    if compute == "fp16" and not cuda:
-        raise UserError("PRECISION='fp16' needs a CUDA GPU (fp16 autocast with loss scaling); use bf16 or fp32")
-    if compute == "bf16" and cuda and not cuda_bf16:
-        raise UserError("PRECISION='bf16' but this GPU has no bf16 support; use fp16 or auto")
-    weights = torch.float32 if training_mode(cfg) == "FULL" else _DTYPES[compute]
+    compute = compute_precision(cfg.PRECISION, cuda=cuda, cuda_bf16=cuda_bf16)
+    weights = torch.float32 if training_mode(cfg) == "FULL" else precision_dtype(compute)
     return TrainingPrecision(compute, weights)
 
 
@@ -122,8 +112,6 @@ def check_settings(cfg) -> None:
     if cfg.PRUNE:
         validate_prune_settings(cfg.PRUNE_METHOD, cfg.PRUNE_AMOUNT)
     check_engine(cfg)
-    if cfg.PRECISION not in PRECISIONS:
-        raise UserError(f"PRECISION must be one of {', '.join(PRECISIONS)}, not {cfg.PRECISION!r}")
     check_training_settings(cfg)
     checks = [
         (cfg.LORA_R >= 1, f"LORA_R must be >= 1, not {cfg.LORA_R}"),
@@ -145,9 +133,30 @@ def check_settings(cfg) -> None:
         print("note: USE_8BIT only applies to QLoRA (USE_QLORA=True); ignored")
 
 
+# What a default run name leaves out of its distinct settings: what GeoLLaVA's scheme already names (model, data,
+# mode, rank, length, pruning), and what cannot change the trained weights (where things go, speed, what else runs).
+NAME_LEAVES_OUT = ("MODEL_ID", "TRAIN_ANNOTATIONS", "USE_LORA", "USE_QLORA", "USE_8BIT", "LORA_R", "LORA_ALPHA",
+                   "EPOCHS", "MAX_STEPS", "PRUNE", "PRUNE_METHOD", "PRUNE_AMOUNT", *RESUME_MAY_CHANGE,
+                   "RESULTS_DIR", "VIDEO_DIR", "VAL_ANNOTATIONS", "VAL_SPLIT", "EVAL_STEPS", "SAVE_STEPS",
+                   "MERGE_AND_SAVE", "EVAL_AFTER_TRAIN", "MAX_NEW_TOKENS", "MEMORY_CHECK", "GRADIENT_CHECKPOINTING",
+                   "DEEPSPEED", "SKIP_BAD_CLIPS")
+
+
+def run_settings(cfg, family: str) -> dict[str, Any]:
+    """The settings that make this run differ from the fine-tuning script's defaults in what it trains, beyond what
+    GeoLLaVA's scheme names (``runs.distinct_settings``); what the mode ignores is left out (LoRA's dropout in full
+    fine-tuning, FREEZE_VISION under LoRA, PRUNE_VISION without PRUNE)."""
+    ignored = ("LORA_DROPOUT",) if training_mode(cfg) == "FULL" else ("FREEZE_VISION",)
+    ignored += () if cfg.PRUNE else ("PRUNE_VISION",)
+    defaults = script_constants(get_family(family).finetune_script).as_dict()
+    return distinct_settings(cfg.as_dict(), defaults, NAME_LEAVES_OUT + ignored)
+
+
 def run_name(cfg, family: str) -> str:
     """RUN_NAME, or by default ``{prune}{pct}{model}_{data}_{LORA|QLORA|FULL}[_{4bit|8bit}][_r{r}_alpha{a}]_{E}epochs``
-    (GeoLLaVA's scheme), ending ``_{N}steps`` instead when MAX_STEPS decides the length."""
+    (GeoLLaVA's scheme), ending ``_{N}steps`` instead when MAX_STEPS decides the length, then a token for each of
+    ``run_settings`` (``_numframes4_lrschedulerlinear``; ``runs.default_run_name``): the script's defaults add
+    none."""
     if cfg.RUN_NAME:
         return cfg.RUN_NAME
     mode = training_mode(cfg)
@@ -161,7 +170,7 @@ def run_name(cfg, family: str) -> str:
     if mode != "FULL":
         parts.append(f"r{cfg.LORA_R}_alpha{cfg.LORA_ALPHA:g}")
     parts.append(f"{cfg.MAX_STEPS}steps" if cfg.MAX_STEPS > 0 else f"{cfg.EPOCHS:g}epochs")
-    return "_".join(parts)
+    return default_run_name("_".join(parts), run_settings(cfg, family))
 
 
 def prepare_run_dir(cfg, run_dir: Path, *, main: bool = True) -> bool:
@@ -316,7 +325,7 @@ def training_arguments(cfg, run_dir: Path):
 # ---------------------------------------------------------------- the steps
 
 @dataclass
-class FinetuneRun:
+class FinetuneRun(LockedOutput):
     """What the steps hand on: the settings, the run directory and the Trainer's arguments, and ``record``,
     the ``run.json`` each step adds to. A ``with`` block holds the run directory's writer lock."""
     cfg: Any
@@ -339,13 +348,6 @@ class FinetuneRun:
     def parts(self) -> ModelParts:
         return get_family(self.family).parts
 
-    def __enter__(self) -> "FinetuneRun":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.lock is not None:
-            self.lock.release()
-
 
 def open_run(cfg, family: str) -> FinetuneRun:
     """Step 2: the run directory, named from the settings. Only this process writes it (a second one stops
@@ -362,7 +364,7 @@ def open_run(cfg, family: str) -> FinetuneRun:
     if note and main:
         print(note)
     lock = lock_for_writing(run_dir, f"the run directory {run_dir}") if main else None
-    try:
+    with released_on_error(lock):
         check_shared_directory(lock_path(run_dir), f"the run directory {run_dir}")
         # only rank 0 clears it (OVERWRITE); local=False: the first process of every other node waits too
         with args.main_process_first(local=False, desc="run directory"):
@@ -373,16 +375,12 @@ def open_run(cfg, family: str) -> FinetuneRun:
             if cfg.VIDEO_DIR is None:
                 ensure_sample_media()
             model_path = resolve_model_path(cfg.MODEL_ID, family)
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        raise
     video_dir = SAMPLE_VIDEO_DIR if cfg.VIDEO_DIR is None else Path(cfg.VIDEO_DIR)
     run = FinetuneRun(cfg, family, run_dir, args, resuming, model_path, video_dir, lock, plan)
     run.record = {
         "completed": False, "family": family, "mode": training_mode(cfg), "quant_bits": quant_bits(cfg),
         "base_model": cfg.MODEL_ID, "base_path": model_path, "learning_rate": learning_rate(cfg),
-        "settings": cfg.as_dict(), "versions": library_versions(),
+        **settings_record(cfg, run_settings(cfg, family)), "versions": library_versions(),
         "data": data_files(cfg, ("TRAIN_ANNOTATIONS", "VAL_ANNOTATIONS")),
         "world_size": args.world_size,
     }
