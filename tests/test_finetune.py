@@ -15,16 +15,17 @@ import geochange.video_llm.finetune as finetune
 import geochange.video_llm.weights as weights
 from geochange.adapters import load_adapter_verified, renamed_key
 from geochange.errors import UserError
-from geochange.video_llm.families import VIDEO_LLAVA
+from geochange.video_llm.families import FAMILIES, VIDEO_LLAVA
 from geochange.locks import lock_for_writing
 from geochange.overrides import make_settings, settings_of
-from geochange.video_llm.modeling import (load_model, load_processor, resolve_model_path, video_prompt,
-                                video_unused_parameter_names)
+from geochange.video_llm.modeling import (count_parameters, load_model, load_processor, resolve_model_path,
+                                          video_prompt, video_unused_parameter_names)
 from geochange.video_llm.pruning import measure_sparsity
 from geochange.sample.data import SAMPLE_TRAIN, SAMPLE_VAL, ensure_sample_media
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = {"videollava": REPO / "videollava_finetune.py", "llavanext": REPO / "llavanext_finetune.py"}
+NEWEST = list(FAMILIES)[-1]
+SCRIPTS = {family.id: REPO / family.finetune_script for family in FAMILIES.values()}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -81,7 +82,9 @@ def logits_of(model, inputs) -> torch.Tensor:
 
 @pytest.mark.parametrize("family,overrides,mode", [
     pytest.param("videollava", {}, "LORA", marks=pytest.mark.slow),  # the shared tiny runs train it too
-    ("llavanext", {}, "LORA"),
+    pytest.param("llavanext", {}, "LORA", marks=pytest.mark.slow),
+    (NEWEST, {}, "LORA"),  # its processor's outputs are not LLaVA-shaped: the quick loop trains through them
+    pytest.param(NEWEST, {"USE_QLORA": True}, "QLORA", marks=pytest.mark.slow),
     pytest.param("videollava", {"USE_QLORA": True}, "QLORA", marks=pytest.mark.slow),
     pytest.param("videollava", {"USE_QLORA": True, "USE_8BIT": True}, "QLORA", marks=pytest.mark.slow),
 ])
@@ -259,20 +262,42 @@ def test_pruning_survives_full_finetuning_and_merging(tmp_path, monkeypatch):
     assert record["sparsity_after_training"] is None  # LoRA leaves the pruned base as it was
 
 
-@pytest.mark.parametrize("family", ["videollava", "llavanext"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_full_finetuning_trains_only_what_the_video_path_reaches(tmp_path, family):
     # DDP with find_unused_parameters=False stops at step 2 over a trainable parameter that got no gradient.
     cfg = settings(family, tmp_path, USE_LORA=False, FREEZE_VISION=False)
     model, _ = finetune.build_training_model(cfg, resolve_model_path("tiny", family), family)
-    model(**tiny_inputs(family), labels=tiny_inputs(family)["input_ids"]).loss.backward()
+    inputs = tiny_inputs(family)
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     assert trainable == with_grad
-    tower = "video_tower" if family == "videollava" else "vision_tower"
-    assert any(tower in n for n in trainable)  # FREEZE_VISION=False: the video tower does train
-    unused = {"videollava": "model.image_tower.embeddings.patch_embedding.weight",
-              "llavanext": "model.image_newline"}[family]
-    assert unused in set(video_unused_parameter_names(model, family)) - trainable
+    parts = FAMILIES[family].parts
+    assert any(parts.in_tower(n) for n in trainable)  # FREEZE_VISION=False: the video tower does train
+    # what only images reach (an image tower, an image-newline embedding) gets no gradient and is frozen
+    image_only = {n for n, _ in model.named_parameters() if parts.is_image_only(n)}
+    assert image_only <= set(video_unused_parameter_names(model, family)) - trainable
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_freeze_vision_freezes_the_towers_by_module_and_the_projector_trains(tmp_path, family):
+    """FULL with FREEZE_VISION: the trainable count is the total less the tower modules' weights (their projector
+    aside when it sits inside a tower, as Qwen2.5-VL's merger does) and what a video never reaches; read off the
+    modules, not off name suffixes (a ``visual`` tower matched no ``_tower`` suffix, and 100 % trained)."""
+    cfg = settings(family, tmp_path, USE_LORA=False, FREEZE_VISION=True)
+    model, _ = finetune.build_training_model(cfg, resolve_model_path("tiny", family), family)
+    parts = FAMILIES[family].parts
+    modules = dict(model.model.named_children())
+    tower_weights = {id(p) for tower in parts.vision_towers for p in modules[tower].parameters()}
+    projector_weights = {id(p) for name, module in model.named_modules() if name.split(".")[-1] in parts.projectors
+                         for p in module.parameters()}
+    frozen = (tower_weights - projector_weights) | {id(model.get_parameter(n))
+                                                   for n in video_unused_parameter_names(model, family)}
+    assert tower_weights and projector_weights
+    trainable, total = count_parameters(model)
+    assert trainable == total - sum(p.numel() for p in model.parameters() if id(p) in frozen)
+    assert all(p.requires_grad for p in model.parameters() if id(p) in projector_weights)
+    assert all(p.requires_grad for n, p in model.named_parameters() if n.startswith("model.language_model."))
 
 
 def test_one_seed_gives_one_lora_initialisation(tmp_path):
