@@ -3,13 +3,23 @@ scripts' constants, with one builder for both, the checks of the settings every 
 a rerun resumes from (the newest complete one: a run killed while saving leaves a torn one)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import time
 import zipfile
-from functools import lru_cache
 from pathlib import Path
+
+import torch
+from accelerate.utils import DeepSpeedSchedulerWrapper
+from peft import PeftModel
+from safetensors import safe_open
+from transformers import Trainer, TrainerCallback, TrainingArguments, get_scheduler
+from transformers.integrations import get_available_reporting_integrations
+from transformers.integrations.deepspeed import deepspeed_load_checkpoint
+from transformers.trainer_utils import SchedulerType
+from transformers.training_args import OptimizerNames
 
 from .engines import deepspeed_plan, dist_timeout, parameter_values, restore_fp32_masters
 from .errors import UserError, first_line
@@ -36,14 +46,12 @@ def compute_precision(precision: str, *, cuda: bool, cuda_bf16: bool) -> str:
 
 def precision_dtype(compute: str):
     """The torch dtype of a compute precision ("bf16", "fp16", "fp32")."""
-    import torch
 
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[compute]
 
 
 def device_compute_precision(precision: str) -> str:
     """``compute_precision`` on this process's machine."""
-    import torch
 
     cuda = torch.cuda.is_available()
     return compute_precision(precision, cuda=cuda, cuda_bf16=cuda and torch.cuda.is_bf16_supported())
@@ -51,7 +59,6 @@ def device_compute_precision(precision: str) -> str:
 
 def check_report_to(report_to: str) -> None:
     """REPORT_TO names a logger the Trainer has and this machine has installed, or none."""
-    from transformers.integrations import get_available_reporting_integrations
 
     if report_to not in REPORTERS:
         raise UserError(f"REPORT_TO={report_to!r} is not one of {', '.join(REPORTERS)}")
@@ -64,8 +71,6 @@ def check_report_to(report_to: str) -> None:
 def check_scheduler_arguments(scheduler: str, arguments: dict) -> None:
     """LR_SCHEDULER_KWARGS fit LR_SCHEDULER: transformers builds the schedule over a stand-in optimizer, as the
     Trainer will (``cosine_with_min_lr`` needs ``min_lr`` or ``min_lr_rate``; an argument it does not take stops)."""
-    import torch
-    from transformers import get_scheduler
 
     if not isinstance(arguments, dict):
         raise UserError(f"LR_SCHEDULER_KWARGS must be a dict (e.g. {{'min_lr': 1e-6}}), not {arguments!r}")
@@ -80,8 +85,6 @@ def check_scheduler_arguments(scheduler: str, arguments: dict) -> None:
 
 def check_training_settings(cfg) -> None:
     """The shared settings, checked before any model loads: one line naming the setting and what it may be."""
-    from transformers.trainer_utils import SchedulerType
-    from transformers.training_args import OptimizerNames
 
     schedulers = [s.value for s in SchedulerType]
     optimizers = [o.value for o in OptimizerNames]
@@ -124,7 +127,6 @@ def data_loader_workers(num_workers: int | None, cuda: bool) -> int:
 def checkpointing_arguments(arguments_class, enabled: bool) -> dict:
     """Activation checkpointing under the name this transformers knows: ``activation_checkpointing`` (5.x renamed
     it; the old name still works but warns on every run) or ``gradient_checkpointing``."""
-    import dataclasses
 
     names = {f.name for f in dataclasses.fields(arguments_class)}
     name = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
@@ -138,8 +140,6 @@ def trainer_arguments(cfg, run_dir: Path, *, learning_rate: float, compute: str,
     logging (REPORT_TO), checkpoints, workers, SEED, DEEPSPEED, DIST_TIMEOUT_MINUTES; ``compute`` = "bf16", "fp16"
     (autocast with loss scaling) or "fp32". ``recipe``: what one recipe sets beyond these (its validation, for
     instance)."""
-    import torch
-    from transformers import TrainingArguments
 
     cuda = torch.cuda.is_available()
     if cfg.REPORT_TO == "tensorboard":  # transformers 5 takes the TensorBoard folder from the environment only
@@ -185,8 +185,32 @@ def trainer_arguments(cfg, run_dir: Path, *, learning_rate: float, compute: str,
 
 # ---------------------------------------------------------------- the Trainer both recipes run
 
-@lru_cache(maxsize=1)
-def suite_trainer_class():
+class StepTimer(TrainerCallback):
+    """How long each optimiser step takes: forward, backward and update, the GPU's work included (not the data
+    loading before it, nor logging or saving after it)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self.began = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if args.device.type == "cuda":
+            torch.cuda.synchronize(args.device)
+        self.began = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if args.device.type == "cuda":
+            torch.cuda.synchronize(args.device)
+        self.seconds.append(time.perf_counter() - self.began)
+
+    def summary(self) -> dict:
+        """The first step (allocations, kernel choices: a warm-up) and the mean of the steps after it."""
+        later = self.seconds[1:]
+        return {"steps": len(self.seconds), "first_s": round(self.seconds[0], 4) if self.seconds else None,
+                "mean_after_first_s": round(sum(later) / len(later), 4) if later else None}
+
+
+class SuiteTrainer(Trainer):
     """transformers' Trainer, with DDP sharing its gradient buckets with the gradients (``gradient_as_bucket_view``:
     one copy of the gradients per process instead of two; the Trainer exposes no setting for it), and under DeepSpeed:
 
@@ -199,128 +223,92 @@ def suite_trainer_class():
     * DeepSpeed's own checkpoint (optimizer shards) leaves frozen weights out for every model (the Trainer does so
       for PEFT models only), and resuming loads it without them.
     """
-    import torch
-    from transformers import Trainer, TrainerCallback
+    trainable_only = False  # checkpoints hold only the trained parameters (always so for a PEFT model)
 
-    class StepTimer(TrainerCallback):
-        """How long each optimiser step takes: forward, backward and update, the GPU's work included (not the data
-        loading before it, nor logging or saving after it)."""
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.step_timer = StepTimer()
+        self.add_callback(self.step_timer)
 
-        def __init__(self) -> None:
-            self.seconds: list[float] = []
-            self.began = 0.0
+    def _build_accelerator_args(self, **kwargs):
+        args = super()._build_accelerator_args(**kwargs)
+        for handler in args.get("kwargs_handlers", []):
+            if type(handler).__name__ == "DistributedDataParallelKwargs":
+                handler.gradient_as_bucket_view = True
+        return args
 
-        def on_step_begin(self, args, state, control, **kwargs):
-            if args.device.type == "cuda":
-                torch.cuda.synchronize(args.device)
-            self.began = time.perf_counter()
+    # ---- the optimizer
 
-        def on_step_end(self, args, state, control, **kwargs):
-            if args.device.type == "cuda":
-                torch.cuda.synchronize(args.device)
-            self.seconds.append(time.perf_counter() - self.began)
-
-        def summary(self) -> dict:
-            """The first step (allocations, kernel choices: a warm-up) and the mean of the steps after it."""
-            later = self.seconds[1:]
-            return {"steps": len(self.seconds), "first_s": round(self.seconds[0], 4) if self.seconds else None,
-                    "mean_after_first_s": round(sum(later) / len(later), 4) if later else None}
-
-    class SuiteTrainer(Trainer):
-        trainable_only = False  # checkpoints hold only the trained parameters (always so for a PEFT model)
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.step_timer = StepTimer()
-            self.add_callback(self.step_timer)
-
-        def _build_accelerator_args(self, **kwargs):
-            args = super()._build_accelerator_args(**kwargs)
-            for handler in args.get("kwargs_handlers", []):
-                if type(handler).__name__ == "DistributedDataParallelKwargs":
-                    handler.gradient_as_bucket_view = True
-            return args
-
-        # ---- the optimizer
-
-        def create_optimizer(self, model=None):
-            from_config = self.optimizer if type(self.optimizer).__name__ == "DummyOptim" else None
-            if self.optimizer is not None and from_config is None:
-                return self.optimizer  # built already (under DeepSpeed the Trainer asks twice)
-            if from_config is not None:  # DeepSpeed builds it from its config, from the parameters handed over here
-                self.optimizer = None
-            optimizer = super().create_optimizer(model)
-            groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+    def create_optimizer(self, model=None):
+        from_config = self.optimizer if type(self.optimizer).__name__ == "DummyOptim" else None
+        if self.optimizer is not None and from_config is None:
+            return self.optimizer  # built already (under DeepSpeed the Trainer asks twice)
+        if from_config is not None:  # DeepSpeed builds it from its config, from the parameters handed over here
+            self.optimizer = None
+        optimizer = super().create_optimizer(model)
+        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+        if from_config is not None:
+            # the Trainer's own groups (built above, its optimizer dropped) instead of every parameter in one
+            from_config.params = [group for group in groups if group["params"]]
+            self.optimizer = optimizer = from_config
+        if self.args.process_index == 0:
+            decayed = [g for g in groups if g["weight_decay"]]
+            decay = (f"weight decay {decayed[0]['weight_decay']:g} on {len(decayed[0]['params'])} tensors, none "
+                     f"on {sum(len(g['params']) for g in groups) - len(decayed[0]['params'])} (biases, norms)"
+                     if decayed else "no weight decay")
             if from_config is not None:
-                # the Trainer's own groups (built above, its optimizer dropped) instead of every parameter in one
-                from_config.params = [group for group in groups if group["params"]]
-                self.optimizer = optimizer = from_config
-            if self.args.process_index == 0:
-                decayed = [g for g in groups if g["weight_decay"]]
-                decay = (f"weight decay {decayed[0]['weight_decay']:g} on {len(decayed[0]['params'])} tensors, none "
-                         f"on {sum(len(g['params']) for g in groups) - len(decayed[0]['params'])} (biases, norms)"
-                         if decayed else "no weight decay")
-                if from_config is not None:
-                    print(f"optimizer: {deepspeed_plan(self.args.deepspeed).optimizer} from the \"optimizer\" block of "
-                          f"{self.args.deepspeed}, which DeepSpeed runs instead of OPTIM={self.args.optim.value}; "
-                          f"{decay}")
-                else:
-                    print(f"optimizer: {type(optimizer).__name__} (OPTIM={self.args.optim.value}); {decay}")
-            return optimizer
+                print(f"optimizer: {deepspeed_plan(self.args.deepspeed).optimizer} from the \"optimizer\" block of "
+                      f"{self.args.deepspeed}, which DeepSpeed runs instead of OPTIM={self.args.optim.value}; "
+                      f"{decay}")
+            else:
+                print(f"optimizer: {type(optimizer).__name__} (OPTIM={self.args.optim.value}); {decay}")
+        return optimizer
 
-        def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
-            if not self.is_deepspeed_enabled:
-                return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
-            model = self.accelerator.unwrap_model(self.model)
-            trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-            starts = {}
-            # Full fine-tuning's start would be a second copy of the model in host memory: its masters start from
-            # DeepSpeed's cast (a model loaded in 16 bits loses nothing there).
-            if sum(p.numel() for _, p in trainable) * 2 < sum(p.numel() for p in model.parameters()):
-                starts = {n: p.detach().float().clone() for n, p in trainable
-                          if p.dtype == torch.float32 and not hasattr(p, "ds_id")}
-            wrapped, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
-            restore_fp32_masters(starts, model)
-            del starts  # freed before training
-            if resume_from_checkpoint is not None:  # as the Trainer resumes, but without the frozen weights
-                from transformers.integrations.deepspeed import deepspeed_load_checkpoint
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        if not self.is_deepspeed_enabled:
+            return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        model = self.accelerator.unwrap_model(self.model)
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        starts = {}
+        # Full fine-tuning's start would be a second copy of the model in host memory: its masters start from
+        # DeepSpeed's cast (a model loaded in 16 bits loses nothing there).
+        if sum(p.numel() for _, p in trainable) * 2 < sum(p.numel() for p in model.parameters()):
+            starts = {n: p.detach().float().clone() for n, p in trainable
+                      if p.dtype == torch.float32 and not hasattr(p, "ds_id")}
+        wrapped, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
+        restore_fp32_masters(starts, model)
+        del starts  # freed before training
+        if resume_from_checkpoint is not None:  # as the Trainer resumes, but without the frozen weights
+            deepspeed_load_checkpoint(self.model_wrapped, resume_from_checkpoint, load_module_strict=False)
+            self._load_optimizer_and_scheduler(resume_from_checkpoint)
+            self._load_scaler(resume_from_checkpoint)
+        return wrapped, train_dataloader
 
-                deepspeed_load_checkpoint(self.model_wrapped, resume_from_checkpoint, load_module_strict=False)
-                self._load_optimizer_and_scheduler(resume_from_checkpoint)
-                self._load_scaler(resume_from_checkpoint)
-            return wrapped, train_dataloader
+    # ---- saving
 
-        # ---- saving
+    def saved_parameter_names(self, model) -> list[str]:
+        trainable_only = self.trainable_only or isinstance(model, PeftModel)
+        return [n for n, p in model.named_parameters() if p.requires_grad or not trainable_only]
 
-        def saved_parameter_names(self, model) -> list[str]:
-            from peft import PeftModel
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not self.is_deepspeed_enabled:
+            return super().save_model(output_dir, _internal_call)
+        model = self.accelerator.unwrap_model(self.model)
+        names = self.saved_parameter_names(model)
+        state = parameter_values(model, names, keep=self.args.should_save)
+        if self.args.should_save:
+            if len(names) == len(list(model.named_parameters())):  # a whole model: its buffers too
+                known = {id(p) for p in model.parameters()}
+                state.update({k: v.detach().cpu() for k, v in model.state_dict(keep_vars=True).items()
+                              if id(v) not in known and k not in state})
+            self._save(output_dir or self.args.output_dir, state_dict=state)
 
-            trainable_only = self.trainable_only or isinstance(model, PeftModel)
-            return [n for n, p in model.named_parameters() if p.requires_grad or not trainable_only]
-
-        def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-            if not self.is_deepspeed_enabled:
-                return super().save_model(output_dir, _internal_call)
-            model = self.accelerator.unwrap_model(self.model)
-            names = self.saved_parameter_names(model)
-            state = parameter_values(model, names, keep=self.args.should_save)
-            if self.args.should_save:
-                if len(names) == len(list(model.named_parameters())):  # a whole model: its buffers too
-                    known = {id(p) for p in model.parameters()}
-                    state.update({k: v.detach().cpu() for k, v in model.state_dict(keep_vars=True).items()
-                                  if id(v) not in known and k not in state})
-                self._save(output_dir or self.args.output_dir, state_dict=state)
-
-        def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-            if not self.is_deepspeed_enabled:
-                return super()._save_optimizer_and_scheduler(output_dir)
-            from accelerate.utils import DeepSpeedSchedulerWrapper
-
-            self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
-            if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
-                torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
-
-    return SuiteTrainer
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.is_deepspeed_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+        if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
 
 
 # ---------------------------------------------------------------- resuming from the newest complete checkpoint
@@ -341,7 +329,6 @@ def _zip_problem(path: Path) -> str | None:
 
 
 def _safetensors_problem(path: Path) -> str | None:
-    from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:

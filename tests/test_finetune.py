@@ -11,6 +11,7 @@ import torch
 import transformers
 
 import common
+import geochange.trainer
 import geochange.video_llm.finetune as finetune
 import geochange.video_llm.weights as weights
 from geochange.adapters import load_adapter_verified, renamed_key
@@ -465,7 +466,7 @@ def test_every_training_setting_is_a_constant_that_reaches_the_trainer(tmp_path,
     user_error(lambda: check_training_settings(script_constants(script, REPORT_TO="wandb")),
                "REPORT_TO='wandb' but wandb is not installed (pip install wandb); installed: tensorboard")
     user_error(lambda: check_training_settings(script_constants(script, REPORT_TO="comet")), "REPORT_TO='comet'")
-    monkeypatch.setattr(transformers.integrations, "get_available_reporting_integrations",
+    monkeypatch.setattr(geochange.trainer, "get_available_reporting_integrations",
                         lambda: ["tensorboard", "wandb"])  # as where wandb is installed
     check_training_settings(script_constants(script, REPORT_TO="wandb"))
     if not torch.cuda.is_available():

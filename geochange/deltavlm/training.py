@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, TrainerCallback, set_seed
 
 from ..annotations import load_changechat
 from ..devices import is_main_process, launched_processes, process_device
@@ -38,7 +41,7 @@ from ..overrides import script_constants
 from ..runs import (RESUME_MAY_CHANGE, check_resume_processes, data_files, default_run_name, distinct_settings,
                     library_versions, resume_state, settings_record, write_run_file)
 from ..sample.data import SAMPLE_CHANGECHAT_ROOT, ensure_sample_media
-from ..trainer import (check_training_settings, device_compute_precision, precision_dtype, suite_trainer_class,
+from ..trainer import (SuiteTrainer, check_training_settings, device_compute_precision, precision_dtype,
                        train_from_newest_checkpoint, trainer_arguments)
 from . import FAMILY_ID
 from .checkpoint import released_extras, released_layout_state
@@ -265,8 +268,6 @@ def open_run_dir(cfg) -> Iterator[Path]:
 def build_model(cfg, sources: Sources, device: torch.device | None = None):
     """The model to train (base + fresh CSRM, or a DeltaVLM checkpoint), its tokenizers and the load report; on
     ``device``, by default this process's own (its local GPU under torchrun, else the CPU)."""
-    from transformers import set_seed
-
     device = device or process_device()
     set_seed(cfg.SEED)  # the fresh CSRM (and LoRA) initialisation is reproducible
     model, tokenizers, report = load_deltavlm(sources.init, base=sources.base, llm_model=sources.llm,
@@ -281,8 +282,6 @@ def build_model(cfg, sources: Sources, device: torch.device | None = None):
 def adapt_llm(model: DeltaVLM, cfg) -> None:
     """LoRA on the LLM (LLM_LORA_R > 0) and gradient checkpointing, as the settings ask."""
     if cfg.LLM_LORA_R:
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
         if cfg.LOAD_LLM_IN_8BIT or cfg.LOAD_LLM_IN_4BIT:
             model.language_model = prepare_model_for_kbit_training(model.language_model,
                                                                    use_gradient_checkpointing=False)
@@ -360,8 +359,6 @@ def save_best_checkpoint(model: DeltaVLM, values: dict[str, torch.Tensor], cfg, 
 
 def starting_extras(model: DeltaVLM, sources: Sources) -> dict[str, torch.Tensor]:
     carried = load_lavis_state(Path(sources.init)) if sources.init is not None else None
-    from transformers import AutoConfig
-
     return released_extras(model.qformer.config, AutoConfig.from_pretrained(local_or_hub(sources.llm)), carried)
 
 
@@ -423,87 +420,83 @@ def validate(predictor: Predictor, items: list[Item], batch_size: int, run_dir: 
     return outcome[0]
 
 
-def make_validation_callback():
-    from transformers import TrainerCallback
+class EpochValidation(TrainerCallback):
+    """Validation at each epoch's end: the captions scored and logged, the best checkpoint kept, an early stop once
+    the score has not risen for EARLY_STOP_EPOCHS, and a Trainer checkpoint saved (so a resume knows the history,
+    which lives in the Trainer state's log)."""
 
-    class EpochValidation(TrainerCallback):
-        """Validation at each epoch's end: log the scores, keep the best checkpoint, stop early, save a
-        Trainer checkpoint (so a resume knows the history, which lives in the Trainer state's log)."""
+    def __init__(self, trainer, predictor: Predictor, items: list[Item], cfg, run_dir: Path, extras: dict):
+        self.trainer, self.predictor, self.items, self.cfg = trainer, predictor, items, cfg
+        self.run_dir, self.extras = run_dir, extras
 
-        def __init__(self, trainer, predictor: Predictor, items: list[Item], cfg, run_dir: Path, extras: dict):
-            self.trainer, self.predictor, self.items, self.cfg = trainer, predictor, items, cfg
-            self.run_dir, self.extras = run_dir, extras
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        epoch = max(1, math.ceil(state.epoch - 1e-6))  # the epoch just run (MAX_STEPS may end one early)
+        best = max((h for h in state.log_history if "val_score" in h), key=lambda h: h["val_score"], default=None)
+        score, metrics = self.score_epoch(model, epoch, args)
+        self.trainer.log({"val_score": score, "val_epoch": epoch, **{f"val_{k}": v for k, v in metrics.items()}})
+        if best is None or score > best["val_score"]:
+            self.save_best(model, epoch, metrics, args)
+            outcome = f"(best so far) -> {self.run_dir / CHECKPOINT_FILE}"
+        else:
+            if epoch - best["val_epoch"] >= self.cfg.EARLY_STOP_EPOCHS:
+                control.should_training_stop = True
+            outcome = (f"(best {best['val_score']:.4f} at epoch {best['val_epoch']})"
+                       f"{'; early stop' if control.should_training_stop else ''}")
+        if args.process_index == 0:
+            print(f"epoch {epoch}: validation {self.cfg.BEST_METRIC} {score:.4f} {outcome}")
+        control.should_save = True
+        return control
 
-        def history(self, state) -> list[dict]:
-            return [h for h in state.log_history if "val_score" in h]
+    def score_epoch(self, model, epoch: int, args) -> tuple[float, dict[str, float]]:
+        """This epoch's validation: its BEST_METRIC score and every caption metric (the model back in training mode
+        after)."""
+        model.eval()
+        try:
+            return validate(self.predictor, self.items, self.cfg.VAL_BATCH_SIZE, self.run_dir, epoch,
+                            self.cfg.as_dict(), self.cfg.BEST_METRIC, args)
+        finally:
+            model.train()
 
-        def on_epoch_end(self, args, state, control, model=None, **kwargs):
-            epoch = max(1, math.ceil(state.epoch - 1e-6))  # the epoch just run (MAX_STEPS may end one early)
-            model.eval()
-            try:
-                score, metrics = validate(self.predictor, self.items, self.cfg.VAL_BATCH_SIZE, self.run_dir, epoch,
-                                          self.cfg.as_dict(), self.cfg.BEST_METRIC, args)
-            finally:
-                model.train()
-            earlier = self.history(state)
-            best = max((h["val_score"] for h in earlier), default=None)
-            self.trainer.log({"val_score": score, "val_epoch": epoch, **{f"val_{k}": v for k, v in metrics.items()}})
-            if best is None or score > best:
-                main = args.process_index == 0  # every process takes part in reading the values; it writes them
-                values = parameter_values(model, checkpoint_names(model, self.cfg) + llm_lora_names(model), keep=main)
-                if main:
-                    save_best_checkpoint(model, values, self.cfg, self.run_dir, self.extras, epoch, metrics)
-                    print(f"epoch {epoch}: validation {self.cfg.BEST_METRIC} {score:.4f} (best so far) -> "
-                          f"{self.run_dir / CHECKPOINT_FILE}")
-            else:
-                best_epoch = max(earlier, key=lambda h: h["val_score"])["val_epoch"]
-                if epoch - best_epoch >= self.cfg.EARLY_STOP_EPOCHS:
-                    control.should_training_stop = True
-                if args.process_index == 0:
-                    print(f"epoch {epoch}: validation {self.cfg.BEST_METRIC} {score:.4f} (best {best:.4f} at epoch "
-                          f"{best_epoch}){'; early stop' if control.should_training_stop else ''}")
-            control.should_save = True
-            return control
-
-    return EpochValidation
+    def save_best(self, model, epoch: int, metrics: dict[str, float], args) -> None:
+        """``checkpoint_best.pth`` from this epoch's weights: every process takes part in reading them (under
+        ZeRO-3 each holds a shard), process 0 writes them."""
+        main = args.process_index == 0
+        values = parameter_values(model, checkpoint_names(model, self.cfg) + llm_lora_names(model), keep=main)
+        if main:
+            save_best_checkpoint(model, values, self.cfg, self.run_dir, self.extras, epoch, metrics)
 
 
 # --------------------------------------------------------------------------- 7. the Trainer
 
-def make_trainer_class():
-    from safetensors.torch import load_file, save_file
+class DeltaVLMTrainer(SuiteTrainer):
+    """Checkpoints hold the trainable parameters only (not the frozen 7B LLM)."""
 
-    class DeltaVLMTrainer(suite_trainer_class()):
-        """Checkpoints hold the trainable parameters only (not the frozen 7B LLM)."""
+    trainable_only = True
 
-        trainable_only = True
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self.args.should_save:
+            return
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model)
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        if state_dict is None:
+            state_dict = dict(model.named_parameters())
+        # (under DeepSpeed the suite's Trainer hands over the trained parameters' fp32 masters, gathered whole)
+        save_file({n: state_dict[n].detach().cpu().contiguous() for n in trainable},
+                  os.path.join(output_dir, TRAINABLE_WEIGHTS))
 
-        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-            if not self.args.should_save:
-                return
-            output_dir = output_dir or self.args.output_dir
-            os.makedirs(output_dir, exist_ok=True)
-            model = self.accelerator.unwrap_model(self.model)
-            trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-            if state_dict is None:
-                state_dict = dict(model.named_parameters())
-            # (under DeepSpeed the suite's Trainer hands over the trained parameters' fp32 masters, gathered whole)
-            save_file({n: state_dict[n].detach().cpu().contiguous() for n in trainable},
-                      os.path.join(output_dir, TRAINABLE_WEIGHTS))
-
-        def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-            model = model or self.model
-            path = Path(resume_from_checkpoint) / TRAINABLE_WEIGHTS
-            if not path.is_file():
-                raise UserError(f"{resume_from_checkpoint}: no {TRAINABLE_WEIGHTS}; delete that checkpoint folder")
-            state = load_file(str(path))
-            wanted = {n for n, p in model.named_parameters() if p.requires_grad}
-            if set(state) != wanted:
-                raise UserError(f"{path} does not hold this run's trainable parameters "
-                                f"({len(set(state) ^ wanted)} names differ)")
-            model.load_state_dict(state, strict=False)
-
-    return DeltaVLMTrainer
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = model or self.model
+        path = Path(resume_from_checkpoint) / TRAINABLE_WEIGHTS
+        if not path.is_file():
+            raise UserError(f"{resume_from_checkpoint}: no {TRAINABLE_WEIGHTS}; delete that checkpoint folder")
+        state = load_file(str(path))
+        wanted = {n for n, p in model.named_parameters() if p.requires_grad}
+        if set(state) != wanted:
+            raise UserError(f"{path} does not hold this run's trainable parameters "
+                            f"({len(set(state) ^ wanted)} names differ)")
+        model.load_state_dict(state, strict=False)
 
 
 def training_arguments(cfg, run_dir: Path):
@@ -522,12 +515,11 @@ def make_trainer(cfg, model: DeltaVLM, tokenizers, examples: list[Example], val_
     args = training_arguments(cfg, run_dir)
     check_shared_directory(lock_path(run_dir), f"the run directory {run_dir}")  # the first collective of the run
     size_buckets(args, model.language_model.config.hidden_size)
-    trainer = make_trainer_class()(model=model, args=args, train_dataset=PairDataset(examples, model.image_size),
-                                   data_collator=PairCollator(tokenizers), callbacks=list(callbacks or []))
+    trainer = DeltaVLMTrainer(model=model, args=args, train_dataset=PairDataset(examples, model.image_size),
+                              data_collator=PairCollator(tokenizers), callbacks=list(callbacks or []))
     predictor = Predictor(model, tokenizers, args.device, Decoding(cfg.VAL_NUM_BEAMS, cfg.VAL_MAX_NEW_TOKENS),
                           prompting_of(cfg), synced_gpus=zero3_enabled())
-    trainer.add_callback(make_validation_callback()(trainer, predictor, val_items, cfg, run_dir,
-                                                    starting_extras(model, sources)))
+    trainer.add_callback(EpochValidation(trainer, predictor, val_items, cfg, run_dir, starting_extras(model, sources)))
     return trainer
 
 

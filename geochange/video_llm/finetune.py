@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import TrainerCallback, set_seed
 
 from ..annotations import Sample, Samples, load_annotations
 from ..devices import is_main_process, launched_processes, process_device
@@ -28,7 +30,7 @@ from ..results import remove_results
 from ..runs import (RESUME_MAY_CHANGE, check_resume_processes, data_files, default_run_name, distinct_settings,
                     library_versions, resume_state, settings_record, write_run_file)
 from ..sample.data import SAMPLE_VIDEO_DIR, ensure_sample_media
-from ..trainer import (check_training_settings, compute_precision, precision_dtype, suite_trainer_class,
+from ..trainer import (SuiteTrainer, check_training_settings, compute_precision, precision_dtype,
                        train_from_newest_checkpoint, trainer_arguments)
 from ..video import clip_size, read_video_frames
 from .evaluation import evaluate
@@ -265,8 +267,6 @@ def build_training_model(cfg, base_path: str, family: str):
 
     Seeds the RNG first, so one SEED gives one LoRA initialisation.
     """
-    from transformers import set_seed
-
     set_seed(cfg.SEED)
     mode = training_mode(cfg)
     # Each process loads straight onto its own GPU (not all onto the CPU, then moved); under DeepSpeed the engine
@@ -283,8 +283,6 @@ def build_training_model(cfg, base_path: str, family: str):
         for name in video_unused_parameter_names(model, family):
             model.get_parameter(name).requires_grad_(False)
         return model, []
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
     if mode == "QLORA":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.GRADIENT_CHECKPOINTING,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -294,21 +292,21 @@ def build_training_model(cfg, base_path: str, family: str):
     return get_peft_model(model, lora), targets
 
 
-def pruning_mask_callback(model, masks: dict[str, torch.Tensor]):
-    """A TrainerCallback that zeroes the pruned weights again after every optimiser step (full fine-tuning)."""
-    from transformers import TrainerCallback
+class KeepPruned(TrainerCallback):
+    """Zeroes the pruned weights of ``model`` again after every optimiser step (full fine-tuning), by their
+    ``masks``."""
 
-    class KeepPruned(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            # Each mask moves to its weight's device once, not every step (6.5 GB host->device per step at 7B).
-            params = dict(model.named_parameters())
-            for name in masks:
-                masks[name] = masks[name].to(params[name].device)
+    def __init__(self, model, masks: dict[str, torch.Tensor]):
+        self.model, self.masks = model, masks
 
-        def on_step_end(self, args, state, control, **kwargs):
-            apply_pruning_masks(model, masks)
+    def on_train_begin(self, args, state, control, **kwargs):
+        # Each mask moves to its weight's device once, not every step (6.5 GB host->device per step at 7B).
+        params = dict(self.model.named_parameters())
+        for name in self.masks:
+            self.masks[name] = self.masks[name].to(params[name].device)
 
-    return KeepPruned()
+    def on_step_end(self, args, state, control, **kwargs):
+        apply_pruning_masks(self.model, self.masks)
 
 
 # ---------------------------------------------------------------- trainer
@@ -471,13 +469,12 @@ def train(run: FinetuneRun, model, processor, train_set: VideoQADataset, val_set
     cfg = run.cfg
     callbacks = []
     if cfg.PRUNE and training_mode(cfg) == "FULL":  # keep the pruned weights at zero through training
-        callbacks.append(pruning_mask_callback(model, pruning_masks(model, run.parts, include_vision=cfg.PRUNE_VISION)))
+        callbacks.append(KeepPruned(model, pruning_masks(model, run.parts, include_vision=cfg.PRUNE_VISION)))
     run.run_dir.mkdir(parents=True, exist_ok=True)
     if run.main:
         write_run_file(run.run_dir, run.record)
-    trainer = suite_trainer_class()(model=model, args=run.args, train_dataset=train_set, eval_dataset=val_set,
-                                    data_collator=VideoQACollator(processor.tokenizer.pad_token_id),
-                                    callbacks=callbacks)
+    trainer = SuiteTrainer(model=model, args=run.args, train_dataset=train_set, eval_dataset=val_set,
+                           data_collator=VideoQACollator(processor.tokenizer.pad_token_id), callbacks=callbacks)
     run.record["resumed_from"] = train_from_newest_checkpoint(trainer, run.run_dir)
     return trainer
 
