@@ -1,6 +1,7 @@
 """The offline tiny models: real classes, real prompt format, loaded through from_pretrained."""
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from geochange.locks import MARKER as TINY_MARKER
 from geochange.locks import build_once
 from geochange.video_llm.families import FAMILIES as ENTRIES
 from geochange.errors import UserError
+from geochange.video_llm.evaluation import generate_answers
 from geochange.video_llm.families import get_family
 from geochange.devices import is_quantised_linear
 from geochange.video_llm.modeling import (IGNORE_INDEX, VideoQACollator, answer_text, answer_token_ids,
@@ -78,6 +80,17 @@ def test_forward_and_generate(tiny):
                          pad_token_id=processor.tokenizer.pad_token_id)
     assert out.shape == (1, inputs["input_ids"].shape[1] + 4)
     assert torch.equal(out[0, : inputs["input_ids"].shape[1]], inputs["input_ids"][0])
+
+
+def test_batched_generation_with_left_padding_answers_as_one_at_a_time(tiny):
+    """Clips of different sizes and questions of different lengths in one left-padded batch (Qwen2.5-VL keeps its
+    M-RoPE offsets per row) give each row the greedy answer it gets alone."""
+    family, model, processor = tiny
+    clips, questions = [clip(1), clip(2, height=160, width=128)], ["What changed?", "Describe every change you see."]
+    with torch.no_grad():
+        batched, _ = generate_answers(model, processor, clips, questions, 5)
+        alone = [generate_answers(model, processor, [c], [q], 5)[0][0] for c, q in zip(clips, questions)]
+    assert batched == alone
 
 
 def test_labels_mask_prompt_video_and_padding_and_the_batch_is_the_processors_own(tiny):
@@ -244,3 +257,38 @@ def test_each_family_entry_names_the_parts_of_its_model(tiny):
     for tower in parts.vision_towers:
         assert renamed_key(f"base_model.model.{tower}.x.lora_A.weight", entry.adapter_renames) == \
             f"base_model.model.model.{tower}.x.lora_A.weight"
+
+
+def transformers_renamed(name: str, model) -> str:
+    """``name`` as transformers itself renames a checkpoint saved by transformers 4 when loading it into ``model``
+    (its own conversion rules, applied by its own loader's function)."""
+    from transformers.conversion_mapping import WeightRenaming, get_model_conversion_mapping
+    from transformers.core_model_loading import rename_source_key
+
+    rules = get_model_conversion_mapping(model)
+    renamings = [rule for rule in rules if isinstance(rule, WeightRenaming)]
+    converters = [rule for rule in rules if not isinstance(rule, WeightRenaming)]
+    return rename_source_key(name, renamings, converters, base_model_prefix=model.base_model_prefix,
+                             meta_state_dict=model.state_dict())[0]
+
+
+def test_old_adapter_names_are_renamed_as_transformers_renames_old_weights(tiny):
+    """An adapter saved with transformers 4 loads: each entry's renames move every LoRA-able module's old name where
+    transformers' own conversion moves the same name of a transformers-4 checkpoint (Video-LLaVA's
+    ``language_model.model.…``, Qwen2.5-VL's ``model.layers.…`` and ``visual.…``)."""
+    family, model, _ = tiny
+    entry = get_family(family)
+    modules = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    checked = set()
+    for name in modules:
+        candidates = {name.removeprefix("model."), "language_model." + name}
+        if name.startswith("model.language_model."):
+            rest = name.removeprefix("model.language_model.")
+            candidates |= {"model." + rest, "language_model.model." + rest}
+        for old in candidates - {name}:
+            if transformers_renamed(old, model) != name:
+                continue  # not a transformers-4 name of this module
+            key = f"base_model.model.{old}.lora_A.weight"
+            assert renamed_key(key, entry.adapter_renames) == f"base_model.model.{name}.lora_A.weight", old
+            checked.add(entry.parts.part_of(name))
+    assert {entry.parts.language_model, *entry.parts.vision_towers} - set(entry.parts.image_only) <= checked

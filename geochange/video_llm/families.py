@@ -68,6 +68,7 @@ def llava_adapter_renames(parts: ModelParts) -> tuple[tuple[re.Pattern, str], ..
     language, head = re.escape(parts.language_model), re.escape(parts.lm_head)
     return ((re.compile(rf"^{language}\.model\."), f"model.{parts.language_model}."),
             (re.compile(rf"^{language}\.{head}\."), f"{parts.lm_head}."),
+            (re.compile(rf"^{language}\."), f"model.{parts.language_model}."),  # a bare base model, as transformers
             (re.compile(rf"^({'|'.join(parts.vision)})\."), r"model.\1."))
 
 
