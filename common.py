@@ -5,7 +5,8 @@ scripts exactly what their ``__main__`` steps call (``from common import finetun
 load_settings``), and is the one command line for the data and scoring tools.
 
 Command line:
-    python common.py score FILE...        # rescore results files (ours or GeoLLaVA's)
+    python common.py score FILE... [--pred KEY] [--refs KEY[,KEY...]] [--id KEY]
+                                          # rescore results files: ours, GeoLLaVA's or any tool's (JSON, JSONL, CSV)
     python common.py sample-data          # regenerate the bundled sample data
     python common.py pairs-to-videos SHEET OUT_DIR [IMAGE_ROOT] [--size WxH] [--max-side N] [--strict]
                                           # fMoW image pairs (GeoLLaVA's pairs sheet) -> 2-frame videos
@@ -28,12 +29,13 @@ from geochange.errors import UserError, install_error_handler
 from geochange.overrides import load_settings
 from geochange.results import main as score_main
 from geochange.sample.data import main as sample_data_main
+from geochange.sharding import stop_shards
 from geochange.video_llm import evaluation, finetune
 from geochange.video_llm.memory import memory_table_main
 from geochange.video_llm.modeling import load_processor
 
 __all__ = ["change_maps", "chat", "deltavlm", "deltavlm_training", "demo", "evaluation", "finetune", "load_processor",
-           "load_settings", "main", "read_pair"]
+           "load_settings", "main", "read_pair", "stop_shards"]
 
 USAGE = __doc__.split("Command line:")[1]
 COMMANDS = {"score": score_main, "sample-data": sample_data_main, "pairs-to-videos": pairs_to_videos_main,

@@ -16,6 +16,7 @@ LLM_MODEL, the Q-Former's tokenizer from BERT_MODEL.
     python deltavlm_predict.py IMAGE_A=before.png IMAGE_B=after.png     # the real model (GPU)
     python deltavlm_predict.py IMAGE_A=a.png IMAGE_B=b.png INTERACTIVE=True
     python deltavlm_predict.py TEST_ANNOTATIONS=annotations/sample_changechat_instructions.json
+    torchrun --nproc_per_node 8 deltavlm_predict.py TEST_ANNOTATIONS=...   # 8 GPUs share the batch, one results file
 """
 # --- what to ask
 IMAGE_A = None              # the before image (None = a bundled sample pair)
@@ -48,23 +49,28 @@ LIMIT = None                # only the first N records (None = all)
 BATCH_SIZE = 4
 RESULTS_DIR = "results"     # <run>.jsonl (resumable), <run>.metrics.json, <run>.csv
 RUN_NAME = None             # None = deltavlm[-tiny][-nocsrm]_<annotation file>[_<split>]
+DIST_TIMEOUT_MINUTES = 60   # under torchrun (batch mode): how long a process waits for the slowest at a collective
 
 if __name__ == "__main__":
-    from common import chat, deltavlm, load_settings, read_pair
+    from common import chat, deltavlm, load_settings, read_pair, stop_shards
 
     cfg = load_settings(globals())
-    # 1. the input, checked before minutes of model loading: a ChangeChat file, or one pair
+    # 1. under torchrun (batch mode), this process's share of the work; the input, checked before minutes of model
+    #    loading: a ChangeChat file (read by rank 0, once), or one pair
+    shard = deltavlm.join_shards(cfg)
     if cfg.TEST_ANNOTATIONS:
-        items = deltavlm.batch_items(cfg.TEST_ANNOTATIONS, cfg.IMAGE_ROOT, cfg.LIMIT, cfg.SPLIT)
+        items = deltavlm.batch_items(cfg.TEST_ANNOTATIONS, cfg.IMAGE_ROOT, cfg.LIMIT, cfg.SPLIT, shard)
     else:
         image_a, image_b = deltavlm.pair_paths(cfg.IMAGE_A, cfg.IMAGE_B)
         pair = read_pair(image_a, image_b)
-    # 2. the model (the load report says what came from where, and whether the CSRM looks trained)
-    predictor = deltavlm.load_predictor(cfg)
-    # 3. batch: every turn of the file, resumable, then scores per task;
+    # 2. the model, on this process's device (the load report says what came from where, and whether the CSRM looks
+    #    trained)
+    predictor = deltavlm.load_predictor(cfg, shard)
+    # 3. batch: every turn of the file, each process its share, resumable, one writer, then scores per task (once);
     #    one pair: one answer, or a chat that keeps the history in the prompt
     if cfg.TEST_ANNOTATIONS:
-        deltavlm.run_batch(predictor, items, cfg)
+        deltavlm.run_batch(predictor, items, cfg, shard)
+        stop_shards(shard)
     elif cfg.INTERACTIVE:
         print(f"pair: {image_a} -> {image_b}")
         chat(predictor, pair)

@@ -12,8 +12,9 @@ training step time, tokens/s, MFU (model FLOPs / time / the GPU's peak bf16 FLOP
 frozen weights get no weight gradient, 4·N per token; full fine-tuning 6·N; attention's T² terms; the
 vision tower that runs, forward only; Video-LLaVA's image tower never runs) and greedy generation
 samples/s with identical prompts. With 2+ GPUs it also times ZeRO-3 full fine-tuning steps (torchrun,
-configs/deepspeed/zero3.json; the Trainer's steps after the first, as run.json records them). Writes JSON and a
-markdown table to OUT_DIR. Without CUDA it runs the same
+configs/deepspeed/zero3.json; the Trainer's steps after the first, as run.json records them), and the evaluation of
+the first family's 7B on one GPU against all of them (torchrun: each process on its own GPU, one results file). Writes
+JSON and a markdown table to OUT_DIR. Without CUDA it runs the same
 code on the tiny models and says so: those figures are not GPU figures. Offline (HF_HUB_OFFLINE=1).
 """
 FAMILIES = None             # the family ids to check, e.g. ('qwen25vl',); None = every family entry (families.py)
@@ -27,6 +28,7 @@ GENERATE_BATCHES = (1, 16)
 NEW_TOKENS = 32             # greedy tokens per sample, forced (min_new_tokens) so every batch does equal work
 OUT_DIR = "benchmarks/results"
 ZERO3_STEPS = 3             # with 2+ GPUs: optimiser steps of the ZeRO-3 full fine-tuning run (torchrun, all GPUs)
+SHARDED_EVAL_SAMPLES = 48   # with 2+ GPUs: sample val pairs the evaluation answers on one GPU, then on all of them
 DELTAVLM = True             # also one DeltaVLM training step (the paper's setting; benchmarks/deltavlm_train_step.py
 DELTAVLM_BATCH = 12         # has every setting) at InstructBLIP-Vicuna-7B shapes, and its peak memory
 METRICS = True              # also where the embedding metrics (BERTScore, sbert) run: on the GPU when there is one
@@ -42,6 +44,7 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12,
 import gc  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -317,9 +320,11 @@ def markdown(report: dict) -> str:
                          f"{train['model_tflops_per_step']} | {mfu} | {gib(train['peak_gib'])} | "
                          f"{train['memory_check_estimate_gib']} | {gen['batch']} | {gen['samples_per_s']} | "
                          f"{gen['identical_rows']} | {gib(gen['peak_gib'])} |")
+    # the ZeRO-3 step, the sharded evaluation and the scene run the first family checked
+    first = get_family(report["results"][0]["family"]).display_name if report["results"] else "the model"
     if report.get("zero3"):
         z = report["zero3"]
-        lines += ["", f"ZeRO-3 full fine-tuning of Video-LLaVA-7B on {z['gpus']} GPUs (torchrun, "
+        lines += ["", f"ZeRO-3 full fine-tuning of {first} 7B on {z['gpus']} GPUs (torchrun, "
                       f"configs/deepspeed/zero3.json): " + (f"{z['step_s']:.2f} s per step (mean of {z['timed_steps']} "
                                                             f"steps after the first), peak {z['peak_gib']} GiB on rank 0"
                                                             if z.get("step_s") else z.get("error", "failed"))]
@@ -328,12 +333,19 @@ def markdown(report: dict) -> str:
         peak = f"{d['peak_gib']:.1f} GiB" if d.get("peak_gib") is not None else "n/a"
         lines += ["", f"DeltaVLM, one training step (CSRM, Vicuna frozen in {d.get('llm_dtype', '?')}, batch "
                       f"{d['batch']}): {d['step_s']:.2f} s, peak {peak}, {d['trainable']:,} trainable parameters"]
+    if report.get("sharded_evaluation"):
+        e = report["sharded_evaluation"]
+        gpus = e["gpus"]
+        lines += ["", f"Evaluation of {first} 7B, {e['samples']} pairs: " + (
+            f"failed: {e['error']}" if "error" in e else
+            f"{e['seconds_1']} s on 1 GPU, {e[f'seconds_{gpus}']} s on {gpus} (torchrun, x{e['speedup']}; processes "
+            f"on {', '.join(e[f'devices_{gpus}'])}; {e['answers_agree']} answers agree)")]
     if report.get("metrics"):
         lines += ["", f"Embedding metrics (BERTScore, sbert) ran on: {report['metrics']['device']}"]
     if report.get("scene"):
         c = report["scene"]
         lines += ["", f"Example scene (scene_changes.py): tiles read at {c['read_tiles_per_s']}/s on one core, "
-                      f"answered at {c['answered_tiles_per_s']}/s by Video-LLaVA on {c['model_device']} "
+                      f"answered at {c['answered_tiles_per_s']}/s by {first} on {c['model_device']} "
                       f"({c['tiles']} tiles, 4 questions, {report['settings']['NEW_TOKENS']} tokens each)"]
     lines += ["", f"Targets (H100): LoRA MFU >= {TARGET_LORA_MFU:.0%}; QLoRA 4-bit peak <= {TARGET_QLORA4_PEAK_GB:g} GB "
               "at batch 1. MFU = model FLOPs per step / step time / peak bf16 FLOP/s (LoRA/QLoRA: 4·N per token for "
@@ -366,6 +378,33 @@ def zero3_figures(record: dict) -> dict:
             "peak_gib": engine.get("peak_memory_gib"), "engine": engine}
 
 
+def sharded_evaluation(family: str, gpus: int, checkpoint: str, out_dir: Path) -> dict:
+    """The family's evaluation script on its 7B (random weights) over SHARDED_EVAL_SAMPLES sample pairs, NEW_TOKENS new
+    tokens each: in one process, then under torchrun on every GPU. Wall seconds of each (model loading included), the
+    devices the processes generated on (each its own GPU), and how many answers of the two runs agree (bf16 greedy
+    decoding over other batches may differ in a few)."""
+    figures: dict = {"gpus": gpus, "samples": SHARDED_EVAL_SAMPLES}
+    answers = {}
+    for processes in (1, gpus):
+        launcher = ([sys.executable] if processes == 1 else
+                    [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}"])
+        results = out_dir / f"sharded_eval_{processes}"
+        started = time.time()
+        done = subprocess.run([*launcher, str(_REPO / get_family(family).eval_script), f"MODEL_ID={checkpoint}",
+                               "MODEL_PATH=base",
+                               f"LIMIT={SHARDED_EVAL_SAMPLES}", f"MAX_NEW_TOKENS={NEW_TOKENS}", "OVERWRITE=True",
+                               "RUN_NAME=sharded", f"RESULTS_DIR={results}"], cwd=_REPO, capture_output=True, text=True,
+                              timeout=3600)
+        if done.returncode != 0:
+            return {**figures, "error": done.stderr.strip().splitlines()[-1][:300] if done.stderr.strip() else "failed"}
+        figures[f"seconds_{processes}"] = round(time.time() - started, 1)
+        figures[f"devices_{processes}"] = sorted(set(re.findall(r"generating on (cuda:\d+)", done.stdout)))
+        answers[processes] = {r["id"]: r["generated"] for r in map(json.loads, (results / "sharded.jsonl").open())}
+    figures["speedup"] = round(figures["seconds_1"] / figures[f"seconds_{gpus}"], 2)
+    figures["answers_agree"] = sum(answers[1][key] == answers[gpus].get(key) for key in answers[1])
+    return figures
+
+
 if __name__ == "__main__":
     settings = load_settings(globals())
     gpu = torch.cuda.is_available()
@@ -388,6 +427,9 @@ if __name__ == "__main__":
         print(f"ZeRO-3 full fine-tuning step on {torch.cuda.device_count()} GPUs ...", flush=True)
         report["zero3"] = zero3_step(checked[0], torch.cuda.device_count(), real_checkpoint(checked[0]),
                                      Path(settings.OUT_DIR))
+        print(f"evaluation on 1 GPU and on {torch.cuda.device_count()} GPUs ...", flush=True)
+        report["sharded_evaluation"] = sharded_evaluation(checked[0], torch.cuda.device_count(),
+                                                          real_checkpoint(checked[0]), Path(settings.OUT_DIR))
     if settings.DELTAVLM:
         print("DeltaVLM training step ...", flush=True)
         step = one_training_step(make_settings({"BATCH_SIZE": settings.DELTAVLM_BATCH, "PROMPT_TOKENS": 24,

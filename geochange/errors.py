@@ -12,11 +12,16 @@ class UserError(Exception):
     """
 
 
+def print_error(exc: UserError) -> None:
+    """The one line a ``UserError`` becomes, on stderr."""
+    print(f"error: {exc}", file=sys.__stderr__, flush=True)
+
+
 def _excepthook(exc_type, exc, tb):  # pragma: no cover - exercised through subprocess tests
     # The real stderr, flushed before the exit: torch.distributed wraps this hook with one that swaps sys.stderr for
     # a buffer it writes out only when the hook returns, and this one exits (under torchrun the line was lost).
     if issubclass(exc_type, UserError):
-        print(f"error: {exc}", file=sys.__stderr__, flush=True)
+        print_error(exc)
         sys.exit(2)
     if issubclass(exc_type, KeyboardInterrupt):
         print("interrupted: everything written so far is kept; rerun to resume", file=sys.__stderr__, flush=True)

@@ -8,12 +8,14 @@
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,8 @@ from .fileio import atomic_write_text
 from .metrics import MetricsReport, compute_metrics_report
 from .runs import differing_settings
 
-USAGE = "usage: python common.py score FILE...   (results files: ours, .jsonl, or GeoLLaVA's .json)"
+USAGE = ("usage: python common.py score FILE... [--pred KEY] [--refs KEY[,KEY...]] [--id KEY]   (results files: JSON, "
+         "JSON Lines or CSV; ours, GeoLLaVA's, or any tool's: the flags name its fields, common names need none)")
 
 
 def _read_text(path: Path) -> str:
@@ -101,6 +104,11 @@ class ResultsWriter:
             handle.flush()
             os.fsync(handle.fileno())
         self.done_ids |= seen
+
+
+def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> None:
+    """A whole results file at once (a validation's answers), written atomically: one JSON object per line."""
+    atomic_write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
 
 
 RESULTS_SUFFIXES = (".jsonl", ".settings.json", ".metrics.json", ".csv")
@@ -204,39 +212,154 @@ def strip_prompt(generated: str) -> str:
     return generated.rsplit("Answer:", 1)[-1].strip()
 
 
-def read_results_file(path: str | Path) -> list[dict[str, Any]]:
-    """Our JSON Lines or GeoLLaVA's results (a JSON list, or objects back to back), as records.
+# The field names other tools' results files use, most specific first (``score`` recognises them without flags).
+# Names that mean a prediction in one tool and a reference in another ("answer", "caption") are left out: such a
+# file names its fields with --pred / --refs.
+PRED_FIELDS = ("generated", "pred", "prediction", "predicted", "predicted_caption", "pred_caption", "hypothesis",
+               "hyp", "generated_text", "output", "res")
+REFS_FIELDS = ("true", "refs", "references", "reference", "ref", "gts", "gt", "ground_truth", "gold", "target",
+               "targets")
+ID_FIELDS = ("id", "uid", "sample_id", "image_id", "question_id", "qid", "image", "name", "filename", "file_name")
+# GeoLLaVA's scripts stored the whole decoded sequence in this field (prompt included)
+GEOLLAVA_PRED_FIELD = "generated"
 
-    Each record keeps its fields, with ``id`` a string (the record's index when
-    absent) and ``generated`` stripped of any prompt up to the last "Answer:".
+
+@dataclass(frozen=True)
+class ResultFields:
+    """Which fields of a results file hold the prediction, the references (one field or several, each a string or a
+    list of strings) and the sample id (None: the file has none; records are numbered)."""
+    pred: str
+    refs: tuple[str, ...]
+    id: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"pred": self.pred, "refs": list(self.refs), "id": self.id}
+
+
+@dataclass
+class LoadedResults:
+    """A results file read for scoring: its records (``id``, ``true``, ``generated`` set), the fields they came
+    from, and how many records were dropped for repeating an earlier id."""
+    path: Path
+    records: list[dict[str, Any]]
+    fields: ResultFields
+    duplicates_dropped: int = 0
+
+
+def _csv_records(text: str, path: Path) -> list[dict[str, Any]]:
+    """The rows of a CSV (or, for ``.tsv``, tab-separated) file as records; a cell holding a JSON list of strings
+    (references written by a script) is read as that list."""
+    rows = list(csv.DictReader(io.StringIO(text), delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
+    for row in rows:
+        for key, value in row.items():
+            if isinstance(value, str) and value.lstrip().startswith("["):
+                try:
+                    parsed = json.loads(value)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(parsed, list) and parsed and all(isinstance(v, str) for v in parsed):
+                    row[key] = parsed
+    return rows
+
+
+def _file_records(path: Path) -> list[Any]:
+    """A results file's records: CSV / TSV by suffix, else JSON (a list, an object of id -> record, an object with one
+    list of records), JSON Lines, or objects back to back."""
+    text = _read_text(path)
+    if path.suffix.lower() in (".csv", ".tsv"):
+        return _csv_records(text, path)
+    values = _json_records(text, path)
+    if len(values) == 1 and isinstance(values[0], dict) and not _has_any(values[0], PRED_FIELDS):
+        (top,) = values
+        lists = [v for v in top.values() if isinstance(v, list)]
+        if len(lists) == 1 and all(isinstance(v, dict) for v in lists[0]):
+            return lists[0]  # {"results": [...]}, {"predictions": [...]}...
+        if top and all(isinstance(v, dict) for v in top.values()):
+            return [{"id": key, **value} for key, value in top.items()]  # {id: record, ...}
+    return values
+
+
+def _has_any(record: dict, names: tuple[str, ...]) -> bool:
+    return any(name in record for name in names)
+
+
+def detect_fields(records: list[dict[str, Any]], path: Path, *, pred: str | None = None, refs: str | None = None,
+                  id: str | None = None) -> ResultFields:
+    """The fields to score: those given (``refs`` may name several, comma-separated), else the first common name
+    that the first record holds (the id: that any record holds); one line naming what is missing and how to name it
+    otherwise. No id field is no error: the records are numbered."""
+    first = records[0]
+
+    def pick(given: str | None, names: tuple[str, ...], what: str, flag: str) -> str:
+        found = given or next((name for name in names if name in first), None)
+        if found is None:
+            raise UserError(f"{path}: record 0 has no {what} field (looked for {', '.join(map(repr, names))}; its "
+                            f"fields: {', '.join(map(repr, first)) or 'none'}); name it with {flag} KEY")
+        return found
+
+    keys = {key for record in records if isinstance(record, dict) for key in record}
+    return ResultFields(pick(pred, PRED_FIELDS, "prediction", "--pred"),
+                        tuple(k.strip() for k in pick(refs, REFS_FIELDS, "references", "--refs").split(",") if k.strip()),
+                        id or next((name for name in ID_FIELDS if name in keys), None))
+
+
+def load_results(path: str | Path, *, pred: str | None = None, refs: str | None = None,
+                 id: str | None = None) -> LoadedResults:
+    """Any tool's results file as records to score: JSON, JSON Lines, objects back to back, or CSV; ``pred``,
+    ``refs`` and ``id`` name the fields (else common names are recognised, see ``detect_fields``).
+
+    Each record keeps its fields, with ``generated`` the prediction (GeoLLaVA's stripped of its prompt up to the last
+    "Answer:"), ``true`` the references (one string, or a list when there are several) and ``id`` a string (the
+    record's index in a file without ids). A record repeating an earlier id is dropped, the first kept (DDP
+    evaluations pad their last batch with repeats); one line says how many. Without ids nothing is dropped.
     """
     path = Path(path)
-    values = _json_records(_read_text(path), path)
-    records, ids = [], set()
+    values = _file_records(path)
+    if not values:
+        return LoadedResults(path, [], ResultFields(pred or GEOLLAVA_PRED_FIELD, (refs or "true",), id))
+    if not isinstance(values[0], dict):
+        raise UserError(f"{path}: record 0 is not a JSON object")
+    fields = detect_fields(values, path, pred=pred, refs=refs, id=id)
+    records, seen, dropped = [], set(), []
     for index, value in enumerate(values):
         where = f"{path}: record {index}"
         if not isinstance(value, dict):
             raise UserError(f"{where} is not a JSON object")
-        if value.get("id") is not None:
-            where += f" (id {value['id']!r})"
-        for key in ("true", "generated"):
+        has_id = fields.id is not None and value.get(fields.id) not in (None, "")
+        if has_id:
+            where += f" ({fields.id} {value[fields.id]!r})"
+        for key in (fields.pred, *fields.refs):
             if key not in value:
                 raise UserError(f"{where} has no {key!r} field")
-        true, generated = value["true"], value["generated"]
+        generated = value[fields.pred]
         if not isinstance(generated, str):
-            raise UserError(f"{where}: 'generated' is {type(generated).__name__}, not a string")
-        if not (isinstance(true, str) or (isinstance(true, list) and true and all(isinstance(t, str) for t in true))):
-            raise UserError(f"{where}: 'true' must be a string or a non-empty list of strings")
+            raise UserError(f"{where}: {fields.pred!r} is {type(generated).__name__}, not a string")
+        true: list[str] = []
+        for key in fields.refs:
+            reference = value[key]
+            if not (isinstance(reference, str) or (isinstance(reference, list) and reference
+                                                   and all(isinstance(t, str) for t in reference))):
+                raise UserError(f"{where}: {key!r} must be a string or a non-empty list of strings")
+            true += [reference] if isinstance(reference, str) else reference
         record = dict(value)
-        record["id"] = str(value["id"]) if value.get("id") is not None else str(index)
-        record["generated"] = strip_prompt(generated)
+        record["id"] = str(value[fields.id]) if has_id else str(index)
+        record["true"] = value[fields.refs[0]] if len(fields.refs) == 1 else true
+        record["generated"] = strip_prompt(generated) if fields.pred == GEOLLAVA_PRED_FIELD else generated
+        if has_id and record["id"] in seen:
+            dropped.append(record["id"])
+            continue
+        if has_id:
+            seen.add(record["id"])
         records.append(record)
-        ids.add(record["id"])
-    if len(ids) < len(records):
-        # GeoLLaVA's base-model scripts append without resuming, so a rerun repeats answers.
-        print(f"warning: {path}: {len(records) - len(ids)} records repeat an earlier id; all are scored",
-              file=sys.stderr)
-    return records
+    if dropped:
+        print(f"{path}: dropped {len(dropped)} records repeating an earlier {fields.id} (e.g. {dropped[0]!r}), "
+              f"keeping the first of each")
+    return LoadedResults(path, records, fields, len(dropped))
+
+
+def read_results_file(path: str | Path, **fields: str | None) -> list[dict[str, Any]]:
+    """The records of ``load_results`` (ours, GeoLLaVA's or another tool's results file)."""
+    return load_results(path, **fields).records
 
 
 def write_metrics(stem: str | Path, records: list[dict[str, Any]], report: MetricsReport, *, model: str,
@@ -291,37 +414,63 @@ def format_metrics_table(metrics: dict[str, float], missing: dict[str, str] | No
     return "\n".join(lines)
 
 
-def score_files(paths: list[str | Path]) -> list[Path]:
-    """Rescore results files (ours or GeoLLaVA's): ``<file without suffix>.metrics.json`` and ``.csv`` beside each.
+def scored_stem(path: Path) -> Path:
+    """Where a rescored file's ``.metrics.json`` and per-sample ``.csv`` go: beside it, named after it (``x.jsonl`` ->
+    ``x.metrics.json``, ``x.csv``); a CSV input gets ``x.scored.*`` so that its per-sample table never replaces it."""
+    stem = path.with_suffix("")
+    return stem.parent / f"{stem.name}.scored" if path.suffix.lower() in (".csv", ".tsv") else stem
+
+
+def score_files(paths: list[str | Path], *, pred: str | None = None, refs: str | None = None,
+                id: str | None = None) -> list[Path]:
+    """Rescore results files (ours, GeoLLaVA's, or any tool's: see ``load_results``): a ``.metrics.json`` and a
+    per-sample ``.csv`` beside each (``scored_stem``). ``pred`` / ``refs`` / ``id`` name the fields in every file.
 
     Every file is read first, so a mistake in the last one stops before any scoring.
     """
     loaded = []
     for path in map(Path, paths):
-        records = read_results_file(path)
-        if not records:
+        results = load_results(path, pred=pred, refs=refs, id=id)
+        if not results.records:
             raise UserError(f"{path}: holds no results records")
-        loaded.append((path, records))
+        loaded.append(results)
     written = []
-    for path, records in loaded:
+    for results in loaded:
+        path, records = results.path, results.records
         started = time.perf_counter()
         report = compute_metrics_report([r["true"] for r in records], [r["generated"] for r in records])
-        metrics_path = write_metrics(path.with_suffix(""), records, report, model="(rescored)",
-                                     settings={"source": str(path)}, seconds=round(time.perf_counter() - started, 1))
-        print(f"{path} ({len(records)} samples)\n{format_metrics_table(report.metrics, report.missing)}\n"
-              f"metrics: {metrics_path}")
+        metrics_path = write_metrics(scored_stem(path), records, report, model="(rescored)",
+                                     settings={"source": str(path), "fields": results.fields.as_dict()},
+                                     seconds=round(time.perf_counter() - started, 1),
+                                     extra={"duplicates_dropped": results.duplicates_dropped})
+        fields = results.fields
+        print(f"{path} ({len(records)} samples; prediction {fields.pred!r}, references "
+              f"{', '.join(map(repr, fields.refs))}, id {fields.id!r})\n"
+              f"{format_metrics_table(report.metrics, report.missing)}\nmetrics: {metrics_path}")
         written.append(metrics_path)
     return written
 
 
+class _Arguments(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one "error: ..." line and exit status 2, as every mistake here
+        raise UserError(f"{message}; {USAGE}")
+
+
 def main(argv: list[str]) -> int:
-    """``score FILE...``: the arguments after ``score`` (a leading ``score`` is accepted too)."""
+    """``score FILE... [--pred KEY] [--refs KEY[,KEY...]] [--id KEY]``: the arguments after ``score`` (a leading
+    ``score`` is accepted too)."""
     if argv and argv[0] == "score" and not Path("score").exists():
         argv = argv[1:]
     if argv and argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
-    if not argv:
+    parser = _Arguments(prog="python common.py score", add_help=False)
+    parser.add_argument("files", nargs="*")
+    parser.add_argument("--pred")
+    parser.add_argument("--refs")
+    parser.add_argument("--id")
+    arguments = parser.parse_args(argv)
+    if not arguments.files:
         raise UserError(USAGE)
-    score_files(argv)
+    score_files(arguments.files, pred=arguments.pred, refs=arguments.refs, id=arguments.id)
     return 0

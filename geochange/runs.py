@@ -15,6 +15,7 @@ from .errors import UserError
 from .fileio import atomic_write_text, file_sha256
 
 RUN_FILE = "run.json"
+VALIDATION_DIR = "validation"  # inside a run: each validation's captions and scores (<step or epoch>.jsonl, ...)
 # Settings that cannot change what a run trains or how it is scored: a resume may change them. RUN_NAME and
 # OUTPUT_DIR only pick the directory, and it is this one (a default name spelt out, a relative path made absolute).
 RESUME_MAY_CHANGE = ("OVERWRITE", "NUM_WORKERS", "LOGGING_STEPS", "EVAL_BATCH_SIZE", "SAVE_TOTAL_LIMIT",

@@ -15,8 +15,9 @@ from typing import Any, Callable, Sequence, TypeVar
 
 from tqdm.auto import tqdm
 
-from .devices import is_distributed_launch, process_device
+from .devices import is_distributed_launch, pick_device, process_device
 from .engines import dist_timeout
+from .errors import UserError, print_error
 
 Item = TypeVar("Item")
 
@@ -67,6 +68,12 @@ def steps_needed(total: int, batch_size: int, shard: Shard) -> int:
     return math.ceil(math.ceil(total / shard.world_size) / batch_size)
 
 
+def shard_device(shard: Shard, setting: str):
+    """The device this process answers on: under torchrun with ``setting`` ``auto``, its local GPU (the CPU without
+    CUDA), so that every process has one of its own; otherwise what ``setting`` names (``devices.pick_device``)."""
+    return process_device() if shard.world_size > 1 and setting == "auto" else pick_device(setting)
+
+
 def from_main(shard: Shard, value: Any) -> Any:
     """Rank 0's ``value`` on every process (a collective every process enters), e.g. what is left to answer once the
     one writer has read its output."""
@@ -77,6 +84,26 @@ def from_main(shard: Shard, value: Any) -> Any:
     box = [value if shard.main else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def decided_by_main(shard: Shard, decide: Callable[[], Any]) -> Any:
+    """``decide()`` run by rank 0 alone (what only the one writer reads: the test set, its results file), its value on
+    every process (a collective every process enters). A ``UserError`` there stops every process at once, with
+    status 2, instead of leaving the others waiting at a collective: rank 0 prints its one line first (once the
+    others exit, torchrun stops whatever is left), then every process exits. One process: ``decide()`` as it is."""
+    if shard.world_size == 1:
+        return decide()
+    outcome = None
+    if shard.main:
+        try:
+            outcome = ("value", decide())
+        except UserError as exc:
+            print_error(exc)
+            outcome = ("error", str(exc))
+    kind, value = from_main(shard, outcome)
+    if kind == "error":
+        raise SystemExit(2)
+    return value
 
 
 def gather_at_main(shard: Shard, records: list) -> list | None:
@@ -92,15 +119,24 @@ def gather_at_main(shard: Shard, records: list) -> list | None:
 
 def answer_in_shards(shard: Shard, items: Sequence[Item], batch_size: int, answer: Callable[[list[Item]], list],
                      write: Callable[[list], None], *, cost: Callable[[Item], float] = lambda item: 0.0,
-                     desc: str = "answering", unit: str = "batch") -> None:
+                     desc: str = "answering", unit: str = "batch", in_step: bool = False) -> None:
     """Answer ``items`` (the same list on every process) in batches of ``batch_size``: each process answers its share
     (``answer(batch) -> records``), and after every batch rank 0 ``write``s what all of them answered. A progress bar
-    on rank 0 counts the steps."""
+    on rank 0 counts the steps.
+
+    ``in_step``: every process takes part in every step's ``answer`` (a model partitioned by DeepSpeed ZeRO-3 gathers
+    its weights from all processes in every forward pass): one whose share is done answers a spare item (the first),
+    whose records are dropped."""
     share = share_of(items, shard, cost)
     steps = steps_needed(len(items), batch_size, shard)
     for step in tqdm(range(steps), desc=desc, unit=unit, disable=not shard.main or steps == 0):
         batch = share[step * batch_size:(step + 1) * batch_size]
-        records = answer(batch) if batch else []
+        if batch:
+            records = answer(batch)
+        else:
+            if in_step:
+                answer(list(items[:1]))
+            records = []
         gathered = gather_at_main(shard, records)
         if shard.main and gathered:
             write(gathered)

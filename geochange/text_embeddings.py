@@ -88,18 +88,28 @@ def bertscore_max_length(tokenizer, config) -> int:
 def length_sorted_batches(encoder: Encoder, texts: Sequence[str], max_length: int | None = None) -> list[tuple[list[int], dict]]:
     """Tokenised batches of ``texts`` (stripped, as bert-score and sentence-transformers do), shortest first.
 
-    Returns (indices into ``texts``, tokenizer output on the device) per batch.
+    Returns (indices into ``texts``, the tokenizer's tensors on the device) per batch. The texts are tokenised once;
+    each batch is padded here, as the tokenizer's ``padding=True`` pads (its pad id, its side, zeros elsewhere).
     """
+    import torch
+
     max_length = max_length or encoder.max_length
-    stripped = [t.strip() for t in texts]
-    lengths = [len(ids) for ids in encoder.tokenizer(stripped, truncation=True, max_length=max_length)["input_ids"]]
-    order = sorted(range(len(texts)), key=lengths.__getitem__)
+    tokenizer = encoder.tokenizer
+    encoded = tokenizer([t.strip() for t in texts], truncation=True, max_length=max_length)
+    ids = encoded["input_ids"]
+    order = sorted(range(len(texts)), key=lambda k: len(ids[k]))
     batches = []
     for start in range(0, len(order), ENCODE_BATCH_SIZE):
         chosen = order[start:start + ENCODE_BATCH_SIZE]
-        inputs = encoder.tokenizer([stripped[i] for i in chosen], padding=True, truncation=True,
-                                   max_length=max_length, return_tensors="pt")
-        batches.append((chosen, {k: v.to(encoder.device) for k, v in inputs.items()}))
+        width = max(len(ids[k]) for k in chosen)
+        inputs = {}
+        for key, values in encoded.items():
+            fill = [tokenizer.pad_token_id if key == "input_ids" else 0]
+            left = tokenizer.padding_side == "left"
+            rows = [fill * (width - len(values[k])) + values[k] if left else values[k] + fill * (width - len(values[k]))
+                    for k in chosen]
+            inputs[key] = torch.tensor(rows, dtype=torch.long, device=encoder.device)
+        batches.append((chosen, inputs))
     return batches
 
 

@@ -279,10 +279,23 @@ class SuiteTrainer(Trainer):
         restore_fp32_masters(starts, model)
         del starts  # freed before training
         if resume_from_checkpoint is not None:  # as the Trainer resumes, but without the frozen weights
-            deepspeed_load_checkpoint(self.model_wrapped, resume_from_checkpoint, load_module_strict=False)
+            self._load_trained_weights(resume_from_checkpoint)
             self._load_optimizer_and_scheduler(resume_from_checkpoint)
             self._load_scaler(resume_from_checkpoint)
         return wrapped, train_dataloader
+
+    def _load_trained_weights(self, checkpoint: str) -> None:
+        # A DeepSpeed checkpoint here holds the trained weights only (``exclude_frozen_parameters``): the frozen
+        # ones stay as loaded, so the load is not strict.
+        deepspeed_load_checkpoint(self.model_wrapped, checkpoint, load_module_strict=False)
+
+    def _load_best_model(self) -> None:
+        if not self.is_deepspeed_enabled:
+            return super()._load_best_model()
+        if self.args.should_save:
+            print(f"loading the best checkpoint, {self.state.best_model_checkpoint} "
+                  f"({self.args.metric_for_best_model} {self.state.best_metric:.4f})")
+        self._load_trained_weights(self.state.best_model_checkpoint)
 
     # ---- saving
 

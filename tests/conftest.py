@@ -249,7 +249,8 @@ TINY_VAL_RECORDS = 4
 @pytest.fixture(scope="session")
 def tiny_repo(sample_dir, tmp_path_factory) -> Path:
     """A repo-shaped folder of tiny results, made once per session, as a user's runs leave them:
-    ``runs/<run>`` a short LoRA fine-tune of tiny Video-LLaVA (validation loss, evaluation after training),
+    ``runs/<run>`` a short LoRA fine-tune of tiny Video-LLaVA (validation loss and captions at steps 2 and 4, the
+    checkpoint whose captions score best by sbert kept, evaluation after training),
     ``results/`` its evaluation, the untuned tiny Video-LLaVA's and a tiny DeltaVLM's on the sample captions, and
     the tiny Video-LLaVA's on those captions converted to videos (one test set for both families); ``val.json``."""
     from geochange.convert import changechat_to_videos
@@ -261,8 +262,9 @@ def tiny_repo(sample_dir, tmp_path_factory) -> Path:
     val.write_text(json.dumps(json.loads(SAMPLE_VAL.read_text())[:TINY_VAL_RECORDS]))
     run_script("videollava_finetune.py", *script_args(
         MODEL_ID="tiny", OUTPUT_DIR=root / "runs", RESULTS_DIR=results, VAL_ANNOTATIONS=val, TRAIN_LIMIT=8,
-        MAX_STEPS=4, BATCH_SIZE=4, LR=1e-2, WARMUP_STEPS=0, LOGGING_STEPS=1, SAVE_STEPS=100, EVAL_STEPS=2,
-        GRADIENT_CHECKPOINTING=False, MAX_NEW_TOKENS=8, EVAL_BATCH_SIZE=4))
+        MAX_STEPS=4, BATCH_SIZE=4, LR=1e-2, WARMUP_STEPS=0, LOGGING_STEPS=1, SAVE_STEPS=2, EVAL_STEPS=2,
+        GRADIENT_CHECKPOINTING=False, MAX_NEW_TOKENS=8, EVAL_BATCH_SIZE=4, VAL_GENERATE_LIMIT=TINY_VAL_RECORDS,
+        BEST_METRIC="sbert"))
     run_script("videollava_test.py", *script_args(MODEL_ID="tiny", MODEL_PATH="base", RESULTS_DIR=results,
                                                    VAL_ANNOTATIONS=val, MAX_NEW_TOKENS=8, BATCH_SIZE=4))
     converted = changechat_to_videos(SAMPLE_CHANGECHAT_CAPTIONS, SAMPLE_CHANGECHAT_ROOT, root / "converted")

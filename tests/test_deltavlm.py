@@ -365,7 +365,7 @@ def test_batch_scores_every_task_and_resumes(predictor, scene_images, tmp_path, 
     metrics_path = run.run_batch(predictor, items, cfg)
     lines = results.read_text().splitlines()
     records = {r["id"]: r for r in map(json.loads, lines)}
-    assert list(records) == [i.id for i in items]
+    assert sorted(records) == sorted(i.id for i in items) and len(lines) == len(items)
     assert records["p1"]["true"] == refs  # all five references
     assert records["dialog_turn2"]["prompt"].startswith("q please judge whether")
     written = json.loads(metrics_path.read_text())

@@ -389,6 +389,10 @@ def test_gradient_checkpointing_reaches_the_language_model_layers_during_trainin
     ({"LORA_R": 0}, "LORA_R must be >= 1"),
     ({"TRAIN_ANNOTATIONS": "annotations/nope.json"}, "TRAIN_ANNOTATIONS: annotation file annotations/nope.json does not exist"),
     ({"NUM_FRAMES": 1}, "NUM_FRAMES must be >= 2"),
+    ({"VAL_GENERATE_LIMIT": 0}, "VAL_GENERATE_LIMIT must be >= 1"),
+    ({"BEST_METRIC": "accuracy"}, "BEST_METRIC='accuracy' is not a caption metric; one of rouge1, "),
+    ({"BEST_METRIC": "sbert", "VAL_GENERATE_LIMIT": 4}, "set VAL_ANNOTATIONS and EVAL_STEPS > 0 \\(now 0\\)"),
+    ({"BEST_METRIC": "sbert", "EVAL_STEPS": 3}, "SAVE_STEPS \\(100\\) must be a multiple of EVAL_STEPS \\(3\\)"),
 ])
 def test_bad_settings_stop_before_any_model_is_loaded(tmp_path, monkeypatch, overrides, message):
     def no_model(*args, **kwargs):
@@ -657,3 +661,40 @@ def test_runs_that_train_differently_never_share_a_name_or_a_label(tmp_path):
         "deltavlm-tiny_sample_changechat_instructions"
     cider = deltavlm_training.resolve_recipe(script_constants("deltavlm_finetune.py", INIT="tiny", BEST_METRIC="cider"))
     assert deltavlm_training.run_dir_of(cider).name == "deltavlm-tiny_sample_changechat_instructions_bestmetriccider"
+
+
+@pytest.mark.xdist_group("tiny_repo")
+def test_best_metric_ends_the_run_with_the_checkpoint_a_hand_computation_picks(tiny_repo):
+    """The shared tiny run validates at steps 2 and 4, captioning its 4 val pairs, with BEST_METRIC=sbert: sbert
+    recomputed here from the written captions with sentence-transformers picks the checkpoint, and the run's final
+    adapter (and so its evaluation after training) is that checkpoint's."""
+    from safetensors.torch import load_file
+    from sentence_transformers import SentenceTransformer
+
+    (run_dir,) = [p for p in (tiny_repo / "runs").iterdir() if p.is_dir()]
+    record = json.loads((run_dir / "run.json").read_text())
+    encoder = None
+    by_hand = {}
+    for step in (2, 4):
+        scored = json.loads((run_dir / "validation" / f"step{step:06d}.metrics.json").read_text())
+        encoder = encoder or SentenceTransformer(scored["metric_models"]["sbert"], device="cpu")
+        answers = [json.loads(line) for line in (run_dir / "validation" / f"step{step:06d}.jsonl").read_text().split("\n")
+                   if line]
+        assert len(answers) == 4  # VAL_GENERATE_LIMIT pairs, the same ones each time
+        cosines = [max(float(encoder.similarity(encoder.encode(a["generated"]), encoder.encode(reference)))
+                       for reference in ([a["true"]] if isinstance(a["true"], str) else a["true"])) for a in answers]
+        by_hand[step] = sum(cosines) / len(cosines)
+        assert scored["metrics"]["sbert"] == pytest.approx(by_hand[step], abs=1e-5)
+    assert [entry["step"] for entry in record["caption_curve"]] == [2, 4]
+    assert [entry["sbert"] for entry in record["caption_curve"]] == pytest.approx([by_hand[2], by_hand[4]], abs=1e-5)
+    assert by_hand[2] != pytest.approx(by_hand[4], abs=1e-6)  # a real choice
+    best = max((2, 4), key=lambda step: (by_hand[step], -step))  # ties: the earlier one, as the Trainer keeps it
+    assert record["best_checkpoint"] == {"metric": "sbert", "value": pytest.approx(by_hand[best], abs=1e-5),
+                                         "step": best, "checkpoint": f"checkpoint-{best}"}
+    final = load_file(str(run_dir / "adapter_model.safetensors"))
+    kept = {step: load_file(str(run_dir / f"checkpoint-{step}" / "adapter_model.safetensors")) for step in (2, 4)}
+    assert all(torch.equal(final[name], kept[best][name]) for name in final)
+    other = 6 - best
+    assert not all(torch.equal(final[name], kept[other][name]) for name in final)
+    evaluated = json.loads((tiny_repo / "results" / f"{run_dir.name}.metrics.json").read_text())
+    assert evaluated["metrics"]["sbert"] == pytest.approx(by_hand[best], abs=1e-5)  # same pairs, same weights

@@ -53,7 +53,8 @@ def test_gpu_check_runs_on_the_cpu_with_the_tiny_models(tmp_path, monkeypatch, c
     text = model.config.text_config
     assert language == sum(m.weight.numel() for n, m in linears.items()
                            if n.startswith("model.language_model.") or n == "lm_head")
-    assert tower == sum(m.weight.numel() for n, m in linears.items() if parts.in_tower(n) and not parts.is_image_only(n))
+    assert tower == sum(m.weight.numel() for n, m in linears.items()
+                        if parts.in_tower(n) and not parts.is_image_only(n))
     patches = NEWEST.tower_tokens(model.config, 2, *gpu_check.CLIP_SIZE[::-1])
     expected = 4 * language * 192 + 12 * text.num_hidden_layers * 192 ** 2 * text.hidden_size + 2 * tower * patches
     assert train["model_tflops_per_step"] == round(expected / 1e12, 2)

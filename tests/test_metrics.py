@@ -441,3 +441,101 @@ def test_a_hub_that_refuses_is_named_unreachable_not_slow(monkeypatch, hub_tries
         assert hub_tries == [(("127.0.0.1", port), paths.HUB_PROBE_SECONDS)]  # one try, named refused: no waiting
     finally:
         paths.hub_unreachable.cache_clear()
+
+
+# ------------------------------------------------------------------------------------------ the faster paths
+
+@pytest.fixture(scope="module")
+def generated_captions():
+    """150 caption pairs from the sample's caption generator (as benchmarks/metrics_throughput.py draws them): five
+    references each, predictions that describe their own or another pair's changes, so texts and pairs repeat."""
+    import numpy as np
+
+    from geochange.sample.data import caption, main_caption, reference_captions
+    from geochange.sample.scenes import make_scene_pair
+
+    rng = np.random.default_rng(0)
+    refs, preds = [], []
+    for i in range(150):
+        changes = make_scene_pair(i).changes
+        refs.append(reference_captions(changes, main_caption(changes, rng)))
+        told = make_scene_pair(int(rng.integers(150))).changes if rng.random() < 0.4 else changes
+        preds.append(caption(told, [int(rng.integers(5)) for _ in range(max(len(told), 1))]))
+    refs[7], preds[7] = refs[7][:2], ""  # fewer references, an empty prediction
+    return [*as_lists(REFS), *refs], [*PREDS, *preds]
+
+
+def test_lcs_length_equals_the_libraries_tables():
+    import random
+
+    from pycocoevalcap.rouge.rouge import my_lcs
+    from rouge_score.rouge_scorer import _lcs_table
+
+    rng = random.Random(0)
+    for _ in range(500):
+        a = [rng.choice("abcde") for _ in range(rng.randrange(0, 14))]
+        b = [rng.choice("abcdef") for _ in range(rng.randrange(0, 14))]
+        expected = _lcs_table(a, b)[-1][-1]
+        assert C.lcs_length(a, b) == C.lcs_length(b, a) == expected
+        if a and b:
+            assert my_lcs(a, b) == expected
+    assert C.lcs_length("the new road".split(), "a new road appeared".split()) == 2
+
+
+def test_rouge_coco_rouge_l_and_cider_equal_the_libraries_on_generated_captions(generated_captions):
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+    from rouge_score import rouge_scorer
+
+    refs, preds = generated_captions
+    ours = M.rouge_scores(refs, preds)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    theirs = [scorer.score_multi(group, pred) for group, pred in zip(refs, preds)]
+    for key in ours:  # the same float operations: equal, not merely close
+        assert ours[key] == [scored[key].fmeasure for scored in theirs], key
+    gts = {i: [C.coco_normalise(r) for r in group] for i, group in enumerate(refs)}
+    res = {i: [C.coco_normalise(p)] for i, p in enumerate(preds)}
+    assert C.coco_rouge_l(gts, res) == pytest.approx(Rouge().compute_score(gts, res)[0], abs=1e-12)
+    assert C.cider_d(gts, res) == pytest.approx(Cider().compute_score(gts, res)[0], abs=1e-12)
+    assert C.cider_d(gts, res) > 0.5  # the generator's captions share many n-grams with their references
+
+
+def test_embedding_batches_are_the_tokenizers_padded_batches(minilm, generated_captions):
+    import torch
+
+    refs, preds = generated_captions
+    texts, _ = E.unique_texts(preds, *refs)
+    encoder = E.load_encoder(minilm, "cpu")
+    batches = E.length_sorted_batches(encoder, texts)
+    assert sorted(k for chosen, _ in batches for k in chosen) == list(range(len(texts)))
+    for chosen, inputs in batches:
+        expected = encoder.tokenizer([texts[k].strip() for k in chosen], padding=True, truncation=True,
+                                     max_length=encoder.max_length, return_tensors="pt")
+        assert set(inputs) == set(expected) and all(torch.equal(inputs[key], expected[key]) for key in inputs)
+
+
+@pytest.mark.java
+def test_meteor_sends_a_repeated_line_once_and_scores_as_pycocoevalcap(generated_captions, reference_meteor):
+    refs, preds = generated_captions
+    refs, preds = refs[:50] + refs[10:30], preds[:50] + preds[10:30]  # 20 samples again: lines that repeat
+    gts = {i: [C.coco_normalise(r) for r in group] for i, group in enumerate(refs)}
+    res = {i: [C.coco_normalise(p)] for i, p in enumerate(preds)}
+    sent = []
+    stdin = reference_meteor.meteor_p.stdin
+
+    class Recording:
+        def write(self, data):
+            sent.append(data)
+            return stdin.write(data)
+
+        def flush(self):
+            stdin.flush()
+
+    reference_meteor.meteor_p.stdin = Recording()
+    try:
+        ours = C.meteor_score(C.CocoTokens(gts, res, "normalised"))
+    finally:
+        reference_meteor.meteor_p.stdin = stdin
+    scored = b"".join(sent).decode().count("SCORE |||")
+    assert scored <= len(preds) - 20  # each repeated line sent once
+    assert ours == pytest.approx(reference_meteor.compute_score(gts, res)[0], abs=1e-12)

@@ -37,7 +37,8 @@ def test_leaderboard_puts_the_video_model_and_deltavlm_side_by_side(tiny_repo):
             assert metric not in captions.best
     assert set(captions.table.source) == {OURS}  # the sample is no paper's test set
     # the fine-tuned run and the base model on the val records; every metric of the one list is a column
-    assert sorted(val.table.model) == sorted(["base", "LoRA r8, 8 pairs, lr 0.01, 4 steps, warmupsteps0"])
+    assert sorted(val.table.model) == sorted(["base", "LoRA r8, 8 pairs, lr 0.01, 4 steps, bestmetricsbert, "
+                                                      "valgeneratelimit4, warmupsteps0"])
     assert val.metrics == [m for m in METRIC_NAMES if m in val.table]
     assert set(val.metrics) >= {"sacrebleu", "bleu2", "bleu3", "bertscore_f1"}
 
@@ -132,7 +133,7 @@ def test_training_curves_one_figure_per_family_labelled_by_settings(tiny_repo):
     assert list(figures) == ["Video-LLaVA"]
     ax = figures["Video-LLaVA"].axes[0]
     label = settings_label(run)
-    assert label == "LoRA r8, 8 pairs, lr 0.01, 4 steps, warmupsteps0"
+    assert label == "LoRA r8, 8 pairs, lr 0.01, 4 steps, bestmetricsbert, valgeneratelimit4, warmupsteps0"
     lines = {line.get_label(): line for line in ax.get_lines()}
     assert set(lines) == {f"{label}: loss", f"{label}: validation loss"}
     assert list(lines[f"{label}: loss"].get_ydata()) == [p["loss"] for p in run["loss_curve"]]
@@ -192,7 +193,7 @@ def test_the_runs_table_keeps_each_label_on_one_line_in_a_browser(tiny_repo, tmp
         tab.goto((tmp_path / "shown.html").as_uri())
         shown = dict(tab.evaluate(lines_of))
         browser.close()
-    label = "LoRA r8, 8 pairs, lr 0.01, 4 steps, warmupsteps0"
+    label = "LoRA r8, 8 pairs, lr 0.01, 4 steps, bestmetricsbert, valgeneratelimit4, warmupsteps0"
     assert plain[label] > 1  # squeezed, as the issue saw it
     assert shown[label] == 1 and all(lines == 1 for lines in shown.values()), shown
     assert {label, "base", "Video-LLaVA"} <= set(shown)

@@ -120,7 +120,7 @@ def test_strip_prompt():
     ('{"true": "a", "generated": "b"}\n{"true": "c", "generated": ', "record 1 (line 2) is not valid JSON"),
     (json.dumps([{"true": "a", "generated": "b"}, {"id": "x7", "true": "b"}]),
      "record 1 (id 'x7') has no 'generated' field"),
-    (json.dumps([{"generated": "b"}]), "record 0 has no 'true' field"),
+    (json.dumps([{"generated": "b"}]), "record 0 has no references field (looked for 'true', 'refs'"),
     (json.dumps([{"true": "a", "generated": None}]), "record 0: 'generated' is NoneType, not a string"),
     (json.dumps([{"true": [], "generated": "b"}]), "record 0: 'true' must be a string or a non-empty list"),
     (json.dumps(["just a string"]), "record 0 is not a JSON object"),
@@ -192,7 +192,8 @@ def test_score_files_writes_metrics_and_csv(tmp_path, capsys):
     assert f"metrics: {metrics_path}" in out and "rouge1" in out
     data = json.loads(metrics_path.read_text())
     assert data["run"] == "results_videollava_r8" and data["model"] == "(rescored)"
-    assert data["settings"] == {"source": str(source)} and data["num_samples"] == 3 and data["seconds"] >= 0
+    assert data["settings"] == {"source": str(source), "fields": {"pred": "generated", "refs": ["true"], "id": "id"}}
+    assert data["num_samples"] == 3 and data["seconds"] >= 0 and data["duplicates_dropped"] == 0
     assert set(data["metric_models"]) == {"bertscore_f1", "sbert"}
     # offline: GeoLLaVA's sbert model is not there, and the file says which model stood in, tokenizer and device
     assert "bert-base-nli-mean-tokens" in data["metric_model_fallbacks"]["sbert"]
@@ -255,3 +256,83 @@ def test_one_writer_per_output_and_a_killed_writer_leaves_no_stale_lock(tmp_path
     finally:
         holder.kill()  # SIGKILL: no cleanup runs
     lock_for_writing(target, "after the kill").release()
+
+
+# ------------------------------------------------------------------------------------------ any tool's results files
+
+OTHER_TOOL = [{"uid": "a", "pred": "a road was built", "refs": ["a new road", "a road appeared"]},
+              {"uid": "b", "pred": "nothing changed", "refs": ["no change", "the scene is the same"]},
+              {"uid": "c", "pred": "two houses", "refs": ["two new houses"]}]
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "json list", "object of lists", "object by id", "csv"])
+def test_other_tools_results_files_are_read_by_their_common_field_names(tmp_path, layout):
+    renamed = [{"image_id": r["uid"], "prediction": r["pred"], "references": r["refs"]} for r in OTHER_TOOL]
+    path = tmp_path / {"csv": "preds.csv"}.get(layout, "preds.json")
+    if layout == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in OTHER_TOOL))
+    elif layout == "json list":
+        path.write_text(json.dumps(renamed))
+    elif layout == "object of lists":
+        path.write_text(json.dumps({"predictions": renamed}))
+    elif layout == "object by id":
+        path.write_text(json.dumps({r["uid"]: {"hypothesis": r["pred"], "gts": r["refs"]} for r in OTHER_TOOL}))
+    else:  # one reference per row as a string, another column with a JSON list
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["sample_id", "output", "target"])
+            writer.writerows([r["uid"], r["pred"], json.dumps(r["refs"])] for r in OTHER_TOOL)
+    loaded = R.load_results(path)
+    assert [r["id"] for r in loaded.records] == ["a", "b", "c"]
+    assert [r["generated"] for r in loaded.records] == [r["pred"] for r in OTHER_TOOL]
+    assert [r["true"] for r in loaded.records] == [r["refs"] for r in OTHER_TOOL]
+    assert loaded.duplicates_dropped == 0 and loaded.fields.id is not None
+
+
+def test_repeated_ids_are_dropped_keeping_the_first_and_a_file_without_ids_keeps_every_record(tmp_path, capsys):
+    padded = OTHER_TOOL + [{**OTHER_TOOL[0], "pred": "padding"}, {**OTHER_TOOL[1], "pred": "more padding"}]
+    path = tmp_path / "ddp.jsonl"  # a DDP evaluation padded its last batch with the first samples again
+    path.write_text("".join(json.dumps(r) + "\n" for r in padded))
+    loaded = R.load_results(path)
+    assert [(r["id"], r["generated"]) for r in loaded.records] == [(r["uid"], r["pred"]) for r in OTHER_TOOL]
+    assert loaded.duplicates_dropped == 2
+    assert capsys.readouterr().out.strip() == (f"{path}: dropped 2 records repeating an earlier uid (e.g. 'a'), "
+                                               "keeping the first of each")
+    no_ids = tmp_path / "no_ids.jsonl"
+    no_ids.write_text("".join(json.dumps({"pred": r["pred"], "refs": r["refs"]}) + "\n" for r in padded))
+    loaded = R.load_results(no_ids)
+    assert len(loaded.records) == 5 and loaded.duplicates_dropped == 0 and loaded.fields.id is None
+    assert [r["id"] for r in loaded.records] == ["0", "1", "2", "3", "4"] and capsys.readouterr().out == ""
+
+
+def test_score_names_the_fields_of_any_file_and_drops_repeats(tmp_path, capsys):
+    from rouge_score import rouge_scorer
+
+    source = tmp_path / "released.csv"  # one column per reference, a repeated key: the flags name them
+    rows = [["k1", "a road was built", "a new road", "a road appeared"],
+            ["k2", "nothing changed", "no change", "the scene is the same"],
+            ["k1", "a repeat", "a new road", "a road appeared"]]
+    with open(source, "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([["key", "hyp_text", "ref1", "ref2"], *rows])
+    written = source.read_text()
+    assert R.main(["score", str(source), "--pred", "hyp_text", "--refs", "ref1,ref2", "--id", "key"]) == 0
+    out = capsys.readouterr().out
+    assert "dropped 1 records repeating an earlier key" in out
+    assert "prediction 'hyp_text', references 'ref1', 'ref2', id 'key'" in out
+    assert source.read_text() == written  # the input is never replaced by the per-sample table
+    data = json.loads((tmp_path / "released.scored.metrics.json").read_text())
+    assert data["num_samples"] == 2 and data["duplicates_dropped"] == 1
+    assert data["settings"]["fields"] == {"pred": "hyp_text", "refs": ["ref1", "ref2"], "id": "key"}
+    with open(tmp_path / "released.scored.csv", newline="", encoding="utf-8") as handle:
+        scored = list(csv.DictReader(handle))
+    assert [r["id"] for r in scored] == ["k1", "k2"] and scored[0]["true"] == "a new road | a road appeared"
+    scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
+    for row, (_, pred, *refs) in zip(scored, rows):
+        assert float(row["rouge1"]) == pytest.approx(scorer.score_multi(refs, pred)["rouge1"].fmeasure, abs=1e-6)
+    # a field that is not there, or a flag that does not exist: one line naming the way out
+    with pytest.raises(UserError, match=r"record 0 has no prediction field .* name it with --pred KEY"):
+        R.main([str(source)])
+    with pytest.raises(UserError, match="record 0 \\(key 'k1'\\) has no 'refs' field"):
+        R.main([str(source), "--pred", "hyp_text", "--refs", "refs", "--id", "key"])
+    with pytest.raises(UserError, match="unrecognized arguments: --prediction"):
+        R.main([str(source), "--prediction", "hyp_text"])

@@ -135,14 +135,18 @@ def test_several_gpus_without_a_launcher_train_on_one_never_dataparallel():
 
 @pytest.mark.slow
 def test_zero3_full_finetuning_then_evaluation_after_training(tmp_path, free_port, val4):
-    """Everything after training works under ZeRO-3: the weights are gathered and saved whole, and rank 0 loads
-    them for the evaluation outside ZeRO-3 (where it would wait for the others forever)."""
+    """Everything after training works under ZeRO-3: the weights are gathered and saved whole, and each process
+    loads them for its share of the evaluation outside ZeRO-3 (where it would wait for the others forever). The
+    validation captions 3 pairs at steps 1 and 2, both processes generating in step (one with a spare pair at the
+    second batch), and BEST_METRIC ends the run with the checkpoint whose captions scored best."""
     from safetensors.torch import load_file
 
     run = torchrun(free_port, "videollava_finetune.py", *TINY, "USE_LORA=False", f"DEEPSPEED={ZERO3}", "MAX_STEPS=2",
                    "LR=1e-3", f"VAL_ANNOTATIONS={val4}", f"OUTPUT_DIR={tmp_path / 'runs'}",
-                   f"RESULTS_DIR={tmp_path / 'results'}", "DIST_TIMEOUT_MINUTES=7")
+                   f"RESULTS_DIR={tmp_path / 'results'}", "DIST_TIMEOUT_MINUTES=7", "EVAL_STEPS=1", "SAVE_STEPS=1",
+                   "VAL_GENERATE_LIMIT=3", "BEST_METRIC=sbert")
     assert run.returncode == 0, run.stderr[-3000:]
+    assert "process 1 of 2: generating on cpu" in run.stdout  # the evaluation after training, shared
     (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
     record = json.loads((run_dir / "run.json").read_text())
     assert record["completed"] and record["world_size"] == 2 and record["mode"] == "FULL"
@@ -165,7 +169,15 @@ def test_zero3_full_finetuning_then_evaluation_after_training(tmp_path, free_por
     assert record["total_parameters"] == sum(t.numel() for t in saved.values()) > 0
     assert 0 < record["trainable_parameters"] < record["total_parameters"]
     metrics = json.loads((tmp_path / "results" / f"{run_dir.name}.metrics.json").read_text())
-    assert metrics["num_samples"] == 4 and "rouge1" in metrics["metrics"]
+    assert metrics["num_samples"] == 4 and "rouge1" in metrics["metrics"] and metrics["processes"] == 2
+    curve = {entry["step"]: entry["sbert"] for entry in record["caption_curve"]}
+    for step, value in curve.items():  # every process's captions reached the one scorer
+        scored = json.loads((run_dir / "validation" / f"step{step:06d}.metrics.json").read_text())
+        assert scored["num_samples"] == 3 and scored["metrics"]["sbert"] == value
+    best = max(sorted(curve), key=lambda step: curve[step])
+    assert sorted(curve) == [1, 2] and record["best_checkpoint"]["step"] == best
+    kept = load_file(str(run_dir / f"checkpoint-{best}" / "model.safetensors"))
+    assert all(torch.equal(saved[name], kept[name]) for name in saved)  # the run ends with the best checkpoint
 
 
 @pytest.mark.slow

@@ -243,8 +243,8 @@ def test_each_family_entry_names_the_parts_of_its_model(tiny):
                                         and parts.part_of(name) not in parts.projectors), name
     assert parts.part_of("base_model.model.model.language_model.layers.1.mlp.up_proj.lora_A.default.weight") == \
         parts.language_model
-    wrongs = [dataclasses.replace(parts, vision_towers=("no_such_tower",)), dataclasses.replace(parts, language_model="llm"),
-              dataclasses.replace(parts, image_only=("pos",))]
+    wrongs = [dataclasses.replace(parts, vision_towers=("no_such_tower",)),
+              dataclasses.replace(parts, language_model="llm"), dataclasses.replace(parts, image_only=("pos",))]
     if set(parts.projectors) & set(weighted):  # a projector beside the towers, left out, leaves its weights in no part
         wrongs.append(dataclasses.replace(parts, projectors=()))
     for wrong in wrongs:

@@ -8,11 +8,11 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .. import changechat_format as cc
 from ..errors import UserError
 from ..results import ResultsWriter, check_run_settings
+from ..sharding import Shard, answer_in_shards, decided_by_main
 from ..video import read_image
 from .inputs import Prompting, build_prompt, decode_answers, encode_prompts, preprocess_image
 
@@ -129,18 +129,29 @@ def items_of(samples) -> list[Item]:
 
 
 def answer_items(predictor: Predictor, items: list[Item], results_path: Path, batch_size: int,
-                 run_settings: dict) -> None:
-    """Answer the items not yet in ``results_path`` (JSON Lines), one flushed batch at a time."""
+                 run_settings: dict, shard: Shard = Shard()) -> None:
+    """Answer the items not yet in ``results_path`` (JSON Lines), one flushed batch at a time. Under torchrun each
+    process answers its share (the longest prompts dealt out evenly) and rank 0, the one writer, appends every
+    batch of every process."""
     if batch_size < 1:
         raise UserError(f"BATCH_SIZE must be >= 1, got {batch_size}")
-    check_run_settings(results_path.parent / f"{results_path.stem}.settings.json", run_settings, results_path)
-    writer = ResultsWriter(results_path)
-    todo = [item for item in items if item.id not in writer.done_ids]
-    if len(todo) < len(items):
-        print(f"resuming {results_path}: {len(items) - len(todo)} of {len(items)} answers already there")
-    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
-    for batch in tqdm(batches, desc="DeltaVLM", unit="batch", disable=not batches):
-        writer.append(answer_batch(predictor, batch))
+    writers: list[ResultsWriter] = []  # rank 0's, the one writer
+
+    def left_to_answer() -> list[str]:
+        check_run_settings(results_path.parent / f"{results_path.stem}.settings.json", run_settings, results_path)
+        writers.append(ResultsWriter(results_path))
+        left = [item.id for item in items if item.id not in writers[0].done_ids]
+        if len(left) < len(items):
+            print(f"resuming {results_path}: {len(items) - len(left)} of {len(items)} answers already there")
+        return left
+
+    missing = set(decided_by_main(shard, left_to_answer))  # other settings wrote the file: every process stops
+    todo = [item for item in items if item.id in missing]
+    prompts = {item.id: predictor.prompt(item.question, item.history) for item in todo}
+    prompt_tokens = {key: len(predictor.tokenizers.llm(prompt)["input_ids"]) for key, prompt in prompts.items()}
+    answer_in_shards(shard, todo, batch_size, lambda batch: answer_batch(predictor, batch),
+                     writers[0].append if shard.main else None, cost=lambda item: prompt_tokens[item.id],
+                     desc="DeltaVLM")
 
 
 def answer_batch(predictor: Predictor, batch: list[Item]) -> list[dict]:

@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 
 from ..annotations import describe_test_set, load_changechat
-from ..devices import pick_device
 from ..errors import UserError
 from ..locks import lock_for_writing
 from ..metrics import MetricsReport
@@ -16,6 +15,7 @@ from ..paths import ANNOTATIONS_DIR
 from ..results import format_metrics_table, read_jsonl, write_metrics
 from ..runs import RUN_FILE, read_run_file
 from ..sample.data import SAMPLE_CHANGECHAT_ROOT, ensure_sample_media
+from ..sharding import Shard, decided_by_main, shard_device, start_shards
 from .loading import load_deltavlm
 from .predictor import Decoding, Predictor, Prompting, answer_items, generation_settings, items_of
 from .scoring import score_records
@@ -53,12 +53,13 @@ def training_run_record(checkpoint: str) -> dict | None:
     return record if record and "sources" in record else None
 
 
-def load_predictor(cfg) -> Predictor:
-    """The model and its settings from the script's settings ``cfg``; prints the load report."""
+def load_predictor(cfg, shard: Shard = Shard()) -> Predictor:
+    """The model and its settings from the script's settings ``cfg``, on ``DEVICE`` (under torchrun with ``auto``,
+    this process's own GPU); prints the load report (rank 0)."""
     decoding = Decoding(cfg.NUM_BEAMS, cfg.MAX_NEW_TOKENS, cfg.MIN_NEW_TOKENS, cfg.REPETITION_PENALTY,
                         cfg.LENGTH_PENALTY)
     decoding.check()  # before minutes of loading
-    device = pick_device(cfg.DEVICE)
+    device = shard_device(shard, cfg.DEVICE)
     if cfg.CHECKPOINT == "tiny" and device.type == "cpu":
         torch.set_num_threads(1)  # the tiny twin gains nothing from threads, and loses a lot on a busy CPU
     where = sources(cfg)
@@ -66,10 +67,13 @@ def load_predictor(cfg) -> Predictor:
     model, tokenizers, report = load_deltavlm(where["checkpoint"], base=where["base"], llm_model=where["llm"],
                                               bert_model=where["bert"], device=device,
                                               load_in_8bit=cfg.LOAD_IN_8BIT, use_csrm=cfg.USE_CSRM)
-    for line in report.lines():
-        print(line)
-    print(f"image tokens: {'CSRM (released generate)' if cfg.USE_CSRM else 'plain concat (released training)'}; "
-          f"loaded on {device} in {time.time() - started:.1f} s")
+    if shard.main:
+        for line in report.lines():
+            print(line)
+        print(f"image tokens: {'CSRM (released generate)' if cfg.USE_CSRM else 'plain concat (released training)'}; "
+              f"loaded on {device} in {time.time() - started:.1f} s")
+    elif shard.world_size > 1:
+        print(f"process {shard.rank} of {shard.world_size}: loaded on {device}")
     return Predictor(model, tokenizers, device, decoding,
                      Prompting(cfg.NORMALISE_PROMPT, cfg.TRAINING_TURN_FORMAT))
 
@@ -89,17 +93,33 @@ def pair_paths(image_a: str | None, image_b: str | None) -> tuple[Path, Path]:
     return SAMPLE_CHANGECHAT_ROOT / "A" / chosen, SAMPLE_CHANGECHAT_ROOT / "B" / chosen
 
 
-def batch_items(annotations: str, image_root: str | None, limit: int | None, split: str | None = None) -> list:
+def batch_items(annotations: str, image_root: str | None, limit: int | None, split: str | None = None,
+                shard: Shard = Shard()) -> list:
     """Every turn of a ChangeChat file (its images checked); the bundled sample's images are drawn if needed.
 
-    ``split``: only that split's entries of a file that names splits (LEVIR-CC's ``LevirCCcaptions.json``)."""
-    if image_root is None and Path(annotations).resolve().parent == ANNOTATIONS_DIR.resolve():
-        ensure_sample_media()
-        image_root = SAMPLE_CHANGECHAT_ROOT
-    items = items_of(load_changechat(annotations, image_root, limit=limit, split=split))
-    if not items:
-        raise UserError(f"{annotations}: no records to answer")
-    return items
+    ``split``: only that split's entries of a file that names splits (LEVIR-CC's ``LevirCCcaptions.json``). Under
+    torchrun rank 0 reads and checks the file once and hands the items to the others."""
+    def read() -> list:
+        root = image_root
+        if root is None and Path(annotations).resolve().parent == ANNOTATIONS_DIR.resolve():
+            ensure_sample_media()
+            root = SAMPLE_CHANGECHAT_ROOT
+        items = items_of(load_changechat(annotations, root, limit=limit, split=split))
+        if not items:
+            raise UserError(f"{annotations}: no records to answer")
+        return items
+
+    return decided_by_main(shard, read)
+
+
+def join_shards(cfg) -> Shard:
+    """Under torchrun, this process's place among those sharing a batch (a collective waits at most
+    DIST_TIMEOUT_MINUTES for the slowest); one shard of one otherwise. One pair or a chat is one process's job."""
+    shard = start_shards(cfg.DIST_TIMEOUT_MINUTES)
+    if shard.world_size > 1 and not cfg.TEST_ANNOTATIONS:
+        raise UserError("under torchrun deltavlm_predict.py shares a batch (TEST_ANNOTATIONS) among the processes; "
+                        "one pair or a chat runs as one process: python deltavlm_predict.py ...")
+    return shard
 
 
 def run_name(cfg) -> str:
@@ -137,16 +157,21 @@ def print_scores(scores: dict) -> None:
                                                   for c in PAPER_COLUMNS))
 
 
-def run_batch(predictor: Predictor, items: list, cfg) -> Path:
-    """Answer ``items`` (resuming), score per task, write the metrics; returns their path. Only this process
-    writes the results file: a second one stops with one line."""
+def run_batch(predictor: Predictor, items: list, cfg, shard: Shard = Shard()) -> Path | None:
+    """Answer ``items`` (resuming), score per task, write the metrics; returns their path (None but on rank 0).
+    Only this process writes the results file (a second one stops with one line); under torchrun every process
+    answers its share and rank 0 writes them all, then scores once."""
     stem = Path(cfg.RESULTS_DIR) / run_name(cfg)
     results_path = stem.parent / f"{stem.name}.jsonl"
-    with lock_for_writing(results_path, f"the results file {results_path}"):
+    held: list = []  # the writer lock, on rank 0; held by another process, it stops every process
+    decided_by_main(shard, lambda: held.append(lock_for_writing(results_path, f"the results file {results_path}")))
+    try:
         started = time.time()
         answer_items(predictor, items, results_path, cfg.BATCH_SIZE,
                      generation_settings(predictor.decoding, predictor.prompting, checkpoint=cfg.CHECKPOINT,
-                                         use_csrm=cfg.USE_CSRM, load_in_8bit=cfg.LOAD_IN_8BIT))
+                                         use_csrm=cfg.USE_CSRM, load_in_8bit=cfg.LOAD_IN_8BIT), shard)
+        if not shard.main:
+            return None
         wanted = {item.id for item in items}
         records = [r for r in read_jsonl(results_path) if r["id"] in wanted]
         scores = score_records(records, device=cfg.DEVICE)
@@ -158,9 +183,13 @@ def run_batch(predictor: Predictor, items: list, cfg) -> Path:
                                coco_tokenizer=next((r.coco_tokenizer for r in scores.values() if r.coco_tokenizer), ""),
                                device=next((r.device for r in scores.values() if r.device), ""))
         extra = {"tasks": {task: {"samples": r.samples, "skipped": r.skipped} for task, r in scores.items()},
-                 "paper_results": paper_results(), "test_set": describe_test_set(cfg.TEST_ANNOTATIONS, cfg.SPLIT)}
+                 "paper_results": paper_results(), "test_set": describe_test_set(cfg.TEST_ANNOTATIONS, cfg.SPLIT),
+                 "processes": shard.world_size}
         path = write_metrics(stem, records, report, model=f"DeltaVLM ({cfg.CHECKPOINT})", settings=cfg.as_dict(),
                              seconds=round(time.time() - started, 2), extra=extra)
+    finally:
+        for lock in held:
+            lock.release()
     print_scores(scores)
     print(f"\nanswers: {results_path}\nmetrics: {path}")
     return path

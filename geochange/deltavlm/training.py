@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import shutil
@@ -32,15 +31,16 @@ from ..devices import is_main_process, launched_processes, process_device
 from ..engines import (check_shared_directory, deepspeed_plan, engine_of, gathered, outside_zero3, parameter_values,
                        size_buckets, start_process_group, zero3_enabled)
 from ..errors import UserError
-from ..fileio import atomic_path, atomic_write_text
+from ..fileio import atomic_path
 from ..locks import WriterLock, lock_for_writing, lock_path, released_on_error
-from ..metrics import MetricsReport, meteor_available
-from ..paths import ANNOTATIONS_DIR, local_or_hub
-from ..results import write_metrics
+from ..metrics import SM, MetricsReport, meteor_available, with_sm
 from ..overrides import script_constants
-from ..runs import (RESUME_MAY_CHANGE, check_resume_processes, data_files, default_run_name, distinct_settings,
-                    library_versions, resume_state, settings_record, write_run_file)
+from ..paths import ANNOTATIONS_DIR, local_or_hub
+from ..results import write_jsonl, write_metrics
+from ..runs import (RESUME_MAY_CHANGE, VALIDATION_DIR, check_resume_processes, data_files, default_run_name,
+                    distinct_settings, library_versions, resume_state, settings_record, write_run_file)
 from ..sample.data import SAMPLE_CHANGECHAT_ROOT, ensure_sample_media
+from ..sharding import answer_in_shards, from_main, start_shards
 from ..trainer import (SuiteTrainer, check_training_settings, device_compute_precision, precision_dtype,
                        train_from_newest_checkpoint, trainer_arguments)
 from . import FAMILY_ID
@@ -53,10 +53,8 @@ from .predictor import Decoding, Item, Predictor, answer_batch, items_of, read_p
 from .scoring import score_records
 from .tiny import ensure_tiny_deltavlm
 
-BEST_METRICS = ("bleu4", "cider", "sm")
-SM_PARTS = ("bleu4", "meteor", "rouge_l", "cider")   # "sm": their mean, as DeltaVLM's tables report S_m
+BEST_METRICS = ("bleu4", "cider", SM)  # sm: the mean of BLEU-4, METEOR, ROUGE-L, CIDEr (metrics.SM_PARTS)
 TRAINABLE_WEIGHTS = "trainable.safetensors"           # what a Trainer checkpoint holds of the model
-VALIDATION_DIR = "validation"
 # The released recipe, and the tiny twin's (its random weights need bigger steps to learn in minutes).
 PAPER_RECIPE = {"LR": 1e-5, "WARMUP_STEPS": 1000, "EPOCHS": 50}
 TINY_RECIPE = {"LR": 2e-3, "WARMUP_STEPS": 5, "EPOCHS": 4}
@@ -365,9 +363,7 @@ def starting_extras(model: DeltaVLM, sources: Sources) -> dict[str, torch.Tensor
 # --------------------------------------------------------------------------- 6. validation each epoch
 
 def caption_score(metrics: dict[str, float], best_metric: str) -> float:
-    if best_metric == "sm":
-        return sum(metrics[k] for k in SM_PARTS) / len(SM_PARTS)
-    return metrics[best_metric]
+    return with_sm(metrics)[best_metric]
 
 
 def _world() -> tuple[int, int]:
@@ -382,24 +378,15 @@ def validate(predictor: Predictor, items: list[Item], batch_size: int, run_dir: 
     caption metrics on process 0, write the results like the predictor's batch mode; (score, metrics) everywhere.
     ``args``: the run's TrainingArguments (process 0 loads its text-embedding models outside ZeRO-3)."""
     started = time.time()
-    rank, world = _world()
-    mine = items[rank::world]
-    batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
-    if zero3_enabled():
-        # every process takes part in every forward pass: as many batches each (a spare one answers items[0],
-        # unrecorded)
-        batches += [[]] * (math.ceil(math.ceil(len(items) / world) / batch_size) - len(batches))
-    records = []
+    shard = start_shards()  # the training's process group
+    records: list = []
     with gathered([predictor.model.query_tokens]):  # read outside the model's forward (it generates)
-        for batch in batches:
-            answered = answer_batch(predictor, batch or items[:1])
-            records += answered if batch else []
-    if world > 1:
-        shares: list = [None] * world
-        torch.distributed.all_gather_object(shares, records)
-        records = [r for share in shares for r in share]
-    outcome: list = [None]
-    if rank == 0:
+        # each process a share, gathered at process 0 after every batch; under ZeRO-3 every process takes part in
+        # every forward pass (one with nothing left answers a spare pair, unrecorded)
+        answer_in_shards(shard, items, batch_size, lambda batch: answer_batch(predictor, batch), records.extend,
+                         desc="validation", in_step=zero3_enabled())
+    outcome = None
+    if shard.main:
         order = {item.id: k for k, item in enumerate(items)}
         records.sort(key=lambda r: order[r["id"]])
         with outside_zero3(args):
@@ -408,16 +395,13 @@ def validate(predictor: Predictor, items: list[Item], batch_size: int, run_dir: 
         score = caption_score(metrics, best_metric)
         stem = run_dir / VALIDATION_DIR / f"epoch{epoch:03d}"
         stem.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(stem.parent / f"{stem.name}.jsonl",
-                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        write_jsonl(stem.parent / f"{stem.name}.jsonl", records)
         write_metrics(stem, records, MetricsReport(metrics, result.missing, result.models),
                       model=f"DeltaVLM run {run_dir.name}, epoch {epoch}", settings=settings,
                       seconds=round(time.time() - started, 2),
                       extra={"epoch": epoch, "best_metric": best_metric, "score": score})
-        outcome = [(score, metrics)]
-    if world > 1:
-        torch.distributed.broadcast_object_list(outcome, src=0)
-    return outcome[0]
+        outcome = (score, metrics)
+    return from_main(shard, outcome)
 
 
 class EpochValidation(TrainerCallback):

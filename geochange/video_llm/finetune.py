@@ -22,18 +22,20 @@ from transformers import TrainerCallback, set_seed
 from ..annotations import Sample, Samples, load_annotations
 from ..devices import is_main_process, launched_processes, process_device
 from ..engines import (DeepSpeedPlan, check_shared_directory, deepspeed_plan, engine_of, one_process_per_gpu,
-                       outside_zero3, start_process_group)
+                       outside_zero3, start_process_group, zero3_enabled)
 from ..errors import UserError
 from ..locks import LockedOutput, WriterLock, lock_for_writing, lock_path, released_on_error
 from ..overrides import script_constants
-from ..results import remove_results
-from ..runs import (RESUME_MAY_CHANGE, check_resume_processes, data_files, default_run_name, distinct_settings,
-                    library_versions, resume_state, settings_record, write_run_file)
+from ..metrics import METRIC_KEYS, SM, SM_PARTS, compute_metrics_report, meteor_available, with_sm
+from ..results import remove_results, write_jsonl, write_metrics
+from ..runs import (RESUME_MAY_CHANGE, VALIDATION_DIR, check_resume_processes, data_files, default_run_name,
+                    distinct_settings, library_versions, resume_state, settings_record, write_run_file)
 from ..sample.data import SAMPLE_VIDEO_DIR, ensure_sample_media
+from ..sharding import from_main, start_shards
 from ..trainer import (SuiteTrainer, check_training_settings, compute_precision, precision_dtype,
                        train_from_newest_checkpoint, trainer_arguments)
 from ..video import clip_size, read_video_frames
-from .evaluation import evaluate
+from .evaluation import answer_in_batches, evaluate
 from .families import ModelParts, get_family
 from .memory import GB, Setup, check_fits, estimate, free_memory, host_memory, model_config, parameter_counts
 from .modeling import (VideoQACollator, count_parameters, encode_training_example, format_linear_counts,
@@ -131,8 +133,34 @@ def check_settings(cfg) -> None:
         path = getattr(cfg, name)
         if path is not None and not Path(path).exists():
             raise UserError(f"{name}: annotation file {path} does not exist")
+    check_caption_validation(cfg)
     if cfg.USE_8BIT and training_mode(cfg) != "QLORA" and is_main_process():
         print("note: USE_8BIT only applies to QLoRA (USE_QLORA=True); ignored")
+
+
+BEST_METRICS = (*METRIC_KEYS, SM)
+
+
+def check_caption_validation(cfg) -> None:
+    """BEST_METRIC and VAL_GENERATE_LIMIT: what picking the best checkpoint by captions needs, in one line each."""
+    limit, best = cfg.VAL_GENERATE_LIMIT, cfg.BEST_METRIC
+    if limit is not None and limit < 1:
+        raise UserError(f"VAL_GENERATE_LIMIT must be >= 1 (the first N val pairs captioned at each validation) or "
+                        f"None (all of them), not {limit}")
+    if best is None:
+        return
+    if best not in BEST_METRICS:
+        raise UserError(f"BEST_METRIC={best!r} is not a caption metric; one of {', '.join(BEST_METRICS)} (sm = the "
+                        f"mean of {', '.join(SM_PARTS)}), or None to keep the last checkpoint")
+    if not cfg.VAL_ANNOTATIONS or cfg.EVAL_STEPS <= 0:
+        raise UserError(f"BEST_METRIC={best} picks the checkpoint by its validation: set VAL_ANNOTATIONS and "
+                        f"EVAL_STEPS > 0 (now {cfg.EVAL_STEPS})")
+    if cfg.SAVE_STEPS % cfg.EVAL_STEPS:
+        raise UserError(f"BEST_METRIC={best} picks among the checkpoints saved at validations: SAVE_STEPS "
+                        f"({cfg.SAVE_STEPS}) must be a multiple of EVAL_STEPS ({cfg.EVAL_STEPS})")
+    if best in ("meteor", SM) and not meteor_available():
+        raise UserError(f"BEST_METRIC={best} needs METEOR, which needs Java (not found); install Java or rank by "
+                        "another metric (bleu4, cider, rouge_l...)")
 
 
 # What a default run name leaves out of its distinct settings: what GeoLLaVA's scheme already names (model, data,
@@ -147,9 +175,10 @@ NAME_LEAVES_OUT = ("MODEL_ID", "TRAIN_ANNOTATIONS", "USE_LORA", "USE_QLORA", "US
 def run_settings(cfg, family: str) -> dict[str, Any]:
     """The settings that make this run differ from the fine-tuning script's defaults in what it trains, beyond what
     GeoLLaVA's scheme names (``runs.distinct_settings``); what the mode ignores is left out (LoRA's dropout in full
-    fine-tuning, FREEZE_VISION under LoRA, PRUNE_VISION without PRUNE)."""
+    fine-tuning, FREEZE_VISION under LoRA, PRUNE_VISION without PRUNE, VAL_GENERATE_LIMIT without BEST_METRIC)."""
     ignored = ("LORA_DROPOUT",) if training_mode(cfg) == "FULL" else ("FREEZE_VISION",)
     ignored += () if cfg.PRUNE else ("PRUNE_VISION",)
+    ignored += () if cfg.BEST_METRIC else ("VAL_GENERATE_LIMIT",)
     defaults = script_constants(get_family(family).finetune_script).as_dict()
     return distinct_settings(cfg.as_dict(), defaults, NAME_LEAVES_OUT + ignored)
 
@@ -312,12 +341,85 @@ class KeepPruned(TrainerCallback):
 # ---------------------------------------------------------------- trainer
 
 def training_arguments(cfg, run_dir: Path):
-    """The shared builder's arguments, plus this recipe's validation loss every EVAL_STEPS."""
+    """The shared builder's arguments, plus this recipe's validation every EVAL_STEPS; with BEST_METRIC the
+    Trainer's own best-model mechanism keeps the checkpoint whose captions score best and ends the run with it."""
     has_val = cfg.VAL_ANNOTATIONS is not None and cfg.EVAL_STEPS > 0
+    best = {"load_best_model_at_end": True, "metric_for_best_model": cfg.BEST_METRIC,
+            "greater_is_better": True} if cfg.BEST_METRIC else {}
     return trainer_arguments(cfg, run_dir, learning_rate=learning_rate(cfg), compute=device_precision(cfg).compute,
                              gradient_checkpointing=cfg.GRADIENT_CHECKPOINTING,
                              per_device_eval_batch_size=cfg.BATCH_SIZE,
-                             eval_strategy="steps" if has_val else "no", eval_steps=cfg.EVAL_STEPS if has_val else None)
+                             eval_strategy="steps" if has_val else "no", eval_steps=cfg.EVAL_STEPS if has_val else None,
+                             **best)
+
+
+# ---------------------------------------------------------------- validation by captions
+
+@dataclass
+class CaptionValidation:
+    """At each validation (with BEST_METRIC), greedy captions for a fixed subset of the val pairs (the first
+    VAL_GENERATE_LIMIT; None: all), as the evaluation generates them, scored by every caption metric (plus ``sm``): the Trainer logs them as ``eval_<metric>``
+    beside ``eval_loss``, and BEST_METRIC reads them. Each process captions its share (under ZeRO-3 in step), rank 0
+    scores and writes ``validation/step<N>.{jsonl,metrics.json,csv}``, every process gets the scores."""
+    samples: list[Sample]
+    processor: Any
+    batch_size: int
+    max_new_tokens: int
+    num_frames: int
+    folder: Path
+
+    def __call__(self, trainer) -> dict[str, float]:
+        shard = start_shards()  # the training's process group
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        was_training = model.training
+        model.eval()
+        records: list[dict[str, Any]] = []
+        try:
+            with trainer.accelerator.autocast():  # as training computes (bf16 / fp16 autocast, or none)
+                answer_in_batches(shard, self.samples, model, self.processor, batch_size=self.batch_size,
+                                  num_frames=self.num_frames, max_new_tokens=self.max_new_tokens,
+                                  write=records.extend, in_step=zero3_enabled(), desc="validation captions")
+        finally:
+            model.train(was_training)
+        scores = None
+        if shard.main:
+            started = time.time()
+            with outside_zero3(trainer.args):  # rank 0 alone loads the text-embedding models
+                report = compute_metrics_report([r["true"] for r in records], [r["generated"] for r in records],
+                                                device=str(trainer.args.device))
+            scores = with_sm(report.metrics)
+            stem = self.folder / f"step{trainer.state.global_step:06d}"
+            stem.parent.mkdir(parents=True, exist_ok=True)
+            write_jsonl(stem.parent / f"{stem.name}.jsonl", records)
+            write_metrics(stem, records, report, model=f"validation at step {trainer.state.global_step}",
+                          settings={"VAL_GENERATE_LIMIT": len(self.samples), "MAX_NEW_TOKENS": self.max_new_tokens},
+                          seconds=round(time.time() - started, 2), extra={"step": trainer.state.global_step,
+                                                                          "sm": scores.get(SM)})
+        return from_main(shard, scores)
+
+
+def caption_validation(cfg, run_dir: Path, processor, val_set: "VideoQADataset | None") -> CaptionValidation | None:
+    """The captioning part of the validation (with BEST_METRIC), or None."""
+    if val_set is None or cfg.EVAL_STEPS <= 0 or cfg.BEST_METRIC is None:
+        return None
+    samples = list(val_set.samples)[:cfg.VAL_GENERATE_LIMIT]  # the same pairs at every validation
+    return CaptionValidation(samples, processor, cfg.EVAL_BATCH_SIZE, cfg.MAX_NEW_TOKENS, cfg.NUM_FRAMES,
+                             run_dir / VALIDATION_DIR)
+
+
+class ValidatingTrainer(SuiteTrainer):
+    """The suite's Trainer whose validation also captions and scores (``captions``, a ``CaptionValidation``): its
+    scores join ``eval_loss`` in the one metrics dict the Trainer logs, hands its callbacks and ranks checkpoints by
+    (``metric_for_best_model``)."""
+
+    captions: CaptionValidation | None = None
+
+    def evaluation_loop(self, *args, **kwargs):
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", "eval")
+        if self.captions is not None and prefix == "eval":
+            output.metrics.update({f"{prefix}_{key}": value for key, value in self.captions(self).items()})
+        return output
 
 
 # ---------------------------------------------------------------- the steps
@@ -347,32 +449,51 @@ class FinetuneRun(LockedOutput):
         return get_family(self.family).parts
 
 
-def open_run(cfg, family: str) -> FinetuneRun:
-    """Step 2: the run directory, named from the settings. Only this process writes it (a second one stops
-    with one line), a run written under other settings is refused, and an unfinished one resumes.
-    Draws the sample clips and builds the tiny model on first use (the main process first)."""
-    get_family(family)  # an unknown family stops here
-    run_dir = Path(cfg.OUTPUT_DIR) / run_name(cfg, family)
+def start_processes(cfg, run_dir: Path) -> tuple[DeepSpeedPlan | None, Any]:
+    """This run's processes: the process count checked against a run being resumed, the process group started
+    (DDP or DeepSpeed, DIST_TIMEOUT_MINUTES), and the Trainer's arguments; returns the DeepSpeed plan and them."""
     plan = deepspeed_plan(cfg.DEEPSPEED)
     check_resume_processes(run_dir, cfg.as_dict(), launched_processes())
     start_process_group(plan, cfg.DIST_TIMEOUT_MINUTES)
     args = training_arguments(cfg, run_dir)
-    main = args.process_index == 0
     note = one_process_per_gpu(args)
-    if note and main:
+    if note and args.process_index == 0:
         print(note)
-    lock = lock_for_writing(run_dir, f"the run directory {run_dir}") if main else None
+    return plan, args
+
+
+def claim_run_dir(cfg, run_dir: Path, args) -> bool:
+    """With this process's writer lock taken (rank 0's): every node sees the same directory, and it resumes,
+    starts afresh, or is refused (``prepare_run_dir``, on rank 0 first: only it clears a run for OVERWRITE). True:
+    it resumes."""
+    check_shared_directory(lock_path(run_dir), f"the run directory {run_dir}")
+    # local=False: the first process of every other node waits too
+    with args.main_process_first(local=False, desc="run directory"):
+        return prepare_run_dir(cfg, run_dir, main=args.process_index == 0)
+
+
+def first_use_inputs(cfg, family: str, args) -> str:
+    """The sample clips (VIDEO_DIR=None) and the tiny model (MODEL_ID="tiny"), made on first use by the main
+    process while the others wait; returns the base weights' path (MODEL_ID resolved)."""
+    # outside ZeRO-3: building the tiny model on the main process alone must not start zero.Init's collectives
+    # (the others wait at the barrier: a hang on a fresh clone)
+    with args.main_process_first(desc="sample data and tiny model"), outside_zero3(args):
+        if cfg.VIDEO_DIR is None:
+            ensure_sample_media()
+        return resolve_model_path(cfg.MODEL_ID, family)
+
+
+def open_run(cfg, family: str) -> FinetuneRun:
+    """Step 2: the run directory, named from the settings. Only this process writes it (a second one stops
+    with one line), a run written under other settings is refused, and an unfinished one resumes. Starts the
+    processes first, and makes the sample clips and the tiny model on first use."""
+    get_family(family)  # an unknown family stops here
+    run_dir = Path(cfg.OUTPUT_DIR) / run_name(cfg, family)
+    plan, args = start_processes(cfg, run_dir)
+    lock = lock_for_writing(run_dir, f"the run directory {run_dir}") if args.process_index == 0 else None
     with released_on_error(lock):
-        check_shared_directory(lock_path(run_dir), f"the run directory {run_dir}")
-        # only rank 0 clears it (OVERWRITE); local=False: the first process of every other node waits too
-        with args.main_process_first(local=False, desc="run directory"):
-            resuming = prepare_run_dir(cfg, run_dir, main=main)
-        # outside ZeRO-3: building the tiny model on the main process alone must not start zero.Init's collectives
-        # (the others wait at the barrier: a hang on a fresh clone)
-        with args.main_process_first(desc="sample data and tiny model"), outside_zero3(args):
-            if cfg.VIDEO_DIR is None:
-                ensure_sample_media()
-            model_path = resolve_model_path(cfg.MODEL_ID, family)
+        resuming = claim_run_dir(cfg, run_dir, args)
+        model_path = first_use_inputs(cfg, family, args)
     video_dir = SAMPLE_VIDEO_DIR if cfg.VIDEO_DIR is None else Path(cfg.VIDEO_DIR)
     run = FinetuneRun(cfg, family, run_dir, args, resuming, model_path, video_dir, lock, plan)
     run.record = {
@@ -473,8 +594,9 @@ def train(run: FinetuneRun, model, processor, train_set: VideoQADataset, val_set
     run.run_dir.mkdir(parents=True, exist_ok=True)
     if run.main:
         write_run_file(run.run_dir, run.record)
-    trainer = SuiteTrainer(model=model, args=run.args, train_dataset=train_set, eval_dataset=val_set,
-                           data_collator=VideoQACollator(processor.tokenizer.pad_token_id), callbacks=callbacks)
+    trainer = ValidatingTrainer(model=model, args=run.args, train_dataset=train_set, eval_dataset=val_set,
+                                data_collator=VideoQACollator(processor.tokenizer.pad_token_id), callbacks=callbacks)
+    trainer.captions = caption_validation(cfg, run.run_dir, processor, val_set)
     run.record["resumed_from"] = train_from_newest_checkpoint(trainer, run.run_dir)
     return trainer
 
@@ -494,6 +616,8 @@ def save_run(run: FinetuneRun, trainer, processor) -> None:
             "completed": True, "seconds": round(time.time() - run.started, 1), "global_step": trainer.state.global_step,
             "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
             "eval_loss_curve": [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h],
+            "caption_curve": caption_curve(history),
+            "best_checkpoint": best_checkpoint(cfg, trainer.state),
             # Full fine-tuning: the trained weights; LoRA leaves the base untouched (see sparsity_after_merging).
             "sparsity_after_training": measure_sparsity(trainer.model, run.parts, cfg.PRUNE_VISION) if full_pruned else None,
             "engine": engine,
@@ -502,11 +626,30 @@ def save_run(run: FinetuneRun, trainer, processor) -> None:
         curve = run.record["loss_curve"]
         if curve:
             print(f"loss {curve[0]['loss']:.3f} -> {curve[-1]['loss']:.3f} over {trainer.state.global_step} steps")
+        best = run.record["best_checkpoint"]
+        if best:
+            print(f"best {best['metric']} {best['value']:.4f} at step {best['step']} ({best['checkpoint']}): the run "
+                  f"ends with its weights")
     if run.args.world_size > 1:
         torch.distributed.barrier()  # the run is saved whole before any process goes on (or leaves)
     if run.main and cfg.MERGE_AND_SAVE and training_mode(cfg) != "FULL":
         with outside_zero3(run.args):  # rank 0 alone loads the base and the adapter
             merge_and_save(run.run_dir, run.family)
+
+
+def caption_curve(history: list[dict]) -> list[dict[str, float]]:
+    """Every validation's caption scores (``eval_<metric>`` in the Trainer's log), by step."""
+    keys = [key for key in BEST_METRICS]
+    return [{"step": h["step"], **{key: h[f"eval_{key}"] for key in keys if f"eval_{key}" in h}}
+            for h in history if any(f"eval_{key}" in h for key in keys)]
+
+
+def best_checkpoint(cfg, state) -> dict[str, Any] | None:
+    """The checkpoint BEST_METRIC chose (the Trainer's record of it), for run.json; None without BEST_METRIC."""
+    if not cfg.BEST_METRIC or state.best_model_checkpoint is None:
+        return None
+    return {"metric": cfg.BEST_METRIC, "value": state.best_metric, "step": state.best_global_step,
+            "checkpoint": Path(state.best_model_checkpoint).name}
 
 
 def evaluation_settings(run: FinetuneRun):
@@ -522,10 +665,11 @@ def evaluation_settings(run: FinetuneRun):
 
 
 def evaluate_run(run: FinetuneRun) -> Path | None:
-    """Step 9: with EVAL_AFTER_TRAIN, the run evaluated on VAL_ANNOTATIONS by the main process, on the
-    accelerator it trained on (as the evaluation script would with MODEL_PATH=<run>); the metrics path."""
+    """Step 9: with EVAL_AFTER_TRAIN, the run evaluated on VAL_ANNOTATIONS as the evaluation script would with
+    MODEL_PATH=<run>: under torchrun every process answers its share on the accelerator it trained on, rank 0 writes
+    and scores; the metrics path (on rank 0)."""
     cfg = run.cfg
-    if not (cfg.EVAL_AFTER_TRAIN and run.main and cfg.VAL_ANNOTATIONS):
+    if not (cfg.EVAL_AFTER_TRAIN and cfg.VAL_ANNOTATIONS):
         return None
-    with outside_zero3(run.args):  # rank 0 alone loads the trained model
+    with outside_zero3(run.args):  # each process loads the whole trained model, not a ZeRO-3 partition of it
         return evaluate(evaluation_settings(run), run.family)
