@@ -4,10 +4,12 @@ Greedy, batched generation (left padding, prompts sorted by length), only the
 new tokens decoded. Each finished batch is appended to results/<run>.jsonl, so
 a rerun resumes where it stopped. Writes results/<run>.metrics.json and a
 per-sample results/<run>.csv (the steps at the bottom, functions of geochange/evaluation.py). Only one
-process writes a results file at a time.
+process writes a results file at a time; under torchrun every process answers its share of the samples (one
+per GPU) and rank 0 writes them all to that one file and scores once.
 
     python qwen25vl_eval.py MODEL_ID=tiny MODEL_PATH=base
     python qwen25vl_eval.py MODEL_PATH=runs/<run directory>
+    torchrun --nproc_per_node 8 qwen25vl_eval.py MODEL_PATH=runs/<run directory>   # 8 GPUs, one results file
 """
 MODEL_ID = "Qwen/Qwen2.5-VL-7B-Instruct"  # base model ("tiny" = offline tiny model)
 MODEL_PATH = "base"         # a fine-tuning run directory, or "base" for the untuned MODEL_ID
@@ -27,18 +29,24 @@ RUN_NAME = None             # results file name (None = the run directory's name
 OVERWRITE = False           # True = discard this results file's earlier answers (else they resume, if the same
                             # model, weights, generation settings and test set wrote them; any other mix is refused)
 SBERT_MODEL = "sentence-transformers/bert-base-nli-mean-tokens"  # sbert = the paper's "BERT" column (offline: MiniLM stands in)
+DIST_TIMEOUT_MINUTES = 60   # under torchrun: how long a process waits for the slowest at a collective
 
 if __name__ == "__main__":
-    from common import evaluation, load_settings
+    from common import evaluation, load_settings, stop_shards
 
     cfg = load_settings(globals())
-    # 1. settings and the device, checked before minutes of model loading
-    device = evaluation.check_settings(cfg)
-    # 2. the test pairs, every clip checked
-    samples = evaluation.load_test_samples(cfg)
-    # 3. the results file: one writer; earlier answers resume only under the same model, weights, generation, test set
-    with evaluation.open_results(cfg, family="qwen25vl") as results:
-        # 4. greedy answers for the samples not yet there, in batches, each appended as it finishes
+    # 1. under torchrun, this process's share of the work (each answers its share on its own GPU); the settings and
+    #    the device, checked before minutes of model loading
+    shard = evaluation.join_shards(cfg)
+    device = evaluation.check_settings(cfg, shard)
+    # 2. the test pairs, every clip checked (by rank 0, once)
+    samples = evaluation.load_test_samples(cfg, shard)
+    # 3. the results file: one writer (rank 0); earlier answers resume only under the same model, weights,
+    #    generation, test set
+    with evaluation.open_results(cfg, family="qwen25vl", shard=shard) as results:
+        # 4. greedy answers for the samples not yet there, in batches, every batch of every process appended as it
+        #    finishes
         evaluation.answer_samples(results, samples, device)
-        # 5. scores: results/<run>.metrics.json and the per-sample results/<run>.csv
+        # 5. scores (once, rank 0): results/<run>.metrics.json and the per-sample results/<run>.csv
         evaluation.score_results(results, samples)
+    stop_shards(shard)

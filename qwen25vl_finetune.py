@@ -66,7 +66,13 @@ REPORT_TO = "tensorboard"   # where the Trainer logs: "tensorboard" (<run>/tenso
                             # installed), "none"
 SAVE_STEPS = 50             # checkpoint every N steps (the newest SAVE_TOTAL_LIMIT are kept)
 SAVE_TOTAL_LIMIT = 2
-EVAL_STEPS = 50             # validation loss every N steps (0 = never)
+EVAL_STEPS = 50             # validation every N steps (0 = never): the loss on VAL_ANNOTATIONS (and captions below)
+BEST_METRIC = None          # None = validation loss only, the run ends with its last weights; a caption metric (rouge1,
+                            # bleu4, cider, sbert... or sm = mean of BLEU-4, METEOR, ROUGE-L, CIDEr) = each validation
+                            # also captions val pairs and scores them, and the run ends with the checkpoint that scored
+                            # best (SAVE_STEPS must be a multiple of EVAL_STEPS)
+VAL_GENERATE_LIMIT = None   # with BEST_METRIC: the first N val pairs are captioned (None = all), as the evaluation
+                            # generates (MAX_NEW_TOKENS, EVAL_BATCH_SIZE)
 MERGE_AND_SAVE = False      # also write merged full weights to <run>/merged
 # --- evaluation after training, on the device this process trained on (qwen25vl_eval.py with MODEL_PATH=<run dir>)
 EVAL_AFTER_TRAIN = True
@@ -93,10 +99,10 @@ if __name__ == "__main__":
         base_path = finetune.prune_base(run)
         # 7. the model: quantised for QLoRA, LoRA on every Linear of the language model (or all of it)
         model = finetune.build_model(run, base_path)
-        # 8. train, resuming from the newest complete checkpoint of this run
+        # 8. train, resuming from the newest complete checkpoint of this run (BEST_METRIC: ending with the best one)
         trainer = finetune.train(run, model, processor, train_set, val_set)
         # 9. save the adapter (or weights), the processor and run.json (merged weights with MERGE_AND_SAVE)
         finetune.save_run(run, trainer, processor)
         del trainer, model  # the training memory is freed before evaluation
-        # 10. evaluate on VAL_ANNOTATIONS (EVAL_AFTER_TRAIN), as qwen25vl_eval.py would
+        # 10. evaluate on VAL_ANNOTATIONS (EVAL_AFTER_TRAIN), as qwen25vl_eval.py would (every process its share)
         finetune.evaluate_run(run)
