@@ -85,8 +85,7 @@ def logits_of(model, inputs) -> torch.Tensor:
     pytest.param("videollava", {}, "LORA", marks=pytest.mark.slow),  # the shared tiny runs train it too
     pytest.param("llavanext", {}, "LORA", marks=pytest.mark.slow),
     (NEWEST, {}, "LORA"),  # its processor's outputs are not LLaVA-shaped: the quick loop trains through them
-    pytest.param(NEWEST, {"USE_QLORA": True}, "QLORA", marks=pytest.mark.slow),
-    pytest.param("videollava", {"USE_QLORA": True}, "QLORA", marks=pytest.mark.slow),
+    pytest.param(NEWEST, {"USE_QLORA": True}, "QLORA", marks=pytest.mark.slow),  # 4-bit here, 8-bit below
     pytest.param("videollava", {"USE_QLORA": True, "USE_8BIT": True}, "QLORA", marks=pytest.mark.slow),
 ])
 def test_training_lowers_the_loss_and_the_adapter_reloads(tmp_path, family, overrides, mode):
