@@ -6,6 +6,7 @@ import runpy
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -20,7 +21,7 @@ from geochange.video_llm.families import FAMILIES, VIDEO_LLAVA
 from geochange.locks import lock_for_writing
 from geochange.overrides import make_settings, settings_of
 from geochange.video_llm.modeling import (count_parameters, load_model, load_processor, resolve_model_path,
-                                          video_prompt, video_unused_parameter_names)
+                                          video_prompt, video_token_count, video_unused_parameter_names)
 from geochange.video_llm.pruning import measure_sparsity
 from geochange.sample.data import SAMPLE_TRAIN, SAMPLE_VAL, ensure_sample_media
 
@@ -697,3 +698,31 @@ def test_best_metric_ends_the_run_with_the_checkpoint_a_hand_computation_picks(t
     assert not all(torch.equal(final[name], kept[other][name]) for name in final)
     evaluated = json.loads((tiny_repo / "results" / f"{run_dir.name}.metrics.json").read_text())
     assert evaluated["metrics"]["sbert"] == pytest.approx(by_hand[best], abs=1e-5)  # same pairs, same weights
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_lengths_are_planned_with_each_clips_own_video_tokens(tmp_path, family):
+    """Clips of two sizes in one data set: each example is planned with the video tokens its clip becomes (Qwen2.5-VL
+    reads a clip at its size), so the planned length is the encoded one, and a MAX_LENGTH too small for the larger
+    clip's prompt names that record and its size."""
+    from geochange.annotations import Sample
+    from geochange.video import write_video
+
+    processor = load_processor(resolve_model_path("tiny", family))
+    rng = np.random.default_rng(0)
+    samples = [Sample(f"clip{side}", write_video(list(rng.integers(0, 256, (2, side, side, 3), dtype=np.uint8)),
+                                                 tmp_path / f"clip{side}.mp4"), "What changed?", "a new road")
+               for side in (64, 256)]
+    data = finetune.VideoQADataset(samples, processor, 2, 1024, shorten_answers=False, name="train")
+    for index, sample in enumerate(samples):
+        example = data[index]
+        plan = data.plans[index]
+        assert len(example["input_ids"]) == plan.prompt_tokens + plan.answer_budget
+        side = sample.video.stem.removeprefix("clip")
+        assert int((example["input_ids"] == processor.video_token_id).sum()) == \
+            video_token_count(processor, 2, (int(side), int(side)))
+    assert data.num_video_tokens == max(video_token_count(processor, 2, (s, s)) for s in (64, 256))
+    small = data.plans[0].prompt_tokens + 1
+    if data.plans[1].prompt_tokens > data.plans[0].prompt_tokens:  # only a family that reads clips at their size
+        with pytest.raises(UserError, match=r"record 'clip256'.*of 256x256"):
+            finetune.VideoQADataset(samples, processor, 2, small, shorten_answers=True, name="train")

@@ -183,7 +183,7 @@ def video_prompt(processor, question: str, history: list[tuple[str, str]] | tupl
     return processor.apply_chat_template(conversation, add_generation_prompt=True)
 
 
-def video_token_count(processor, num_frames: int, size: tuple[int, int] = (64, 64)) -> int:
+def video_token_count(processor, num_frames: int, size: tuple[int, int]) -> int:
     """How many video tokens the processor expands a clip of ``num_frames`` frames of ``size`` (width, height) into:
     asked of the processor itself, at the clip's real size (LLaVA's processors crop every clip to one size;
     Qwen2.5-VL's read it at its own, so a 1024 x 1024 pair is 17 times a 256 x 256 one)."""
