@@ -1,8 +1,4 @@
-"""geollava-suite's scripts' single import, and its command line.
-
-The code lives in the ``geochange`` package (small modules); this file gives the
-scripts exactly what their ``__main__`` steps call (``from common import finetune,
-load_settings``), and is the one command line for the data and scoring tools.
+"""geollava-suite's command line for the data and scoring tools (the scripts import their own recipes, not this).
 
 Command line:
     python common.py score FILE... [--pred KEY] [--refs KEY[,KEY...]] [--id KEY]
@@ -20,22 +16,11 @@ from __future__ import annotations
 
 import sys
 
-from geochange import change_maps, demo
 from geochange.convert import changechat_to_videos_main, pairs_to_videos_main, videos_to_pairs_main
-from geochange.deltavlm import run as deltavlm
-from geochange.deltavlm import training as deltavlm_training
-from geochange.deltavlm.predictor import chat, read_pair
 from geochange.errors import UserError, install_error_handler
-from geochange.overrides import load_settings
 from geochange.results import main as score_main
 from geochange.sample.data import main as sample_data_main
-from geochange.sharding import stop_shards
-from geochange.video_llm import evaluation, finetune
 from geochange.video_llm.memory import memory_table_main
-from geochange.video_llm.modeling import load_processor
-
-__all__ = ["change_maps", "chat", "deltavlm", "deltavlm_training", "demo", "evaluation", "finetune", "load_processor",
-           "load_settings", "main", "read_pair", "stop_shards"]
 
 USAGE = __doc__.split("Command line:")[1]
 COMMANDS = {"score": score_main, "sample-data": sample_data_main, "pairs-to-videos": pairs_to_videos_main,

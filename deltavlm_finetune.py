@@ -72,8 +72,8 @@ SAVE_TOTAL_LIMIT = 2
 if __name__ == "__main__":
     import time
 
-    from common import deltavlm_training as t
-    from common import load_settings
+    from geochange.deltavlm import training as t
+    from geochange.overrides import load_settings
 
     started = time.time()
     # 1. settings: the recipe's defaults, then every check that needs no model

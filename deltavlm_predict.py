@@ -52,7 +52,10 @@ RUN_NAME = None             # None = deltavlm[-tiny][-nocsrm]_<annotation file>[
 DIST_TIMEOUT_MINUTES = 60   # under torchrun (batch mode): how long a process waits for the slowest at a collective
 
 if __name__ == "__main__":
-    from common import chat, deltavlm, load_settings, read_pair, stop_shards
+    from geochange.deltavlm import run as deltavlm
+    from geochange.deltavlm.predictor import chat, read_pair
+    from geochange.overrides import load_settings
+    from geochange.sharding import stop_shards
 
     cfg = load_settings(globals())
     # 1. under torchrun (batch mode), this process's share of the work; the input, checked before minutes of model

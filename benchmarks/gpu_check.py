@@ -239,7 +239,7 @@ def generate_figures(model, processor, device) -> list[dict]:
 
 
 def check(family: str, mode: str, path: str, device: torch.device, peak_flops) -> dict:
-    cfg = script_constants(get_family(family).finetune_script, MODEL_ID=path, USE_LORA=True,
+    cfg = script_constants("video_finetune.py", MODEL=family, MODEL_ID=path, USE_LORA=True,
                            USE_QLORA=mode != "LORA", USE_8BIT=mode == "QLORA8", MAX_LENGTH=MAX_LENGTH,
                            NUM_FRAMES=NUM_FRAMES)
     reset_peak(device)
@@ -358,7 +358,7 @@ def zero3_step(family: str, gpus: int, checkpoint: str, out_dir: Path) -> dict:
     per step and rank 0's peak memory, as the fine-tuning script itself records them."""
     run_dir = out_dir / "zero3"
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}",
-               str(_REPO / get_family(family).finetune_script), f"MODEL_ID={checkpoint}", "USE_LORA=False",
+               str(_REPO / "video_finetune.py"), f"MODEL={family}", f"MODEL_ID={checkpoint}", "USE_LORA=False",
                "DEEPSPEED=configs/deepspeed/zero3.json", f"MAX_STEPS={ZERO3_STEPS}", "BATCH_SIZE=1", "EVAL_STEPS=0",
                "EVAL_AFTER_TRAIN=False", "SAVE_STEPS=100000", f"OUTPUT_DIR={run_dir}", "RUN_NAME=zero3",
                "OVERWRITE=True", "TRAIN_LIMIT=64", "LOGGING_STEPS=1"]
@@ -390,7 +390,7 @@ def sharded_evaluation(family: str, gpus: int, checkpoint: str, out_dir: Path) -
                     [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}"])
         results = out_dir / f"sharded_eval_{processes}"
         started = time.time()
-        done = subprocess.run([*launcher, str(_REPO / get_family(family).eval_script), f"MODEL_ID={checkpoint}",
+        done = subprocess.run([*launcher, str(_REPO / "video_evaluate.py"), f"MODEL={family}", f"MODEL_ID={checkpoint}",
                                "MODEL_PATH=base",
                                f"LIMIT={SHARDED_EVAL_SAMPLES}", f"MAX_NEW_TOKENS={NEW_TOKENS}", "OVERWRITE=True",
                                "RUN_NAME=sharded", f"RESULTS_DIR={results}"], cwd=_REPO, capture_output=True, text=True,

@@ -49,7 +49,7 @@ def test_github_anchor_rules():
     assert github_anchor("What the recipe does right where GeoLLaVA's scripts went wrong") == \
         "what-the-recipe-does-right-where-geollavas-scripts-went-wrong"
     page = REPO / "docs" / "settings.md"
-    assert {"fine-tuning-videollava_finetunepy-llavanext_finetunepy", "what-a-run-directory-holds"} <= anchors(page)
+    assert {"fine-tuning-video_finetunepy", "what-a-run-directory-holds"} <= anchors(page)
 
 
 def section(page: Path, title: str) -> str:
@@ -100,9 +100,9 @@ def test_ci_runs_the_test_command_the_readme_gives():
 
 # Each script's settings table: (page, heading, the scripts it documents).
 SETTINGS_TABLES = [
-    ("settings.md", "Fine-tuning (`videollava_finetune.py`, `llavanext_finetune.py`)",
-     ("videollava_finetune.py", "llavanext_finetune.py")),
-    ("settings.md", "Evaluation (`videollava_test.py`, `llavanext_eval.py`)", ("videollava_test.py", "llavanext_eval.py")),
+    ("settings.md", "Fine-tuning (`video_finetune.py`)",
+     ("video_finetune.py", "videollava_finetune.py", "llavanext_finetune.py")),
+    ("settings.md", "Evaluation (`video_evaluate.py`)", ("video_evaluate.py", "videollava_test.py", "llavanext_eval.py")),
     ("deltavlm.md", "Settings", ("deltavlm_predict.py",)),
     ("deltavlm_training.md", "Settings", ("deltavlm_finetune.py",)),
     ("demo.md", "Settings", ("demo.py",)),

@@ -180,10 +180,10 @@ def test_bad_input_gives_one_line_and_keeps_results(tiny_repo, tmp_path, user_er
 
 
 @pytest.mark.parametrize("family", list(FAMILIES.values())[1:], ids=list(FAMILIES)[1:])
-def test_each_familys_eval_script_on_the_base_tiny_model(tmp_path, capsys, family):
-    """The other families' evaluation scripts (the first family's is tested throughout this file)."""
-    run_script(family.eval_script, "MODEL_ID=tiny", "MODEL_PATH=base", "LIMIT=4", "BATCH_SIZE=3", "MAX_NEW_TOKENS=6",
-               "DEVICE=cpu", f"RESULTS_DIR={tmp_path}")
+def test_each_family_evaluates_with_model_on_the_base_tiny_model(tmp_path, capsys, family):
+    """video_evaluate.py with MODEL= each other family (the first family is tested throughout this file)."""
+    run_script("video_evaluate.py", f"MODEL={family.id}", "MODEL_ID=tiny", "MODEL_PATH=base", "LIMIT=4", "BATCH_SIZE=3",
+               "MAX_NEW_TOKENS=6", "DEVICE=cpu", f"RESULTS_DIR={tmp_path}")
     assert "generating on cpu in float32" in capsys.readouterr().out
     records = read_jsonl(tmp_path / f"{family.id}-tiny_base.jsonl")
     assert len(records) == 4 and all(r["generated"] for r in records)

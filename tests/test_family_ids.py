@@ -1,5 +1,5 @@
 """A family is one entry: no code outside ``geochange/video_llm/families.py`` names a family id or an entry, so no
-code branches on one (docs and configs may name them; the tests pick families from the entries)."""
+code branches on one (docs, configs and the scripts' settings may name them; the tests pick families by id)."""
 from __future__ import annotations
 
 import ast
@@ -18,15 +18,10 @@ ENTRY_NAMES = {name for name, value in vars(families).items() if isinstance(valu
 
 
 def code_files() -> list[str]:
-    tracked = subprocess.run(["git", "ls-files", "*.py", "*.ipynb"], cwd=REPO, capture_output=True, text=True,
-                             check=True).stdout.split()
-    untracked = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "*.py", "*.ipynb"], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.split()
-    # Until the scripts are one per task (issue 26), each family's own two scripts name their family.
-    own_scripts = {script for family in families.FAMILIES.values()
-                   for script in (family.finetune_script, family.eval_script)}
-    return [path for path in sorted(set(tracked) | set(untracked))
-            if path != ENTRY_MODULE and not path.startswith(("tests/", "configs/")) and path not in own_scripts]
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.py", "*.ipynb"],
+                            cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    return [path for path in sorted(set(listed)) if (REPO / path).exists() and path != ENTRY_MODULE
+            and not path.startswith(("tests/", "configs/"))]
 
 
 def source_of(path: str) -> str:
@@ -39,15 +34,19 @@ def source_of(path: str) -> str:
 
 
 def named_families(source: str) -> list[str]:
-    """Family ids in the code's strings (docstrings aside: they may name a model as an example), and the entries'
-    own names."""
+    """Family ids in the code's strings, and the entries' own names. Docstrings aside (they may name a model as an
+    example), and a script's settings (its module-level UPPER_CASE constants, like ``MODEL = "..."``: a value the
+    user edits, as a config's)."""
     tree = ast.parse(source)
-    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
-                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-                  and node.body and isinstance(node.body[0], ast.Expr)
-                  and isinstance(node.body[0].value, ast.Constant) and isinstance(node.body[0].value.value, str)}
+    allowed = {id(node.body[0].value) for node in ast.walk(tree)
+               if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+               and node.body and isinstance(node.body[0], ast.Expr)
+               and isinstance(node.body[0].value, ast.Constant) and isinstance(node.body[0].value.value, str)}
+    allowed |= {id(constant) for node in tree.body if isinstance(node, ast.Assign)
+                and all(isinstance(t, ast.Name) and t.id.isupper() for t in node.targets)
+                for constant in ast.walk(node.value)}
     found = [match for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)
-             and id(node) not in docstrings for match in FAMILY_ID.findall(node.value)]
+             and id(node) not in allowed for match in FAMILY_ID.findall(node.value)]
     found += [node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and node.id in ENTRY_NAMES]
     found += [alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
               for alias in node.names if alias.name in ENTRY_NAMES]
@@ -64,5 +63,7 @@ def test_the_check_finds_what_it_looks_for():
     assert named_families(f'if family == "{some_id}":\n    pass\n') == [some_id]
     assert named_families(f'label = f"{some_id}-tiny"\n') == [some_id]
     assert named_families(f'"""Docs: {some_id}."""\nscript = "{some_id}_finetune.py"\n') == []
+    assert named_families(f'MODEL = "{some_id}"\n') == []  # a script's setting
+    assert named_families(f'def main():\n    MODEL = "{some_id}"\n') == [some_id]  # not at module level
     entry = sorted(ENTRY_NAMES)[0]
     assert named_families(f"from geochange.video_llm.families import {entry}\n") == [entry]

@@ -11,9 +11,9 @@ import pytest
 import torch
 import transformers
 
-import common
 import geochange.trainer
 import geochange.video_llm.finetune as finetune
+import geochange.video_llm.modeling
 import geochange.video_llm.weights as weights
 from geochange.adapters import load_adapter_verified, renamed_key
 from geochange.errors import UserError
@@ -27,7 +27,7 @@ from geochange.sample.data import SAMPLE_TRAIN, SAMPLE_VAL, ensure_sample_media
 
 REPO = Path(__file__).resolve().parent.parent
 NEWEST = list(FAMILIES)[-1]
-SCRIPTS = {family.id: REPO / family.finetune_script for family in FAMILIES.values()}
+SCRIPT = REPO / "video_finetune.py"  # every family's, as MODEL
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,8 +37,8 @@ def sample_media():
 
 def constants(family: str, output_dir: Path, **overrides) -> dict:
     """The script's own constants (as a user would edit them), with test-size overrides."""
-    scope = {k: v for k, v in runpy.run_path(str(SCRIPTS[family]), run_name="constants_only").items() if k.isupper()}
-    scope.update(MODEL_ID="tiny", OUTPUT_DIR=str(output_dir), TRAIN_LIMIT=16, MAX_STEPS=8, BATCH_SIZE=4, LR=1e-2,
+    scope = {k: v for k, v in runpy.run_path(str(SCRIPT), run_name="constants_only").items() if k.isupper()}
+    scope.update(MODEL=family, MODEL_ID="tiny", OUTPUT_DIR=str(output_dir), TRAIN_LIMIT=16, MAX_STEPS=8, BATCH_SIZE=4, LR=1e-2,
                  WARMUP_STEPS=0, LOGGING_STEPS=1, SAVE_STEPS=100, EVAL_STEPS=0, GRADIENT_CHECKPOINTING=False,
                  EVAL_AFTER_TRAIN=False, RESULTS_DIR=str(output_dir / "results"))
     scope.update(overrides)
@@ -54,12 +54,12 @@ def train_script(family: str, output_dir: Path, **overrides) -> Path:
     """Run the fine-tuning script as a user would (``python <script> NAME=VALUE ...``), in this process to stay
     fast; returns the run directory."""
     scope = constants(family, output_dir, **overrides)
-    defaults = {k: v for k, v in runpy.run_path(str(SCRIPTS[family]), run_name="constants_only").items() if k.isupper()}
-    argv = [str(SCRIPTS[family])] + [f"{k}={v}" for k, v in scope.items() if v != defaults[k]]
+    defaults = {k: v for k, v in runpy.run_path(str(SCRIPT), run_name="constants_only").items() if k.isupper()}
+    argv = [str(SCRIPT)] + [f"{k}={v}" for k, v in scope.items() if v != defaults[k]]
     saved = sys.argv
     sys.argv = argv
     try:
-        runpy.run_path(str(SCRIPTS[family]), run_name="__main__")
+        runpy.run_path(str(SCRIPT), run_name="__main__")
     finally:
         sys.argv = saved
     return output_dir / finetune.run_name(settings(family, output_dir, **overrides), family)
@@ -399,7 +399,7 @@ def test_bad_settings_stop_before_any_model_is_loaded(tmp_path, monkeypatch, ove
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr(finetune, "load_model", no_model)
-    monkeypatch.setattr(common, "load_processor", no_model)
+    monkeypatch.setattr(geochange.video_llm.modeling, "load_processor", no_model)
     with pytest.raises(UserError, match=message):
         train_script("videollava", tmp_path, **overrides)
     assert not any(tmp_path.iterdir())
@@ -503,10 +503,10 @@ def test_evaluation_after_training_reads_the_evaluation_scripts_own_constants(tm
         run = finetune.FinetuneRun(cfg, family, tmp_path / "run", finetune.training_arguments(cfg, tmp_path / "run"),
                                    False, "unused", tmp_path, None)
         evaluation = finetune.evaluation_settings(run)
-        script = script_constants(finetune.get_family(family).eval_script)
+        script = script_constants(finetune.EVALUATION_SCRIPT)
         assert set(evaluation.as_dict()) == set(script.as_dict())
         chosen = {"MODEL_PATH": str(tmp_path / "run"), "BATCH_SIZE": 3, "MAX_NEW_TOKENS": 9, "DEVICE": "cpu",
-                  "VAL_ANNOTATIONS": str(SAMPLE_VAL), "SPLIT": "val", "MODEL_ID": "tiny"}
+                  "VAL_ANNOTATIONS": str(SAMPLE_VAL), "SPLIT": "val", "MODEL_ID": "tiny", "MODEL": family}
         assert {k: evaluation.as_dict()[k] for k in chosen} == chosen
         untouched = set(script.as_dict()) - set(chosen) - {"RESULTS_DIR", "VIDEO_DIR", "NUM_FRAMES"}
         assert {k: evaluation.as_dict()[k] for k in untouched} == {k: script.as_dict()[k] for k in untouched}

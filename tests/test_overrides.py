@@ -140,7 +140,8 @@ def test_a_bad_experiment_file_names_its_line_and_changes_nothing(tmp_path, text
 
 
 # configs/experiments/<prefix>_*.py is a row for this script
-EXPERIMENT_SCRIPTS = {"deltavlm": "deltavlm_finetune.py"}
+EXPERIMENT_SCRIPTS = {"deltavlm": "deltavlm_finetune.py", "videollava": "video_finetune.py",
+                      "llavanext": "video_finetune.py"}
 
 
 @pytest.mark.parametrize("file", sorted((REPO / "configs" / "experiments").glob("*.py")), ids=lambda path: path.stem)

@@ -1,54 +1,62 @@
-"""The scripts read the one family entry, and each family's scripts stay in step with the others': one recipe."""
+"""One fine-tuning and one evaluation script for every video family (MODEL); GeoLLaVA's four script names run them
+with their family; each script loads only its own recipe."""
 from __future__ import annotations
 
-import ast
+import sys
 from pathlib import Path
 
 import pytest
+from conftest import Command, TEST_TIMEOUT
 
-from geochange.video_llm.families import FAMILIES
+from geochange.overrides import script_constants
+from geochange.video_llm.families import FAMILIES, resolve_model_id
 
 REPO = Path(__file__).resolve().parent.parent
-FIRST, *OTHERS = FAMILIES.values()
-# Lines that may differ beyond the family's own words: facts about each model that the comments state.
-MAY_DIFFER = ("MAX_LENGTH = ",)
+# GeoLLaVA's script names: (the one script they run, their family)
+GEOLLAVA_NAMES = {"videollava_finetune.py": ("video_finetune.py", "videollava"),
+                  "llavanext_finetune.py": ("video_finetune.py", "llavanext"),
+                  "videollava_test.py": ("video_evaluate.py", "videollava"),
+                  "llavanext_eval.py": ("video_evaluate.py", "llavanext")}
 
 
-def family_words(family) -> list[str]:
-    """What must differ between two families' scripts: file names, the family id, the model id, the name."""
-    return [Path(family.finetune_script).stem, Path(family.eval_script).stem, f'"{family.id}"',
-            family.default_model_id, family.display_name]
-
-
-def neutral_lines(script: str, family) -> list[str]:
-    """The script's code and comments after its docstring, with the family's own words replaced by placeholders."""
-    text = (REPO / script).read_text(encoding="utf-8")
-    body = text[text.index('"""', 3) + 3:]
-    for index, word in enumerate(family_words(family)):
-        body = body.replace(word, f"<{index}>")
-    return [line for line in body.splitlines() if not line.startswith(MAY_DIFFER)]
-
-
-def constants(script: str) -> dict[str, object]:
-    tree = ast.parse((REPO / script).read_text(encoding="utf-8"))
-    return {node.targets[0].id: ast.literal_eval(node.value) for node in tree.body
-            if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name) and node.targets[0].id.isupper()}
-
-
-@pytest.mark.parametrize("kind", ["finetune_script", "eval_script"])
-@pytest.mark.parametrize("family", OTHERS, ids=[f.id for f in OTHERS])
-def test_each_familys_scripts_differ_from_the_first_familys_only_in_the_model(family, kind):
-    ours, theirs = getattr(FIRST, kind), getattr(family, kind)
-    assert neutral_lines(ours, FIRST) == neutral_lines(theirs, family)
-    first, other = constants(ours), constants(theirs)
-    assert list(first) == list(other)
-    assert {name for name in first if first[name] != other[name]} == {"MODEL_ID"}
+@pytest.mark.parametrize("name", GEOLLAVA_NAMES)
+def test_geollavas_script_names_are_the_one_script_with_their_family(name):
+    one, family = GEOLLAVA_NAMES[name]
+    assert script_constants(name).as_dict() == script_constants(one, MODEL=family).as_dict()
+    assert script_constants(name, MAX_NEW_TOKENS=9).MAX_NEW_TOKENS == 9  # its constants are settings
+    assert len((REPO / name).read_text().splitlines()) <= 12  # a few lines, nothing of the recipe
 
 
 @pytest.mark.parametrize("family", FAMILIES.values(), ids=list(FAMILIES))
-def test_every_family_entry_names_its_scripts_and_they_use_it(family):
-    for script in (family.finetune_script, family.eval_script):
-        text = (REPO / script).read_text(encoding="utf-8")
-        assert f'family="{family.id}"' in text and constants(script)["MODEL_ID"] == family.default_model_id
-    # the family's classes are real transformers classes, and its parts are named in them
+def test_every_family_is_a_model_setting_of_the_scripts(family, user_error):
+    for script in ("video_finetune.py", "video_evaluate.py"):
+        cfg = resolve_model_id(script_constants(script, MODEL=family.id))
+        assert cfg.MODEL_ID == family.default_model_id  # MODEL_ID=None: the family's 7B model
+        assert resolve_model_id(script_constants(script, MODEL=family.id, MODEL_ID="tiny")).MODEL_ID == "tiny"
+    # the family's classes are real transformers classes
     assert family.model_class.__name__ == family.model_class_name
+    user_error(lambda: resolve_model_id(script_constants("video_finetune.py", MODEL="qwen")),
+               "unknown model family 'qwen'; expected one of")
+
+
+def loaded_modules(script: str) -> set[str]:
+    """The geochange modules ``python <script>`` loads, in a fresh process, before its settings stop it (an unknown
+    setting: exit status 2 after the script's own imports)."""
+    command = Command([sys.executable, "-X", "importtime", str(REPO / script), "NO_SUCH_SETTING=1"])
+    assert command.process.wait(timeout=TEST_TIMEOUT) == 2, command.output()
+    assert "unknown setting 'NO_SUCH_SETTING'" in command.stderr()
+    return {line.rsplit("|", 1)[1].strip() for line in command.stderr().splitlines()
+            if line.startswith("import time:") and "geochange" in line}
+
+
+@pytest.mark.slow
+def test_each_script_loads_only_its_own_recipe():
+    """DeltaVLM's training loads nothing of the video models, the video scripts nothing of DeltaVLM (a fresh
+    process each), and neither loads the demo or the memory table's command."""
+    delta, video, evaluation = (loaded_modules(s) for s in ("deltavlm_finetune.py", "videollava_finetune.py",
+                                                              "video_evaluate.py"))
+    assert "geochange.deltavlm.training" in delta and not {m for m in delta if m.startswith("geochange.video_llm")}
+    assert "geochange.video_llm.finetune" in video and "geochange.video_llm.evaluation" in evaluation
+    for loaded in (video, evaluation):
+        assert not {m for m in loaded if m.startswith("geochange.deltavlm")}, loaded
+    assert not {m for m in delta | video | evaluation if m in ("geochange.demo", "geochange.change_maps")}

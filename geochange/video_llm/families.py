@@ -1,11 +1,12 @@
 """What a video model family is, in one entry each: Video-LLaVA, LLaVA-NeXT-Video and Qwen2.5-VL.
 
 Everything else reads these entries (loading, quantisation skips, LoRA targets, pruning parts, adapter renames,
-the tiny twins, the 7B shapes of the memory check and the GPU check, the scripts, the results notebook, the
-tests); nothing else lists the families. Adding one: docs/add_a_model_family.md.
+the tiny twins, the 7B shapes of the memory check and the GPU check, the scripts' MODEL, the results notebook, the
+tests); nothing else lists the families, and a family costs no script (video_finetune.py, video_evaluate.py take it). Adding one: docs/add_a_model_family.md.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -77,9 +78,7 @@ class ModelFamily:
     id: str                    # in run directories, results files, run.json and MODEL settings
     display_name: str          # in tables and plots
     model_class_name: str      # the transformers class
-    default_model_id: str      # the 7B checkpoint on the Hub (the scripts' MODEL_ID)
-    finetune_script: str
-    eval_script: str
+    default_model_id: str      # the 7B checkpoint on the Hub (the scripts' MODEL_ID=None)
     parts: ModelParts          # its vision towers, projectors, language model, by module name
     tiny_tokenizer: Callable       # () -> the offline twin's tokenizer (tiny.py's builders)
     tiny_config: Callable          # tokenizer -> the offline twin's config (tiny.py's pieces)
@@ -197,7 +196,6 @@ def _videollava_processor(config, tokenizer):
 VIDEO_LLAVA = ModelFamily(
     id="videollava", display_name="Video-LLaVA", model_class_name="VideoLlavaForConditionalGeneration",
     default_model_id="LanguageBind/Video-LLaVA-7B-hf",
-    finetune_script="videollava_finetune.py", eval_script="videollava_test.py",
     parts=ModelParts(vision_towers=("video_tower", "image_tower"), projectors=("multi_modal_projector",),
                      language_model="language_model", image_only=("image_tower",)),
     tiny_tokenizer=build_tiny_tokenizer, tiny_config=_videollava_tiny, real_size_config=_videollava_7b,
@@ -244,7 +242,6 @@ def _llavanext_processor(config, tokenizer):
 LLAVA_NEXT_VIDEO = ModelFamily(
     id="llavanext", display_name="LLaVA-NeXT-Video", model_class_name="LlavaNextVideoForConditionalGeneration",
     default_model_id="llava-hf/LLaVA-NeXT-Video-7B-hf",
-    finetune_script="llavanext_finetune.py", eval_script="llavanext_eval.py",
     # (its vision_resampler pools without weights: nothing to name)
     parts=ModelParts(vision_towers=("vision_tower",), projectors=("multi_modal_projector",),
                      language_model="language_model", image_only=("image_newline",)),
@@ -340,7 +337,6 @@ def _qwen25vl_tower_tokens(config, frames: int, height: int, width: int) -> int:
 QWEN25_VL = ModelFamily(
     id="qwen25vl", display_name="Qwen2.5-VL", model_class_name="Qwen2_5_VLForConditionalGeneration",
     default_model_id="Qwen/Qwen2.5-VL-7B-Instruct",
-    finetune_script="qwen25vl_finetune.py", eval_script="qwen25vl_eval.py",
     # its merger (the projector) sits inside the vision model: the innermost named part wins, so FREEZE_VISION
     # freezes the patch embedding and blocks and the merger trains, as LLaVA's projector does
     parts=ModelParts(vision_towers=("visual",), projectors=("merger",), language_model="language_model"),
@@ -358,3 +354,10 @@ def get_family(name: str) -> ModelFamily:
     if name not in FAMILIES:
         raise UserError(f"unknown model family {name!r}; expected one of {', '.join(sorted(FAMILIES))}")
     return FAMILIES[name]
+
+
+def resolve_model_id(cfg):
+    """A video script's settings with ``MODEL_ID=None`` made the ``MODEL`` family's 7B checkpoint (an unknown
+    ``MODEL`` stops in one line naming the families)."""
+    family = get_family(cfg.MODEL)
+    return cfg if cfg.MODEL_ID is not None else dataclasses.replace(cfg, MODEL_ID=family.default_model_id)

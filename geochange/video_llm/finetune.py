@@ -1,4 +1,4 @@
-"""The steps of ``videollava_finetune.py`` and ``llavanext_finetune.py``, in the order the scripts call them.
+"""The steps of ``video_finetune.py`` (every video family's fine-tuning), in the order the script calls them.
 
 ``check_settings`` (no model yet), ``open_run`` (the run directory: named from the settings, one writer,
 resumed only under the same settings), ``load_samples``, ``encode_samples`` (prompts from the processor's
@@ -163,10 +163,14 @@ def check_caption_validation(cfg) -> None:
                         "another metric (bleu4, cider, rouge_l...)")
 
 
+# The scripts whose steps these are (every family's), whose constants are the defaults a run name compares with and
+# the evaluation after training reads.
+FINETUNE_SCRIPT = "video_finetune.py"
+EVALUATION_SCRIPT = "video_evaluate.py"
 # What a default run name leaves out of its distinct settings: what GeoLLaVA's scheme already names (model, data,
 # mode, rank, length, pruning), and what cannot change the trained weights (where things go, speed, what else runs).
-NAME_LEAVES_OUT = ("MODEL_ID", "TRAIN_ANNOTATIONS", "USE_LORA", "USE_QLORA", "USE_8BIT", "LORA_R", "LORA_ALPHA",
-                   "EPOCHS", "MAX_STEPS", "PRUNE", "PRUNE_METHOD", "PRUNE_AMOUNT", *RESUME_MAY_CHANGE,
+NAME_LEAVES_OUT = ("MODEL", "MODEL_ID", "TRAIN_ANNOTATIONS", "USE_LORA", "USE_QLORA", "USE_8BIT", "LORA_R",
+                   "LORA_ALPHA", "EPOCHS", "MAX_STEPS", "PRUNE", "PRUNE_METHOD", "PRUNE_AMOUNT", *RESUME_MAY_CHANGE,
                    "RESULTS_DIR", "VIDEO_DIR", "VAL_ANNOTATIONS", "VAL_SPLIT", "EVAL_STEPS", "SAVE_STEPS",
                    "MERGE_AND_SAVE", "EVAL_AFTER_TRAIN", "MAX_NEW_TOKENS", "MEMORY_CHECK", "GRADIENT_CHECKPOINTING",
                    "DEEPSPEED", "SKIP_BAD_CLIPS")
@@ -179,7 +183,7 @@ def run_settings(cfg, family: str) -> dict[str, Any]:
     ignored = ("LORA_DROPOUT",) if training_mode(cfg) == "FULL" else ("FREEZE_VISION",)
     ignored += () if cfg.PRUNE else ("PRUNE_VISION",)
     ignored += () if cfg.BEST_METRIC else ("VAL_GENERATE_LIMIT",)
-    defaults = script_constants(get_family(family).finetune_script).as_dict()
+    defaults = script_constants(FINETUNE_SCRIPT, MODEL=family).as_dict()
     return distinct_settings(cfg.as_dict(), defaults, NAME_LEAVES_OUT + ignored)
 
 
@@ -653,10 +657,10 @@ def best_checkpoint(cfg, state) -> dict[str, Any] | None:
 
 
 def evaluation_settings(run: FinetuneRun):
-    """The family's evaluation script's own constants (as ``python <eval script> MODEL_PATH=<run>`` reads them),
-    with this run's model, validation set and clips, on the device it trained on."""
+    """The evaluation script's own constants (as ``python video_evaluate.py MODEL=<family> MODEL_PATH=<run>`` reads
+    them), with this run's model, validation set and clips, on the device it trained on."""
     cfg = run.cfg
-    return script_constants(get_family(run.family).eval_script, MODEL_ID=cfg.MODEL_ID, MODEL_PATH=str(run.run_dir),
+    return script_constants(EVALUATION_SCRIPT, MODEL=run.family, MODEL_ID=cfg.MODEL_ID, MODEL_PATH=str(run.run_dir),
                             VAL_ANNOTATIONS=cfg.VAL_ANNOTATIONS, SPLIT=cfg.VAL_SPLIT, VIDEO_DIR=cfg.VIDEO_DIR,
                             NUM_FRAMES=cfg.NUM_FRAMES, SKIP_BAD_CLIPS=cfg.SKIP_BAD_CLIPS,
                             BATCH_SIZE=cfg.EVAL_BATCH_SIZE,

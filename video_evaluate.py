@@ -1,17 +1,18 @@
-"""Evaluate Qwen2.5-VL (base or fine-tuned) on before/after pairs.
+"""Evaluate a video LLM (Video-LLaVA, LLaVA-NeXT-Video or Qwen2.5-VL: MODEL; base or fine-tuned) on before/after pairs.
 
-Greedy, batched generation (left padding, prompts sorted by length), only the
-new tokens decoded. Each finished batch is appended to results/<run>.jsonl, so
-a rerun resumes where it stopped. Writes results/<run>.metrics.json and a
-per-sample results/<run>.csv (the steps at the bottom, functions of geochange/evaluation.py). Only one
-process writes a results file at a time; under torchrun every process answers its share of the samples (one
-per GPU) and rank 0 writes them all to that one file and scores once.
+Greedy, batched generation (left padding, prompts sorted by length), only the new tokens decoded. Each finished batch
+is appended to results/<run>.jsonl, so a rerun resumes where it stopped. Writes results/<run>.metrics.json and a
+per-sample results/<run>.csv (the steps in ``main``, functions of geochange/video_llm/evaluation.py). Only one process
+writes a results file at a time; under torchrun every process answers its share of the samples (one per GPU) and
+rank 0 writes them all to that one file and scores once. GeoLLaVA's script names (videollava_test.py,
+llavanext_eval.py) run this with their MODEL.
 
-    python qwen25vl_eval.py MODEL_ID=tiny MODEL_PATH=base
-    python qwen25vl_eval.py MODEL_PATH=runs/<run directory>
-    torchrun --nproc_per_node 8 qwen25vl_eval.py MODEL_PATH=runs/<run directory>   # 8 GPUs, one results file
+    python video_evaluate.py MODEL_ID=tiny MODEL_PATH=base
+    python video_evaluate.py MODEL_PATH=runs/<run directory>     # MODEL: the run's family
+    torchrun --nproc_per_node 8 video_evaluate.py MODEL=llavanext MODEL_PATH=runs/<run directory>   # 8 GPUs
 """
-MODEL_ID = "Qwen/Qwen2.5-VL-7B-Instruct"  # base model ("tiny" = offline tiny model)
+MODEL = "videollava"        # the family: "videollava" (Video-LLaVA), "llavanext" (LLaVA-NeXT-Video), "qwen25vl"
+MODEL_ID = None             # the base model: None = the family's 7B model on the Hub; an id, a folder, or "tiny"
 MODEL_PATH = "base"         # a fine-tuning run directory, or "base" for the untuned MODEL_ID
 VAL_ANNOTATIONS = "annotations/sample_val.json"
 SPLIT = "test"              # a file naming splits (converted LEVIR-CC): only this split (None = all records)
@@ -31,10 +32,15 @@ OVERWRITE = False           # True = discard this results file's earlier answers
 SBERT_MODEL = "sentence-transformers/bert-base-nli-mean-tokens"  # sbert = the paper's "BERT" column (offline: MiniLM stands in)
 DIST_TIMEOUT_MINUTES = 60   # under torchrun: how long a process waits for the slowest at a collective
 
-if __name__ == "__main__":
-    from common import evaluation, load_settings, stop_shards
 
-    cfg = load_settings(globals())
+def main(scope: dict) -> None:
+    """The steps, on the constants in ``scope`` (this file's, or a GeoLLaVA-named script's with its MODEL)."""
+    from geochange.overrides import load_settings
+    from geochange.sharding import stop_shards
+    from geochange.video_llm import evaluation
+    from geochange.video_llm.families import resolve_model_id
+
+    cfg = resolve_model_id(load_settings(scope))  # MODEL_ID=None: the family's model
     # 1. under torchrun, this process's share of the work (each answers its share on its own GPU); the settings and
     #    the device, checked before minutes of model loading
     shard = evaluation.join_shards(cfg)
@@ -43,10 +49,14 @@ if __name__ == "__main__":
     samples = evaluation.load_test_samples(cfg, shard)
     # 3. the results file: one writer (rank 0); earlier answers resume only under the same model, weights,
     #    generation, test set
-    with evaluation.open_results(cfg, family="qwen25vl", shard=shard) as results:
+    with evaluation.open_results(cfg, family=cfg.MODEL, shard=shard) as results:
         # 4. greedy answers for the samples not yet there, in batches, every batch of every process appended as it
         #    finishes
         evaluation.answer_samples(results, samples, device)
         # 5. scores (once, rank 0): results/<run>.metrics.json and the per-sample results/<run>.csv
         evaluation.score_results(results, samples)
     stop_shards(shard)
+
+
+if __name__ == "__main__":
+    main(globals())

@@ -1,17 +1,20 @@
-"""Fine-tune Qwen2.5-VL to describe what changed between two satellite images.
+"""Fine-tune a video LLM (Video-LLaVA, LLaVA-NeXT-Video or Qwen2.5-VL: MODEL) to describe what changed between two satellite
+images.
 
-GeoLLaVA's recipe, done right: the steps at the bottom of this file, each a
-function of geochange/finetune.py. Prompts come from the processor's chat
-template, the loss falls on the answer only, the sequence is never cut inside
-the expanded video tokens; pruning acts on the full-precision weights before
-QLoRA quantises them; a rerun resumes from the newest checkpoint.
+GeoLLaVA's recipe, done right: the steps in ``main``, each a function of geochange/video_llm/finetune.py. Prompts come
+from the processor's chat template, the loss falls on the answer only, the sequence is never cut inside the expanded
+video tokens; pruning acts on the full-precision weights before QLoRA quantises them; a rerun resumes from the newest
+checkpoint. GeoLLaVA's script names (videollava_finetune.py, llavanext_finetune.py) run this with their MODEL.
 
-    python qwen25vl_finetune.py MODEL_ID=tiny          # offline tiny model, bundled sample data
-    python qwen25vl_finetune.py USE_QLORA=True EPOCHS=1 # the real 7B model on a GPU
-Multi-GPU: accelerate launch qwen25vl_finetune.py ... (or torchrun --nproc_per_node N ...).
+    python video_finetune.py MODEL_ID=tiny                       # offline tiny Video-LLaVA, bundled sample data
+    python video_finetune.py MODEL=llavanext USE_QLORA=True      # the real 7B LLaVA-NeXT-Video on a GPU
+    python video_finetune.py configs/experiments/videollava_10k_lora.py   # a row of GeoLLaVA's table
+Multi-GPU: torchrun --nproc_per_node N video_finetune.py ... (or accelerate launch video_finetune.py ...).
 """
-# --- model: the Hugging Face id, a local folder, or "tiny" (small random model built offline)
-MODEL_ID = "Qwen/Qwen2.5-VL-7B-Instruct"
+# --- model: the family (geochange/video_llm/families.py) and its weights
+MODEL = "videollava"        # "videollava" (Video-LLaVA), "llavanext" (LLaVA-NeXT-Video) or "qwen25vl" (Qwen2.5-VL)
+MODEL_ID = None             # None = the family's 7B model on the Hub; a Hugging Face id, a local folder, or "tiny"
+                            # (a small random model of the family, built offline)
 # --- data (GeoLLaVA conversation JSON; VIDEO_DIR=None = the bundled sample videos, generated on first use)
 TRAIN_ANNOTATIONS = "annotations/sample_train.json"
 VAL_ANNOTATIONS = "annotations/sample_val.json"
@@ -22,7 +25,8 @@ TRAIN_LIMIT = None          # use only the first N training pairs (None = all)
 NUM_FRAMES = 2              # frames sampled uniformly per clip: 2 = before/after
 SKIP_BAD_CLIPS = False      # every clip is opened before training: False = stop, listing the bad ones; True = leave
                             # their records out (counted in run.json)
-MAX_LENGTH = 1024           # tokens per example; a 2-frame 256 x 256 clip is 81 video tokens (more on larger clips)
+MAX_LENGTH = 1024           # tokens per example; 2 frames expand to 514 video tokens in Video-LLaVA-7B (288 pooled in
+                            # LLaVA-NeXT-Video-7B)
 SHORTEN_ANSWERS = True      # an answer that does not fit is shortened (and counted); False = stop with an error
 # --- what to train: QLoRA wins over LoRA; neither = full fine-tuning
 USE_LORA = True
@@ -74,20 +78,25 @@ BEST_METRIC = None          # None = validation loss only, the run ends with its
 VAL_GENERATE_LIMIT = None   # with BEST_METRIC: the first N val pairs are captioned (None = all), as the evaluation
                             # generates (MAX_NEW_TOKENS, EVAL_BATCH_SIZE)
 MERGE_AND_SAVE = False      # also write merged full weights to <run>/merged
-# --- evaluation after training, on the device this process trained on (qwen25vl_eval.py with MODEL_PATH=<run dir>)
+# --- evaluation after training, on the device this process trained on (video_evaluate.py with MODEL_PATH=<run dir>)
 EVAL_AFTER_TRAIN = True
 EVAL_BATCH_SIZE = 8
 MAX_NEW_TOKENS = 350        # as GeoLLaVA's evaluation (greedy, stops at EOS)
 RESULTS_DIR = "results"
 
-if __name__ == "__main__":
-    from common import finetune, load_processor, load_settings
 
-    cfg = load_settings(globals())
-    # 1. settings checked before any model is loaded
+def main(scope: dict) -> None:
+    """The steps, on the constants in ``scope`` (this file's, or a GeoLLaVA-named script's with its MODEL)."""
+    from geochange.overrides import load_settings
+    from geochange.video_llm import finetune
+    from geochange.video_llm.families import resolve_model_id
+    from geochange.video_llm.modeling import load_processor
+
+    # 1. settings (MODEL_ID=None: the family's model) checked before any model is loaded
+    cfg = resolve_model_id(load_settings(scope))
     finetune.check_settings(cfg)
     # 2. the run directory, named from the settings: one writer, resumed only under the same settings
-    with finetune.open_run(cfg, family="qwen25vl") as run:
+    with finetune.open_run(cfg, family=cfg.MODEL) as run:
         # 3. the memory it needs per device, from the config alone, against what the device has free
         finetune.check_memory(run)
         # 4. the before/after clips with their questions and answers (every clip opened once)
@@ -104,5 +113,9 @@ if __name__ == "__main__":
         # 9. save the adapter (or weights), the processor and run.json (merged weights with MERGE_AND_SAVE)
         finetune.save_run(run, trainer, processor)
         del trainer, model  # the training memory is freed before evaluation
-        # 10. evaluate on VAL_ANNOTATIONS (EVAL_AFTER_TRAIN), as qwen25vl_eval.py would (every process its share)
+        # 10. evaluate on VAL_ANNOTATIONS (EVAL_AFTER_TRAIN), as video_evaluate.py would (every process its share)
         finetune.evaluate_run(run)
+
+
+if __name__ == "__main__":
+    main(globals())
