@@ -11,6 +11,7 @@ concatenate).
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,11 +184,15 @@ def video_prompt(processor, question: str, history: list[tuple[str, str]] | tupl
     return processor.apply_chat_template(conversation, add_generation_prompt=True)
 
 
+# per processor (not stored on it: save_pretrained would write it to processor_config.json)
+_VIDEO_TOKEN_COUNTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def video_token_count(processor, num_frames: int, size: tuple[int, int]) -> int:
     """How many video tokens the processor expands a clip of ``num_frames`` frames of ``size`` (width, height) into:
     asked of the processor itself, at the clip's real size (LLaVA's processors crop every clip to one size;
     Qwen2.5-VL's read it at its own, so a 1024 x 1024 pair is 17 times a 256 x 256 one)."""
-    cache = processor.__dict__.setdefault("_video_token_counts", {})  # one zeros clip per size, not per sample
+    cache = _VIDEO_TOKEN_COUNTS.setdefault(processor, {})  # one zeros clip per size, not per sample
     key = (num_frames, *size)
     if key not in cache:
         width, height = size
@@ -204,8 +209,10 @@ def answer_text(processor, answer: str) -> str:
     prompt = processor.apply_chat_template(user, add_generation_prompt=True)
     full = processor.apply_chat_template(user + [{"role": "assistant", "content": [{"type": "text",
                                                                                      "text": answer.strip()}]}])
-    if not full.startswith(prompt):  # a template that rewrites the prompt once answered: the answer alone
-        return " " + answer.strip()
+    if not full.startswith(prompt):
+        raise UserError("the processor's chat template renders an answered conversation that does not start with its "
+                        "generation prompt, so where an answer joins the prompt is unknown; give the model a chat "
+                        "template whose assistant turn follows add_generation_prompt's text")
     return full[len(prompt):]
 
 
