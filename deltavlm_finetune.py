@@ -73,11 +73,10 @@ if __name__ == "__main__":
     import time
 
     from geochange.deltavlm import training as t
-    from geochange.overrides import load_settings
 
     started = time.time()
     # 1. settings: the recipe's defaults, then every check that needs no model
-    cfg = t.resolve_recipe(load_settings(globals()))
+    cfg = t.load_recipe_settings(globals())
     sources = t.check_settings(cfg)
     # 2. data: every answer turn of the training records, the validation captions (images checked)
     examples, val_items = t.load_data(cfg)

@@ -54,30 +54,28 @@ DIST_TIMEOUT_MINUTES = 60   # under torchrun (batch mode): how long a process wa
 if __name__ == "__main__":
     from geochange.deltavlm import run as deltavlm
     from geochange.deltavlm.predictor import chat, read_pair
-    from geochange.overrides import load_settings
-    from geochange.sharding import stop_shards
 
-    cfg = load_settings(globals())
-    # 1. under torchrun (batch mode), this process's share of the work; the input, checked before minutes of model
-    #    loading: a ChangeChat file (read by rank 0, once), or one pair
-    shard = deltavlm.join_shards(cfg)
-    if cfg.TEST_ANNOTATIONS:
-        items = deltavlm.batch_items(cfg.TEST_ANNOTATIONS, cfg.IMAGE_ROOT, cfg.LIMIT, cfg.SPLIT, shard)
-    else:
-        image_a, image_b = deltavlm.pair_paths(cfg.IMAGE_A, cfg.IMAGE_B)
-        pair = read_pair(image_a, image_b)
-    # 2. the model, on this process's device (the load report says what came from where, and whether the CSRM looks
-    #    trained)
-    predictor = deltavlm.load_predictor(cfg, shard)
-    # 3. batch: every turn of the file, each process its share, resumable, one writer, then scores per task (once);
-    #    one pair: one answer, or a chat that keeps the history in the prompt
-    if cfg.TEST_ANNOTATIONS:
-        deltavlm.run_batch(predictor, items, cfg, shard)
-        stop_shards(shard)
-    elif cfg.INTERACTIVE:
-        print(f"pair: {image_a} -> {image_b}")
-        chat(predictor, pair)
-    else:
-        prompt = predictor.prompt(cfg.PROMPT)
-        print(f"pair: {image_a} -> {image_b}\nprompt: {prompt}")
-        print(f"answer: {predictor.answer([pair], [prompt])[0]}")
+    # 1. the settings, checked (under torchrun: a batch); this process's share of the work (left at the end, every
+    #    process done); the input, checked before minutes of model loading: a ChangeChat file (read by rank 0, once),
+    #    or one pair
+    cfg = deltavlm.load_checked_settings(globals())
+    with deltavlm.join_shards(cfg) as shard:
+        if cfg.TEST_ANNOTATIONS:
+            items = deltavlm.batch_items(cfg.TEST_ANNOTATIONS, cfg.IMAGE_ROOT, cfg.LIMIT, cfg.SPLIT, shard)
+        else:
+            image_a, image_b = deltavlm.pair_paths(cfg.IMAGE_A, cfg.IMAGE_B)
+            pair = read_pair(image_a, image_b)
+        # 2. the model, on this process's device (the load report says what came from where, and whether the CSRM
+        #    looks trained)
+        predictor = deltavlm.load_predictor(cfg, shard)
+        # 3. batch: every turn of the file, each process its share, resumable, one writer, then scores per task
+        #    (once); one pair: one answer, or a chat that keeps the history in the prompt
+        if cfg.TEST_ANNOTATIONS:
+            deltavlm.run_batch(predictor, items, cfg, shard)
+        elif cfg.INTERACTIVE:
+            print(f"pair: {image_a} -> {image_b}")
+            chat(predictor, pair)
+        else:
+            prompt = predictor.prompt(cfg.PROMPT)
+            print(f"pair: {image_a} -> {image_b}\nprompt: {prompt}")
+            print(f"answer: {predictor.answer([pair], [prompt])[0]}")

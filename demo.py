@@ -25,11 +25,10 @@ SHARE = False               # True = a temporary public gradio.live link (needs 
 
 if __name__ == "__main__":
     from geochange import demo
-    from geochange.overrides import load_settings
 
-    cfg = load_settings(globals())
-    # 1. who may use the page: AUTH's login, required beyond this machine (checked before the model loads)
-    login = demo.page_login(cfg)
+    # 1. the settings, and who may use the page: AUTH's login, required beyond this machine (checked before the
+    #    model loads)
+    cfg, login = demo.load_checked_settings(globals())
     # 2. the model that answers (loaded once): DeltaVLM through its predictor, or a video model
     chat = demo.load_chat(cfg)
     # 3. the page: the pair, the examples, the chat, the questions, the settings; a conversation per tab

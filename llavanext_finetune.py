@@ -1,12 +1,8 @@
-"""GeoLLaVA's script name, kept: video_finetune.py (the fine-tuning) for LLaVA-NeXT-Video, MODEL="llavanext".
-Every constant of video_finetune.py is a setting here too (NAME=VALUE,
-after an experiment file).
-
-    python llavanext_finetune.py MODEL_ID=tiny
-"""
+"""LLaVA-NeXT-Video's fine-tuning under GeoLLaVA's script name: video_finetune.py with MODEL="llavanext";
+every constant of it is a setting here too (python llavanext_finetune.py MODEL_ID=tiny;
+an experiment file first, as there)."""
 from video_finetune import *  # noqa: F403 -- the one script's constants and its steps (main)
 
 MODEL = "llavanext"
-
 if __name__ == "__main__":
     main(globals())  # noqa: F405

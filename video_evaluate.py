@@ -35,27 +35,24 @@ DIST_TIMEOUT_MINUTES = 60   # under torchrun: how long a process waits for the s
 
 def main(scope: dict) -> None:
     """The steps, on the constants in ``scope`` (this file's, or a GeoLLaVA-named script's with its MODEL)."""
-    from geochange.overrides import load_settings
-    from geochange.sharding import stop_shards
     from geochange.video_llm import evaluation
-    from geochange.video_llm.families import resolve_model_id
+    from geochange.video_llm.families import load_video_settings
 
-    cfg = resolve_model_id(load_settings(scope))  # MODEL_ID=None: the family's model
-    # 1. under torchrun, this process's share of the work (each answers its share on its own GPU); the settings and
-    #    the device, checked before minutes of model loading
-    shard = evaluation.join_shards(cfg)
-    device = evaluation.check_settings(cfg, shard)
-    # 2. the test pairs, every clip checked (by rank 0, once)
-    samples = evaluation.load_test_samples(cfg, shard)
-    # 3. the results file: one writer (rank 0); earlier answers resume only under the same model, weights,
-    #    generation, test set
-    with evaluation.open_results(cfg, family=cfg.MODEL, shard=shard) as results:
-        # 4. greedy answers for the samples not yet there, in batches, every batch of every process appended as it
-        #    finishes
-        evaluation.answer_samples(results, samples, device)
-        # 5. scores (once, rank 0): results/<run>.metrics.json and the per-sample results/<run>.csv
-        evaluation.score_results(results, samples)
-    stop_shards(shard)
+    cfg = load_video_settings(scope)  # MODEL_ID=None: the family's model
+    # 1. under torchrun, this process's share of the work (each answers its share on its own GPU; left at the end,
+    #    every process done); the settings and the device, checked before minutes of model loading
+    with evaluation.join_shards(cfg) as shard:
+        device = evaluation.check_settings(cfg, shard)
+        # 2. the test pairs, every clip checked (by rank 0, once)
+        samples = evaluation.load_test_samples(cfg, shard)
+        # 3. the results file: one writer (rank 0); earlier answers resume only under the same model, weights,
+        #    generation, test set
+        with evaluation.open_results(cfg, family=cfg.MODEL, shard=shard) as results:
+            # 4. greedy answers for the samples not yet there, in batches, every batch of every process appended as
+            #    it finishes
+            evaluation.answer_samples(results, samples, device)
+            # 5. scores (once, rank 0): results/<run>.metrics.json and the per-sample results/<run>.csv
+            evaluation.score_results(results, samples)
 
 
 if __name__ == "__main__":

@@ -87,13 +87,12 @@ RESULTS_DIR = "results"
 
 def main(scope: dict) -> None:
     """The steps, on the constants in ``scope`` (this file's, or a GeoLLaVA-named script's with its MODEL)."""
-    from geochange.overrides import load_settings
     from geochange.video_llm import finetune
-    from geochange.video_llm.families import resolve_model_id
+    from geochange.video_llm.families import load_video_settings
     from geochange.video_llm.modeling import load_processor
 
     # 1. settings (MODEL_ID=None: the family's model) checked before any model is loaded
-    cfg = resolve_model_id(load_settings(scope))
+    cfg = load_video_settings(scope)
     finetune.check_settings(cfg)
     # 2. the run directory, named from the settings: one writer, resumed only under the same settings
     with finetune.open_run(cfg, family=cfg.MODEL) as run:

@@ -1,12 +1,8 @@
-"""GeoLLaVA's script name, kept: video_evaluate.py (the evaluation) for Video-LLaVA, MODEL="videollava".
-Every constant of video_evaluate.py is a setting here too (NAME=VALUE,
-after an experiment file).
-
-    python videollava_test.py MODEL_ID=tiny MODEL_PATH=base
-"""
+"""Video-LLaVA's evaluation under GeoLLaVA's script name: video_evaluate.py with MODEL="videollava";
+every constant of it is a setting here too (python videollava_test.py MODEL_ID=tiny MODEL_PATH=base;
+an experiment file first, as there)."""
 from video_evaluate import *  # noqa: F403 -- the one script's constants and its steps (main)
 
 MODEL = "videollava"
-
 if __name__ == "__main__":
     main(globals())  # noqa: F405

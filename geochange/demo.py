@@ -24,7 +24,7 @@ from .deltavlm import FAMILY_ID as DELTAVLM_ID
 from .deltavlm import run as deltavlm_run
 from .errors import UserError, first_line
 from .metrics import METRIC_NAMES, Texts, metric_groups
-from .overrides import script_constants
+from .overrides import load_settings, script_constants
 from .sample.data import SAMPLE_CHANGECHAT_CAPTIONS, SAMPLE_CHANGECHAT_ROOT, ensure_sample_media
 from .video import clip_size, image_size, read_image, read_video_frames, resize_image, shrink_image
 from .video_llm.evaluation import generate_answers, load_eval_model, model_inputs
@@ -345,6 +345,13 @@ def answer_turn(chat, question: str | None, before: Upload | str | None, after: 
 
 
 # ----------------------------------------------------------------------------------------------- who may use it
+
+def load_checked_settings(scope: dict):
+    """Step 1: the script's settings (``overrides.load_settings`` over the constants in ``scope``) and the page's
+    login, checked (``page_login``) before any model loads: (settings, login)."""
+    cfg = load_settings(scope)
+    return cfg, page_login(cfg)
+
 
 def page_login(cfg) -> list[tuple[str, str]] | None:
     """Gradio's login for the page, from ``AUTH``: one ``user:password``, or a file of them (one a line; blank lines

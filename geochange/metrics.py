@@ -23,6 +23,7 @@ from collections import Counter
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Sequence
 
 from .coco_metrics import CocoTokens, coco_scores, coco_tokenize, java_available, lcs_length, meteor_score
@@ -283,23 +284,86 @@ def load_worker_libraries() -> None:
 # --------------------------------------------------------------------------- entry points
 
 class _Worker(threading.Thread):
-    """Runs ``work`` in a thread; ``join`` re-raises its exception in the caller."""
+    """Runs ``work`` in a thread; ``join`` returns what it returned, or re-raises its exception in the caller."""
 
-    def __init__(self, work: Callable[[], None]) -> None:
+    def __init__(self, work: Callable[[], object]) -> None:
         super().__init__(daemon=True)
-        self.work, self.error = work, None
+        self.work, self.result, self.error = work, None, None
         self.start()
 
     def run(self) -> None:
         try:
-            self.work()
+            self.result = self.work()
         except BaseException as exc:  # noqa: BLE001 - handed to the caller by join()
             self.error = exc
 
-    def join(self, timeout: float | None = None) -> None:
+    def join(self, timeout: float | None = None):
         super().join(timeout)
         if self.error is not None:
             raise self.error
+        return self.result
+
+
+def attempt(report: MetricsReport, name: str, keys: Sequence[str], run: Callable[[], object]):
+    """``run()``, its wall time in ``report.seconds[name]``. A missing library or program costs only its own
+    metrics (``keys``, in ``report.missing`` with the reason) and gives None; other errors are bugs and propagate."""
+    started = time.perf_counter()
+    try:
+        return run()
+    except ImportError as exc:
+        report.missing.update({key: f"a library is missing: {first_line(exc)}" for key in keys})
+    except OSError as exc:
+        report.missing.update({key: first_line(exc) for key in keys})
+    finally:
+        report.seconds[name] = round(time.perf_counter() - started, 3)
+    return None
+
+
+def load_embedding_models(report: MetricsReport, *, bertscore_model: str | None, bertscore_layers: int | None,
+                          sbert_model: str | None) -> dict[str, object]:
+    """BERTScore's and sbert's models on ``report.device`` (``compute_metrics_report``'s arguments), by metric key;
+    what each is goes in ``report.models`` (and ``report.fallbacks`` where sbert's is a stand-in)."""
+    loaded: dict[str, object] = {}
+    bertscore = attempt(report, "load_bertscore_model", ("bertscore_f1",), lambda: load_embedding_model(
+        "bertscore_f1", bertscore_model, bertscore_layers, report.device))
+    if bertscore is not None:
+        name, layers = loaded["bertscore_f1"] = bertscore
+        report.models["bertscore_f1"] = f"{name} (layer {layers})"
+    sbert = attempt(report, "load_sbert_model", ("sbert",),
+                    lambda: sbert_with_fallback(sbert_model or GEOLLAVA_SBERT_MODEL, report.device))
+    if sbert is not None:
+        name, reason = sbert
+        loaded["sbert"] = report.models["sbert"] = name
+        if reason:
+            report.fallbacks["sbert"] = reason
+    return loaded
+
+
+def lexical_and_coco_scores(texts: Texts) -> tuple[dict[str, object], MetricsReport]:
+    """Every metric that needs no embedding model (ROUGE, BLEU, METEOR, CIDEr...: Python, and Java processes), by
+    key, with a report of its own (what is missing, how long each took, the coco tokenizer): the worker thread's
+    share, which touches nothing the embedding pass beside it writes."""
+    report = MetricsReport(metrics={})
+    values: dict[str, object] = {}
+    for compute, metrics in metric_groups().items():
+        values.update(attempt(report, compute.__name__.lstrip("_"), [m.key for m in metrics], partial(compute, texts))
+                      or {})
+    report.coco_tokenizer = texts.coco_tokenizer
+    return values, report
+
+
+def record_scores(report: MetricsReport, values: dict[str, object]) -> None:
+    """``values`` into ``report``, in ``METRICS``' order: a per-sample metric's mean (its values in
+    ``report.per_sample``), a corpus metric as it is."""
+    for metric in METRICS:
+        if metric.key not in values:
+            continue
+        if metric.per_sample:
+            report.per_sample[metric.key] = list(values[metric.key])
+            report.metrics[metric.key] = float(sum(values[metric.key]) / len(values[metric.key]))
+        else:
+            report.metrics[metric.key] = float(values[metric.key])
+    report.metrics = dict(sorted(report.metrics.items()))
 
 
 def compute_metrics_report(references: Sequence[Reference], predictions: Sequence[str], *,
@@ -315,63 +379,26 @@ def compute_metrics_report(references: Sequence[Reference], predictions: Sequenc
     """
     refs, preds = check_inputs(references, predictions)
     texts = Texts(refs, preds)
-    report = MetricsReport(metrics={})
-    device = str(pick_device(device))
-    report.device = device
-    values: dict[str, object] = {}
-
-    def attempt(name: str, keys: Sequence[str], run: Callable[[], None]) -> None:
-        # A missing library or program costs only its own metrics; other errors are bugs and propagate.
-        started = time.perf_counter()
-        try:
-            run()
-        except ImportError as exc:
-            report.missing.update({key: f"a library is missing: {first_line(exc)}" for key in keys})
-        except OSError as exc:
-            report.missing.update({key: first_line(exc) for key in keys})
-        report.seconds[name] = round(time.perf_counter() - started, 3)
-
-    def worker_metrics() -> None:
-        for compute, metrics in metric_groups().items():
-            attempt(compute.__name__.lstrip("_"), [m.key for m in metrics], lambda: values.update(compute(texts)))
-        report.coco_tokenizer = texts.coco_tokenizer
-
+    report = MetricsReport(metrics={}, device=str(pick_device(device)))
     # Models and libraries load here, in this thread, before the worker starts (see load_worker_libraries).
-    loaded: dict[str, object] = {}
-
-    def load_bertscore() -> None:
-        name, layers = load_embedding_model("bertscore_f1", bertscore_model, bertscore_layers, device)
-        loaded["bertscore_f1"] = (name, layers)
-        report.models["bertscore_f1"] = f"{name} (layer {layers})"
-
-    def load_sbert() -> None:
-        name, reason = sbert_with_fallback(sbert_model or GEOLLAVA_SBERT_MODEL, device)
-        loaded["sbert"] = name
-        report.models["sbert"] = name
-        if reason:
-            report.fallbacks["sbert"] = reason
-
-    attempt("load_bertscore_model", ("bertscore_f1",), load_bertscore)
-    attempt("load_sbert_model", ("sbert",), load_sbert)
+    loaded = load_embedding_models(report, bertscore_model=bertscore_model, bertscore_layers=bertscore_layers,
+                                   sbert_model=sbert_model)
     load_worker_libraries()
     # The lexical and coco metrics (Python, and Java processes) run beside the embedding pass, whose torch kernels
     # release the GIL: on a GPU the two overlap almost fully, on a CPU they share the cores.
-    worker = _Worker(worker_metrics)
+    worker = _Worker(lambda: lexical_and_coco_scores(texts))
+    values: dict[str, object] = {}
     if loaded:
         started = time.perf_counter()
         values.update(embedding_scores(refs, preds, bertscore=loaded.get("bertscore_f1"), sbert=loaded.get("sbert"),
-                                       device=device))
+                                       device=report.device))
         report.seconds["embeddings"] = round(time.perf_counter() - started, 3)
-    worker.join()
-    for metric in METRICS:
-        if metric.key not in values:
-            continue
-        if metric.per_sample:
-            report.per_sample[metric.key] = list(values[metric.key])
-            report.metrics[metric.key] = float(sum(values[metric.key]) / len(values[metric.key]))
-        else:
-            report.metrics[metric.key] = float(values[metric.key])
-    report.metrics = dict(sorted(report.metrics.items()))
+    lexical, lexical_report = worker.join()
+    values.update(lexical)
+    report.missing.update(lexical_report.missing)
+    report.seconds.update(lexical_report.seconds)
+    report.coco_tokenizer = lexical_report.coco_tokenizer
+    record_scores(report, values)
     return report
 
 

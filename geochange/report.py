@@ -30,7 +30,6 @@ from .metrics import METRIC_NAMES
 from .paper_comparison import DELTAVLM_COLUMNS, GEOLLAVA_COLUMNS, comparability_rows, not_comparable
 from .paths import ANNOTATIONS_DIR
 from .results import read_jsonl
-from .runs import setting_token
 from .video import read_video_frames
 from .video_llm.families import FAMILIES
 
@@ -69,8 +68,8 @@ LABEL_SAYS = ("LR", "TRAIN_LIMIT")
 
 def settings_label(run: dict[str, Any]) -> str:
     """A fine-tuning run (its run.json) in a few words: mode, rank, pruning, data, learning rate, length, then every
-    other setting that made it train differently from the script's defaults, as its run name ends
-    (``distinct_settings``: ``numframes4``, ``optimadamw_torch``)."""
+    other setting that made it train differently from the script's defaults, as its run name ends (run.json's
+    ``distinct_settings``: ``numframes4``, ``optimadamw-torch``)."""
     settings = run.get("settings", {})
     mode = {"LORA": "LoRA", "QLORA": f"QLoRA {run.get('quant_bits')}bit", "FULL": "full"}.get(run.get("mode"),
                                                                                              str(run.get("mode")))
@@ -80,8 +79,7 @@ def settings_label(run: dict[str, Any]) -> str:
         mode = f"{settings.get('PRUNE_METHOD')} {settings.get('PRUNE_AMOUNT', 0):.0%} pruned + {mode}"
     length = (f"{settings['MAX_STEPS']} steps" if (settings.get("MAX_STEPS") or -1) > 0
               else f"{settings.get('EPOCHS', 0):g} epochs")
-    distinct = [setting_token(name, value) for name, value in run.get("distinct_settings", {}).items()
-                if name not in LABEL_SAYS]
+    distinct = [token for name, token in run.get("distinct_settings", {}).items() if name not in LABEL_SAYS]
     return ", ".join([mode, f"{run.get('num_train')} pairs", f"lr {run.get('learning_rate', 0):g}", length, *distinct])
 
 

@@ -66,9 +66,11 @@ def setting_token(name: str, value: Any) -> str:
 
 
 def settings_record(cfg, distinct: dict[str, Any]) -> dict[str, Any]:
-    """run.json's account of a run's settings: every constant, the ``distinct`` ones (``distinct_settings``), and the
-    experiment file they came from with its sha256 (None: none)."""
-    return {"settings": cfg.as_dict(), "distinct_settings": distinct,
+    """run.json's account of a run's settings: every constant, the ``distinct`` ones (``distinct_settings``) as the
+    run name shows them (``setting_token``: what the leaderboard label adds), and the experiment file they came from
+    with its sha256 (None: none)."""
+    return {"settings": cfg.as_dict(), "distinct_settings": {name: setting_token(name, value)
+                                                             for name, value in distinct.items()},
             "experiment": cfg.experiment.record() if cfg.experiment else None}
 
 

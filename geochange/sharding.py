@@ -34,6 +34,15 @@ class Shard:
         """The one process that writes (rank 0)."""
         return self.rank == 0
 
+    def __enter__(self) -> "Shard":
+        return self
+
+    def __exit__(self, error_type, *exc) -> None:
+        # A block that ends well leaves as stop_shards does; after an error nobody waits for the others (who may be
+        # gone: the launcher ends them).
+        if error_type is None:
+            stop_shards(self)
+
 
 def start_shards(timeout_minutes: float | None = None) -> Shard:
     """Under torchrun, join the process group (NCCL between GPUs, each process on its local GPU; gloo on the CPU;

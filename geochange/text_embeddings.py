@@ -265,62 +265,84 @@ def sbert_with_fallback(requested: str, device: str) -> tuple[str, str]:
 
 def embedding_scores(refs: list[list[str]], preds: list[str], *, bertscore: tuple[str, int] | None,
                      sbert: str | None, device: str) -> dict[str, list[float]]:
-    """Per-sample ``bertscore_f1`` and/or ``sbert`` (models already loaded), each unique text encoded once per model.
+    """Per-sample ``bertscore_f1`` and/or ``sbert`` (models already loaded), each distinct text encoded once per
+    model (``encode_texts``).
 
     BERTScore: best reference by F1; an empty prediction scores 0 and empty
     references are skipped (bert-score's rule for empty sentences, whose own
     handling crashes with transformers 5). sbert: GeoLLaVA's plain cosine of the
     two sentence embeddings, best reference, empty texts included.
     """
+    texts, position = unique_texts(preds, *refs)
+    token_embeddings, sentence_embeddings = encode_texts(texts, bertscore, sbert, device)
+    scores: dict[str, list[float]] = {}
+    if token_embeddings is not None:
+        scores["bertscore_f1"] = best_bertscore_f1(token_embeddings, refs, preds, position)
+    if sentence_embeddings is not None:
+        scores["sbert"] = best_cosine(sentence_embeddings, refs, preds, position)
+    return scores
+
+
+def encode_texts(texts: list[str], bertscore: tuple[str, int] | None, sbert: str | None, device: str):
+    """(BERTScore's token embeddings of ``texts`` at its layer, or None; sbert's sentence embeddings, or None). Where
+    both metrics name one mean-pooling sentence model, its transformer serves both in one pass."""
     import torch
 
-    texts, index = unique_texts(preds, *refs)
-    out: dict[str, list[float]] = {}
-    sentences = sentence_model(sbert, device) if sbert else None
-    shared = (bertscore is not None and sentences is not None and bertscore[0] == sbert
-              and mean_pooling_pipeline(sentences))
-    token_embeddings, sentence_embeddings = None, None
-    if shared:
-        # The sentence model's own transformer serves both metrics in one pass.
-        model = sentences[0].auto_model
-        encoder = Encoder(sbert, model, sentences.tokenizer, torch.device(device),
-                          bertscore_max_length(sentences.tokenizer, model.config))
+    sentence_encoder = sentence_model(sbert, device) if sbert else None
+    if (bertscore is not None and sentence_encoder is not None and bertscore[0] == sbert
+            and mean_pooling_pipeline(sentence_encoder)):
+        model = sentence_encoder[0].auto_model
+        encoder = Encoder(sbert, model, sentence_encoder.tokenizer, torch.device(device),
+                          bertscore_max_length(sentence_encoder.tokenizer, model.config))
         token_embeddings, sentence_embeddings = encode(encoder, texts, bertscore[1], pooled=True)
         # sentence-transformers cuts texts at its own max_seq_length: those few get their own pass.
-        lengths = token_embeddings.lengths.tolist()
-        longer = [k for k, n in enumerate(lengths) if n > sentences.max_seq_length]
+        longer = [k for k, n in enumerate(token_embeddings.lengths.tolist()) if n > sentence_encoder.max_seq_length]
         if longer:
-            sentence_embeddings[longer] = sentences.encode([texts[k] for k in longer], convert_to_tensor=True,
-                                                                show_progress_bar=False).to(sentence_embeddings)
-    else:
-        if bertscore is not None:
-            token_embeddings, _ = encode(load_encoder(bertscore[0], device), texts, bertscore[1], pooled=False)
-        if sentences is not None:
-            sentence_embeddings = sentences.encode(texts, batch_size=ENCODE_BATCH_SIZE, convert_to_tensor=True,
-                                                        show_progress_bar=False)
-    if token_embeddings is not None:
-        pairs = sorted({(index[p], index[r], i) for i, (group, p) in enumerate(zip(refs, preds)) if p.strip()
-                        for r in group if r.strip()})
-        distinct = sorted({(c, r) for c, r, _ in pairs})
-        f1 = bertscore_pairs(token_embeddings, torch.tensor([c for c, _ in distinct], dtype=torch.long,
-                                                            device=token_embeddings.flat.device),
-                             torch.tensor([r for _, r in distinct], dtype=torch.long,
-                                          device=token_embeddings.flat.device))
-        where = {pair: k for k, pair in enumerate(distinct)}
-        values = f1[[where[(c, r)] for c, r, _ in pairs]] if pairs else torch.zeros(0)
-        out["bertscore_f1"] = best_per_sample(values, torch.tensor([i for _, _, i in pairs], dtype=torch.long),
-                                              len(preds))
-    if sentence_embeddings is not None:
-        unit = torch.nn.functional.normalize(sentence_embeddings.float(), dim=-1).cpu()
-        cand = torch.tensor([index[p] for group, p in zip(refs, preds) for _ in group], dtype=torch.long)
-        ref = torch.tensor([index[r] for group in refs for r in group], dtype=torch.long)
-        samples = torch.tensor([i for i, group in enumerate(refs) for _ in group], dtype=torch.long)
-        cosine = (unit[cand] * unit[ref]).sum(-1)
-        # Cosines can be negative: start from -inf, not 0, so the best reference is the true maximum.
-        best = torch.full((len(preds),), float("-inf"))
-        best.scatter_reduce_(0, samples, cosine, reduce="amax", include_self=True)
-        out["sbert"] = best.tolist()
-    return out
+            sentence_embeddings[longer] = sentence_encoder.encode([texts[k] for k in longer], convert_to_tensor=True,
+                                                                  show_progress_bar=False).to(sentence_embeddings)
+        return token_embeddings, sentence_embeddings
+    token_embeddings = sentence_embeddings = None
+    if bertscore is not None:
+        token_embeddings, _ = encode(load_encoder(bertscore[0], device), texts, bertscore[1], pooled=False)
+    if sentence_encoder is not None:
+        sentence_embeddings = sentence_encoder.encode(texts, batch_size=ENCODE_BATCH_SIZE, convert_to_tensor=True,
+                                                      show_progress_bar=False)
+    return token_embeddings, sentence_embeddings
+
+
+def best_bertscore_f1(token_embeddings, refs: list[list[str]], preds: list[str],
+                      position: dict[str, int]) -> list[float]:
+    """Each sample's BERTScore F1 against its best reference: each distinct (prediction, reference) pair of texts
+    scored once (``position``: a text's row in ``token_embeddings``); empty texts left out (an empty prediction
+    scores 0)."""
+    import torch
+
+    # (prediction's row, reference's row, sample) for every pair to score
+    pairs = sorted({(position[pred], position[ref], sample) for sample, (group, pred) in enumerate(zip(refs, preds))
+                    if pred.strip() for ref in group if ref.strip()})
+    distinct = sorted({(pred_row, ref_row) for pred_row, ref_row, _ in pairs})
+    on = token_embeddings.flat.device
+    f1 = bertscore_pairs(token_embeddings, torch.tensor([p for p, _ in distinct], dtype=torch.long, device=on),
+                         torch.tensor([r for _, r in distinct], dtype=torch.long, device=on))
+    row_of = {pair: k for k, pair in enumerate(distinct)}
+    per_pair = f1[[row_of[(p, r)] for p, r, _ in pairs]] if pairs else torch.zeros(0)
+    return best_per_sample(per_pair, torch.tensor([sample for _, _, sample in pairs], dtype=torch.long), len(preds))
+
+
+def best_cosine(sentence_embeddings, refs: list[list[str]], preds: list[str], position: dict[str, int]) -> list[float]:
+    """Each sample's cosine between its prediction's sentence embedding and its best reference's (``position``: a
+    text's row in ``sentence_embeddings``)."""
+    import torch
+
+    unit = torch.nn.functional.normalize(sentence_embeddings.float(), dim=-1).cpu()
+    pred_rows = torch.tensor([position[pred] for group, pred in zip(refs, preds) for _ in group], dtype=torch.long)
+    ref_rows = torch.tensor([position[ref] for group in refs for ref in group], dtype=torch.long)
+    samples = torch.tensor([sample for sample, group in enumerate(refs) for _ in group], dtype=torch.long)
+    cosine = (unit[pred_rows] * unit[ref_rows]).sum(-1)
+    # Cosines can be negative: start from -inf, not 0, so the best reference is the true maximum.
+    best = torch.full((len(preds),), float("-inf"))
+    best.scatter_reduce_(0, samples, cosine, reduce="amax", include_self=True)
+    return best.tolist()
 
 
 @contextmanager

@@ -629,12 +629,12 @@ def test_runs_that_train_differently_never_share_a_name_or_a_label(tmp_path):
     from geochange.deltavlm import training as deltavlm_training
     from geochange.overrides import script_constants
     from geochange.report import settings_label
-    from geochange.runs import RUN_NAME_LIMIT
+    from geochange.runs import RUN_NAME_LIMIT, settings_record
 
     def named(**overrides) -> tuple[str, str]:
         cfg = script_constants("videollava_finetune.py", MODEL_ID="tiny", **overrides)
-        record = {"mode": finetune.training_mode(cfg), "settings": cfg.as_dict(), "num_train": 240,
-                  "learning_rate": finetune.learning_rate(cfg), "distinct_settings": finetune.run_settings(cfg, "videollava")}
+        record = {"mode": finetune.training_mode(cfg), "num_train": 240, "learning_rate": finetune.learning_rate(cfg),
+                  **settings_record(cfg, finetune.run_settings(cfg, "videollava"))}
         return finetune.run_name(cfg, "videollava"), settings_label(record)
 
     default = named()

@@ -39,22 +39,25 @@ def test_every_family_is_a_model_setting_of_the_scripts(family, user_error):
                "unknown model family 'qwen'; expected one of")
 
 
-def loaded_modules(script: str) -> set[str]:
-    """The geochange modules ``python <script>`` loads, in a fresh process, before its settings stop it (an unknown
-    setting: exit status 2 after the script's own imports)."""
-    command = Command([sys.executable, "-X", "importtime", str(REPO / script), "NO_SUCH_SETTING=1"])
-    assert command.process.wait(timeout=TEST_TIMEOUT) == 2, command.output()
-    assert "unknown setting 'NO_SUCH_SETTING'" in command.stderr()
-    return {line.rsplit("|", 1)[1].strip() for line in command.stderr().splitlines()
-            if line.startswith("import time:") and "geochange" in line}
+def loaded_modules(*scripts: str) -> list[set[str]]:
+    """The geochange modules ``python <script>`` loads, in a fresh process each (side by side), before its settings
+    stop it (an unknown setting: exit status 2 after the script's own imports)."""
+    commands = [Command([sys.executable, "-X", "importtime", str(REPO / script), "NO_SUCH_SETTING=1"])
+                for script in scripts]
+    loaded = []
+    for command in commands:
+        assert command.process.wait(timeout=TEST_TIMEOUT) == 2, command.output()
+        assert "unknown setting 'NO_SUCH_SETTING'" in command.stderr()
+        loaded.append({line.rsplit("|", 1)[1].strip() for line in command.stderr().splitlines()
+                       if line.startswith("import time:") and "geochange" in line})
+    return loaded
 
 
 @pytest.mark.slow
 def test_each_script_loads_only_its_own_recipe():
     """DeltaVLM's training loads nothing of the video models, the video scripts nothing of DeltaVLM (a fresh
     process each), and neither loads the demo or the memory table's command."""
-    delta, video, evaluation = (loaded_modules(s) for s in ("deltavlm_finetune.py", "videollava_finetune.py",
-                                                              "video_evaluate.py"))
+    delta, video, evaluation = loaded_modules("deltavlm_finetune.py", "videollava_finetune.py", "video_evaluate.py")
     assert "geochange.deltavlm.training" in delta and not {m for m in delta if m.startswith("geochange.video_llm")}
     assert "geochange.video_llm.finetune" in video and "geochange.video_llm.evaluation" in evaluation
     for loaded in (video, evaluation):

@@ -8,9 +8,11 @@ from pathlib import Path
 import torch
 
 from ..annotations import describe_test_set, load_changechat
+from ..devices import is_distributed_launch
 from ..errors import UserError
 from ..locks import lock_for_writing
 from ..metrics import MetricsReport
+from ..overrides import load_settings
 from ..paths import ANNOTATIONS_DIR
 from ..results import format_metrics_table, read_jsonl, write_metrics
 from ..runs import RUN_FILE, read_run_file
@@ -78,10 +80,22 @@ def load_predictor(cfg, shard: Shard = Shard()) -> Predictor:
                      Prompting(cfg.NORMALISE_PROMPT, cfg.TRAINING_TURN_FORMAT))
 
 
-def pair_paths(image_a: str | None, image_b: str | None) -> tuple[Path, Path]:
-    """IMAGE_A / IMAGE_B, or a bundled sample pair (drawn on first use) when neither is set."""
-    if (image_a is None) != (image_b is None):
+def load_checked_settings(scope: dict):
+    """Step 1: the script's settings (``overrides.load_settings`` over the constants in ``scope``), with what it is
+    asked to do checked before anything loads: under torchrun a batch (TEST_ANNOTATIONS), which the processes share;
+    one pair needs both images or neither (a bundled sample pair)."""
+    cfg = load_settings(scope)
+    if is_distributed_launch() and not cfg.TEST_ANNOTATIONS:
+        raise UserError("under torchrun deltavlm_predict.py shares a batch (TEST_ANNOTATIONS) among the processes; "
+                        "one pair or a chat runs as one process: python deltavlm_predict.py ...")
+    if not cfg.TEST_ANNOTATIONS and (cfg.IMAGE_A is None) != (cfg.IMAGE_B is None):
         raise UserError("set both IMAGE_A and IMAGE_B (or neither, for a bundled sample pair)")
+    return cfg
+
+
+def pair_paths(image_a: str | None, image_b: str | None) -> tuple[Path, Path]:
+    """IMAGE_A / IMAGE_B (both set, or neither: ``load_checked_settings``), or a bundled sample pair (drawn on first
+    use) when neither is set."""
     if image_a is not None:
         return Path(image_a), Path(image_b)
     ensure_sample_media()
@@ -115,11 +129,7 @@ def batch_items(annotations: str, image_root: str | None, limit: int | None, spl
 def join_shards(cfg) -> Shard:
     """Under torchrun, this process's place among those sharing a batch (a collective waits at most
     DIST_TIMEOUT_MINUTES for the slowest); one shard of one otherwise. One pair or a chat is one process's job."""
-    shard = start_shards(cfg.DIST_TIMEOUT_MINUTES)
-    if shard.world_size > 1 and not cfg.TEST_ANNOTATIONS:
-        raise UserError("under torchrun deltavlm_predict.py shares a batch (TEST_ANNOTATIONS) among the processes; "
-                        "one pair or a chat runs as one process: python deltavlm_predict.py ...")
-    return shard
+    return start_shards(cfg.DIST_TIMEOUT_MINUTES)
 
 
 def run_name(cfg) -> str:

@@ -34,7 +34,7 @@ from ..errors import UserError
 from ..fileio import atomic_path
 from ..locks import WriterLock, lock_for_writing, lock_path, released_on_error
 from ..metrics import SM, MetricsReport, meteor_available, with_sm
-from ..overrides import script_constants
+from ..overrides import load_settings, script_constants
 from ..paths import ANNOTATIONS_DIR, local_or_hub
 from ..results import write_jsonl, write_metrics
 from ..runs import (RESUME_MAY_CHANGE, VALIDATION_DIR, check_resume_processes, data_files, default_run_name,
@@ -218,6 +218,12 @@ SCRIPT = "deltavlm_finetune.py"
 NAME_LEAVES_OUT = ("INIT", "USE_CSRM", "LLM_LORA_R", "TRAIN_ANNOTATIONS", "VISION_QFORMER_BASE", "LLM_MODEL",
                    "BERT_MODEL", *RESUME_MAY_CHANGE, "IMAGE_ROOT", "SAVE_STEPS",
                    "VAL_BATCH_SIZE", "GRADIENT_CHECKPOINTING", "DEEPSPEED")
+
+
+def load_recipe_settings(scope: dict):
+    """The script's settings (``overrides.load_settings``: an experiment file, then NAME=VALUE, over the constants in
+    ``scope``), the recipe's defaults filled in for its INIT (``resolve_recipe``)."""
+    return resolve_recipe(load_settings(scope))
 
 
 def run_settings(cfg) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import UserError
+from ..overrides import load_settings
 from .tiny import (CHATML_VIDEO_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS, TINY_IMAGE_SIZE, VICUNA_VIDEO_CHAT_TEMPLATE,
                    build_tiny_bpe_tokenizer, build_tiny_tokenizer, tiny_text_config, tiny_vision_config)
 
@@ -354,6 +355,12 @@ def get_family(name: str) -> ModelFamily:
     if name not in FAMILIES:
         raise UserError(f"unknown model family {name!r}; expected one of {', '.join(sorted(FAMILIES))}")
     return FAMILIES[name]
+
+
+def load_video_settings(scope: dict):
+    """A video script's settings (``overrides.load_settings``: an experiment file, then NAME=VALUE, over the
+    constants in ``scope``), ``MODEL_ID=None`` made the family's 7B checkpoint (``resolve_model_id``)."""
+    return resolve_model_id(load_settings(scope))
 
 
 def resolve_model_id(cfg):
