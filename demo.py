@@ -10,7 +10,7 @@ click away. One conversation per browser tab; one generation at a time (the rest
     python demo.py MODEL=videollava MODEL_PATH=runs/<run>      # a fine-tuning run, on the GPU
     python demo.py HOST=0.0.0.0 AUTH=logins.txt                # the released DeltaVLM, for other machines to reach
 """
-MODEL = "deltavlm"          # "deltavlm", "videollava" or "llavanext"
+MODEL = "deltavlm"          # "deltavlm", "videollava", "llavanext" or "qwen25vl"
 MODEL_PATH = "hlwu/DeltaVLM"  # DeltaVLM: a checkpoint_best.pth (file, folder or Hub repo; base = the released one);
                             # video models: a fine-tuning run directory or base (the family's 7B model); or tiny
 DEVICE = "auto"             # "auto" = the GPU if there is one, else the CPU; or "cuda:1", "cpu"

@@ -28,7 +28,7 @@ TILE_SIZE = 256             # grid pixels per tile side: the model's input (256 
 OVERLAP = 0                 # pixels neighbouring tiles share (the last row and column always overlap inward)
 MAX_NODATA = 0.5            # a tile more than this share nodata / masked in either date is skipped (counted)
 # --- the model and the questions
-MODEL = "deltavlm"          # "deltavlm", "videollava" or "llavanext"
+MODEL = "deltavlm"          # "deltavlm", "videollava", "llavanext" or "qwen25vl"
 MODEL_PATH = "base"         # as demo.py: base (DeltaVLM's released checkpoint / the family's 7B model), tiny,
                             # a fine-tuning run directory or a DeltaVLM checkpoint_best.pth
 QUESTIONS = ("caption", "changed?", "how many?", "where?")  # ChangeChat's tasks by label, or any question text

@@ -1,4 +1,4 @@
-"""Evaluate a video LLM (Video-LLaVA or LLaVA-NeXT-Video: MODEL; base or fine-tuned) on before/after pairs.
+"""Evaluate a video LLM (Video-LLaVA, LLaVA-NeXT-Video or Qwen2.5-VL: MODEL; base or fine-tuned) on before/after pairs.
 
 Greedy, batched generation (left padding, prompts sorted by length), only the new tokens decoded. Each finished batch
 is appended to results/<run>.jsonl, so a rerun resumes where it stopped. Writes results/<run>.metrics.json and a
@@ -11,7 +11,7 @@ llavanext_eval.py) run this with their MODEL.
     python video_evaluate.py MODEL_PATH=runs/<run directory>     # MODEL: the run's family
     torchrun --nproc_per_node 8 video_evaluate.py MODEL=llavanext MODEL_PATH=runs/<run directory>   # 8 GPUs
 """
-MODEL = "videollava"        # the family: "videollava" (Video-LLaVA) or "llavanext" (LLaVA-NeXT-Video)
+MODEL = "videollava"        # the family: "videollava" (Video-LLaVA), "llavanext" (LLaVA-NeXT-Video), "qwen25vl"
 MODEL_ID = None             # the base model: None = the family's 7B model on the Hub; an id, a folder, or "tiny"
 MODEL_PATH = "base"         # a fine-tuning run directory, or "base" for the untuned MODEL_ID
 VAL_ANNOTATIONS = "annotations/sample_val.json"

@@ -1,4 +1,4 @@
-"""Fine-tune a video LLM (Video-LLaVA or LLaVA-NeXT-Video: MODEL) to describe what changed between two satellite
+"""Fine-tune a video LLM (Video-LLaVA, LLaVA-NeXT-Video or Qwen2.5-VL: MODEL) to describe what changed between two satellite
 images.
 
 GeoLLaVA's recipe, done right: the steps in ``main``, each a function of geochange/video_llm/finetune.py. Prompts come
@@ -12,7 +12,7 @@ checkpoint. GeoLLaVA's script names (videollava_finetune.py, llavanext_finetune.
 Multi-GPU: torchrun --nproc_per_node N video_finetune.py ... (or accelerate launch video_finetune.py ...).
 """
 # --- model: the family (geochange/video_llm/families.py) and its weights
-MODEL = "videollava"        # "videollava" (Video-LLaVA) or "llavanext" (LLaVA-NeXT-Video)
+MODEL = "videollava"        # "videollava" (Video-LLaVA), "llavanext" (LLaVA-NeXT-Video) or "qwen25vl" (Qwen2.5-VL)
 MODEL_ID = None             # None = the family's 7B model on the Hub; a Hugging Face id, a local folder, or "tiny"
                             # (a small random model of the family, built offline)
 # --- data (GeoLLaVA conversation JSON; VIDEO_DIR=None = the bundled sample videos, generated on first use)

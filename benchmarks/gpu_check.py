@@ -1,7 +1,7 @@
-"""GPU check: both model families at real 7B size, LoRA / QLoRA 4-bit / QLoRA 8-bit, through the suite's own code.
+"""GPU check: every model family at real 7B size, LoRA / QLoRA 4-bit / QLoRA 8-bit, through the suite's own code.
 
     python benchmarks/gpu_check.py                 # on a CUDA GPU: the 7B figures
-    python benchmarks/gpu_check.py FAMILIES="('videollava',)" MODES="('QLORA4',)"
+    python benchmarks/gpu_check.py FAMILIES="('qwen25vl',)" MODES="('QLORA4',)"
 
 The 7B models are built from configs written below (random weights, nothing downloaded) and saved
 once to CHECKPOINTS_DIR, then loaded through ``load_model`` / ``build_training_model`` exactly as a
@@ -13,13 +13,14 @@ frozen weights get no weight gradient, 4·N per token; full fine-tuning 6·N; at
 vision tower that runs, forward only; Video-LLaVA's image tower never runs) and greedy generation
 samples/s with identical prompts. With 2+ GPUs it also times ZeRO-3 full fine-tuning steps (torchrun,
 configs/deepspeed/zero3.json; the Trainer's steps after the first, as run.json records them), and the evaluation of
-the 7B Video-LLaVA on one GPU against all of them (torchrun: each process on its own GPU, one results file). Writes
+the first family's 7B on one GPU against all of them (torchrun: each process on its own GPU, one results file). Writes
 JSON and a markdown table to OUT_DIR. Without CUDA it runs the same
 code on the tiny models and says so: those figures are not GPU figures. Offline (HF_HUB_OFFLINE=1).
 """
-FAMILIES = ("videollava", "llavanext")
+FAMILIES = None             # the family ids to check, e.g. ('qwen25vl',); None = every family entry (families.py)
 MODES = ("LORA", "QLORA4", "QLORA8")  # LoRA on a bf16 base, QLoRA on a 4-bit nf4 / 8-bit base
 NUM_FRAMES = 2
+CLIP_SIZE = (256, 256)      # (width, height) of the clip in each batch (Qwen2.5-VL reads a clip at its own size)
 MAX_LENGTH = 1024           # tokens per training example (the video tokens plus text)
 TRAIN_BATCHES = (1, 4)
 TRAIN_STEPS = 3             # timed optimiser steps per batch size (after one warm-up step)
@@ -32,7 +33,7 @@ DELTAVLM = True             # also one DeltaVLM training step (the paper's setti
 DELTAVLM_BATCH = 12         # has every setting) at InstructBLIP-Vicuna-7B shapes, and its peak memory
 METRICS = True              # also where the embedding metrics (BERTScore, sbert) run: on the GPU when there is one
 SCENE = True                # also the example scene (scene_changes.py): its tiles read, and answered by the 7B
-SCENE_TILES = 8             # Video-LLaVA with scene_changes.py's questions (NEW_TOKENS each) on the GPU: tiles/s of each
+SCENE_TILES = 8             # the first family's 7B with scene_changes.py's questions (NEW_TOKENS each): tiles/s of each
 # Targets from issue 8, reported against (H100).
 TARGET_LORA_MFU = 0.40
 TARGET_QLORA4_PEAK_GB = 14.0
@@ -63,12 +64,13 @@ from geochange.fileio import atomic_write_text  # noqa: E402
 from geochange.metrics import compute_metrics_report  # noqa: E402
 from geochange.overrides import load_settings, make_settings, script_constants  # noqa: E402
 from geochange.paths import CHECKPOINTS_DIR  # noqa: E402
+from geochange.video_llm import families  # noqa: E402
 from geochange.video_llm.families import get_family  # noqa: E402
 from geochange.video_llm.finetune import build_training_model, device_precision  # noqa: E402
 from geochange.video_llm.memory import Setup, estimate, parameter_counts  # noqa: E402
-from geochange.video_llm.modeling import (count_parameters, linear_counts, load_processor, resolve_model_path,  # noqa: E402
+from geochange.video_llm.modeling import (VideoQACollator, count_parameters, encode_training_example,  # noqa: E402
+                                          linear_counts, load_processor, plan_lengths, resolve_model_path,
                                           video_token_count)
-from geochange.video_llm.tiny import build_tiny_tokenizer  # noqa: E402
 
 
 # ---------------------------------------------------------------- the 7B models (random weights, no download)
@@ -79,7 +81,7 @@ def real_checkpoint(family: str) -> str:
     target = CHECKPOINTS_DIR / f"gpu-check-7b-{family}"
     if not (target / "config.json").exists():
         print(f"building a random 7B {family} in {target} (once)")
-        config, _ = get_family(family).real_size_twin(build_tiny_tokenizer())
+        config, _ = get_family(family).real_size_twin()
         with torch.device("cuda"):
             model = get_family(family).model_class(config).to(torch.bfloat16)
         model.save_pretrained(target)
@@ -94,13 +96,9 @@ def fit_processor(family: str, target: Path) -> None:
     """A processor beside the 7B model in ``target`` (which a fine-tuning run needs, and no download provides): the
     7B image size and patch, the tiny twin's tokenizer (it ships offline), and the model's config given that
     tokenizer's image and video token ids (a folder saved before had the Hub's)."""
-    from transformers import AutoConfig
-
-    config, processor = get_family(family).real_size_twin(build_tiny_tokenizer())
+    config, processor = get_family(family).real_size_twin()
     processor.save_pretrained(target)
-    saved = AutoConfig.from_pretrained(target)
-    saved.image_token_index, saved.video_token_index = config.image_token_index, config.video_token_index
-    saved.save_pretrained(target)
+    config.save_pretrained(target)  # the same shapes as the weights', with the tokenizer's token ids
 
 
 # ---------------------------------------------------------------- measuring
@@ -126,23 +124,21 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def batch_of(model, n_video: int, batch: int, length: int, device, dtype, *, labels: bool) -> dict:
-    """Identical rows: BOS, the ``n_video`` expanded video tokens of a clip, then text tokens up to ``length``."""
-    config = model.config
-    video_id = getattr(config, "video_token_index", None) or config.video_token_id
-    generator = torch.Generator().manual_seed(0)
-    text = torch.randint(3, 1000, (length - 1 - n_video,), generator=generator)
-    row = torch.cat([torch.tensor([config.text_config.bos_token_id]), torch.full((n_video,), video_id), text])
-    input_ids = row.repeat(batch, 1).to(device)
-    size = config.vision_config.image_size
-    pixels = torch.randn(1, NUM_FRAMES, 3, size, size, generator=generator).repeat(batch, 1, 1, 1, 1)
-    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-              "pixel_values_videos": pixels.to(device, dtype)}
-    if labels:
-        target = input_ids.clone()
-        target[:, : 1 + n_video] = -100
-        inputs["labels"] = target
-    return inputs
+def batch_of(processor, batch: int, length: int, device, dtype, *, labels: bool) -> dict:
+    """Identical rows of ``length`` tokens as a fine-tuning run encodes them (``encode_training_example``): the
+    prompt with a zeros clip of ``CLIP_SIZE`` (its video tokens and every other processor output), then an answer
+    cut to fill the row; floating outputs (the pixels) in ``dtype``."""
+    import numpy as np
+
+    width, height = CLIP_SIZE
+    frames = np.zeros((NUM_FRAMES, height, width, 3), dtype=np.uint8)
+    question, answer = "What changed?", " ".join(["a new road crosses the field"] * length)
+    plan = plan_lengths(processor, question, answer, video_token_count(processor, NUM_FRAMES, CLIP_SIZE), length)
+    example = encode_training_example(processor, frames, question, answer, plan.answer_budget)
+    inputs = VideoQACollator(processor.tokenizer.pad_token_id)([example] * batch)
+    if not labels:
+        del inputs["labels"]
+    return {key: value.to(device, dtype if value.is_floating_point() else value.dtype) for key, value in inputs.items()}
 
 
 def matmul_params(model, family: str) -> tuple[int, int]:
@@ -173,12 +169,11 @@ def model_flops(model, family: str, mode: str, batch: int, tokens: int) -> float
     per_token = (6 if mode == "FULL" else 4) * language
     text = config.text_config
     attention = 3 * 4 * text.num_hidden_layers * tokens * tokens * text.hidden_size
-    vision = config.vision_config
-    patches = NUM_FRAMES * ((vision.image_size // vision.patch_size) ** 2 + 1)
+    patches = get_family(family).tower_tokens(config, NUM_FRAMES, CLIP_SIZE[1], CLIP_SIZE[0])
     return batch * (per_token * tokens + attention + 2 * tower * patches)
 
 
-def train_figures(model, family, n_video, mode, cfg, device, peak_flops) -> list[dict]:
+def train_figures(model, family, processor, mode, cfg, device, peak_flops) -> list[dict]:
     precision = device_precision(cfg)
     autocast = (torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision.compute])
                 if precision.compute != "fp32" else nullcontext())
@@ -192,7 +187,7 @@ def train_figures(model, family, n_video, mode, cfg, device, peak_flops) -> list
     counts = parameter_counts(model.config, family, cfg.LORA_R)
     rows = []
     for batch in TRAIN_BATCHES:
-        inputs = batch_of(model, n_video, batch, MAX_LENGTH, device, torch.float32, labels=True)
+        inputs = batch_of(processor, batch, MAX_LENGTH, device, torch.float32, labels=True)
         reset_peak(device)
 
         def step():
@@ -223,12 +218,13 @@ def train_figures(model, family, n_video, mode, cfg, device, peak_flops) -> list
 
 
 @torch.inference_mode()
-def generate_figures(model, n_video, device) -> list[dict]:
+def generate_figures(model, processor, device) -> list[dict]:
     model.eval()
     rows = []
     for batch in GENERATE_BATCHES:
-        inputs = batch_of(model, n_video, batch, n_video + 32, device, model.dtype,
-                          labels=False)
+        # the prompt (its video tokens) and 32 text tokens
+        inputs = batch_of(processor, batch, video_token_count(processor, NUM_FRAMES, CLIP_SIZE) + 64, device,
+                          model.dtype, labels=False)
         reset_peak(device)
         synchronize(device)
         started = time.perf_counter()
@@ -256,10 +252,10 @@ def check(family: str, mode: str, path: str, device: torch.device, peak_flops) -
         "seconds": round(time.perf_counter() - started, 1), "placement": placement(model),
         "quantised_linears": linear_counts(model, get_family(family).parts), "parameters": count_parameters(model)[1],
         "trainable": count_parameters(model)[0], "peak_gib": peak_memory_gib(device)}}
-    n_video = video_token_count(load_processor(path), NUM_FRAMES)  # as the processor expands a clip
-    result["train"] = train_figures(model, family, n_video, mode, cfg, device, peak_flops)
+    processor = load_processor(path)  # the batches are encoded as a run encodes them
+    result["train"] = train_figures(model, family, processor, mode, cfg, device, peak_flops)
     result["train_placement"] = placement(model)
-    result["generate"] = generate_figures(model, n_video, device)
+    result["generate"] = generate_figures(model, processor, device)
     del model
     gc.collect()
     if device.type == "cuda":
@@ -267,8 +263,8 @@ def check(family: str, mode: str, path: str, device: torch.device, peak_flops) -
     return result
 
 
-def scene_figures(path: str, device: torch.device) -> dict:
-    """The bundled example scene as scene_changes.py reads it (tiles/s on one core) and as the Video-LLaVA at
+def scene_figures(family: str, path: str, device: torch.device) -> dict:
+    """The bundled example scene as scene_changes.py reads it (tiles/s on one core) and as the ``family`` model at
     ``path`` answers its tiles (tiles/s on ``device``): the reader must outpace the GPU, never starve it."""
     from geochange import demo
     from geochange.map_outputs import resolve_questions
@@ -282,7 +278,7 @@ def scene_figures(path: str, device: torch.device) -> dict:
         images = [read_tile(pair, tile, 0.5) for tile in tiles]
         read_rate = len(tiles) / (time.perf_counter() - started)
     pictures = [(image.before, image.after) for image in images if image.skipped is None][:SCENE_TILES]
-    chat = demo.VideoChat("videollava", "base", path, str(device))
+    chat = demo.VideoChat(family, "base", path, str(device))
     questions = resolve_questions(script_constants("scene_changes.py").QUESTIONS).values()
     chat.answer_pairs(pictures[:1], next(iter(questions)), NEW_TOKENS)  # warm-up
     synchronize(device)
@@ -324,9 +320,11 @@ def markdown(report: dict) -> str:
                          f"{train['model_tflops_per_step']} | {mfu} | {gib(train['peak_gib'])} | "
                          f"{train['memory_check_estimate_gib']} | {gen['batch']} | {gen['samples_per_s']} | "
                          f"{gen['identical_rows']} | {gib(gen['peak_gib'])} |")
+    # the ZeRO-3 step, the sharded evaluation and the scene run the first family checked
+    first = get_family(report["results"][0]["family"]).display_name if report["results"] else "the model"
     if report.get("zero3"):
         z = report["zero3"]
-        lines += ["", f"ZeRO-3 full fine-tuning of Video-LLaVA-7B on {z['gpus']} GPUs (torchrun, "
+        lines += ["", f"ZeRO-3 full fine-tuning of {first} 7B on {z['gpus']} GPUs (torchrun, "
                       f"configs/deepspeed/zero3.json): " + (f"{z['step_s']:.2f} s per step (mean of {z['timed_steps']} "
                                                             f"steps after the first), peak {z['peak_gib']} GiB on rank 0"
                                                             if z.get("step_s") else z.get("error", "failed"))]
@@ -338,7 +336,7 @@ def markdown(report: dict) -> str:
     if report.get("sharded_evaluation"):
         e = report["sharded_evaluation"]
         gpus = e["gpus"]
-        lines += ["", f"Evaluation of Video-LLaVA-7B, {e['samples']} pairs: " + (
+        lines += ["", f"Evaluation of {first} 7B, {e['samples']} pairs: " + (
             f"failed: {e['error']}" if "error" in e else
             f"{e['seconds_1']} s on 1 GPU, {e[f'seconds_{gpus}']} s on {gpus} (torchrun, x{e['speedup']}; processes "
             f"on {', '.join(e[f'devices_{gpus}'])}; {e['answers_agree']} answers agree)")]
@@ -347,7 +345,7 @@ def markdown(report: dict) -> str:
     if report.get("scene"):
         c = report["scene"]
         lines += ["", f"Example scene (scene_changes.py): tiles read at {c['read_tiles_per_s']}/s on one core, "
-                      f"answered at {c['answered_tiles_per_s']}/s by Video-LLaVA on {c['model_device']} "
+                      f"answered at {c['answered_tiles_per_s']}/s by {first} on {c['model_device']} "
                       f"({c['tiles']} tiles, 4 questions, {report['settings']['NEW_TOKENS']} tokens each)"]
     lines += ["", f"Targets (H100): LoRA MFU >= {TARGET_LORA_MFU:.0%}; QLoRA 4-bit peak <= {TARGET_QLORA4_PEAK_GB:g} GB "
               "at batch 1. MFU = model FLOPs per step / step time / peak bf16 FLOP/s (LoRA/QLoRA: 4·N per token for "
@@ -355,12 +353,12 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def zero3_step(gpus: int, checkpoint: str, out_dir: Path) -> dict:
-    """One ZeRO-3 full fine-tuning run of the 7B Video-LLaVA over every GPU (ZERO3_STEPS steps, torchrun), its time
+def zero3_step(family: str, gpus: int, checkpoint: str, out_dir: Path) -> dict:
+    """One ZeRO-3 full fine-tuning run of the 7B ``family`` model over every GPU (ZERO3_STEPS steps, torchrun), its time
     per step and rank 0's peak memory, as the fine-tuning script itself records them."""
     run_dir = out_dir / "zero3"
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}",
-               str(_REPO / "videollava_finetune.py"), f"MODEL_ID={checkpoint}", "USE_LORA=False",
+               str(_REPO / "video_finetune.py"), f"MODEL={family}", f"MODEL_ID={checkpoint}", "USE_LORA=False",
                "DEEPSPEED=configs/deepspeed/zero3.json", f"MAX_STEPS={ZERO3_STEPS}", "BATCH_SIZE=1", "EVAL_STEPS=0",
                "EVAL_AFTER_TRAIN=False", "SAVE_STEPS=100000", f"OUTPUT_DIR={run_dir}", "RUN_NAME=zero3",
                "OVERWRITE=True", "TRAIN_LIMIT=64", "LOGGING_STEPS=1"]
@@ -380,8 +378,8 @@ def zero3_figures(record: dict) -> dict:
             "peak_gib": engine.get("peak_memory_gib"), "engine": engine}
 
 
-def sharded_evaluation(gpus: int, checkpoint: str, out_dir: Path) -> dict:
-    """videollava_test.py on the 7B Video-LLaVA (random weights) over SHARDED_EVAL_SAMPLES sample pairs, NEW_TOKENS new
+def sharded_evaluation(family: str, gpus: int, checkpoint: str, out_dir: Path) -> dict:
+    """The family's evaluation script on its 7B (random weights) over SHARDED_EVAL_SAMPLES sample pairs, NEW_TOKENS new
     tokens each: in one process, then under torchrun on every GPU. Wall seconds of each (model loading included), the
     devices the processes generated on (each its own GPU), and how many answers of the two runs agree (bf16 greedy
     decoding over other batches may differ in a few)."""
@@ -392,7 +390,8 @@ def sharded_evaluation(gpus: int, checkpoint: str, out_dir: Path) -> dict:
                     [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}"])
         results = out_dir / f"sharded_eval_{processes}"
         started = time.time()
-        done = subprocess.run([*launcher, str(_REPO / "videollava_test.py"), f"MODEL_ID={checkpoint}", "MODEL_PATH=base",
+        done = subprocess.run([*launcher, str(_REPO / "video_evaluate.py"), f"MODEL={family}", f"MODEL_ID={checkpoint}",
+                               "MODEL_PATH=base",
                                f"LIMIT={SHARDED_EVAL_SAMPLES}", f"MAX_NEW_TOKENS={NEW_TOKENS}", "OVERWRITE=True",
                                "RUN_NAME=sharded", f"RESULTS_DIR={results}"], cwd=_REPO, capture_output=True, text=True,
                               timeout=3600)
@@ -415,7 +414,8 @@ if __name__ == "__main__":
     if not gpu:
         print("no CUDA GPU: running the same code on the tiny models; these are NOT GPU figures")
     results = []
-    for family in settings.FAMILIES:
+    checked = list(families.FAMILIES) if settings.FAMILIES is None else list(settings.FAMILIES)
+    for family in checked:
         path = real_checkpoint(family) if gpu else resolve_model_path("tiny", family)
         for mode in settings.MODES:
             print(f"{family} {mode} ...", flush=True)
@@ -423,12 +423,13 @@ if __name__ == "__main__":
             print(json.dumps(results[-1]), flush=True)
     report = {"device": name, "gpu": gpu, "peak_bf16_flops": peak, "settings": settings.as_dict(), "results": results,
               "torch": torch.__version__}
-    if gpu and torch.cuda.device_count() >= 2 and "videollava" in settings.FAMILIES:
+    if gpu and torch.cuda.device_count() >= 2 and checked:  # the first family's, as the scene's below
         print(f"ZeRO-3 full fine-tuning step on {torch.cuda.device_count()} GPUs ...", flush=True)
-        report["zero3"] = zero3_step(torch.cuda.device_count(), real_checkpoint("videollava"), Path(settings.OUT_DIR))
+        report["zero3"] = zero3_step(checked[0], torch.cuda.device_count(), real_checkpoint(checked[0]),
+                                     Path(settings.OUT_DIR))
         print(f"evaluation on 1 GPU and on {torch.cuda.device_count()} GPUs ...", flush=True)
-        report["sharded_evaluation"] = sharded_evaluation(torch.cuda.device_count(), real_checkpoint("videollava"),
-                                                          Path(settings.OUT_DIR))
+        report["sharded_evaluation"] = sharded_evaluation(checked[0], torch.cuda.device_count(),
+                                                          real_checkpoint(checked[0]), Path(settings.OUT_DIR))
     if settings.DELTAVLM:
         print("DeltaVLM training step ...", flush=True)
         step = one_training_step(make_settings({"BATCH_SIZE": settings.DELTAVLM_BATCH, "PROMPT_TOKENS": 24,
@@ -441,10 +442,10 @@ if __name__ == "__main__":
         report["metrics"] = {"device": scored.device, "models": scored.models}
         if gpu and not scored.device.startswith("cuda"):
             print(f"warning: the embedding metrics ran on {scored.device}, not the GPU", flush=True)
-    if settings.SCENE:
+    if settings.SCENE and checked:
         print("the example scene's tiles ...", flush=True)
-        report["scene"] = scene_figures(real_checkpoint("videollava") if gpu else resolve_model_path(
-            "tiny", "videollava"), device)
+        report["scene"] = scene_figures(checked[0], real_checkpoint(checked[0]) if gpu else resolve_model_path(
+            "tiny", checked[0]), device)
     out = Path(settings.OUT_DIR)
     stem = "gpu_check" if gpu else "gpu_check_cpu_tiny"
     atomic_write_text(out / f"{stem}.json", json.dumps(report, indent=2) + "\n")

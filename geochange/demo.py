@@ -203,8 +203,7 @@ class VideoChat:
         self.model.eval()
         self.device = next(self.model.parameters()).device
         self.checkpoint = model_id if model_path == "base" else model_path
-        size = self.processor.video_processor.size  # the frames' shorter side is resized to this (then centre-cropped)
-        self.input_side = size.get("shortest_edge") or min(size.get("height"), size.get("width"))
+        self.input_side = self.family.input_side(self.model.config)  # uploads are brought down to this side
 
     @property
     def description(self) -> str:

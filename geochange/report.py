@@ -6,7 +6,7 @@ published numbers: a bar chart per paper column. Examples: before and after side
 the answer under them. DeltaVLM: its caption scores beside the published ones and its sub-task scores.
 
 Leaderboard: every metrics file grouped by the test set it names (``test_set``: the annotation file's name, hash
-and split), one row per model (Video-LLaVA and LLaVA-NeXT-Video runs, base or fine-tuned, and DeltaVLM runs), the
+and split), one row per model (each video family's runs, base or fine-tuned, and DeltaVLM runs), the
 caption metrics all computed by ``geochange.metrics`` against every reference; the best of our runs per column
 marked; the published numbers beside them where the test set is a paper's (``annotations/paper_test_sets.csv``).
 DeltaVLM's batch mode scores captions under ``caption/<metric>``: on a file of captions that is every record, as for

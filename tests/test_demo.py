@@ -18,6 +18,7 @@ import geochange.changechat_format as cc
 from geochange import demo
 from geochange.sample.data import SAMPLE_CHANGECHAT_ROOT
 from geochange.video import write_image, write_video
+from geochange.video_llm.families import FAMILIES
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -120,6 +121,22 @@ def test_each_models_own_multi_turn_format():
     assert video_prompt(processor, "Where?", history) == ("USER: <video>\nHas anything changed? ASSISTANT: yes USER: "
                                                           "How many roads? ASSISTANT: one new road USER: Where? ASSISTANT:")
     assert video_prompt(processor, "Where?") == "USER: <video>\nWhere? ASSISTANT:"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_each_video_model_chats_about_a_pair_brought_down_to_its_input_side(family, image_pair):
+    """Each family's tiny twin through the page's own turn: the pair read at the entry's input side, the answer
+    streamed, the second turn's prompt holding the first; a batch of pairs (whole scenes) answered at once."""
+    chat = demo.VideoChat(family, "base", "tiny", "cpu")
+    assert chat.input_side == FAMILIES[family].input_side(chat.model.config)
+    first = turns(chat, "What changed?", *map(str, image_pair))
+    assert first[-1].history[-1][0] == "What changed?" and isinstance(first[-1].history[-1][1], str)
+    prompt = chat.prompt("How many roads?", first[-1].history)
+    assert prompt.count(chat.processor.video_token) == 1 and prompt.index("What changed?") < prompt.index("How many")
+    pair = demo.load_pair(str(image_pair[0]), str(image_pair[1]), None, side=chat.input_side)
+    assert min(pair.before.shape[:2]) <= chat.input_side
+    answers = chat.answer_pairs([(pair.before, pair.after)] * 2, "What changed?", 3)
+    assert len(answers) == 2 and answers[0] == answers[1]  # one batch, greedy: identical pairs, identical answers
 
 
 def test_an_unknown_model_or_path_is_one_line(user_error):

@@ -17,6 +17,7 @@ from geochange.overrides import script_constants
 from geochange.results import read_jsonl
 from geochange.sample.data import SAMPLE_VAL, SAMPLE_VIDEO_DIR, ensure_sample_media
 from geochange.video import read_video_frames
+from geochange.video_llm.families import FAMILIES
 from geochange.video_llm.modeling import load_processor
 
 REPO = Path(__file__).resolve().parent.parent
@@ -178,14 +179,16 @@ def test_bad_input_gives_one_line_and_keeps_results(tiny_repo, tmp_path, user_er
     assert results.read_text() == kept
 
 
-def test_llavanext_eval_script_on_the_base_tiny_model(tmp_path, capsys):
-    run_script("llavanext_eval.py", "MODEL_ID=tiny", "MODEL_PATH=base", "LIMIT=4", "BATCH_SIZE=3", "MAX_NEW_TOKENS=6",
-               "DEVICE=cpu", f"RESULTS_DIR={tmp_path}")
+@pytest.mark.parametrize("family", list(FAMILIES.values())[1:], ids=list(FAMILIES)[1:])
+def test_each_family_evaluates_with_model_on_the_base_tiny_model(tmp_path, capsys, family):
+    """video_evaluate.py with MODEL= each other family (the first family is tested throughout this file)."""
+    run_script("video_evaluate.py", f"MODEL={family.id}", "MODEL_ID=tiny", "MODEL_PATH=base", "LIMIT=4", "BATCH_SIZE=3",
+               "MAX_NEW_TOKENS=6", "DEVICE=cpu", f"RESULTS_DIR={tmp_path}")
     assert "generating on cpu in float32" in capsys.readouterr().out
-    records = read_jsonl(tmp_path / "llavanext-tiny_base.jsonl")
+    records = read_jsonl(tmp_path / f"{family.id}-tiny_base.jsonl")
     assert len(records) == 4 and all(r["generated"] for r in records)
-    metrics = json.loads((tmp_path / "llavanext-tiny_base.metrics.json").read_text())
-    assert metrics["num_samples"] == 4 and metrics["family"] == "llavanext" and "rouge1" in metrics["metrics"]
+    metrics = json.loads((tmp_path / f"{family.id}-tiny_base.metrics.json").read_text())
+    assert metrics["num_samples"] == 4 and metrics["family"] == family.id and "rouge1" in metrics["metrics"]
     assert metrics["settings"]["MODEL_PATH"] == "base" and metrics["settings"]["BATCH_SIZE"] == 3
 
 

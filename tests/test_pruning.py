@@ -11,19 +11,19 @@ import copy
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
-from transformers import (CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaNextVideoConfig,
-                          LlavaNextVideoForConditionalGeneration, VideoLlavaConfig, VideoLlavaForConditionalGeneration)
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from geochange.errors import UserError
 from geochange.video_llm.families import FAMILIES, ModelParts
+from geochange.video_llm.modeling import video_prompt
 from geochange.video_llm.pruning import (PRUNE_METHODS, measure_sparsity, prune_model, target_linears,
                                          validate_prune_settings)
 
 HEADS, HEAD_DIM, HIDDEN, INTERMEDIATE = 8, 8, 64, 96
-VISION_MARKERS = ("vision_tower", "video_tower", "image_tower", "multi_modal_projector")
 LLAMA = ModelParts(vision_towers=(), projectors=(), language_model="model")  # a plain causal LM's parts
 
 
@@ -37,11 +37,6 @@ def text_config(**overrides) -> LlamaConfig:
     settings = dict(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=HEADS, num_key_value_heads=HEADS,
                     intermediate_size=INTERMEDIATE, vocab_size=200, pad_token_id=0)
     return LlamaConfig(**{**settings, **overrides})
-
-
-def vision_config() -> CLIPVisionConfig:
-    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            image_size=32, patch_size=8, projection_dim=32)
 
 
 def spread(model: nn.Module) -> nn.Module:
@@ -103,19 +98,18 @@ _VLMS: dict[str, nn.Module] = {}
 
 
 def vlm(family: str) -> nn.Module:
-    """A fresh copy of a tiny Video-LLaVA / LLaVA-NeXT-Video (built once per session)."""
+    """A fresh copy of the family's tiny twin (its entry's builder, random weights; built once per session)."""
     if family not in _VLMS:
         torch.manual_seed(0)
-        if family == "videollava":
-            config = VideoLlavaConfig(text_config=text_config(), vision_config=vision_config(),
-                                      image_token_index=198, video_token_index=199)
-            model = VideoLlavaForConditionalGeneration(config)
-        else:
-            config = LlavaNextVideoConfig(text_config=text_config(), vision_config=vision_config(),
-                                          image_token_index=198, video_token_index=199)
-            model = LlavaNextVideoForConditionalGeneration(config)
+        model, _ = FAMILIES[family].build_tiny()
         _VLMS[family] = spread(model.eval())
     return copy.deepcopy(_VLMS[family])
+
+
+def text_units(model: nn.Module, unit: str) -> int:
+    """Heads or MLP channels of the language model, all layers."""
+    text = model.config.text_config
+    return text.num_hidden_layers * (text.num_attention_heads if unit == "heads" else text.intermediate_size)
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -179,7 +173,7 @@ def expected_choice(norms: list[torch.Tensor], amount: float) -> dict[int, set[i
 
 # ------------------------------------------------------------------ magnitude
 
-@pytest.mark.parametrize("family", ["videollava", "llavanext"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("amount", [0.05, 0.3])
 def test_magnitude_zeroes_the_smallest_weights_of_every_language_linear(family, amount):
     model = vlm(family)
@@ -197,7 +191,7 @@ def test_magnitude_zeroes_the_smallest_weights_of_every_language_linear(family, 
         assert torch.equal(weight[weight != 0], before[name + ".weight"][weight != 0])  # the rest kept
     for kind in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "total"):
         assert abs(sparsity[kind] - amount) < 0.005, kind
-    assert not any(kind.startswith(VISION_MARKERS) for kind in sparsity)
+    assert not any(kind.startswith(parts_of(model).vision) for kind in sparsity)
     assert_only_targets_changed(model, before)
     assert_clean(model, keys)
     assert torch.isfinite(model(input_ids=torch.tensor([[1, 5, 7, 9]])).logits).all()
@@ -302,16 +296,18 @@ def test_channel_zeroes_whole_lowest_norm_mlp_channels(amount):
 
 # ------------------------------------------------------------------ the video-language models
 
-@pytest.mark.parametrize("family", ["videollava", "llavanext"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("method", ["attention", "channel"])
 def test_vlm_language_model_only_unless_vision_is_included(family, method):
     model = vlm(family)
+    parts = parts_of(model)
     before, keys = snapshot(model), set(model.state_dict())
-    sparsity = prune_model(model, parts_of(model), method, 0.25)
+    sparsity = prune_model(model, parts, method, 0.25)
     unit = "heads" if method == "attention" else "channels"
-    assert sparsity[unit] == 0.25  # 4 of 2x8 heads, 48 of 2x96 channels
+    assert sparsity[unit] == 0.25
     zeroed = zeroed_heads(model) if method == "attention" else zeroed_channels(model)
-    assert sorted(zeroed) == [0, 1] and sum(map(len, zeroed.values())) == (4 if method == "attention" else 48)
+    layers = model.config.text_config.num_hidden_layers
+    assert sorted(zeroed) == list(range(layers)) and sum(map(len, zeroed.values())) == text_units(model, unit) // 4
     for name, value in model.named_parameters():  # towers, projector, embeddings, norms, lm_head
         if ".language_model.layers." not in name:
             assert torch.equal(value, before[name]), name
@@ -319,47 +315,52 @@ def test_vlm_language_model_only_unless_vision_is_included(family, method):
     assert torch.isfinite(model(input_ids=torch.tensor([[1, 5, 7, 9]])).logits).all()
 
     model = vlm(family)
-    sparsity = prune_model(model, parts_of(model), method, 0.25, include_vision=True)
-    towers = ("video_tower", "image_tower") if family == "videollava" else ("vision_tower",)
-    for tower in towers:  # CLIP: 2 layers x 4 heads, 2 layers x 64 fc1/fc2 channels
-        assert sparsity[f"{tower}.{unit}"] == 0.25
-    if method == "channel":  # linear_1 rows / linear_2 columns: 16 of the projector's 64 channels
-        assert sparsity["multi_modal_projector.channels"] == 0.25
-    else:  # the projector has no heads
-        assert sparsity["multi_modal_projector.linear_1"] == 0
+    sparsity = prune_model(model, parts, method, 0.25, include_vision=True)
+    for tower in parts.vision_towers:
+        linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and parts.in_tower(name)]
+        if method == "channel":  # every tower's MLP (CLIP's fc1/fc2, Qwen's gate/up/down)
+            assert sparsity[f"{tower}.channels"] == 0.25
+        elif any(name.endswith(".q_proj") for name in linears):  # CLIP's heads; Qwen's fused qkv is left whole
+            assert sparsity[f"{tower}.heads"] == 0.25
     for name, value in model.named_parameters():
-        if not any(marker in name for marker in (".language_model.layers.", *VISION_MARKERS)):
+        if ".language_model.layers." not in name and parts.part_of(name) not in parts.vision:
             assert torch.equal(value, before[name]), name
     assert_clean(model, keys)
 
 
-def test_vision_magnitude_only_when_asked_and_a_video_forward_still_runs():
-    model = vlm("videollava")
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_vision_magnitude_only_when_asked_and_a_video_forward_still_runs(family):
+    model = vlm(family)
+    parts = parts_of(model)
     before = snapshot(model)
-    prune_model(model, parts_of(model), "magnitude", 0.2)
+    prune_model(model, parts, "magnitude", 0.2)
     for name, value in model.named_parameters():
-        if any(marker in name for marker in VISION_MARKERS):
+        if parts.part_of(name) in parts.vision:
             assert torch.equal(value, before[name]), name
 
-    sparsity = prune_model(model, parts_of(model), "magnitude", 0.2, include_vision=True)
-    vision = [kind for kind in sparsity if kind.startswith(VISION_MARKERS) and not kind.endswith(("heads", "channels"))]
-    assert "video_tower.fc1" in vision and "multi_modal_projector.linear_2" in vision
+    sparsity = prune_model(model, parts, "magnitude", 0.2, include_vision=True)
+    vision = [kind for kind in sparsity if kind.startswith(parts.vision) and not kind.endswith(("heads", "channels"))]
+    assert vision
     for kind in vision:
         assert abs(sparsity[kind] - 0.2) < 0.005, kind
+    for name, module in model.named_modules():  # every vision Linear lost its smallest weights, the projector's too
+        if isinstance(module, nn.Linear) and parts.part_of(name) in parts.vision:
+            assert abs((module.weight == 0).float().mean().item() - 0.2) < 0.01, name
     for name in ("lm_head.weight", "model.language_model.embed_tokens.weight", "model.language_model.norm.weight"):
         assert torch.equal(model.get_parameter(name), before[name])
-
-    frames, tokens_per_frame = 2, (32 // 8) ** 2 + 1  # video features keep CLIP's CLS token
-    input_ids = torch.tensor([[1] + [199] * (frames * tokens_per_frame) + [5, 7]])
-    out = model(input_ids=input_ids, pixel_values_videos=torch.randn(1, frames, 3, 32, 32))
-    assert torch.isfinite(out.logits).all()
+    _, processor = FAMILIES[family].build_tiny()
+    frames = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    inputs = processor(text=[video_prompt(processor, "What changed?")], videos=[frames], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()
 
 
 def test_pruned_model_saves_and_reloads_with_its_zeros(tmp_path):
-    model = vlm("llavanext")
+    family = list(FAMILIES.values())[-1]
+    model = vlm(family.id)
     sparsity = prune_model(model, parts_of(model), "channel", 0.25)
     model.save_pretrained(tmp_path)
-    reloaded = LlavaNextVideoForConditionalGeneration.from_pretrained(tmp_path)
+    reloaded = family.model_class.from_pretrained(tmp_path)
     assert set(reloaded.state_dict()) == set(model.state_dict())
     assert measure_sparsity(reloaded, parts_of(reloaded)) == sparsity
     assert zeroed_channels(reloaded) == zeroed_channels(model)

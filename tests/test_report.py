@@ -238,3 +238,18 @@ def test_results_notebook_markdown_renders():
     assert not [source[:40] for source in markdown if "\\n" in source]
     # Every heading is a short line of its own, its text below it (not run together with it).
     assert all(len(source.split("\n", 1)[0]) < 80 for source in markdown)
+
+
+def test_every_family_has_its_name_in_the_leaderboard(tmp_path):
+    """Results.ipynb's tables name each family's runs by its entry's display name (none is listed in the report)."""
+    from geochange.video_llm.families import FAMILIES
+
+    results = tmp_path / "results"
+    results.mkdir()
+    test_set = {"file": "val.json", "sha256": "ab" * 32, "split": None}
+    for index, family in enumerate(FAMILIES.values()):
+        (results / f"{family.id}.metrics.json").write_text(json.dumps({
+            "run": family.id, "model": "m", "family": family.id, "model_path": "base",
+            "metrics": {"rouge1": 0.1 * (index + 1)}, "test_set": test_set}))
+    (board,) = leaderboards(results, tmp_path, tmp_path / "no_papers.csv")
+    assert sorted(board.table.family) == sorted(family.display_name for family in FAMILIES.values())

@@ -28,6 +28,7 @@ from rasterio.warp import calculate_default_transform, reproject, transform_boun
 from rasterio.windows import Window
 from rasterio.windows import bounds as window_bounds
 
+from geochange.video_llm.families import FAMILIES
 from geochange import change_maps, demo, map_outputs, rasters
 from geochange.errors import UserError
 from geochange.map_outputs import geojson, parse_answers, resolve_questions, summarize, tile_record
@@ -481,12 +482,13 @@ def test_two_processes_map_the_scene_as_one_does(mapped, tmp_path, free_port):
     assert json.loads((tmp_path / RUN / "run.json").read_text())["processes"] == 2
 
 
-def test_plain_pngs_are_mapped_in_pixel_coordinates_by_a_video_model(image_pair, tmp_path, capsys):
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_plain_pngs_are_mapped_in_pixel_coordinates_by_a_video_model(image_pair, tmp_path, capsys, family):
     before, after = image_pair
-    run_script("scene_changes.py", *script_args(BEFORE=before, AFTER=after, MODEL="videollava", MODEL_PATH="tiny",
+    run_script("scene_changes.py", *script_args(BEFORE=before, AFTER=after, MODEL=family, MODEL_PATH="tiny",
                                                 TILE_SIZE=128, QUESTIONS="('changed?',)", MAX_NEW_TOKENS=2,
                                                 OUTPUT_DIR=tmp_path))
-    folder = tmp_path / "before_after_videollava-tiny"
+    folder = tmp_path / f"before_after_{family}-tiny"
     records = read_records(folder)
     assert [r["window"] for r in records] == [[0, 0, 128, 128], [128, 0, 128, 128], [0, 128, 128, 128],
                                               [128, 128, 128, 128]]

@@ -34,7 +34,7 @@ from ..sample.data import SAMPLE_VIDEO_DIR, ensure_sample_media
 from ..sharding import from_main, start_shards
 from ..trainer import (SuiteTrainer, check_training_settings, compute_precision, precision_dtype,
                        train_from_newest_checkpoint, trainer_arguments)
-from ..video import read_video_frames
+from ..video import clip_size, read_video_frames
 from .evaluation import answer_in_batches, evaluate
 from .families import ModelParts, get_family
 from .memory import GB, Setup, check_fits, estimate, free_memory, host_memory, model_config, parameter_counts
@@ -265,20 +265,23 @@ class VideoQADataset(torch.utils.data.Dataset):
 
     def __init__(self, samples, processor, num_frames: int, max_length: int, *, shorten_answers: bool, name: str):
         self.samples, self.processor, self.num_frames = samples, processor, num_frames
-        num_video_tokens = video_token_count(processor, num_frames)
-        self.plans = [plan_lengths(processor, s.question, s.answer, num_video_tokens, max_length) for s in samples]
+        # a clip's video tokens, asked of the processor at its size (from the clip's header: no frame decoded)
+        video_tokens = [video_token_count(processor, num_frames, clip_size(s.video)) for s in samples]
+        self.plans = [plan_lengths(processor, s.question, s.answer, n, max_length)
+                      for s, n in zip(samples, video_tokens)]
         worst = max(range(len(samples)), key=lambda i: self.plans[i].prompt_tokens)
         if self.plans[worst].prompt_tokens + 1 > max_length:
             raise UserError(
                 f"MAX_LENGTH={max_length} cannot hold the prompt of {name} record {samples[worst].id!r}: "
-                f"{self.plans[worst].prompt_tokens} tokens, {num_video_tokens} of them video tokens "
-                f"({num_frames} frames); cutting inside them would break the video merge. "
+                f"{self.plans[worst].prompt_tokens} tokens, {video_tokens[worst]} of them video tokens "
+                f"({num_frames} frames of {'x'.join(map(str, clip_size(samples[worst].video)))}); cutting inside "
+                "them would break the video merge. "
                 f"Raise MAX_LENGTH to at least {self.plans[worst].prompt_tokens + 32}")
         self.shortened = [s.id for s, p in zip(samples, self.plans) if p.answer_budget < p.answer_tokens]
         if self.shortened and not shorten_answers:
             raise UserError(f"{len(self.shortened)} {name} answers do not fit in MAX_LENGTH={max_length} "
                             f"(e.g. {self.shortened[0]!r}); raise MAX_LENGTH or set SHORTEN_ANSWERS=True")
-        self.num_video_tokens = num_video_tokens
+        self.num_video_tokens = max(video_tokens)  # the most a clip becomes (they differ with its size)
 
     def __len__(self) -> int:
         return len(self.samples)

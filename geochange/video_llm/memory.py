@@ -58,8 +58,15 @@ class ParameterCounts:
     patches: int               # vision tokens per frame
 
 
-def parameter_counts(config, family: str, lora_r: int) -> ParameterCounts:
-    """The model's parameters counted on the meta device (its config only: no weight is read)."""
+# The clip size the tower's tokens are counted at where the clips are not known yet (CLIP towers crop every clip to
+# their input; Qwen2.5-VL's reads it at its size): the sample data's and scene tiles' 256 x 256.
+ESTIMATE_CLIP_SIZE = (256, 256)
+
+
+def parameter_counts(config, family: str, lora_r: int,
+                     clip_size: tuple[int, int] = ESTIMATE_CLIP_SIZE) -> ParameterCounts:
+    """The model's parameters counted on the meta device (its config only: no weight is read), and the tokens its
+    vision tower computes over a frame of ``clip_size`` (width, height)."""
     import torch
 
     entry = get_family(family)
@@ -82,7 +89,8 @@ def parameter_counts(config, family: str, lora_r: int) -> ParameterCounts:
     text, vision = config.text_config, config.vision_config
     return ParameterCounts(**counts, hidden=text.hidden_size, layers=text.num_hidden_layers, vocab=text.vocab_size,
                            vision_hidden=vision.hidden_size, vision_layers=vision.num_hidden_layers,
-                           patches=(vision.image_size // vision.patch_size) ** 2 + 1)
+                           # per frame of a pair (Qwen's tower reads two frames as one temporal patch)
+                           patches=entry.tower_tokens(config, 2, clip_size[1], clip_size[0]) // 2)
 
 
 @dataclass
@@ -305,7 +313,7 @@ TABLE_SETUPS = (("full fine-tuning, 1 GPU", Setup("FULL")),
 
 def memory_table() -> str:
     """Markdown: estimated GB per device for every family's 7B model in every mode of TABLE_SETUPS."""
-    counts = {family.id: parameter_counts(family.real_size_config(), family.id, 8) for family in FAMILIES.values()}
+    counts = {family.id: parameter_counts(family.real_size_config(None), family.id, 8) for family in FAMILIES.values()}
     lines = ["| mode | " + " | ".join(f"{f.display_name} ({counts[f.id].total / 1e9:.2f} B)"
                                      for f in FAMILIES.values()) + " |",
              "| --- |" + " --- |" * len(FAMILIES)]

@@ -1,14 +1,17 @@
 """Loading a video LLM (quantised or not), its parts and Linears, prompts and the answer-only training encoding.
 
-Both families share one recipe: the prompt comes from the processor's own chat
-template (``USER: <video>\\n{question} ASSISTANT:``), the same at training and
-evaluation time; training appends the answer and EOS as separate tokens, so the
-label mask is exact: -100 on BOS, prompt text, every expanded video token and
-padding, the answer ids (and EOS) everywhere else.
+Every family shares one recipe: the prompt comes from the processor's own chat template (Vicuna's
+``USER: <video>\\n{question} ASSISTANT:``, ChatML's ``<|im_start|>assistant\\n``), the same at training and
+evaluation time; training appends the answer as the template joins it and EOS as separate tokens, so the label mask
+is exact: -100 on BOS, prompt text, every expanded video token and padding, the answer ids (and EOS) everywhere else.
+The processor's other outputs are kept as what they are: per token (grown over the answer, padded like
+``input_ids``) or a batch of one (joined along their first dimension: LLaVA's clips stack, Qwen's patches
+concatenate).
 """
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,15 +136,19 @@ def video_unused_parameter_names(model, family: str) -> list[str]:
 
     The family's image-only parts (Video-LLaVA's ``image_tower``, LLaVA-NeXT's ``image_newline``) serve images
     only; in a CLIP-like tower read at ``vision_feature_layer`` the encoder layers after it and ``post_layernorm``
-    (which only feeds the pooled output) are computed but never used.
+    (which only feeds the pooled output) are computed but never used. A tower read to its end (Qwen2.5-VL's) has no
+    ``vision_feature_layer``.
     """
     parts = get_family(family).parts
     config = model.config
-    feature_layers = getattr(config, "vision_feature_layer", None)  # a tower read to its end has none
+    feature_layers = getattr(config, "vision_feature_layer", None)
     feature_layers = feature_layers if isinstance(feature_layers, (list, tuple)) else [feature_layers]
-    num_layers = config.vision_config.num_hidden_layers
-    # hidden_states[i] is the output of encoder layer i-1 (hidden_states[0] the embeddings)
-    last_used = max((i if i >= 0 else num_layers + 1 + i for i in feature_layers if i is not None), default=None)
+    feature_layers = [i for i in feature_layers if i is not None]
+    last_used = None
+    if feature_layers:
+        num_layers = config.vision_config.num_hidden_layers
+        # hidden_states[i] is the output of encoder layer i-1 (hidden_states[0] the embeddings)
+        last_used = max(i if i >= 0 else num_layers + 1 + i for i in feature_layers)
     unused = []
     for name, _ in model.named_parameters():
         path = name.split(".")
@@ -177,17 +184,43 @@ def video_prompt(processor, question: str, history: list[tuple[str, str]] | tupl
     return processor.apply_chat_template(conversation, add_generation_prompt=True)
 
 
-def video_token_count(processor, num_frames: int) -> int:
-    """How many ``<video>`` tokens the processor expands a clip of ``num_frames`` into."""
-    frames = np.zeros((num_frames, 64, 64, 3), dtype=np.uint8)
-    encoded = processor(text=[processor.video_token], videos=[frames], return_tensors="pt")
-    return int((encoded["input_ids"][0] == processor.video_token_id).sum())
+# per processor (not stored on it: save_pretrained would write it to processor_config.json)
+_VIDEO_TOKEN_COUNTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def video_token_count(processor, num_frames: int, size: tuple[int, int]) -> int:
+    """How many video tokens the processor expands a clip of ``num_frames`` frames of ``size`` (width, height) into:
+    asked of the processor itself, at the clip's real size (LLaVA's processors crop every clip to one size;
+    Qwen2.5-VL's read it at its own, so a 1024 x 1024 pair is 17 times a 256 x 256 one)."""
+    cache = _VIDEO_TOKEN_COUNTS.setdefault(processor, {})  # one zeros clip per size, not per sample
+    key = (num_frames, *size)
+    if key not in cache:
+        width, height = size
+        frames = np.zeros((num_frames, height, width, 3), dtype=np.uint8)
+        encoded = processor(text=[processor.video_token], videos=[frames], return_tensors="pt")
+        cache[key] = int((encoded["input_ids"][0] == processor.video_token_id).sum())
+    return cache[key]
+
+
+def answer_text(processor, answer: str) -> str:
+    """The answer as the chat template joins it to the prompt: the text after the generation prompt of a
+    [user, assistant] conversation (Vicuna: ``" a road. "``, a space first; ChatML: ``"a road.<|im_end|>\\n"``)."""
+    user = [{"role": "user", "content": [{"type": "text", "text": "?"}]}]
+    prompt = processor.apply_chat_template(user, add_generation_prompt=True)
+    full = processor.apply_chat_template(user + [{"role": "assistant", "content": [{"type": "text",
+                                                                                     "text": answer.strip()}]}])
+    if not full.startswith(prompt):
+        raise UserError("the processor's chat template renders an answered conversation that does not start with its "
+                        "generation prompt, so where an answer joins the prompt is unknown; give the model a chat "
+                        "template whose assistant turn follows add_generation_prompt's text")
+    return full[len(prompt):]
 
 
 def answer_token_ids(processor, answer: str) -> list[int]:
+    """The answer's tokens as they follow the prompt, ending in one EOS (the template's own, or appended)."""
     tokenizer = processor.tokenizer
-    ids = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"]
-    return ids + [tokenizer.eos_token_id]
+    ids = tokenizer(answer_text(processor, answer).rstrip(), add_special_tokens=False)["input_ids"]
+    return ids if ids and ids[-1] == tokenizer.eos_token_id else ids + [tokenizer.eos_token_id]
 
 
 @dataclass
@@ -198,7 +231,8 @@ class EncodedLength:
 
 
 def plan_lengths(processor, question: str, answer: str, num_video_tokens: int, max_length: int) -> EncodedLength:
-    """Token counts of one example without reading its video; decides answer shortening up front."""
+    """Token counts of one example without reading its video (``num_video_tokens``: its clip's, from
+    ``video_token_count`` at the clip's size); decides answer shortening up front."""
     prompt = video_prompt(processor, question).replace(processor.video_token, processor.video_token * num_video_tokens)
     prompt_tokens = len(processor.tokenizer(prompt)["input_ids"])
     answer_tokens = len(answer_token_ids(processor, answer))
@@ -207,10 +241,12 @@ def plan_lengths(processor, question: str, answer: str, num_video_tokens: int, m
 
 def encode_training_example(processor, frames: np.ndarray, question: str, answer: str,
                             answer_budget: int | None = None) -> dict[str, torch.Tensor]:
-    """input_ids / attention_mask / labels / pixel_values_videos for one (video, question, answer).
+    """input_ids / attention_mask / labels and the processor's other outputs for one (video, question, answer).
 
-    The sequence is never cut inside the prompt (that would break the merge of the
-    video features); only the answer is shortened, to ``answer_budget`` tokens.
+    The sequence is never cut inside the prompt (that would break the merge of the video features); only the
+    answer is shortened, to ``answer_budget`` tokens. An output with one value per prompt token (Qwen's
+    ``mm_token_type_ids``) grows over the answer with zeros (text); every other output stays the batch of one the
+    processor returned (``VideoQACollator`` joins them along their first dimension).
     """
     prompt = video_prompt(processor, question)
     encoded = processor(text=[prompt], videos=[frames], return_tensors="pt")
@@ -222,27 +258,31 @@ def encode_training_example(processor, frames: np.ndarray, question: str, answer
     labels = torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), answer_ids])
     example = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
     for key, value in encoded.items():
-        if key not in ("input_ids", "attention_mask"):
-            example[key] = value[0]
+        if key in example:
+            continue
+        if value.shape == encoded["input_ids"].shape:  # one value per token: the answer's tokens are text (0)
+            example[key] = torch.cat([value[0], value.new_zeros(len(answer_ids))])
+        else:
+            example[key] = value
     return example
 
 
 class VideoQACollator:
-    """Pads a list of encoded examples on the right; labels pad with -100."""
+    """Pads the per-token values of encoded examples on the right (input_ids with the pad id, labels with -100,
+    the others with 0) and joins every other value along its first dimension (each example holds a batch of one:
+    LLaVA's (1, frames, 3, H, W) clips stack; Qwen's patches and grids concatenate)."""
 
     def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+        self.pad_values = {"input_ids": pad_token_id, "labels": IGNORE_INDEX}
 
     def __call__(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         longest = max(len(e["input_ids"]) for e in examples)
-
-        def pad(key: str, value: int) -> torch.Tensor:
-            rows = [torch.cat([e[key], torch.full((longest - len(e[key]),), value, dtype=e[key].dtype)]) for e in examples]
-            return torch.stack(rows)
-
-        batch = {"input_ids": pad("input_ids", self.pad_token_id), "attention_mask": pad("attention_mask", 0),
-                 "labels": pad("labels", IGNORE_INDEX)}
-        for key in examples[0]:
-            if key not in batch:
-                batch[key] = torch.stack([e[key] for e in examples])
+        batch = {}
+        for key, first in examples[0].items():
+            if first.shape == examples[0]["input_ids"].shape:
+                value = self.pad_values.get(key, 0)
+                batch[key] = torch.stack([torch.cat([e[key], e[key].new_full((longest - len(e[key]),), value)])
+                                          for e in examples])
+            else:
+                batch[key] = torch.cat([e[key] for e in examples])
         return batch
