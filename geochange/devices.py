@@ -62,6 +62,15 @@ def compute_dtype(device):
     return torch.float32
 
 
+def precision_support() -> dict[str, bool]:
+    """What this machine computes in: ``cuda`` (a GPU) and ``cuda_bf16`` (one with bf16), as the precision rules
+    (``trainer.compute_precision``) take them."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {"cuda": cuda, "cuda_bf16": cuda and torch.cuda.is_bf16_supported()}
+
+
 def quantization_config(bits: int | None, skip_modules: list[str] | None = None, compute=None):
     """bitsandbytes settings: 4-bit nf4 (double quantisation, computing in ``compute``, default the compute dtype
     of this machine's accelerator) or 8-bit; None = full precision. ``skip_modules`` stay in full precision."""

@@ -20,7 +20,7 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import TrainerCallback, set_seed
 
 from ..annotations import Sample, Samples, load_annotations
-from ..devices import is_main_process, launched_processes, process_device
+from ..devices import is_main_process, launched_processes, precision_support, process_device
 from ..engines import (DeepSpeedPlan, check_shared_directory, deepspeed_plan, engine_of, one_process_per_gpu,
                        outside_zero3, start_process_group, zero3_enabled)
 from ..errors import UserError
@@ -89,8 +89,7 @@ def training_precision(cfg, *, cuda: bool, cuda_bf16: bool) -> TrainingPrecision
 
 
 def device_precision(cfg) -> TrainingPrecision:
-    cuda = torch.cuda.is_available()
-    return training_precision(cfg, cuda=cuda, cuda_bf16=cuda and torch.cuda.is_bf16_supported())
+    return training_precision(cfg, **precision_support())
 
 
 def check_engine(cfg) -> None:
