@@ -21,6 +21,7 @@ from transformers.integrations.deepspeed import deepspeed_load_checkpoint
 from transformers.trainer_utils import SchedulerType
 from transformers.training_args import OptimizerNames
 
+from .devices import precision_support
 from .engines import deepspeed_plan, dist_timeout, parameter_values, restore_fp32_masters
 from .errors import UserError, first_line
 
@@ -46,20 +47,16 @@ def compute_precision(precision: str, *, cuda: bool, cuda_bf16: bool) -> str:
 
 def precision_dtype(compute: str):
     """The torch dtype of a compute precision ("bf16", "fp16", "fp32")."""
-
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[compute]
 
 
 def device_compute_precision(precision: str) -> str:
     """``compute_precision`` on this process's machine."""
-
-    cuda = torch.cuda.is_available()
-    return compute_precision(precision, cuda=cuda, cuda_bf16=cuda and torch.cuda.is_bf16_supported())
+    return compute_precision(precision, **precision_support())
 
 
 def check_report_to(report_to: str) -> None:
     """REPORT_TO names a logger the Trainer has and this machine has installed, or none."""
-
     if report_to not in REPORTERS:
         raise UserError(f"REPORT_TO={report_to!r} is not one of {', '.join(REPORTERS)}")
     installed = get_available_reporting_integrations()
@@ -71,7 +68,6 @@ def check_report_to(report_to: str) -> None:
 def check_scheduler_arguments(scheduler: str, arguments: dict) -> None:
     """LR_SCHEDULER_KWARGS fit LR_SCHEDULER: transformers builds the schedule over a stand-in optimizer, as the
     Trainer will (``cosine_with_min_lr`` needs ``min_lr`` or ``min_lr_rate``; an argument it does not take stops)."""
-
     if not isinstance(arguments, dict):
         raise UserError(f"LR_SCHEDULER_KWARGS must be a dict (e.g. {{'min_lr': 1e-6}}), not {arguments!r}")
     stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
@@ -85,7 +81,6 @@ def check_scheduler_arguments(scheduler: str, arguments: dict) -> None:
 
 def check_training_settings(cfg) -> None:
     """The shared settings, checked before any model loads: one line naming the setting and what it may be."""
-
     schedulers = [s.value for s in SchedulerType]
     optimizers = [o.value for o in OptimizerNames]
     checks = [
@@ -127,7 +122,6 @@ def data_loader_workers(num_workers: int | None, cuda: bool) -> int:
 def checkpointing_arguments(arguments_class, enabled: bool) -> dict:
     """Activation checkpointing under the name this transformers knows: ``activation_checkpointing`` (5.x renamed
     it; the old name still works but warns on every run) or ``gradient_checkpointing``."""
-
     names = {f.name for f in dataclasses.fields(arguments_class)}
     name = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
@@ -140,7 +134,6 @@ def trainer_arguments(cfg, run_dir: Path, *, learning_rate: float, compute: str,
     logging (REPORT_TO), checkpoints, workers, SEED, DEEPSPEED, DIST_TIMEOUT_MINUTES; ``compute`` = "bf16", "fp16"
     (autocast with loss scaling) or "fp32". ``recipe``: what one recipe sets beyond these (its validation, for
     instance)."""
-
     cuda = torch.cuda.is_available()
     if cfg.REPORT_TO == "tensorboard":  # transformers 5 takes the TensorBoard folder from the environment only
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
