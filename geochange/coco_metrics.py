@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import atexit
 import math
+import os
 import shutil
+import subprocess
 import threading
 import unicodedata
 from collections import Counter, defaultdict
@@ -137,89 +139,92 @@ def _ngram_counts(text: str, n: int) -> dict[tuple[str, ...], int]:
 
 def cider_d(gts: dict[int, list[str]], res: dict[int, list[str]], n: int = 4, sigma: float = 6.0) -> float:
     """pycocoevalcap's ``Cider().compute_score(gts, res)[0]`` (CIDEr-D: tf-idf n-gram vectors, document frequencies
-    over the samples' reference sets, clipped cosine, a Gaussian length penalty, x10, mean over samples), with each
-    distinct caption's vector and each distinct (candidate, reference) similarity computed once."""
+    over the samples' reference sets, clipped cosine, a Gaussian length penalty, x10, mean over samples).
+
+    Each distinct caption's n-grams are counted once, and the tf-idf vectors of the distinct captions become the rows
+    of one sparse matrix, so every distinct (candidate, reference) similarity is a few sparse array operations
+    instead of a dictionary walk in Python (equal to the library to rounding: sums run in another order).
+    """
     import numpy as np
-
-    counts: dict[str, dict] = {}
-
-    def counted(text: str) -> dict:
-        if text not in counts:
-            counts[text] = _ngram_counts(text, n)
-        return counts[text]
+    from scipy import sparse
 
     keys = list(gts)
-    crefs = [[counted(reference) for reference in gts[key]] for key in keys]
-    document_frequency: dict[tuple[str, ...], float] = defaultdict(float)
-    for refs in crefs:
-        for ngram in {ngram for ref in refs for ngram in ref}:
-            document_frequency[ngram] += 1
-    # numpy's log, as the library takes it (libm's may differ in the last bit); the rest is the same IEEE arithmetic
-    # in Python floats
-    ref_len = float(np.log(float(len(crefs))))
-    idf: dict[tuple[str, ...], float] = {}
-    vectors: dict[str, tuple[list[dict], list[float], int]] = {}
-
-    def vector(text: str) -> tuple[list[dict], list[float], int]:
-        """``counts2vec``: tf-idf weights per n, the norms, and the length (the number of bigrams, as the library)."""
-        if text not in vectors:
-            vec: list[dict] = [{} for _ in range(n)]
-            norm = [0.0] * n
-            length = 0
-            for ngram, term_freq in counted(text).items():
-                if ngram not in idf:
-                    idf[ngram] = ref_len - float(np.log(max(1.0, document_frequency.get(ngram, 0.0))))
-                order = len(ngram) - 1
-                weight = vec[order][ngram] = float(term_freq) * idf[ngram]
-                norm[order] += weight * weight
-                if order == 1:
-                    length += term_freq
-            vectors[text] = (vec, [math.sqrt(value) for value in norm], length)
-        return vectors[text]
-
-    penalty = 2 * sigma ** 2
-    similarities: dict[tuple[str, str], np.ndarray] = {}
-
-    def similarity(candidate: str, reference: str) -> np.ndarray:
-        """``sim``: the clipped cosine per n, times the length penalty."""
-        if (candidate, reference) not in similarities:
-            vec_hyp, norm_hyp, length_hyp = vector(candidate)
-            vec_ref, norm_ref, length_ref = vector(reference)
-            delta = float(length_hyp - length_ref)
-            length_penalty = math.e ** (-(delta ** 2) / penalty)
-            val = [0.0] * n
-            for order in range(n):
-                ref_order = vec_ref[order]
-                total = 0.0
-                for ngram, weight in vec_hyp[order].items():
-                    ref_weight = ref_order.get(ngram, 0.0)
-                    total += min(weight, ref_weight) * ref_weight
-                if norm_hyp[order] != 0 and norm_ref[order] != 0:
-                    total /= norm_hyp[order] * norm_ref[order]
-                val[order] = total * length_penalty
-            similarities[(candidate, reference)] = np.array(val)
-        return similarities[(candidate, reference)]
-
-    scores = []
+    texts: dict[str, int] = {}  # distinct caption -> its row
     for key in keys:
-        candidate = res[key][0]
-        counted(candidate)
-        score = np.array([0.0] * n)
-        for reference in gts[key]:
-            score += similarity(candidate, reference)
-        scores.append(np.mean(score) / len(gts[key]) * 10.0)
+        for text in (res[key][0], *gts[key]):
+            texts.setdefault(text, len(texts))
+    counts = [_ngram_counts(text, n) for text in texts]
+    columns: dict[tuple[str, ...], int] = {}  # n-gram -> its column
+    entries = sum(map(len, counts))
+    rows = np.repeat(np.arange(len(counts)), [len(c) for c in counts])
+    cols = np.fromiter((columns.setdefault(ngram, len(columns)) for c in counts for ngram in c), np.int64, entries)
+    term_freq = np.fromiter((f for c in counts for f in c.values()), np.float64, entries)
+    order = np.fromiter(map(len, columns), np.int64, len(columns)) - 1  # each column's n-gram order - 1
+    # document frequency: in how many samples' reference sets each n-gram occurs
+    references = [(sample, texts[text]) for sample, key in enumerate(keys) for text in gts[key]]
+    in_sample = sparse.csr_matrix((np.ones(len(references)), tuple(np.array(references).T)),
+                                  shape=(len(keys), len(counts)))
+    in_text = sparse.csr_matrix((np.ones(entries), (rows, cols)), shape=(len(counts), len(columns)))
+    document_frequency = np.asarray(((in_sample @ in_text) > 0).sum(axis=0), dtype=np.float64).ravel()
+    # numpy's log, as the library takes it; idf >= 0 (a frequency is at most the number of samples)
+    idf = float(np.log(float(len(keys)))) - np.log(np.maximum(1.0, document_frequency))
+    weights = sparse.csr_matrix((term_freq * idf[cols], (rows, cols)), shape=(len(counts), len(columns)))
+    by_order = sparse.csr_matrix((np.ones(len(columns)), (np.arange(len(columns)), order)), shape=(len(columns), n))
+    norms = np.sqrt((weights.multiply(weights) @ by_order).toarray())  # [texts, n]
+    # the length CIDEr-D compares: the number of bigrams (the library's counts2vec)
+    lengths = np.bincount(rows, weights=term_freq * (order[cols] == 1), minlength=len(counts))
+
+    pairs: dict[tuple[int, int], int] = {}  # distinct (candidate row, reference row) -> its index
+    sample_pairs = [[pairs.setdefault((texts[res[key][0]], texts[ref]), len(pairs)) for ref in gts[key]]
+                    for key in keys]
+    candidate = np.array([c for c, _ in pairs], dtype=np.int64)
+    reference = np.array([r for _, r in pairs], dtype=np.int64)
+    hyp, ref = weights[candidate], weights[reference]
+    # sum over the candidate's n-grams of min(candidate weight, reference weight) * reference weight, per order
+    clipped = (hyp.minimum(ref).multiply(ref) @ by_order).toarray()
+    norm_product = norms[candidate] * norms[reference]
+    clipped = np.where(norm_product != 0, clipped / np.where(norm_product != 0, norm_product, 1.0), clipped)
+    delta = lengths[candidate] - lengths[reference]
+    similarity = clipped * (math.e ** (-(delta ** 2) / (2 * sigma ** 2)))[:, None]
+    scores = [similarity[indices].sum(0).mean() / len(indices) * 10.0 for indices in sample_pairs]
     return float(np.mean(np.array(scores)))
 
 
-def coco_scores(tokens: CocoTokens) -> dict[str, float]:
-    """coco-caption BLEU-1..4 (pycocoevalcap's ``Bleu``), ROUGE-L and CIDEr-D (``coco_rouge_l``, ``cider_d``) on
-    tokenised text (corpus-level, as coco reports them)."""
-    from pycocoevalcap.bleu.bleu import Bleu
+def coco_bleu(gts: dict[int, list[str]], res: dict[int, list[str]], n: int = 4) -> list[float]:
+    """pycocoevalcap's ``Bleu(n).compute_score(gts, res)[0]`` (BLEU-1..n, corpus level, closest reference length),
+    by the library's own scorer, with what repeats prepared once: each distinct caption's n-grams counted once, each
+    distinct reference set's clipping counts merged once, each distinct (candidate, references) cooked once. The
+    scorer then sums the same integers in the same order: the same numbers."""
+    from pycocoevalcap.bleu.bleu_scorer import BleuScorer, cook_test, precook
 
-    # verbose=0: no printed counts, and no redirect of the process-wide stdout, which would swallow what the
-    # main thread prints while this runs beside the embedding pass
-    bleu, _ = Bleu(4).compute_score(tokens.gts, tokens.res, verbose=0)
-    out = {f"bleu{n + 1}": float(value) for n, value in enumerate(bleu)}
+    counted: dict[str, tuple[int, dict]] = {}
+    cooked_refs: dict[tuple[str, ...], tuple[list[int], dict]] = {}
+    cooked_tests: dict[tuple[str, tuple[str, ...]], dict] = {}
+    scorer = BleuScorer(n=n)
+    for key in gts:
+        refs, test = tuple(gts[key]), res[key][0]
+        if refs not in cooked_refs:  # the library's cook_refs: reference lengths, each n-gram's largest count
+            lengths, most = [], {}
+            for ref in refs:
+                if ref not in counted:
+                    counted[ref] = precook(ref, n)
+                length, counts = counted[ref]
+                lengths.append(length)
+                for ngram, count in counts.items():
+                    most[ngram] = max(most.get(ngram, 0), count)
+            cooked_refs[refs] = (lengths, most)
+        if (test, refs) not in cooked_tests:
+            cooked_tests[(test, refs)] = cook_test(test, cooked_refs[refs], n=n)
+        scorer.crefs.append(cooked_refs[refs])
+        scorer.ctest.append(cooked_tests[(test, refs)])
+    score, _ = scorer.compute_score(option="closest", verbose=0)
+    return [float(value) for value in score]
+
+
+def coco_scores(tokens: CocoTokens) -> dict[str, float]:
+    """coco-caption BLEU-1..4, ROUGE-L and CIDEr-D (``coco_bleu``, ``coco_rouge_l``, ``cider_d``: pycocoevalcap's
+    ``Bleu``, ``Rouge`` and ``Cider``) on tokenised text (corpus-level, as coco reports them)."""
+    out = {f"bleu{n + 1}": value for n, value in enumerate(coco_bleu(tokens.gts, tokens.res))}
     out.update(rouge_l=coco_rouge_l(tokens.gts, tokens.res), cider=cider_d(tokens.gts, tokens.res))
     return out
 
@@ -227,14 +232,27 @@ def coco_scores(tokens: CocoTokens) -> dict[str, float]:
 # One METEOR Java process per Python process, reused: starting it (the JVM, then METEOR's paraphrase
 # table) takes 5-15 s, scoring a few hundred captions a fraction of that.
 _meteor_process = None
+# Its JVM compiles with C1 only. With the default C2 tier, the first 3,000 captions cost ~13 s of CPU (the compiler
+# warming up, on the cores the embedding pass needs) and later calls ~4.5 s; with C1 every call costs ~5 s, so an
+# evaluation, which scores once per process, needs less than half the CPU and no compiler threads beside the
+# encoder (measured on 2 cores: benchmarks/metrics_throughput.py). Compiler tiers do not change results.
+METEOR_JVM_OPTIONS = ("-XX:TieredStopAtLevel=1",)
 
 
 def _meteor():
+    """pycocoevalcap's ``Meteor``, started once per process with ``METEOR_JVM_OPTIONS`` (its constructor runs its
+    fixed command: the same command is started here with the options added)."""
     global _meteor_process
     if _meteor_process is None or _meteor_process.meteor_p.poll() is not None:
-        from pycocoevalcap.meteor.meteor import Meteor
+        from pycocoevalcap.meteor import meteor as library
 
-        _meteor_process = Meteor()
+        meteor = library.Meteor.__new__(library.Meteor)
+        meteor.meteor_cmd = ["java", *METEOR_JVM_OPTIONS, "-jar", "-Xmx2G", library.METEOR_JAR,
+                             "-", "-", "-stdio", "-l", "en", "-norm"]
+        meteor.meteor_p = subprocess.Popen(meteor.meteor_cmd, cwd=os.path.dirname(os.path.abspath(library.__file__)),
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        meteor.lock = threading.Lock()
+        _meteor_process = meteor
     return _meteor_process
 
 

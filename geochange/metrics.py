@@ -173,14 +173,41 @@ def geollava_bleu(refs: list[list[str]], preds: list[str]) -> list[float]:
 
 
 def sacre_bleu(refs: list[list[str]], preds: list[str]) -> float:
-    """sacreBLEU corpus BLEU (default settings) / 100."""
-    import sacrebleu
+    """sacreBLEU corpus BLEU (default settings) / 100: ``sacrebleu.corpus_bleu(preds, reference streams)``.
 
-    most = max(map(len, refs))
-    # sacreBLEU takes reference streams (stream k = every sample's k-th reference). A sample with fewer
-    # references is padded with None, which sacreBLEU drops (an empty string would count as a reference).
-    streams = [[ref[k] if k < len(ref) else None for ref in refs] for k in range(most)]
-    return float(sacrebleu.corpus_bleu(preds, streams).score / 100)
+    sacreBLEU's own steps (``BLEU.corpus_score``: preprocess, reference n-grams, segment statistics, the corpus
+    formula on their sums), with what repeats done once: each distinct reference text's n-grams counted once, each
+    distinct reference set merged once, each distinct (prediction, reference set) matched once. The same integers
+    reach the same formula: the same score (tested against ``corpus_bleu``).
+    """
+    from sacrebleu.metrics.bleu import BLEU
+
+    bleu = BLEU()
+    counted: dict[str, dict] = {}  # reference -> sacreBLEU's reference information of that text alone
+    reference_sets: dict[tuple[str, ...], dict] = {}
+    matched: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+
+    def reference_info(group: tuple[str, ...]) -> dict:
+        # BLEU._extract_reference_info over the set: the lengths, each n-gram's largest count
+        most, lengths = Counter(), []
+        for ref in group:
+            if ref not in counted:
+                counted[ref] = bleu._extract_reference_info([bleu._preprocess_segment(ref)])
+            lengths += counted[ref]["ref_lens"]
+            for ngram, count in counted[ref]["ref_ngrams"].items():
+                most[ngram] = max(most[ngram], count)
+        return {"ref_ngrams": most, "ref_lens": lengths}
+
+    stats = []
+    for group, pred in zip(refs, preds):
+        key = tuple(group)
+        if key not in reference_sets:
+            reference_sets[key] = reference_info(key)
+        if (pred, key) not in matched:
+            matched[(pred, key)] = bleu._compute_segment_statistics(bleu._preprocess_segment(pred),
+                                                                    reference_sets[key])
+        stats.append(matched[(pred, key)])
+    return float(bleu._aggregate_and_compute(stats).score / 100)
 
 
 # --------------------------------------------------------------------------- the one list
@@ -219,7 +246,7 @@ def _meteor(texts: Texts) -> dict:
 
 
 _ROUGE_LIBS = ("rouge_score.rouge_scorer", "rouge_score.tokenize", "rouge_score.scoring", "nltk.stem.porter")
-_COCO_LIBS = ("pycocoevalcap.tokenizer.ptbtokenizer", "pycocoevalcap.bleu.bleu", "numpy")
+_COCO_LIBS = ("pycocoevalcap.tokenizer.ptbtokenizer", "pycocoevalcap.bleu.bleu_scorer", "numpy", "scipy.sparse")
 METRICS: tuple[Metric, ...] = (
     Metric("rouge1", "ROUGE-1", True, _rouge, _ROUGE_LIBS),
     Metric("rouge2", "ROUGE-2", True, _rouge, _ROUGE_LIBS),
@@ -385,13 +412,14 @@ def compute_metrics_report(references: Sequence[Reference], predictions: Sequenc
                                    sbert_model=sbert_model)
     load_worker_libraries()
     # The lexical and coco metrics (Python, and Java processes) run beside the embedding pass, whose torch kernels
-    # release the GIL: on a GPU the two overlap almost fully, on a CPU they share the cores.
+    # release the GIL: on a GPU the two overlap almost fully; on a CPU they share the cores, the pass computing on one
+    # thread fewer while the worker runs.
     worker = _Worker(lambda: lexical_and_coco_scores(texts))
     values: dict[str, object] = {}
     if loaded:
         started = time.perf_counter()
         values.update(embedding_scores(refs, preds, bertscore=loaded.get("bertscore_f1"), sbert=loaded.get("sbert"),
-                                       device=report.device))
+                                       device=report.device, beside=worker))
         report.seconds["embeddings"] = round(time.perf_counter() - started, 3)
     lexical, lexical_report = worker.join()
     values.update(lexical)

@@ -23,6 +23,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
+from threading import Thread
 from typing import Iterator, Sequence
 
 from .errors import first_line
@@ -113,41 +114,69 @@ def length_sorted_batches(encoder: Encoder, texts: Sequence[str], max_length: in
     return batches
 
 
-def encode(encoder: Encoder, texts: Sequence[str], layer: int | None, pooled: bool):
+def encode(encoder: Encoder, texts: Sequence[str], layer: int | None, pooled: bool, beside: Thread | None = None):
     """One forward pass over ``texts``: the token embeddings of ``layer`` (None: none) and the masked mean of the
     last layer (``pooled``; the sentence-transformers mean pooling). Returns (TokenEmbeddings | None, Tensor | None).
+
+    ``beside``: a thread whose work (Python, and the Java programs it waits on) shares this machine's cores with a
+    pass on the CPU. While it runs, torch computes on one thread fewer: with every core's worth of torch threads, the
+    one that the other work preempts holds the rest up at each parallel region, where they wait spinning (on 2
+    cores this cost as much again as the other work itself). Thread counts do not change the results.
     """
     import torch
 
     special = torch.tensor(sorted({encoder.tokenizer.cls_token_id, encoder.tokenizer.sep_token_id} - {None}),
                            dtype=torch.long, device=encoder.device)
-    rows: list = [None] * len(texts)
-    means: list = [None] * len(texts)
-    with torch.inference_mode():
+    order, means, flats, lengths, weights = [], [], [], [], []  # per batch, in batch order
+    threads = torch.get_num_threads()
+    with torch.inference_mode(), _threads_restored(threads):
         for chosen, inputs in length_sorted_batches(encoder, texts):
+            if beside is not None and encoder.device.type == "cpu" and threads > 1:
+                wanted = threads - 1 if beside.is_alive() else threads
+                if torch.get_num_threads() != wanted:
+                    torch.set_num_threads(wanted)
             hidden_wanted = layer is not None and layer != encoder.model.config.num_hidden_layers
             out = encoder.model(**inputs, output_hidden_states=hidden_wanted)
             last = out.last_hidden_state
-            tokens = out.hidden_states[layer] if hidden_wanted else last
             mask = inputs["attention_mask"]
+            order.append(torch.tensor(chosen, dtype=torch.long))
             if pooled:
-                summed = (last * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-                for row, k in enumerate(chosen):
-                    means[k] = summed[row]
+                means.append((last * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1))
             if layer is not None:
-                tokens = tokens / tokens.norm(dim=-1, keepdim=True)
+                tokens = out.hidden_states[layer] if hidden_wanted else last
+                real = mask.bool()
+                # the real tokens of every text, text after text: boolean indexing keeps row-major order
+                flats.append((tokens / tokens.norm(dim=-1, keepdim=True))[real])
+                lengths.append(real.sum(1))
                 # bert-score without IDF: weight 1 per token, 0 for [CLS] and [SEP]
-                weights = (~torch.isin(inputs["input_ids"], special)).float()
-                for row, k in enumerate(chosen):
-                    n = int(mask[row].sum())
-                    rows[k] = (tokens[row, :n].clone(), weights[row, :n])
-    embeddings = None
+                weights.append((~torch.isin(inputs["input_ids"], special)).float()[real])
+    texts_in_batch_order = torch.cat(order) if order else torch.zeros(0, dtype=torch.long)
+    embeddings = sentences = None
     if layer is not None:
-        lengths = torch.tensor([r[0].shape[0] for r in rows], dtype=torch.long)
-        offsets = torch.cumsum(lengths, 0) - lengths
-        embeddings = TokenEmbeddings(torch.cat([r[0] for r in rows]), offsets.to(encoder.device),
-                                     lengths.to(encoder.device), torch.cat([r[1] for r in rows]))
-    return embeddings, (torch.stack(means) if pooled else None)
+        # the rows stay in batch order; each text's offset says where its rows are
+        batch_lengths = torch.cat(lengths).cpu() if lengths else torch.zeros(0, dtype=torch.long)
+        text_lengths = torch.zeros(len(texts), dtype=torch.long)
+        text_offsets = torch.zeros(len(texts), dtype=torch.long)
+        text_lengths[texts_in_batch_order] = batch_lengths
+        text_offsets[texts_in_batch_order] = torch.cumsum(batch_lengths, 0) - batch_lengths
+        embeddings = TokenEmbeddings(torch.cat(flats), text_offsets.to(encoder.device),
+                                     text_lengths.to(encoder.device), torch.cat(weights))
+    if pooled:
+        batch_means = torch.cat(means)
+        sentences = batch_means.new_empty((len(texts), batch_means.shape[-1]))
+        sentences[texts_in_batch_order.to(batch_means.device)] = batch_means
+    return embeddings, sentences
+
+
+@contextmanager
+def _threads_restored(threads: int) -> Iterator[None]:
+    import torch
+
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 def _gather(embeddings: TokenEmbeddings, texts):
@@ -264,9 +293,9 @@ def sbert_with_fallback(requested: str, device: str) -> tuple[str, str]:
 
 
 def embedding_scores(refs: list[list[str]], preds: list[str], *, bertscore: tuple[str, int] | None,
-                     sbert: str | None, device: str) -> dict[str, list[float]]:
+                     sbert: str | None, device: str, beside: Thread | None = None) -> dict[str, list[float]]:
     """Per-sample ``bertscore_f1`` and/or ``sbert`` (models already loaded), each distinct text encoded once per
-    model (``encode_texts``).
+    model (``encode_texts``; ``beside``: see ``encode``).
 
     BERTScore: best reference by F1; an empty prediction scores 0 and empty
     references are skipped (bert-score's rule for empty sentences, whose own
@@ -274,7 +303,7 @@ def embedding_scores(refs: list[list[str]], preds: list[str], *, bertscore: tupl
     two sentence embeddings, best reference, empty texts included.
     """
     texts, position = unique_texts(preds, *refs)
-    token_embeddings, sentence_embeddings = encode_texts(texts, bertscore, sbert, device)
+    token_embeddings, sentence_embeddings = encode_texts(texts, bertscore, sbert, device, beside)
     scores: dict[str, list[float]] = {}
     if token_embeddings is not None:
         scores["bertscore_f1"] = best_bertscore_f1(token_embeddings, refs, preds, position)
@@ -283,7 +312,8 @@ def embedding_scores(refs: list[list[str]], preds: list[str], *, bertscore: tupl
     return scores
 
 
-def encode_texts(texts: list[str], bertscore: tuple[str, int] | None, sbert: str | None, device: str):
+def encode_texts(texts: list[str], bertscore: tuple[str, int] | None, sbert: str | None, device: str,
+                 beside: Thread | None = None):
     """(BERTScore's token embeddings of ``texts`` at its layer, or None; sbert's sentence embeddings, or None). Where
     both metrics name one mean-pooling sentence model, its transformer serves both in one pass."""
     import torch
@@ -294,7 +324,7 @@ def encode_texts(texts: list[str], bertscore: tuple[str, int] | None, sbert: str
         model = sentence_encoder[0].auto_model
         encoder = Encoder(sbert, model, sentence_encoder.tokenizer, torch.device(device),
                           bertscore_max_length(sentence_encoder.tokenizer, model.config))
-        token_embeddings, sentence_embeddings = encode(encoder, texts, bertscore[1], pooled=True)
+        token_embeddings, sentence_embeddings = encode(encoder, texts, bertscore[1], pooled=True, beside=beside)
         # sentence-transformers cuts texts at its own max_seq_length: those few get their own pass.
         longer = [k for k, n in enumerate(token_embeddings.lengths.tolist()) if n > sentence_encoder.max_seq_length]
         if longer:
@@ -303,7 +333,8 @@ def encode_texts(texts: list[str], bertscore: tuple[str, int] | None, sbert: str
         return token_embeddings, sentence_embeddings
     token_embeddings = sentence_embeddings = None
     if bertscore is not None:
-        token_embeddings, _ = encode(load_encoder(bertscore[0], device), texts, bertscore[1], pooled=False)
+        token_embeddings, _ = encode(load_encoder(bertscore[0], device), texts, bertscore[1], pooled=False,
+                                     beside=beside)
     if sentence_encoder is not None:
         sentence_embeddings = sentence_encoder.encode(texts, batch_size=ENCODE_BATCH_SIZE, convert_to_tensor=True,
                                                       show_progress_bar=False)
@@ -320,7 +351,10 @@ def best_bertscore_f1(token_embeddings, refs: list[list[str]], preds: list[str],
     # (prediction's row, reference's row, sample) for every pair to score
     pairs = sorted({(position[pred], position[ref], sample) for sample, (group, pred) in enumerate(zip(refs, preds))
                     if pred.strip() for ref in group if ref.strip()})
-    distinct = sorted({(pred_row, ref_row) for pred_row, ref_row, _ in pairs})
+    # by length, so that each batch of the matching pads its texts little
+    length = token_embeddings.lengths.tolist()
+    distinct = sorted({(pred_row, ref_row) for pred_row, ref_row, _ in pairs},
+                      key=lambda pair: (length[pair[0]], length[pair[1]], pair))
     on = token_embeddings.flat.device
     f1 = bertscore_pairs(token_embeddings, torch.tensor([p for p, _ in distinct], dtype=torch.long, device=on),
                          torch.tensor([r for _, r in distinct], dtype=torch.long, device=on))

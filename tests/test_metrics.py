@@ -482,7 +482,9 @@ def test_lcs_length_equals_the_libraries_tables():
     assert C.lcs_length("the new road".split(), "a new road appeared".split()) == 2
 
 
-def test_rouge_coco_rouge_l_and_cider_equal_the_libraries_on_generated_captions(generated_captions):
+def test_rouge_sacrebleu_coco_bleu_rouge_l_and_cider_equal_the_libraries_on_generated_captions(generated_captions):
+    import sacrebleu
+    from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
     from rouge_score import rouge_scorer
@@ -498,6 +500,50 @@ def test_rouge_coco_rouge_l_and_cider_equal_the_libraries_on_generated_captions(
     assert C.coco_rouge_l(gts, res) == pytest.approx(Rouge().compute_score(gts, res)[0], abs=1e-12)
     assert C.cider_d(gts, res) == pytest.approx(Cider().compute_score(gts, res)[0], abs=1e-12)
     assert C.cider_d(gts, res) > 0.5  # the generator's captions share many n-grams with their references
+    padded = [[group[k] if k < len(group) else None for group in refs] for k in range(max(map(len, refs)))]
+    assert M.sacre_bleu(refs + refs[:40], preds + preds[:40]) == sacrebleu.corpus_bleu(
+        preds + preds[:40], [stream + stream[:40] for stream in padded]).score / 100
+    assert C.cider_d({0: [""]}, {0: [""]}) == 0.0  # nothing to compare (the library's own max() fails here)
+    repeated = {**gts, **{len(gts) + k: gts[k] for k in range(40)}}, {**res, **{len(res) + k: res[k] for k in range(40)}}
+    for gts, res in ((gts, res), repeated):  # cooked once per distinct text, summed as the library sums: equal
+        assert C.coco_bleu(gts, res) == Bleu(4).compute_score(gts, res, verbose=0)[0]
+        assert C.cider_d(gts, res) == pytest.approx(Cider().compute_score(gts, res)[0], abs=1e-12)
+
+
+def test_the_cpu_pass_leaves_a_core_to_the_worker_while_it_runs(minilm, generated_captions, monkeypatch):
+    import threading
+
+    import torch
+
+    refs, preds = generated_captions
+    texts, _ = E.unique_texts(preds, *refs)
+    encoder = E.load_encoder(minilm, "cpu")
+    monkeypatch.setattr(E, "ENCODE_BATCH_SIZE", 64)  # a few batches
+    alone = E.encode(encoder, texts, 6, pooled=True)
+    seen, done = [], threading.Event()
+    forward = encoder.model.forward
+
+    def counted(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        if len(seen) == 2:
+            done.set()  # the worker ends after the second batch
+            worker.join()
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(encoder.model, "forward", counted)
+    worker = threading.Thread(target=done.wait)
+    worker.start()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        beside = E.encode(encoder, texts, 6, pooled=True, beside=worker)
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+    assert seen[:2] == [2, 2] and set(seen[2:]) == {3} and len(seen) > 3 and after == 3
+    assert torch.equal(beside[1], alone[1])  # the same numbers
+    for field in ("flat", "offsets", "lengths", "weights"):
+        assert torch.equal(getattr(beside[0], field), getattr(alone[0], field)), field
 
 
 def test_embedding_batches_are_the_tokenizers_padded_batches(minilm, generated_captions):
@@ -512,6 +558,31 @@ def test_embedding_batches_are_the_tokenizers_padded_batches(minilm, generated_c
         expected = encoder.tokenizer([texts[k].strip() for k in chosen], padding=True, truncation=True,
                                      max_length=encoder.max_length, return_tensors="pt")
         assert set(inputs) == set(expected) and all(torch.equal(inputs[key], expected[key]) for key in inputs)
+
+
+def test_meteor_runs_the_librarys_command_with_our_jvm_options(monkeypatch):
+    import subprocess
+
+    from pycocoevalcap.meteor import meteor as library
+
+    started = []
+
+    class NotStarted:  # records what the library's constructor would run, starts nothing
+        def __init__(self, command, **kwargs):
+            started.append((command, kwargs["cwd"]))
+            self.stdin = io.BytesIO()
+
+        def kill(self):  # what Meteor.__del__ calls
+            pass
+
+        wait = kill
+
+    monkeypatch.setattr(subprocess, "Popen", NotStarted)
+    monkeypatch.setattr(C, "_meteor_process", None)
+    objects = [library.Meteor(), C._meteor()]
+    (theirs, cwd), (command, our_cwd) = started
+    assert command == [theirs[0], *C.METEOR_JVM_OPTIONS, *theirs[1:]] and our_cwd == cwd
+    assert not objects[1].lock.locked()  # a lock of its own, as the library's constructor makes
 
 
 @pytest.mark.java
