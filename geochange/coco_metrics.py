@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import atexit
 import math
-import os
 import shutil
-import subprocess
 import threading
 import unicodedata
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass
 from typing import Hashable, Sequence
 
@@ -232,27 +230,14 @@ def coco_scores(tokens: CocoTokens) -> dict[str, float]:
 # One METEOR Java process per Python process, reused: starting it (the JVM, then METEOR's paraphrase
 # table) takes 5-15 s, scoring a few hundred captions a fraction of that.
 _meteor_process = None
-# Its JVM compiles with C1 only. With the default C2 tier, the first 3,000 captions cost ~13 s of CPU (the compiler
-# warming up, on the cores the embedding pass needs) and later calls ~4.5 s; with C1 every call costs ~5 s, so an
-# evaluation, which scores once per process, needs less than half the CPU and no compiler threads beside the
-# encoder (measured on 2 cores: benchmarks/metrics_throughput.py). Compiler tiers do not change results.
-METEOR_JVM_OPTIONS = ("-XX:TieredStopAtLevel=1",)
 
 
 def _meteor():
-    """pycocoevalcap's ``Meteor``, started once per process with ``METEOR_JVM_OPTIONS`` (its constructor runs its
-    fixed command: the same command is started here with the options added)."""
     global _meteor_process
     if _meteor_process is None or _meteor_process.meteor_p.poll() is not None:
-        from pycocoevalcap.meteor import meteor as library
+        from pycocoevalcap.meteor.meteor import Meteor
 
-        meteor = library.Meteor.__new__(library.Meteor)
-        meteor.meteor_cmd = ["java", *METEOR_JVM_OPTIONS, "-jar", "-Xmx2G", library.METEOR_JAR,
-                             "-", "-", "-stdio", "-l", "en", "-norm"]
-        meteor.meteor_p = subprocess.Popen(meteor.meteor_cmd, cwd=os.path.dirname(os.path.abspath(library.__file__)),
-                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        meteor.lock = threading.Lock()
-        _meteor_process = meteor
+        _meteor_process = Meteor()
     return _meteor_process
 
 

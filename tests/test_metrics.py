@@ -560,31 +560,6 @@ def test_embedding_batches_are_the_tokenizers_padded_batches(minilm, generated_c
         assert set(inputs) == set(expected) and all(torch.equal(inputs[key], expected[key]) for key in inputs)
 
 
-def test_meteor_runs_the_librarys_command_with_our_jvm_options(monkeypatch):
-    import subprocess
-
-    from pycocoevalcap.meteor import meteor as library
-
-    started = []
-
-    class NotStarted:  # records what the library's constructor would run, starts nothing
-        def __init__(self, command, **kwargs):
-            started.append((command, kwargs["cwd"]))
-            self.stdin = io.BytesIO()
-
-        def kill(self):  # what Meteor.__del__ calls
-            pass
-
-        wait = kill
-
-    monkeypatch.setattr(subprocess, "Popen", NotStarted)
-    monkeypatch.setattr(C, "_meteor_process", None)
-    objects = [library.Meteor(), C._meteor()]
-    (theirs, cwd), (command, our_cwd) = started
-    assert command == [theirs[0], *C.METEOR_JVM_OPTIONS, *theirs[1:]] and our_cwd == cwd
-    assert not objects[1].lock.locked()  # a lock of its own, as the library's constructor makes
-
-
 @pytest.mark.java
 def test_meteor_sends_a_repeated_line_once_and_scores_as_pycocoevalcap(generated_captions, reference_meteor):
     refs, preds = generated_captions
