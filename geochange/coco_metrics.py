@@ -16,7 +16,8 @@ import threading
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
-from typing import Hashable, Sequence
+from functools import lru_cache, partial
+from typing import Callable, Hashable, Iterable, Sequence
 
 from .errors import first_line
 
@@ -188,6 +189,20 @@ def cider_d(gts: dict[int, list[str]], res: dict[int, list[str]], n: int = 4, si
     return float(np.mean(np.array(scores)))
 
 
+def reference_counts(references: Iterable[str],
+                     counted: Callable[[str], tuple[int, dict]]) -> tuple[list[int], dict]:
+    """BLEU's side of one sample's references, as pycocoevalcap's ``cook_refs`` and sacreBLEU's
+    ``_extract_reference_info`` build it: each reference's length, and each n-gram's largest count over them
+    (``counted``: a text's length and n-gram counts)."""
+    lengths, most = [], {}
+    for reference in references:
+        length, counts = counted(reference)
+        lengths.append(length)
+        for ngram, count in counts.items():
+            most[ngram] = max(most.get(ngram, 0), count)
+    return lengths, most
+
+
 def coco_bleu(gts: dict[int, list[str]], res: dict[int, list[str]], n: int = 4) -> list[float]:
     """pycocoevalcap's ``Bleu(n).compute_score(gts, res)[0]`` (BLEU-1..n, corpus level, closest reference length),
     by the library's own scorer, with what repeats prepared once: each distinct caption's n-grams counted once, each
@@ -195,22 +210,14 @@ def coco_bleu(gts: dict[int, list[str]], res: dict[int, list[str]], n: int = 4) 
     scorer then sums the same integers in the same order: the same numbers."""
     from pycocoevalcap.bleu.bleu_scorer import BleuScorer, cook_test, precook
 
-    counted: dict[str, tuple[int, dict]] = {}
+    counted = lru_cache(maxsize=None)(partial(precook, n=n))
     cooked_refs: dict[tuple[str, ...], tuple[list[int], dict]] = {}
     cooked_tests: dict[tuple[str, tuple[str, ...]], dict] = {}
     scorer = BleuScorer(n=n)
     for key in gts:
         refs, test = tuple(gts[key]), res[key][0]
-        if refs not in cooked_refs:  # the library's cook_refs: reference lengths, each n-gram's largest count
-            lengths, most = [], {}
-            for ref in refs:
-                if ref not in counted:
-                    counted[ref] = precook(ref, n)
-                length, counts = counted[ref]
-                lengths.append(length)
-                for ngram, count in counts.items():
-                    most[ngram] = max(most.get(ngram, 0), count)
-            cooked_refs[refs] = (lengths, most)
+        if refs not in cooked_refs:  # the library's cook_refs
+            cooked_refs[refs] = reference_counts(refs, counted)
         if (test, refs) not in cooked_tests:
             cooked_tests[(test, refs)] = cook_test(test, cooked_refs[refs], n=n)
         scorer.crefs.append(cooked_refs[refs])

@@ -23,10 +23,11 @@ from collections import Counter
 import threading
 import time
 from dataclasses import dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from typing import Callable, Sequence
 
-from .coco_metrics import CocoTokens, coco_scores, coco_tokenize, java_available, lcs_length, meteor_score
+from .coco_metrics import (CocoTokens, coco_scores, coco_tokenize, java_available, lcs_length, meteor_score,
+                           reference_counts)
 from .devices import pick_device
 from .errors import UserError, first_line
 from .text_embeddings import GEOLLAVA_SBERT_MODEL, embedding_scores, load_embedding_model, sbert_with_fallback
@@ -183,26 +184,21 @@ def sacre_bleu(refs: list[list[str]], preds: list[str]) -> float:
     from sacrebleu.metrics.bleu import BLEU
 
     bleu = BLEU()
-    counted: dict[str, dict] = {}  # reference -> sacreBLEU's reference information of that text alone
     reference_sets: dict[tuple[str, ...], dict] = {}
     matched: dict[tuple[str, tuple[str, ...]], list[int]] = {}
 
-    def reference_info(group: tuple[str, ...]) -> dict:
-        # BLEU._extract_reference_info over the set: the lengths, each n-gram's largest count
-        most, lengths = Counter(), []
-        for ref in group:
-            if ref not in counted:
-                counted[ref] = bleu._extract_reference_info([bleu._preprocess_segment(ref)])
-            lengths += counted[ref]["ref_lens"]
-            for ngram, count in counted[ref]["ref_ngrams"].items():
-                most[ngram] = max(most[ngram], count)
-        return {"ref_ngrams": most, "ref_lens": lengths}
+    @lru_cache(maxsize=None)
+    def counted(reference: str) -> tuple[int, dict]:
+        # sacreBLEU's reference information of this text alone
+        info = bleu._extract_reference_info([bleu._preprocess_segment(reference)])
+        return info["ref_lens"][0], info["ref_ngrams"]
 
     stats = []
     for group, pred in zip(refs, preds):
         key = tuple(group)
         if key not in reference_sets:
-            reference_sets[key] = reference_info(key)
+            lengths, most = reference_counts(key, counted)  # BLEU._extract_reference_info over the set
+            reference_sets[key] = {"ref_ngrams": most, "ref_lens": lengths}
         if (pred, key) not in matched:
             matched[(pred, key)] = bleu._compute_segment_statistics(bleu._preprocess_segment(pred),
                                                                     reference_sets[key])
