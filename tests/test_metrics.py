@@ -153,6 +153,22 @@ def test_coco_metrics_are_pycocoevalcaps_ptb_pipeline(refs, preds, reference_met
 
 
 @pytest.mark.java
+def test_our_ptb_run_gives_the_wrappers_tokens_on_awkward_texts(tmp_path):
+    """``ptb_tokenize`` (the jar through a pipe, C1-compiled) against pycocoevalcap's ``PTBTokenizer`` (a temporary
+    file in the package): accents, curly quotes, Devanagari, a newline and a tab inside a caption, brackets, an empty
+    caption in the middle, and captions at the end that tokenise to nothing."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    texts = ["A café’s roof, \"big\".", "", "नई सड़क बनी!", "two 3-storey\nblocks don't (face) it...",
+             "a\ttab ||| and {braces} [x]", "Mr. Smith's U.S. farm -- gone", "...", "?", ""]
+    library = PTBTokenizer().tokenize({k: [{"caption": text}] for k, text in enumerate(texts)})
+    expected = [library.get(k, [""])[0] for k in range(len(texts))]
+    assert C.ptb_tokenize(texts) == expected
+    assert expected[0] == "a café 's roof big" and expected[3] == "two 3-storey blocks do n't -lrb- face -rrb- it"
+    assert expected[-3:] == ["", "", ""] and C.ptb_tokenize([]) == []
+
+
+@pytest.mark.java
 def test_ptb_tokens_differ_from_the_fallback_normaliser():
     tokens = C.coco_tokenize(as_lists(PTB_REFS), PTB_PREDS)
     # PTB splits possessives and contractions, keeps hyphenated words whole, drops punctuation tokens.
