@@ -17,7 +17,8 @@ from __future__ import annotations
 import sys
 
 from geochange.convert import changechat_to_videos_main, pairs_to_videos_main, videos_to_pairs_main
-from geochange.errors import UserError, install_error_handler
+from geochange.errors import UserError
+from geochange.process import prepare_process
 from geochange.results import main as score_main
 from geochange.sample.data import main as sample_data_main
 from geochange.video_llm.memory import memory_table_main
@@ -29,7 +30,7 @@ COMMANDS = {"score": score_main, "sample-data": sample_data_main, "pairs-to-vide
 
 
 def main(argv: list[str]) -> int:
-    install_error_handler()
+    prepare_process()
     if not argv:
         print("usage:" + USAGE, file=sys.stderr)
         return 2

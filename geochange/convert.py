@@ -32,7 +32,8 @@ from tqdm import tqdm
 from .annotations import (ChangeChatSample, Sample, describe_test_set, load_annotations, load_changechat,
                           read_annotation_json, source_note_path)
 from .changechat_format import CAPTION_PROMPT
-from .errors import UserError, install_error_handler
+from .errors import UserError
+from .process import prepare_process
 from .fileio import atomic_write_text, file_sha256
 from .video import (bounded_size, crop_to_even, read_image, read_video_frames, resize_image, write_image,
                     write_video)
@@ -268,7 +269,7 @@ def parse_size_options(argv: list[str], usage: str = SHEET_USAGE) -> tuple[list[
 
 def pairs_to_videos_main(argv: list[str] | None = None) -> int:
     """``pairs-to-videos SHEET OUT_DIR [IMAGE_ROOT] [options]``."""
-    install_error_handler()
+    prepare_process()
     positional, options = parse_size_options(sys.argv[1:] if argv is None else argv)
     if len(positional) not in (2, 3):
         raise UserError(f"usage: python common.py {SHEET_USAGE}")
@@ -429,7 +430,7 @@ def _split_option(argv: list[str]) -> tuple[list[str], str | None]:
 
 
 def changechat_to_videos_main(argv: list[str]) -> int:
-    install_error_handler()
+    prepare_process()
     rest, split = _split_option(argv)
     positional, options = parse_size_options(rest, CHANGECHAT_USAGE)
     if len(positional) != 3:
@@ -439,7 +440,7 @@ def changechat_to_videos_main(argv: list[str]) -> int:
 
 
 def videos_to_pairs_main(argv: list[str]) -> int:
-    install_error_handler()
+    prepare_process()
     positional, split = _split_option(argv)
     if len(positional) != 3 or any(arg.startswith("-") for arg in positional):
         raise UserError(f"usage: python common.py {PAIRS_USAGE}")

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from .devices import is_main_process
-from .errors import UserError, install_error_handler
+from .errors import UserError
+from .process import prepare_process
 from .paths import REPO_ROOT
 
 _SCALARS = (bool, int, float, str, type(None))
@@ -138,9 +139,10 @@ def apply_overrides(scope: dict[str, Any], argv: list[str] | None = None, *, qui
 
     Returns the overrides applied. An unknown name, a malformed argument or a value
     of the wrong type raises UserError with one line that lists the valid names.
-    Also installs the one-line error handler, since every script calls this first.
+    Also prepares the process (one-line errors, the garbage collector: ``process.prepare_process``), since
+    every script calls this first.
     """
-    install_error_handler()
+    prepare_process()
     argv = sys.argv[1:] if argv is None else list(argv)
     names = overridable_names(scope)
     applied: dict[str, Any] = {}
@@ -183,7 +185,7 @@ def load_settings(scope: dict[str, Any], argv: list[str] | None = None, *, quiet
     """The scripts' one entry point for settings: ``python <script> [EXPERIMENT_FILE] NAME=VALUE ...``. The
     experiment file's values (``read_experiment``), then the ``NAME=VALUE`` overrides, are applied to the constants
     in ``scope`` (a script's ``globals()``), returned as one frozen settings value (``cfg.experiment``: the file)."""
-    install_error_handler()
+    prepare_process()
     argv = sys.argv[1:] if argv is None else list(argv)
     experiment = None
     if argv and "=" not in argv[0]:

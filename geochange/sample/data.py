@@ -17,7 +17,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import changechat_format as cc
-from ..errors import UserError, install_error_handler
+from ..errors import UserError
+from ..process import prepare_process
 from ..fileio import atomic_write_text
 from ..paths import ANNOTATIONS_DIR, SAMPLE_DIR
 from .geotiffs import ensure_example_scene
@@ -299,7 +300,7 @@ def ensure_sample_media(force: bool = False) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    install_error_handler()
+    prepare_process()
     argv = sys.argv[1:] if argv is None else argv
     if argv == ["--check"]:
         stale = stale_annotations()
