@@ -33,8 +33,8 @@ from .annotations import (ChangeChatSample, Sample, describe_test_set, load_anno
                           read_annotation_json, source_note_path)
 from .changechat_format import CAPTION_PROMPT
 from .errors import UserError
-from .process import prepare_process
 from .fileio import atomic_write_text, file_sha256
+from .process import prepare_process
 from .video import (bounded_size, crop_to_even, read_image, read_video_frames, resize_image, write_image,
                     write_video)
 

@@ -18,8 +18,8 @@ from typing import Any
 
 from .devices import is_main_process
 from .errors import UserError
-from .process import prepare_process
 from .paths import REPO_ROOT
+from .process import prepare_process
 
 _SCALARS = (bool, int, float, str, type(None))
 _CONTAINERS = (list, tuple, dict)

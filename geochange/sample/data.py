@@ -18,9 +18,9 @@ from tqdm import tqdm
 
 from .. import changechat_format as cc
 from ..errors import UserError
-from ..process import prepare_process
 from ..fileio import atomic_write_text
 from ..paths import ANNOTATIONS_DIR, SAMPLE_DIR
+from ..process import prepare_process
 from .geotiffs import ensure_example_scene
 from .scenes import Change, make_scene_pair, render_pair
 from ..video import write_image, write_video
