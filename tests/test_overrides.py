@@ -75,9 +75,12 @@ def test_a_users_mistake_is_one_error_line_and_exit_status_2():
 
 
 FINALISED_THEN_FROZEN = """
-import atexit, gc
+import atexit, gc, sys
 atexit.register(lambda: print("frozen at the end:", gc.get_freeze_count() > 0, flush=True))
+import geochange
 from geochange.process import YOUNG_COLLECTION_THRESHOLD, prepare_process
+# raised by the package's import itself, before a script imports torch
+print("thresholds at import:", gc.get_threshold() == (YOUNG_COLLECTION_THRESHOLD, 10, 10), "torch" in sys.modules)
 before = atexit._ncallbacks()
 prepare_process()
 prepare_process()  # load_settings and a command may each call it: one exit handler still
@@ -94,13 +97,13 @@ gc.disable()  # the cycle is left for the exit
 
 
 def test_a_script_process_collects_less_often_and_finalises_its_garbage_before_freezing_the_heap_at_exit():
-    """Young collections every YOUNG_COLLECTION_THRESHOLD allocations (Python's 700 re-walked the libraries' growing
-    heap ~10 times), and at exit the objects are frozen out of the interpreter's last collections (2-3 s of CPU with
+    """Young collections every YOUNG_COLLECTION_THRESHOLD allocations from the package's import on, before torch
+    (Python's 700 re-walked the libraries' growing heap ~10 times as they imported and ran), and at exit the objects are frozen out of the interpreter's last collections (2-3 s of CPU with
     torch, transformers and DeepSpeed loaded), after one collection that finalises the garbage left: a cycle of
     objects with finalizers is finalised before the freeze, which would otherwise keep it forever."""
     run = run_command([sys.executable, "-c", FINALISED_THEN_FROZEN])
     assert run.returncode == 0, run.stderr
-    assert run.stdout.splitlines() == ["exit handlers added: 1", "thresholds: True", "finalised", "finalised",
+    assert run.stdout.splitlines() == ["thresholds at import: True False", "exit handlers added: 1", "thresholds: True", "finalised", "finalised",
                                      "frozen at the end: True"]
 
 
