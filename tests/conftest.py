@@ -2,6 +2,7 @@
 child processes run to one deadline; the ``java`` marker; one torch thread per pytest-xdist worker."""
 from __future__ import annotations
 
+import gc
 import json
 import os
 import runpy
@@ -38,6 +39,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+    # torch's import-time objects out of the full collections to come: the libraries and the tests' own call
+    # gc.collect() many times (pytest 5 times at the end), each a walk of a heap torch makes most of.
+    gc.collect()
+    gc.freeze()
 
 
 # ----------------------------------------------------------------------------------------------- one deadline
