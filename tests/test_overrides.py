@@ -98,13 +98,14 @@ gc.disable()  # the cycle is left for the exit
 
 def test_a_script_process_collects_less_often_and_finalises_its_garbage_before_freezing_the_heap_at_exit():
     """Young collections every YOUNG_COLLECTION_THRESHOLD allocations from the package's import on, before torch
-    (Python's 700 re-walked the libraries' growing heap ~10 times as they imported and ran), and at exit the objects are frozen out of the interpreter's last collections (2-3 s of CPU with
-    torch, transformers and DeepSpeed loaded), after one collection that finalises the garbage left: a cycle of
-    objects with finalizers is finalised before the freeze, which would otherwise keep it forever."""
+    (Python's 700 re-walked the libraries' growing heap ~10 times as they imported and ran), and at exit the objects
+    are frozen out of the interpreter's last collections (2-3 s of CPU with torch, transformers and DeepSpeed loaded),
+    after one collection that finalises the garbage left: a cycle of objects with finalizers is finalised before the
+    freeze, which would otherwise keep it forever."""
     run = run_command([sys.executable, "-c", FINALISED_THEN_FROZEN])
     assert run.returncode == 0, run.stderr
-    assert run.stdout.splitlines() == ["thresholds at import: True False", "exit handlers added: 1", "thresholds: True", "finalised", "finalised",
-                                     "frozen at the end: True"]
+    assert run.stdout.splitlines() == ["thresholds at import: True False", "exit handlers added: 1", "thresholds: True",
+                                     "finalised", "finalised", "frozen at the end: True"]
 
 
 @pytest.mark.parametrize("script", ["llavanext_eval.py", "deltavlm_finetune.py", "deltavlm_predict.py"])
