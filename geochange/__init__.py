@@ -1,4 +1,4 @@
-"""Shared logic of geollava-suite. Scripts import it through ``common.py``.
+"""Shared logic of geollava-suite: the scripts and ``common.py``'s commands import its modules.
 
 Importing it raises Python's garbage-collector thresholds (``process.collect_less_often``) before a script imports
 torch and the libraries after it: at Python's default the collector re-walks their growing heap as they import."""
